@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck unit bench clean
+
+# One environment with the host side, the TFLite extra and the dev tools.
+# torch==2.13.0 is pinned in the `host` extra: pip takes the CPU wheel that is on disk.
+$(BIN)/.edgefl-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[host,tflite,dev]'
+	touch $@
+
+demo: $(BIN)/.edgefl-installed
+	$(BIN)/edgefl demo --out build/demo
+
+lint: $(BIN)/.edgefl-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.edgefl-installed
+	$(BIN)/mypy
+
+unit: $(BIN)/.edgefl-installed
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+bench: $(BIN)/.edgefl-installed
+	$(BIN)/python benchmarks/compress.py
+	$(BIN)/python benchmarks/fl.py
+	$(BIN)/python benchmarks/fl_digits.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""User-facing errors: each carries a one-line message that the CLI prints as it is."""
+
+from __future__ import annotations
+
+
+class EdgeflError(Exception):
+    """Base of every error a user can cause; the CLI prints its message and exits non-zero."""
+
+    exit_code = 2
+
+
+class BundleError(EdgeflError):
+    """A bundle directory is missing, malformed, or does not match its manifest."""
+
+
+class ModelLoadError(EdgeflError):
+    """A model factory, built-in name or weights file cannot be loaded."""
+
+
+class DataError(EdgeflError):
+    """A dataset path or array is unusable (empty, wrong shape, unreadable)."""
+
+
+class RecipeError(EdgeflError):
+    """A compression recipe is unknown or invalid."""
+
+
+class ExportError(EdgeflError):
+    """An artifact cannot be exported or converted."""
+
+
+class VerificationError(EdgeflError):
+    """An exported artifact disagrees with the PyTorch model beyond tolerance."""
+
+
+class TransportError(EdgeflError):
+    """The MQTT broker cannot be reached or a broker URL is invalid."""
+
+
+class MessageError(EdgeflError):
+    """A message on the wire cannot be decoded or fails validation."""
+
+
+class SignatureError(EdgeflError):
+    """A bundle signature is missing, wrong, or the bundle is older than the one running."""
