@@ -43,3 +43,27 @@ class MessageError(EdgeflError):
 
 class SignatureError(EdgeflError):
     """A bundle signature is missing, wrong, or the bundle is older than the one running."""
+
+
+class SimulationError(EdgeflError):
+    """A simulation option (partition spec, churn schedule, fleet size) is invalid."""
+
+
+class KeyFileError(EdgeflError):
+    """A signing key file is missing, unreadable, not an Ed25519 key, or would be overwritten."""
+
+
+class DeliveryError(EdgeflError):
+    """A deploy or board install cannot proceed (no targets, bad profile, ssh/scp failed)."""
+
+
+class RuntimeLoadError(BundleError):
+    """A backbone artifact cannot be loaded by its runtime (missing, corrupt, unknown format)."""
+
+
+class AccuracyDropError(EdgeflError):
+    """Compression lost more accuracy than the recipe's max_accuracy_drop, even after back-off."""
+
+
+class FederationError(EdgeflError):
+    """A federation cannot proceed: too few devices online, a stored state that does not fit."""

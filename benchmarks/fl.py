@@ -1,0 +1,219 @@
+"""Aggregator ingest rate through Mosquitto, and bytes per update for each codec.
+
+1,000 synthetic devices announce themselves; a separate process answers every round's task with
+1,000 pre-encoded updates (64x10 or 1280x10 head) at QoS 1; the aggregator validates each one
+(decode, shapes, dtype, finite, round/device checks, SQLite record) and closes the round as soon
+as all arrived. Ingest rate = updates / (task published -> round closed).
+
+    .venv/bin/python benchmarks/fl.py [--devices 1000] [--rounds 3]
+
+Prints a table and writes benchmarks/out/fl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
+from edgefl.core.codecs import ErrorFeedback, encode_delta
+from edgefl.head import init_head
+from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.transport import topics
+from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.messages import DeviceStatus, UpdateHeader, decode_round_task, update_metadata
+
+FLEET = "bench"
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Mosquitto on a free loopback port; returns the process and its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = workdir / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 0\n"
+    )
+    process = subprocess.Popen(["mosquitto", "-c", str(config)], stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process, f"mqtt://127.0.0.1:{port}"
+
+
+def make_bundle(out: Path, features: int) -> Path:
+    """Write a bundle with a 64->features ONNX backbone and a features x 10 linear head."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["f"])],
+        "backbone",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch", features])],
+        [numpy_helper.from_array(rng.standard_normal((64, features)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    layers = [{"kind": "linear", "in": features, "out": 10}]
+    manifest = Manifest(
+        name=f"bench-{features}",
+        version=1,
+        input=InputSpec(shape=[64]),
+        feature_size=features,
+        artifacts=[Artifact("backbone.onnx", "backbone", "onnx", "fp32")],
+        heads={"default": HeadSpec(layers=layers, labels=[str(i) for i in range(10)])},
+    )
+    write_bundle(out, manifest, {"backbone.onnx": model.SerializeToString()},
+                 {"default": init_head(layers)}, force=True)  # fmt: skip
+    return out
+
+
+def device_fleet(url: str, devices: int, features: int, rounds: int, ready: mp.Event) -> None:
+    """Child process: announce `devices` devices, answer each task with every device's update."""
+    ids = [f"dev-{i:04d}" for i in range(devices)]
+    rng = np.random.default_rng(1)
+    shapes = {"0.weight": (10, features), "0.bias": (10,)}
+    deltas = [
+        {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
+        for _ in ids
+    ]
+    # Updates are encoded before the round starts so the publisher is not what is measured.
+    payloads: dict[int, list[tuple[str, bytes]]] = {}
+    for number in range(1, rounds + 1):
+        payloads[number] = [
+            (
+                topics.round_update(FLEET, number, device),
+                encode_delta(
+                    delta,
+                    metadata=update_metadata(
+                        UpdateHeader(number, device, "default", 10, number - 1)
+                    ),
+                ),
+            )
+            for device, delta in zip(ids, deltas, strict=True)
+        ]
+    client = MqttClient(url, "bench-fleet")
+    done = mp.Event()
+
+    def on_task(message: Message) -> None:
+        if not message.payload:
+            return
+        task, _ = decode_round_task(message.payload)
+        for topic, payload in payloads.get(task.round, []):
+            client.publish(topic, payload, qos=1)
+        if task.round == rounds:
+            done.set()
+
+    client.subscribe(topics.all_tasks(FLEET), on_task)
+    client.connect()
+    for device in ids:
+        status = DeviceStatus(device, "online", samples=10, model_version=1)
+        client.publish(topics.device_status(FLEET, device), status.encode(), retain=True)
+    ready.set()
+    done.wait(600)
+    time.sleep(2)
+    for device in ids:
+        client.publish(topics.device_status(FLEET, device), b"", retain=True)
+    time.sleep(0.5)
+    client.close()
+
+
+def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) -> dict[str, float]:
+    """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers."""
+    bundle = make_bundle(workdir / f"bundle-{features}", features)
+    ready = mp.Event()
+    fleet = mp.Process(target=device_fleet, args=(url, devices, features, rounds, ready))
+    fleet.start()
+    ready.wait(120)
+    config = AggregatorConfig(
+        url, FLEET, bundle, rounds=rounds, min_devices=devices, deadline_s=120,
+        state_path=workdir / f"state-{features}.sqlite",
+    )  # fmt: skip
+    summary = Aggregator(config).run()
+    fleet.join(60)
+    rates = [r.accepted / r.seconds for r in summary.rounds]
+    assert all(r.accepted == devices for r in summary.rounds), [r.accepted for r in summary.rounds]
+    return {
+        "head": f"{features}x10",
+        "devices": devices,
+        "rounds": rounds,
+        "updates_per_s_median": statistics.median(rates),
+        "updates_per_s_min": min(rates),
+        "round_seconds_median": statistics.median(r.seconds for r in summary.rounds),
+        "bytes_per_update": summary.rounds[0].metrics["bytes_per_update"],
+    }
+
+
+def codec_sizes(features: int) -> list[dict[str, float | str]]:
+    """Bytes on the wire of one update (header included) for each codec."""
+    rng = np.random.default_rng(0)
+    delta = {
+        "0.weight": (rng.standard_normal((10, features)) * 0.01).astype(np.float32),
+        "0.bias": (rng.standard_normal(10) * 0.01).astype(np.float32),
+    }
+    metadata = update_metadata(
+        UpdateHeader(12, "dev-0001", "default", 40, 11, metrics={"loss": 0.71234,
+                     "global_accuracy": 0.5, "personal_accuracy": 0.75, "train_seconds": 0.01})
+    )  # fmt: skip
+    sizes = {}
+    for codec in ("float32", "int8", "topk"):
+        sizes[codec] = len(encode_delta(delta, codec, feedback=ErrorFeedback(), metadata=metadata))
+    raw = 4 * (10 * features + 10)
+    return [
+        {"head": f"{features}x10", "codec": c, "bytes": n, "ratio_to_float32": n / sizes["float32"],
+         "raw_tensor_bytes": raw}
+        for c, n in sizes.items()
+    ]  # fmt: skip
+
+
+def main() -> None:
+    """Run the benchmark and write benchmarks/out/fl.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if shutil.which("mosquitto") is None:
+        sys.exit("mosquitto is not installed (apt-get install mosquitto)")
+    workdir = Path(tempfile.mkdtemp(prefix="edgefl-bench-"))
+    broker, url = start_mosquitto(workdir)
+    try:
+        ingest_rows = [ingest(url, workdir, args.devices, f, args.rounds) for f in (64, 1280)]
+    finally:
+        broker.terminate()
+        broker.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    size_rows = codec_sizes(64) + codec_sizes(1280)
+    print(f"\nAggregator ingest through Mosquitto ({args.devices} devices, {args.rounds} rounds)")
+    print(f"{'head':>8} {'updates/s (median)':>19} {'min':>8} {'round s':>8} {'bytes/update':>13}")
+    for row in ingest_rows:
+        print(f"{row['head']:>8} {row['updates_per_s_median']:>19.0f} {row['updates_per_s_min']:>8.0f}"
+              f" {row['round_seconds_median']:>8.3f} {row['bytes_per_update']:>13.0f}")  # fmt: skip
+    print("\nBytes per update (safetensors with header; int8 and top-k 1% with error feedback)")
+    print(f"{'head':>8} {'codec':>8} {'bytes':>8} {'x float32':>10}")
+    for row in size_rows:
+        print(f"{row['head']:>8} {row['codec']:>8} {row['bytes']:>8} "
+              f"{row['ratio_to_float32']:>10.3f}")  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "fl.json").write_text(json.dumps({"ingest": ingest_rows, "codecs": size_rows}, indent=2))
+    print(f"\nwrote {OUT / 'fl.json'}")
+
+
+if __name__ == "__main__":
+    main()

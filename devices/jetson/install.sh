@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install the edgefl agent on an NVIDIA Jetson (JetPack 6) as a systemd service. Run as root:
+#   sudo ./install.sh            (from the folder `edgefl flash` copied or unpacked)
+# Idempotent: re-running upgrades edgefl and keeps the existing agent.env unless a new one is here.
+# No torch: a board only runs exported backbones (onnxruntime, ai-edge-litert) and numpy heads.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PREFIX="${EDGEFL_PREFIX:-/opt/edgefl}"
+CONFIG_DIR="${EDGEFL_CONFIG_DIR:-/etc/edgefl}"
+STATE_DIR="/var/lib/edgefl"
+SERVICE_USER="edgefl"
+PYTHON="${PYTHON:-python3}"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root (sudo ./install.sh)" >&2
+    exit 1
+fi
+
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq python3-venv python3-pip
+fi
+
+if ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    useradd --system --home-dir "$STATE_DIR" --shell /usr/sbin/nologin "$SERVICE_USER"
+fi
+install -d -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$STATE_DIR/models" "$STATE_DIR/data"
+install -d "$CONFIG_DIR" "$PREFIX"
+
+"$PYTHON" -m venv "$PREFIX/venv"
+"$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
+# A wheel shipped beside this script (offline bundle) wins over the package index.
+WHEEL="$(ls "$HERE"/edgefl-*.whl 2>/dev/null | head -n 1 || true)"
+if [ -n "$WHEEL" ]; then
+    "$PREFIX/venv/bin/python" -m pip install --quiet "${WHEEL}[agent]"
+else
+    "$PREFIX/venv/bin/python" -m pip install --quiet "edgefl[agent]"
+fi
+# The Jetson runtime: onnxruntime-gpu from NVIDIA's JetPack index replaces the CPU wheel
+# (both install the same `onnxruntime` module). Override the index with JETSON_INDEX_URL.
+JETSON_INDEX_URL="${JETSON_INDEX_URL:-https://pypi.jetson-ai-lab.io/jp6/cu126}"
+"$PREFIX/venv/bin/python" -m pip uninstall --quiet --yes onnxruntime
+"$PREFIX/venv/bin/python" -m pip install --quiet --extra-index-url "$JETSON_INDEX_URL" onnxruntime-gpu
+
+if "$PREFIX/venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
+    echo "install.sh: warning: torch ended up in $PREFIX/venv; boards do not need it" >&2
+fi
+
+if [ -f "$HERE/agent.env" ]; then
+    if [ -f "$CONFIG_DIR/agent.env" ] && ! cmp -s "$HERE/agent.env" "$CONFIG_DIR/agent.env"; then
+        cp "$CONFIG_DIR/agent.env" "$CONFIG_DIR/agent.env.bak"
+    fi
+    install -m 0644 "$HERE/agent.env" "$CONFIG_DIR/agent.env"
+fi
+if [ -f "$HERE/signing.pub" ]; then
+    install -m 0644 "$HERE/signing.pub" "$CONFIG_DIR/signing.pub"
+fi
+
+install -m 0644 "$HERE/edgefl-agent.service" /etc/systemd/system/edgefl-agent.service
+systemctl daemon-reload
+systemctl enable edgefl-agent.service
+systemctl restart edgefl-agent.service
+echo "edgefl agent installed; follow it with: journalctl -u edgefl-agent -f"

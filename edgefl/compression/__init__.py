@@ -1,0 +1,1 @@
+"""Compression: prune, distill, quantize and export a model into bundle artifacts."""

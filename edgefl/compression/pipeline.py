@@ -1,0 +1,458 @@
+"""The compression pipeline: model + data + recipe -> a verified bundle, accuracy-aware.
+
+Order: load the model and data, split backbone/head, (transfer-learn a new head), prune, distill,
+export and quantize each artifact, verify it in its runtime, measure it, write the bundle. When
+`max_accuracy_drop` is exceeded the pipeline backs off (more distillation, a lower prune ratio,
+sensitive nodes kept out of int8) and logs every try. Nothing is written until every step passed,
+and then atomically, so any error leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from edgefl.bundle import (
+    MANIFEST_FILE,
+    Artifact,
+    InputSpec,
+    Manifest,
+    ModelBundle,
+    Preprocess,
+    write_bundle,
+)
+from edgefl.compression.distill import accuracy, distill, predict
+from edgefl.compression.prune import PruningPlan, apply_pruning, count_macs_params, plan_pruning
+from edgefl.compression.recipe import ArtifactStep, DistillStep, Recipe, load_recipe
+from edgefl.compression.report import (
+    BackoffAttempt,
+    CompressionReport,
+    StageReport,
+    render_plan,
+    render_report,
+    state_size_bytes,
+    torch_latency_ms,
+)
+from edgefl.compression.transfer import parse_finetune, replace_head, train_head
+from edgefl.data import Dataset, conform, holdout_split, load_dataset
+from edgefl.errors import AccuracyDropError, BundleError, DataError, VerificationError
+from edgefl.head import head_forward
+from edgefl.models.loading import LoadedModel, resolve_model
+from edgefl.models.split import SplitModel, split_model
+
+# How many of the most sensitive nodes the int8 back-off keeps in float, try by try.
+EXCLUDE_STEPS = (2, 4, 8)
+
+
+@dataclass
+class CompressRequest:
+    """What `edgefl compress` was asked to do (the CLI flags, as library values)."""
+
+    model: str
+    recipe: str | Path
+    data: str | Path
+    out: Path
+    weights: Path | None = None
+    head: str | None = None
+    num_classes: int | None = None
+    finetune: str | None = None
+    force: bool = False
+    dry_run: bool = False
+    version: int | None = None
+    name: str | None = None
+
+
+@dataclass
+class CompressResult:
+    """The outcome: the bundle written (None on a dry run), the pruning plan and the report."""
+
+    bundle: ModelBundle | None
+    plan: PruningPlan | None
+    report: CompressionReport | None
+    artifacts: list[str] = field(default_factory=list)
+
+
+def compress(request: CompressRequest, console: Console | None = None) -> CompressResult:
+    """Compress a model into a bundle as the recipe says (or only plan it, on a dry run).
+
+    Args:
+        request: model, weights, head, transfer settings, recipe, data, output and flags.
+        console: where progress bars and tables go; None prints nothing.
+
+    Returns:
+        The result; on a dry run nothing is written and `bundle` and `report` are None.
+
+    Raises:
+        RecipeError, ModelLoadError, DataError: bad recipe, model or data (checked first).
+        BundleError: `out` exists without `force`, or is not a bundle.
+        ExportError, VerificationError: an artifact cannot be produced or disagrees.
+        AccuracyDropError: the accuracy drop stays above `max_accuracy_drop` after back-off.
+    """
+    started = time.perf_counter()
+    recipe = load_recipe(request.recipe)
+    finetune = parse_finetune(request.finetune)
+    out = Path(request.out)
+    if not request.dry_run:
+        _check_out(out, request.force)
+    loaded = resolve_model(request.model, request.weights)
+    dataset = load_dataset(request.data, loaded.preprocess)
+    if loaded.input_shape is not None:
+        dataset = conform(dataset, loaded.input_shape)
+    train, test = holdout_split(dataset)
+    example = torch.from_numpy(train.X[:2])
+    split = split_model(loaded.module, request.head, example)
+    if request.num_classes is not None:
+        replace_head(split, request.num_classes)
+    labels = _labels(split, loaded, dataset, request.num_classes)
+    report = CompressionReport(loaded.name, recipe.name, len(train), len(test))
+    report.seconds["load"] = round(time.perf_counter() - started, 2)
+
+    if request.dry_run:
+        plan = None
+        if recipe.prune is not None and recipe.prune.ratio > 0:
+            plan = plan_pruning(split, example, recipe.prune, (train.X, train.y))
+        files = [a.file for a in recipe.artifacts]
+        if console is not None:
+            render_plan(plan, files, console)
+        return CompressResult(None, plan, None, files)
+
+    with _progress(console) as progress:
+        if request.num_classes is not None or finetune is not None:
+            tick = time.perf_counter()
+            task = progress.add_task("training head", total=recipe.head_epochs)
+            train_head(
+                split, train, finetune, epochs=recipe.head_epochs,
+                progress=lambda done, _total: progress.update(task, completed=done),
+            )  # fmt: skip
+            report.seconds["transfer"] = round(time.perf_counter() - tick, 2)
+        teacher = split.eval()
+        original = accuracy(teacher, test.X, test.y)
+        report.stages.append(_torch_stage("original", teacher, example, test, recipe))
+        tick = time.perf_counter()
+        student, plan = _prune_and_distill(teacher, train, test, example, recipe, original, report,
+                                           progress)  # fmt: skip
+        report.seconds["prune+distill"] = round(time.perf_counter() - tick, 2)
+        report.pruning = plan.to_dict() if plan is not None else None
+        with tempfile.TemporaryDirectory(prefix="edgefl-compress-") as tmp:
+            tick = time.perf_counter()
+            files = _export_all(student, train, test, example, recipe, original, report,
+                                Path(tmp), progress)  # fmt: skip
+            report.seconds["export+verify"] = round(time.perf_counter() - tick, 2)
+            report.seconds["total"] = round(time.perf_counter() - started, 2)
+            manifest = Manifest(
+                name=request.name or loaded.name,
+                version=_version(out, request),
+                input=InputSpec(
+                    shape=list(train.sample_shape),
+                    preprocess=dataclasses.replace(loaded.preprocess or Preprocess()),
+                ),
+                feature_size=student.feature_size,
+                artifacts=[
+                    Artifact(file=a.file, role="backbone", format=a.format, precision=a.precision)
+                    for a in recipe.artifacts
+                ],
+                heads={"default": student.head_spec(labels)},
+                recipe=recipe.name,
+                source_model_sha256=loaded.sha256,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
+                extra={"recipe": recipe.to_dict(), "model": request.model},
+            )
+            bundle = write_bundle(
+                out, manifest, files, {"default": student.head_weights()}, report.to_dict(),
+                force=request.force,
+            )  # fmt: skip
+    if console is not None:
+        render_report(report, console)
+        console.print(f"bundle written to {out} (version {manifest.version})")
+    return CompressResult(bundle, plan, report, [a.file for a in recipe.artifacts])
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not force:
+        raise BundleError(f"{out} already exists; pass --force to replace it")
+    if out.is_dir() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise BundleError(f"{out} is a non-empty directory that is not a bundle; not replacing it")
+    if not out.is_dir():
+        raise BundleError(f"{out} is a file, not a bundle directory; not replacing it")
+
+
+def _version(out: Path, request: CompressRequest) -> int:
+    if request.version is not None:
+        return request.version
+    try:
+        previous = Manifest.from_json((out / MANIFEST_FILE).read_bytes()).version
+    except (OSError, BundleError):
+        return 1
+    return previous + 1
+
+
+def _labels(
+    split: SplitModel, loaded: LoadedModel, dataset: Dataset, num_classes: int | None
+) -> list[str]:
+    outputs = split.head_linears()[-1].out_features
+    classes = int(dataset.y.max()) + 1 if len(dataset) else 0
+    if classes > outputs:
+        raise DataError(
+            f"the data has {classes} classes but the model's head has {outputs} outputs; "
+            f"pass --num-classes {classes}"
+        )
+    for candidate in (dataset.labels if num_classes is not None else None, loaded.labels,
+                      dataset.labels):  # fmt: skip
+        if candidate is not None and len(candidate) == outputs:
+            return list(candidate)
+    return [str(i) for i in range(outputs)]
+
+
+@contextmanager
+def _progress(console: Console | None) -> Iterator[Progress]:
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+        console=console, disable=console is None, transient=False,
+    )  # fmt: skip
+    with progress if console is not None else nullcontext(progress):
+        yield progress
+
+
+def _torch_stage(
+    name: str, split: SplitModel, example: torch.Tensor, test: Dataset, recipe: Recipe
+) -> StageReport:
+    macs, params = count_macs_params(split.backbone, example[:1])
+    return StageReport(
+        stage=name,
+        runtime="torch",
+        precision="fp32",
+        threads=recipe.latency_threads,
+        size_bytes=state_size_bytes(split.backbone),
+        latency_ms=round(torch_latency_ms(split.backbone, test.X, recipe.latency_threads), 4),
+        params=params,
+        macs=macs,
+        accuracy=accuracy(split, test.X, test.y),
+    )
+
+
+def _drop(original: float, value: float) -> float:
+    return round(100.0 * (original - value), 3)
+
+
+def _prune_and_distill(
+    teacher: SplitModel,
+    train: Dataset,
+    test: Dataset,
+    example: torch.Tensor,
+    recipe: Recipe,
+    original: float,
+    report: CompressionReport,
+    progress: Progress,
+) -> tuple[SplitModel, PruningPlan | None]:
+    prune = recipe.prune if recipe.prune is not None and recipe.prune.ratio > 0 else None
+    if prune is None and recipe.distill is None:
+        return teacher, None
+    step = recipe.distill or DistillStep(epochs=0)
+    tries = [(prune.ratio if prune else 0.0, step.epochs)]
+    if recipe.max_accuracy_drop is not None:
+        # Back-off order: distill longer first (cheap, keeps the size), then prune less.
+        if step.epochs > 0:
+            tries.append((tries[0][0], step.epochs * 2))
+        if prune is not None:
+            tries.append((prune.ratio / 2, max(step.epochs * 2, step.epochs)))
+    for ratio, epochs in tries:
+        student = copy.deepcopy(teacher)
+        stages: list[StageReport] = []
+        plan = None
+        if prune is not None:
+            plan = apply_pruning(student, example, dataclasses.replace(prune, ratio=ratio),
+                                 (train.X, train.y))  # fmt: skip
+            stages.append(_torch_stage("pruned", student, example, test, recipe))
+        if epochs > 0:
+            task = progress.add_task(f"distilling (ratio {ratio:g})", total=epochs)
+            distill(student, teacher, train, step, epochs=epochs,
+                    progress=lambda done, _t, task=task: progress.update(task, completed=done))  # fmt: skip
+            stages.append(_torch_stage("distilled", student, example, test, recipe))
+        drop = _drop(original, accuracy(student, test.X, test.y))
+        ok = recipe.max_accuracy_drop is None or drop <= recipe.max_accuracy_drop
+        setting = f"prune ratio {ratio:g}, distill {epochs} epochs"
+        report.backoff.append(BackoffAttempt("prune+distill", setting, drop, kept=ok))
+        if ok:
+            report.stages.extend(stages)
+            return student, plan
+    tried = "; ".join(f"{a.setting}: -{a.accuracy_drop} points" for a in report.backoff)
+    raise AccuracyDropError(
+        f"pruning and distillation lose more than max_accuracy_drop "
+        f"{recipe.max_accuracy_drop} accuracy points after back-off ({tried})"
+    )
+
+
+def _export_all(
+    student: SplitModel,
+    train: Dataset,
+    test: Dataset,
+    example: torch.Tensor,
+    recipe: Recipe,
+    original: float,
+    report: CompressionReport,
+    work: Path,
+    progress: Progress,
+) -> dict[str, Path]:
+    from edgefl.compression.export import export_onnx, export_tflite
+
+    backbone = student.backbone.eval()
+    one = example[:1]
+    macs, params = count_macs_params(backbone, one)
+    verify_inputs = test.X[: recipe.verify.samples]
+    reference = predict(backbone, verify_inputs)
+    head = (student.head_layers(), student.head_weights())
+    files: dict[str, Path] = {}
+    fp32_onnx: Path | None = None
+    task = progress.add_task("exporting artifacts", total=len(recipe.artifacts))
+    for index, artifact in enumerate(recipe.artifacts):
+        calibration = train.X[: artifact.calibration_samples]
+        path = work / artifact.file
+        if artifact.format == "onnx" and fp32_onnx is None:
+            fp32_onnx = export_onnx(backbone, one, work / "fp32-base.onnx")
+        if artifact.format == "onnx":
+            assert fp32_onnx is not None
+            _make_onnx(artifact, fp32_onnx, path, calibration, ())
+        elif artifact.precision == "int8":
+            export_tflite(backbone, one, path, calibration=calibration)
+        else:
+            export_tflite(backbone, one, path)
+        stage = _measure(artifact, path, reference, verify_inputs, head, test, recipe, original,
+                         report)  # fmt: skip
+        if stage is None:
+            assert fp32_onnx is not None
+            stage = _backoff_int8(artifact, fp32_onnx, path, calibration, reference, verify_inputs,
+                                  head, test, recipe, original, report)  # fmt: skip
+        stage.params, stage.macs = params, macs
+        report.stages.append(stage)
+        files[artifact.file] = path
+        progress.update(task, completed=index + 1)
+    return files
+
+
+def _make_onnx(
+    artifact: ArtifactStep, fp32: Path, path: Path, calibration: np.ndarray, exclude: tuple[str, ...]
+) -> None:
+    from edgefl.compression.quantize import (
+        convert_onnx_fp16,
+        quantize_onnx_dynamic,
+        quantize_onnx_static,
+    )
+
+    if artifact.precision == "fp32":
+        path.write_bytes(fp32.read_bytes())
+    elif artifact.precision == "int8":
+        quantize_onnx_static(fp32, path, calibration, per_channel=True, exclude_nodes=exclude)
+    elif artifact.precision == "int8-dynamic":
+        quantize_onnx_dynamic(fp32, path)
+    else:
+        convert_onnx_fp16(fp32, path)
+
+
+def _measure(
+    artifact: ArtifactStep,
+    path: Path,
+    reference: np.ndarray,
+    inputs: np.ndarray,
+    head: tuple[list[dict[str, Any]], dict[str, np.ndarray]],
+    test: Dataset,
+    recipe: Recipe,
+    original: float,
+    report: CompressionReport,
+    setting: str = "as the recipe says",
+) -> StageReport | None:
+    """Verify and measure an artifact; None when ONNX int8 may still back off."""
+    from edgefl.compression.verify import verify_artifact
+    from edgefl.runtime import load_backbone, measure_latency
+
+    can_back_off = artifact.format == "onnx" and artifact.precision == "int8"
+    name = f"{artifact.format} {artifact.precision}"
+    try:
+        agreement = verify_artifact(
+            path, reference, inputs, recipe.tolerance(artifact.precision), head,
+            recipe.verify.min_top1_agreement, threads=recipe.latency_threads,
+        )  # fmt: skip
+    except VerificationError:
+        if can_back_off and recipe.max_accuracy_drop is not None:
+            report.backoff.append(BackoffAttempt(name, f"{setting}: failed verification", None, False))
+            return None
+        raise
+    runner = load_backbone(path, threads=recipe.latency_threads)
+    features = runner.run(test.X)
+    score = float((head_forward(head[0], head[1], features).argmax(axis=1) == test.y).mean())
+    drop = _drop(original, score)
+    ok = recipe.max_accuracy_drop is None or drop <= recipe.max_accuracy_drop
+    report.backoff.append(BackoffAttempt(name, setting, drop, kept=ok))
+    if not ok:
+        if can_back_off:
+            return None
+        raise AccuracyDropError(
+            f"{artifact.file} loses {drop} accuracy points against the original "
+            f"(max_accuracy_drop {recipe.max_accuracy_drop}); no back-off left for "
+            f"{artifact.format} {artifact.precision}"
+        )
+    return StageReport(
+        stage=name,
+        runtime="onnxruntime" if artifact.format == "onnx" else "litert",
+        precision=artifact.precision,
+        threads=recipe.latency_threads,
+        size_bytes=path.stat().st_size,
+        latency_ms=round(measure_latency(runner, test.X[:1]), 4),
+        accuracy=score,
+        max_error=agreement.max_abs_error,
+        top1_agreement=agreement.top1_agreement,
+        file=artifact.file,
+    )
+
+
+def _backoff_int8(
+    artifact: ArtifactStep,
+    fp32: Path,
+    path: Path,
+    calibration: np.ndarray,
+    reference: np.ndarray,
+    inputs: np.ndarray,
+    head: tuple[list[dict[str, Any]], dict[str, np.ndarray]],
+    test: Dataset,
+    recipe: Recipe,
+    original: float,
+    report: CompressionReport,
+) -> StageReport:
+    from edgefl.compression.quantize import rank_sensitive_nodes
+
+    ranked = rank_sensitive_nodes(fp32, calibration, limit=max(EXCLUDE_STEPS))
+    for count in EXCLUDE_STEPS:
+        exclude = tuple(ranked[:count])
+        if not exclude:
+            break
+        _make_onnx(artifact, fp32, path, calibration, exclude)
+        setting = f"{len(exclude)} sensitive nodes kept in float: {', '.join(exclude)}"
+        stage = _measure(artifact, path, reference, inputs, head, test, recipe, original, report,
+                         setting)  # fmt: skip
+        if stage is not None:
+            return stage
+        if len(exclude) < count:
+            break
+    tried = "; ".join(
+        f"{a.setting}: " + ("failed verification" if a.accuracy_drop is None else f"-{a.accuracy_drop}")
+        for a in report.backoff
+        if a.step == "onnx int8"
+    )
+    raise AccuracyDropError(
+        f"{artifact.file} stays beyond max_accuracy_drop {recipe.max_accuracy_drop} or its "
+        f"verification tolerance after back-off ({tried})"
+    )

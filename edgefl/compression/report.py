@@ -1,0 +1,171 @@
+"""The compression report: per stage size, MACs, latency, accuracy, agreement; and the back-off log.
+
+Written to the bundle as report.json and printed as a rich table. Latency is always measured
+here, in the runtime named in the row, with the thread count stated; never assumed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save
+from torch import nn
+
+from edgefl.compression.prune import PruningPlan
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class StageReport:
+    """One stage: the torch model after a step, or one exported artifact in its runtime."""
+
+    stage: str
+    runtime: str
+    precision: str
+    threads: int
+    size_bytes: int
+    latency_ms: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    accuracy: float | None = None
+    max_error: float | None = None
+    top1_agreement: float | None = None
+    file: str | None = None
+
+
+@dataclass
+class BackoffAttempt:
+    """One try of the accuracy-aware loop: what was set, the drop it gave, whether it was kept."""
+
+    step: str
+    setting: str
+    accuracy_drop: float | None
+    kept: bool
+
+
+@dataclass
+class CompressionReport:
+    """Everything `edgefl compress` measured; `accuracy_drop` values are in accuracy points."""
+
+    model: str
+    recipe: str
+    train_samples: int
+    test_samples: int
+    stages: list[StageReport] = field(default_factory=list)
+    backoff: list[BackoffAttempt] = field(default_factory=list)
+    pruning: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    schema_version: int = REPORT_SCHEMA_VERSION
+
+    def stage(self, name: str) -> StageReport:
+        """Return the stage called `name`.
+
+        Raises:
+            KeyError: no such stage.
+        """
+        for stage in self.stages:
+            if stage.stage == name:
+                return stage
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as JSON-able data."""
+        return asdict(self)
+
+
+def state_size_bytes(model: nn.Module) -> int:
+    """Return the size of the model's weights serialized as fp32 safetensors."""
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    return len(save(state))
+
+
+def torch_latency_ms(model: nn.Module, sample: np.ndarray, threads: int, repeats: int = 30) -> float:
+    """Return the median eager latency (ms) of one sample, with torch limited to `threads`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(sample[:1], dtype=np.float32))
+        model.eval()
+        timings = []
+        with torch.no_grad():
+            for i in range(repeats + 3):
+                start = time.perf_counter()
+                model(x)
+                if i >= 3:  # the first calls allocate; they are not what a board sees
+                    timings.append(time.perf_counter() - start)
+        return statistics.median(timings) * 1000.0
+    finally:
+        torch.set_num_threads(previous)
+
+
+def render_report(report: CompressionReport, console: Console) -> None:
+    """Print the stages as a table, then the back-off log if anything was retried."""
+    table = Table(title=f"edgefl compress: {report.model} with recipe {report.recipe}")
+    for column in ("stage", "runtime", "params", "MACs", "size", "latency", "accuracy",
+                   "max err", "top-1 agree"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("stage", "runtime") else "right")
+    for s in report.stages:
+        table.add_row(
+            s.stage,
+            f"{s.runtime} ({s.threads}t)",
+            _count(s.params),
+            _count(s.macs),
+            _bytes(s.size_bytes),
+            "-" if s.latency_ms is None else f"{s.latency_ms:.3f} ms",
+            "-" if s.accuracy is None else f"{100 * s.accuracy:.2f}%",
+            "-" if s.max_error is None else f"{s.max_error:.2e}",
+            "-" if s.top1_agreement is None else f"{100 * s.top1_agreement:.1f}%",
+        )
+    console.print(table)
+    if any(not a.kept for a in report.backoff):
+        log = Table(title="accuracy back-off")
+        for column in ("step", "setting", "drop (points)", "kept"):
+            log.add_column(column)
+        for a in report.backoff:
+            drop = "-" if a.accuracy_drop is None else f"{a.accuracy_drop:.2f}"
+            log.add_row(a.step, a.setting, drop, "yes" if a.kept else "no")
+        console.print(log)
+
+
+def render_plan(plan: PruningPlan | None, artifacts: list[str], console: Console) -> None:
+    """Print what a run would do (`--dry-run`): layers pruned, MACs and params, artifacts."""
+    if plan is None:
+        console.print("pruning: none (the recipe has no [prune] step)")
+    else:
+        table = Table(title=f"pruning plan: ratio {plan.ratio}, importance {plan.importance}")
+        for column in ("layer", "kind", "channels before", "channels after"):
+            table.add_column(column)
+        for change in plan.layers:
+            table.add_row(change.name, change.kind, str(change.before), str(change.after))
+        console.print(table)
+        console.print(
+            f"params {plan.params_before:,} -> {plan.params_after:,} "
+            f"(-{100 * plan.params_removed:.1f}%), MACs {plan.macs_before:,} -> "
+            f"{plan.macs_after:,} (-{100 * plan.macs_removed:.1f}%)"
+        )
+    console.print("artifacts: " + ", ".join(artifacts))
+    console.print("dry run: nothing was written")
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def _bytes(value: int) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"

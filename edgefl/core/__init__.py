@@ -1,0 +1,1 @@
+"""Pure federation core: aggregation, strategies, update codecs, privacy, validation, training."""

@@ -1,0 +1,343 @@
+"""Board-side head training: minibatch SGD with softmax cross-entropy and the FedProx term.
+
+Two backends with the same math: "numpy" (hand-written forward and backward for linear/relu
+heads) and "torch" (an nn.Sequential built from the same layer spec). "auto" picks numpy: boards
+run without torch, the results agree to float32 rounding (see tests/core/test_training.py), and
+for heads this small numpy's per-step overhead is lower than torch's, which is what lets one
+process simulate a thousand devices. Both backends draw the minibatch order from the same
+seeded numpy generator, so a run is reproducible and backend-independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from edgefl.head import Weights, head_forward
+
+BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch")
+Layers = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class TrainConfig:
+    """What a round's task asks a device to do; FedProx is on when proximal_mu > 0."""
+
+    epochs: int = 1
+    lr: float = 0.1
+    batch_size: int = 16
+    proximal_mu: float = 0.0
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build a config from a round task's JSON settings, checked.
+
+        Args:
+            data: any subset of the fields; numbers may be given as int or float.
+
+        Returns:
+            The config, with defaults for fields not given.
+
+        Raises:
+            ValueError: an unknown field, a value of the wrong type, or a value out of range.
+        """
+        kinds = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(kinds))
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; valid: {', '.join(kinds)}")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            integral = kinds[name] in ("int", int)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (integral and not float(value).is_integer())
+            ):
+                expected = "an integer" if integral else "a number"
+                raise ValueError(f"training setting {name} must be {expected}, got {value!r}")
+            values[name] = int(value) if integral else float(value)
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.proximal_mu >= 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class TrainResult:
+    """Trained weights, and loss (mean cross-entropy) and accuracy of them on the local data."""
+
+    weights: Weights
+    loss: float
+    accuracy: float
+    samples: int
+
+
+def _check_inputs(
+    layers: Layers, weights: Mapping[str, np.ndarray], features: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return features as float32 (n, in) and labels as int64 (n,), or raise ValueError."""
+    for index, layer in enumerate(layers):
+        kind = layer.get("kind")
+        if kind not in ("linear", "relu"):
+            raise ValueError(f"head layer {index} has unsupported kind {kind!r} (linear, relu)")
+        if kind == "linear":
+            for name in (f"{index}.weight", f"{index}.bias"):
+                if name not in weights:
+                    raise ValueError(f"head weights lack {name}")
+    linear = [i for i, layer in enumerate(layers) if layer["kind"] == "linear"]
+    if not linear:
+        raise ValueError("head has no linear layer to train")
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels)
+    in_features = np.shape(weights[f"{linear[0]}.weight"])[1]
+    outputs = np.shape(weights[f"{linear[-1]}.weight"])[0]
+    if x.ndim != 2 or x.shape[1] != in_features:
+        raise ValueError(f"features have shape {list(x.shape)}, expected [n, {in_features}]")
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"labels have shape {list(y.shape)}, expected [{len(x)}]")
+    if len(y) and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= outputs):
+        raise ValueError(f"labels must be in [0, {outputs}), got [{y.min()}, {y.max()}]")
+    return x, y.astype(np.int64)
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient with respect to the logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = float(np.mean(np.log(total[:, 0]) - shifted[rows, labels]))
+    grad = exp / total
+    grad[rows, labels] -= 1.0
+    return loss, (grad / len(labels)).astype(np.float32)
+
+
+def _numpy_gradients(
+    layers: Layers, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray
+) -> tuple[float, Weights]:
+    """Cross-entropy loss and gradients of every parameter, by explicit backpropagation."""
+    inputs = []
+    out = x
+    for index, layer in enumerate(layers):
+        inputs.append(out)
+        if layer["kind"] == "linear":
+            out = out @ weights[f"{index}.weight"].T + weights[f"{index}.bias"]
+        else:
+            out = np.maximum(out, 0.0)
+    loss, grad = _cross_entropy(out, y)
+    grads: Weights = {}
+    for index in range(len(layers) - 1, -1, -1):
+        if layers[index]["kind"] == "linear":
+            grads[f"{index}.weight"] = grad.T @ inputs[index]
+            grads[f"{index}.bias"] = grad.sum(axis=0)
+            if index:
+                grad = grad @ weights[f"{index}.weight"]
+        else:
+            grad = grad * (inputs[index] > 0)
+    return loss, grads
+
+
+def _proximal(
+    weights: Mapping[str, np.ndarray], global_weights: Mapping[str, np.ndarray], mu: float
+) -> tuple[float, Weights]:
+    """FedProx's (mu/2)·||w - w_global||² and its gradient mu·(w - w_global)."""
+    term, grads = 0.0, {}
+    for key, value in weights.items():
+        diff = value - global_weights[key]
+        term += 0.5 * mu * float(np.vdot(diff, diff))
+        grads[key] = (mu * diff).astype(np.float32)
+    return term, grads
+
+
+def head_gradients(
+    layers: Layers,
+    weights: Mapping[str, np.ndarray],
+    features: np.ndarray,
+    labels: np.ndarray,
+    global_weights: Mapping[str, np.ndarray] | None = None,
+    proximal_mu: float = 0.0,
+    backend: str = "numpy",
+) -> tuple[float, Weights]:
+    """Return the training loss of a batch and the gradient of every head parameter.
+
+    Args:
+        layers: the head's layers (linear/relu, see `edgefl.bundle.HeadSpec`).
+        weights: current parameters.
+        features: (n, in_features) floats, n >= 1.
+        labels: (n,) integer class indices.
+        global_weights: the round's global weights, needed when proximal_mu > 0.
+        proximal_mu: FedProx coefficient; the loss includes (mu/2)·||w - w_global||².
+        backend: "numpy", "torch" or "auto" (= numpy).
+
+    Returns:
+        (loss, gradients keyed like `weights`), float32 gradients.
+
+    Raises:
+        ValueError: bad shapes, labels, layers or backend; mu > 0 without global weights.
+    """
+    x, y = _check_inputs(layers, weights, features, labels)
+    if len(y) == 0:
+        raise ValueError("cannot compute gradients on zero samples")
+    if proximal_mu > 0 and global_weights is None:
+        raise ValueError("proximal_mu > 0 needs the round's global weights")
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    anchor = {k: np.asarray(v, np.float32) for k, v in (global_weights or params).items()}
+    if _resolve(backend) == "torch":
+        model, torch = _torch_model(layers, params)
+        loss_t = _torch_loss(model, torch, x, y, anchor, proximal_mu)
+        loss_t.backward()
+        return float(loss_t.item()), {
+            name: p.grad.detach().numpy().copy() for name, p in model.named_parameters()
+        }
+    loss, grads = _numpy_gradients(layers, params, x, y)
+    if proximal_mu > 0:
+        term, prox = _proximal(params, anchor, proximal_mu)
+        loss += term
+        grads = {k: grads[k] + prox[k] for k in grads}
+    return loss, grads
+
+
+def train_head(
+    layers: Layers,
+    weights: Mapping[str, np.ndarray],
+    features: np.ndarray,
+    labels: np.ndarray,
+    config: TrainConfig,
+    backend: str = "auto",
+) -> TrainResult:
+    """Fine-tune a head on local features with minibatch SGD.
+
+    The given `weights` are the round's global head: the FedProx term pulls toward them.
+    Each epoch visits the samples in an order drawn from `numpy.random.default_rng(config.seed)`.
+    Weight decay follows torch's SGD: the step is lr·(grad + weight_decay·w).
+
+    Args:
+        layers: the head's layers (linear/relu).
+        weights: starting (global) parameters; not modified.
+        features: (n, in_features) floats, n >= 1.
+        labels: (n,) integer class indices.
+        config: epochs, learning rate, batch size, proximal mu, seed, weight decay.
+        backend: "numpy", "torch" or "auto" (= numpy, see the module docstring).
+
+    Returns:
+        The trained weights (float32), and their loss and accuracy on the local data.
+
+    Raises:
+        ValueError: bad shapes, labels, layers, config or backend; no samples.
+    """
+    config.check()
+    x, y = _check_inputs(layers, weights, features, labels)
+    if len(y) == 0:
+        raise ValueError("cannot train a head on zero samples")
+    start = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
+    rng = np.random.default_rng(config.seed)
+    orders = [rng.permutation(len(y)) for _ in range(config.epochs)]
+    if _resolve(backend) == "torch":
+        trained = _train_torch(layers, start, x, y, config, orders)
+    else:
+        trained = _train_numpy(layers, start, x, y, config, orders)
+    logits = head_forward(layers, trained, x)
+    loss, _ = _cross_entropy(logits, y)
+    accuracy = float((logits.argmax(axis=1) == y).mean())
+    return TrainResult(weights=trained, loss=loss, accuracy=accuracy, samples=len(y))
+
+
+def _resolve(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown training backend {backend!r}; choose one of: {BACKENDS}")
+    return "numpy" if backend == "auto" else backend
+
+
+def _train_numpy(
+    layers: Layers,
+    start: Weights,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: TrainConfig,
+    orders: list[np.ndarray],
+) -> Weights:
+    params = {k: v.copy() for k, v in start.items()}
+    lr = np.float32(config.lr)
+    mu, decay = np.float32(config.proximal_mu), np.float32(config.weight_decay)
+    for order in orders:
+        for begin in range(0, len(order), config.batch_size):
+            batch = order[begin : begin + config.batch_size]
+            _, grads = _numpy_gradients(layers, params, x[batch], y[batch])
+            for key, grad in grads.items():
+                value = params[key]
+                if mu:
+                    grad = grad + mu * (value - start[key])
+                if decay:
+                    grad = grad + decay * value
+                value -= lr * grad
+    return params
+
+
+def _torch_model(layers: Layers, params: Mapping[str, np.ndarray]) -> tuple[Any, Any]:
+    """Build the nn.Sequential of a head spec with the given parameters; import torch lazily."""
+    import torch
+
+    modules: list[Any] = []
+    for index, layer in enumerate(layers):
+        if layer["kind"] == "linear":
+            out_features, in_features = params[f"{index}.weight"].shape
+            modules.append(torch.nn.Linear(int(in_features), int(out_features)))
+        else:
+            modules.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*modules)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+    return model, torch
+
+
+def _torch_loss(
+    model: Any,
+    torch: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    anchor: Mapping[str, np.ndarray],
+    mu: float,
+) -> Any:
+    logits = model(torch.from_numpy(x))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+    if mu > 0:
+        for name, param in model.named_parameters():
+            loss = loss + 0.5 * mu * ((param - torch.from_numpy(anchor[name])) ** 2).sum()
+    return loss
+
+
+def _train_torch(
+    layers: Layers,
+    start: Weights,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: TrainConfig,
+    orders: list[np.ndarray],
+) -> Weights:
+    model, torch = _torch_model(layers, start)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    for order in orders:
+        for begin in range(0, len(order), config.batch_size):
+            batch = order[begin : begin + config.batch_size]
+            optimizer.zero_grad()
+            _torch_loss(model, torch, x[batch], y[batch], start, config.proximal_mu).backward()
+            optimizer.step()
+    return {name: p.detach().numpy().copy() for name, p in model.state_dict().items()}

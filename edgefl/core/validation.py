@@ -1,0 +1,74 @@
+"""Checks an aggregator runs on every incoming delta before it may count toward a round."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from edgefl.core.privacy import global_norm
+
+REJECTION_CODES: tuple[str, ...] = (
+    "missing-key",
+    "extra-key",
+    "dtype",
+    "shape",
+    "non-finite",
+    "norm",
+)
+
+
+class UpdateRejected(Exception):
+    """An update that must not be aggregated, with a machine-readable code and a one-line reason.
+
+    Codes are the ones in `REJECTION_CODES`; the aggregator logs the reason and counts the code.
+    Other parts (round, device, duplicate checks) may raise it with their own short codes.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def validate_delta(
+    delta: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    max_norm: float | None = None,
+) -> None:
+    """Check a delta against the global weights it claims to update.
+
+    Checks, in order: same keys as `reference`, float dtype, same shapes, finite values, and
+    global L2 norm at most `max_norm` when given.
+
+    Args:
+        delta: the decoded delta.
+        reference: the current global weights (only keys and shapes are used).
+        max_norm: the norm bound; None skips the check.
+
+    Raises:
+        UpdateRejected: the first check that fails, with its code and reason.
+    """
+    missing = sorted(set(reference) - set(delta))
+    if missing:
+        raise UpdateRejected("missing-key", f"update lacks {', '.join(missing)}")
+    extra = sorted(set(delta) - set(reference))
+    if extra:
+        raise UpdateRejected("extra-key", f"update has unknown {', '.join(extra)}")
+    for key in reference:
+        value = delta[key]
+        if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+            kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise UpdateRejected("dtype", f"{key} is {kind}, expected a float array")
+        expected = np.shape(reference[key])
+        if value.shape != expected:
+            raise UpdateRejected(
+                "shape", f"{key} has shape {list(value.shape)}, expected {list(expected)}"
+            )
+        if not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).sum())
+            raise UpdateRejected("non-finite", f"{key} holds {bad} NaN or Inf values")
+    if max_norm is not None:
+        norm = global_norm(delta)
+        if norm > max_norm:
+            raise UpdateRejected("norm", f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")

@@ -1,0 +1,274 @@
+"""Datasets as numpy arrays: built-in digits, `.npz` files and ImageFolder directories.
+
+Boards import this module, so it needs neither torch nor scikit-learn at import time: sklearn is
+imported only when the built-in digits are asked for, Pillow only when images are decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgefl.bundle import Preprocess
+from edgefl.errors import DataError
+
+DIGITS = "digits"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The digits come as 0..16 intensities on an 8x8 grid; X/16 is the scaling DESIGN.md fixes.
+DIGITS_PREPROCESS = Preprocess(scale=1.0 / 16.0, resize=[8, 8], grayscale=True, layout="NCHW")
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Dataset:
+    """Labelled samples: `X` float32 model inputs, `y` int64 class indices into `labels`."""
+
+    X: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+
+    def __post_init__(self) -> None:
+        self.X = np.asarray(self.X, dtype=np.float32)
+        self.y = np.asarray(self.y, dtype=np.int64)
+        if len(self.X) != len(self.y):
+            raise DataError(f"X has {len(self.X)} samples but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample (without the batch dimension)."""
+        return tuple(int(d) for d in self.X.shape[1:])
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        """Return the samples at `indices`, with the same labels."""
+        return Dataset(self.X[indices], self.y[indices], list(self.labels))
+
+
+def load_dataset(source: str | Path, preprocess: Preprocess | None = None) -> Dataset:
+    """Load a dataset from the built-in name `digits`, an `.npz` file or an ImageFolder directory.
+
+    Args:
+        source: "digits"; a `.npz` with arrays `X` (samples) and `y` (integer labels), and
+            optionally `labels` (class names); or a directory with one subfolder of images per
+            class (the subfolder names, sorted, are the labels).
+        preprocess: how images become model inputs (ImageFolder only; `.npz` arrays of uint8
+            images are preprocessed too, float arrays are taken as model inputs already).
+            Digits always use `DIGITS_PREPROCESS`, shaped (n, 1, 8, 8).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        DataError: the source does not exist, is empty, or its arrays are missing or inconsistent.
+    """
+    if str(source) == DIGITS:
+        return load_digits()
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data source {source} not found (expected 'digits', a .npz or a folder)")
+    if path.is_dir():
+        return _load_image_folder(path, preprocess or Preprocess(scale=1.0 / 255.0))
+    if path.suffix == ".npz":
+        return _load_npz(path, preprocess)
+    raise DataError(f"data source {source} is neither a .npz file nor an image folder")
+
+
+def load_digits() -> Dataset:
+    """Return scikit-learn's bundled digits as (1797, 1, 8, 8) float32 in [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    X = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return Dataset(X, bunch.target.astype(np.int64), [str(i) for i in range(10)])
+
+
+def fl_digits_split() -> tuple[Split, Split, Split]:
+    """Return the FL-digits split of DESIGN.md: (central, pool, test), each (X, y), X flat (n, 64).
+
+    Stratified with random_state=0: 30% central pretraining set; the other 70% split 70/30 into
+    the federated pool and the test set. Uses scikit-learn's splitter so the numbers match the
+    Flower baseline exactly.
+    """
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    X = digits.X.reshape(len(digits), -1)
+    y = digits.y
+    X_central, X_rest, y_central, y_rest = train_test_split(
+        X, y, train_size=0.3, stratify=y, random_state=0
+    )
+    X_pool, X_test, y_pool, y_test = train_test_split(
+        X_rest, y_rest, test_size=0.3, stratify=y_rest, random_state=0
+    )
+    return (X_central, y_central), (X_pool, y_pool), (X_test, y_test)
+
+
+def holdout_split(
+    dataset: Dataset, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Split a dataset into (train, test), stratified by label, deterministic for a seed.
+
+    Every class with at least two samples puts at least one in each part.
+
+    Raises:
+        DataError: the dataset has fewer than two samples.
+    """
+    if len(dataset) < 2:
+        raise DataError(f"need at least 2 samples to hold some out, got {len(dataset)}")
+    rng = np.random.default_rng(seed)
+    test: list[np.ndarray] = []
+    train: list[np.ndarray] = []
+    for label in np.unique(dataset.y):
+        members = rng.permutation(np.flatnonzero(dataset.y == label))
+        n_test = int(round(len(members) * test_fraction))
+        if len(members) >= 2:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return (
+        dataset.subset(np.sort(np.concatenate(train))),
+        dataset.subset(np.sort(np.concatenate(test))),
+    )
+
+
+def conform(dataset: Dataset, input_shape: Sequence[int]) -> Dataset:
+    """Return the dataset with samples shaped like the model input.
+
+    Samples with the same number of values are reshaped (digits are (1, 8, 8) for a CNN and 64
+    values flat for an MLP); anything else is an error.
+
+    Raises:
+        DataError: the samples do not fit the model input.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if dataset.sample_shape == shape:
+        return dataset
+    if int(np.prod(dataset.sample_shape)) != int(np.prod(shape)):
+        raise DataError(
+            f"data samples have shape {list(dataset.sample_shape)} but the model takes "
+            f"{list(shape)}; resize the data or pass a matching model"
+        )
+    return Dataset(dataset.X.reshape((len(dataset), *shape)), dataset.y, dataset.labels)
+
+
+def apply_preprocess(images: np.ndarray | Sequence[np.ndarray], preprocess: Preprocess) -> np.ndarray:
+    """Turn raw images into backbone inputs exactly as the manifest says.
+
+    Args:
+        images: a batch (n, H, W) or (n, H, W, C) of pixel values (any dtype), or a list of such
+            images with different sizes (they are resized first).
+        preprocess: the manifest's preprocessing.
+
+    Returns:
+        float32 array (n, C, H, W) for layout "NCHW", (n, H, W, C) for "NHWC".
+
+    Raises:
+        DataError: images of different sizes without `resize`, or a channel count that does not
+            match `mean`/`std`.
+    """
+    batch = [np.asarray(image) for image in images]
+    if preprocess.grayscale:
+        batch = [_to_gray(image) for image in batch]
+    if preprocess.resize is not None:
+        height, width = preprocess.resize
+        batch = [_resize(image, height, width) for image in batch]
+    if len({image.shape for image in batch}) > 1:
+        raise DataError("images have different sizes; set a resize in the preprocessing")
+    x = np.stack([image if image.ndim == 3 else image[..., None] for image in batch])
+    x = x.astype(np.float32) * np.float32(preprocess.scale)
+    channels = x.shape[-1]
+    for name, values in (("mean", preprocess.mean), ("std", preprocess.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise DataError(f"preprocess {name} has {len(values)} values for {channels} channels")
+    if preprocess.mean is not None:
+        x = x - np.asarray(preprocess.mean, dtype=np.float32)
+    if preprocess.std is not None:
+        x = x / np.asarray(preprocess.std, dtype=np.float32)
+    if preprocess.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _to_gray(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    if image.shape[-1] == 1:
+        return image[..., 0]
+    # ITU-R 601 luma, the weights Pillow's "L" conversion uses.
+    rgb = image[..., :3].astype(np.float32)
+    return rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    from PIL import Image
+
+    channels = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[-1])]
+    # Resize each channel as a float image so no precision is lost to uint8 rounding.
+    resized = [
+        np.asarray(
+            Image.fromarray(c.astype(np.float32)).resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        )
+        for c in channels
+    ]
+    return resized[0] if image.ndim == 2 else np.stack(resized, axis=-1)
+
+
+def _load_npz(path: Path, preprocess: Preprocess | None) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable .npz file: {exc}") from exc
+    missing = [name for name in ("X", "y") if name not in arrays]
+    if missing:
+        raise DataError(f"{path} has no array {' or '.join(missing)} (found: {sorted(arrays)})")
+    X, y = arrays["X"], arrays["y"]
+    if len(X) == 0:
+        raise DataError(f"{path} holds no samples")
+    if y.ndim != 1 or len(y) != len(X):
+        raise DataError(f"{path}: y must be 1-D with one label per sample of X")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: y must hold integer class indices, not {y.dtype}")
+    if np.issubdtype(X.dtype, np.integer) and preprocess is not None:
+        X = apply_preprocess(X, preprocess)
+    n_classes = int(y.max()) + 1
+    labels = [str(v) for v in arrays["labels"]] if "labels" in arrays else []
+    if not labels:
+        labels = [str(i) for i in range(n_classes)]
+    if len(labels) < n_classes:
+        raise DataError(f"{path}: y has class {n_classes - 1} but only {len(labels)} labels")
+    return Dataset(X.astype(np.float32), y.astype(np.int64), labels)
+
+
+def _load_image_folder(root: Path, preprocess: Preprocess) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subfolders (expected ImageFolder layout)")
+    images: list[np.ndarray] = []
+    targets: list[int] = []
+    for index, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as image:
+                    mode = "L" if preprocess.grayscale else "RGB"
+                    images.append(np.asarray(image.convert(mode)))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"{file} is not a readable image: {exc}") from exc
+            targets.append(index)
+    if not images:
+        raise DataError(f"{root} holds no images in its class subfolders {classes}")
+    return Dataset(apply_preprocess(images, preprocess), np.asarray(targets), classes)

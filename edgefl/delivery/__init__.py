@@ -1,0 +1,2 @@
+"""Over-the-air delivery: signed releases, chunked artifacts, the board-side updater, the fleet view
+and agent installation on boards."""

@@ -1,0 +1,308 @@
+"""Install the agent on a board: the files of its profile, filled in, copied with ssh/scp or packed
+into an offline tarball with instructions.
+
+The command lines are built by pure functions (`ssh_commands`) so they can be checked without a
+board; `flash_over_ssh` only runs them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefl.delivery.profiles import DeviceProfile
+from edgefl.errors import DeliveryError
+from edgefl.transport import topics as wire_topics
+
+INSTALL_SCRIPT = "install.sh"
+UNIT_FILE = "edgefl-agent.service"
+ENV_FILE = "agent.env"
+PUBLIC_KEY_NAME = "signing.pub"
+REMOTE_DIR = "edgefl-install"
+TARBALL_ROOT = "edgefl-agent"
+_SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+
+
+@dataclass(frozen=True)
+class InstallFile:
+    """One file to put on the board."""
+
+    data: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class BoardSettings:
+    """What goes into agent.env for one board."""
+
+    broker: str
+    fleet: str
+    device_id: str
+    group: str = ""
+
+
+def render_agent_env(template: str, values: Mapping[str, str]) -> str:
+    """Return the agent.env template with the values of the given keys replaced.
+
+    Lines keep their order and comments; a key not in the template is appended.
+    """
+    lines = template.splitlines()
+    done = set()
+    for index, line in enumerate(lines):
+        key, sep, _ = line.partition("=")
+        if sep and not line.lstrip().startswith("#") and key.strip() in values:
+            lines[index] = f"{key.strip()}={values[key.strip()]}"
+            done.add(key.strip())
+    lines += [f"{key}={value}" for key, value in values.items() if key not in done]
+    return "\n".join(lines) + "\n"
+
+
+def _env_values(profile: DeviceProfile, settings: BoardSettings) -> dict[str, str]:
+    for value, what in ((settings.fleet, "fleet"), (settings.device_id, "device ID")):
+        try:
+            wire_topics.check_name(value, what)
+        except ValueError as exc:
+            raise DeliveryError(str(exc)) from None
+    values = {
+        "EDGEFL_BROKER": settings.broker,
+        "EDGEFL_FLEET": settings.fleet,
+        "EDGEFL_DEVICE_ID": settings.device_id,
+        "EDGEFL_PROFILE": profile.name,
+        "EDGEFL_THREADS": str(profile.threads),
+    }
+    if settings.group:
+        values["EDGEFL_AGENT_ARGS"] = f"--group {settings.group}"
+    for key, value in values.items():
+        if any(ch.isspace() for ch in value) and key != "EDGEFL_AGENT_ARGS":
+            raise DeliveryError(f"{key} must not contain spaces: {value!r}")
+    return values
+
+
+def install_guide(profile: DeviceProfile, settings: BoardSettings, wheel: str | None) -> str:
+    """Return INSTALL.md: how to install the offline bundle on a board."""
+    package = f"the bundled wheel `{wheel}`" if wheel else "`edgefl[agent]` from the package index"
+    docker = ""
+    if (profile.directory / "Dockerfile").is_file():
+        docker = (
+            "\n## Or as a container\n\nThe `Dockerfile` here builds the agent on the board's L4T "
+            "base image; its header says how to build and run it.\n"
+        )
+    return f"""# edgefl agent for {profile.description or profile.name}
+
+Device `{settings.device_id}` of fleet `{settings.fleet}`, broker `{settings.broker}`.
+
+## Install
+
+Copy this folder to the board, then on the board:
+
+```
+tar xzf agent.tar.gz && cd {TARBALL_ROOT}
+sudo ./install.sh
+```
+
+`install.sh` creates a virtual environment in /opt/edgefl/venv, installs {package}
+with the board's runtime (no torch), writes /etc/edgefl/agent.env and /etc/edgefl/signing.pub,
+and enables the `edgefl-agent` systemd service, which restarts the agent after crashes and reboots.
+
+## Then
+
+- Put local labelled data in /var/lib/edgefl/data (one folder per label), or set `EDGEFL_DATA`
+  in /etc/edgefl/agent.env, then `sudo systemctl restart edgefl-agent`.
+- Follow the agent: `journalctl -u edgefl-agent -f`.
+- From the host: `edgefl fleet --broker {settings.broker} --fleet {settings.fleet}` shows the
+  board once it is online; `edgefl deploy BUNDLE --broker ... --fleet {settings.fleet}` ships it a
+  model signed with the key whose public half is `signing.pub`.
+{docker}"""
+
+
+def build_install_files(
+    profile: DeviceProfile,
+    settings: BoardSettings,
+    trust_key: Path,
+    wheel: Path | None = None,
+) -> dict[str, InstallFile]:
+    """Collect the files to install on one board, with agent.env filled in.
+
+    Args:
+        profile: the board profile (its folder holds install.sh, the unit, agent.env).
+        settings: broker, fleet, device ID and group for agent.env.
+        trust_key: the public key the agent will trust.
+        wheel: an edgefl wheel to ship (offline install); None installs from the index.
+
+    Returns:
+        File name -> contents and mode.
+
+    Raises:
+        DeliveryError: a profile file or the key is missing, or a setting is invalid.
+    """
+    files: dict[str, InstallFile] = {}
+    for name, mode in ((INSTALL_SCRIPT, 0o755), (UNIT_FILE, 0o644), ("Dockerfile", 0o644)):
+        path = profile.file(name)
+        if path.is_file():
+            files[name] = InstallFile(path.read_bytes(), mode)
+        elif name != "Dockerfile":
+            raise DeliveryError(f"profile {profile.name} has no {name} in {profile.directory}")
+    template = profile.file(ENV_FILE)
+    if not template.is_file():
+        raise DeliveryError(f"profile {profile.name} has no {ENV_FILE} in {profile.directory}")
+    env = render_agent_env(template.read_text(), _env_values(profile, settings))
+    files[ENV_FILE] = InstallFile(env.encode(), 0o644)
+    try:
+        files[PUBLIC_KEY_NAME] = InstallFile(Path(trust_key).expanduser().read_bytes(), 0o644)
+    except OSError:
+        raise DeliveryError(
+            f"public key {trust_key} not found (create one with `edgefl keys init`"
+            " or pass --trust-key)"
+        ) from None
+    if wheel is not None:
+        files[wheel.name] = InstallFile(wheel.read_bytes(), 0o644)
+    guide = install_guide(profile, settings, wheel.name if wheel else None)
+    files["INSTALL.md"] = InstallFile(guide.encode(), 0o644)
+    return files
+
+
+def source_root() -> Path | None:
+    """Return the repository root when edgefl runs from a source checkout, else None."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "edgefl").is_dir() else None
+
+
+def build_wheel(out_dir: Path) -> Path | None:
+    """Build an edgefl wheel from the source checkout into `out_dir` (no dependencies).
+
+    Returns:
+        The wheel, or None when edgefl is not running from a source checkout (boards then
+        install `edgefl[agent]` from the package index).
+
+    Raises:
+        DeliveryError: pip could not build it.
+    """
+    root = source_root()
+    if root is None:
+        return None
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "-q",
+        "-w",
+        str(out_dir),
+        str(root),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(out_dir.glob("edgefl-*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DeliveryError(f"building the edgefl wheel failed: {last}")
+    return wheels[-1]
+
+
+def write_offline_bundle(files: Mapping[str, InstallFile], output: Path) -> Path:
+    """Write the files as a .tar.gz under one folder, atomically.
+
+    Raises:
+        DeliveryError: the output cannot be written.
+    """
+    output = Path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+        with os.fdopen(fd, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
+            for name, item in sorted(files.items()):
+                info = tarfile.TarInfo(f"{TARBALL_ROOT}/{name}")
+                info.size = len(item.data)
+                info.mode = item.mode
+                tar.addfile(info, io.BytesIO(item.data))
+        os.replace(tmp_name, output)
+    except OSError as exc:
+        raise DeliveryError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    return output
+
+
+def ssh_commands(
+    host: str,
+    local_files: Sequence[Path],
+    port: int | None = None,
+    identity: Path | None = None,
+    remote_dir: str = REMOTE_DIR,
+) -> list[list[str]]:
+    """Return the command lines that install the agent on `host` (USER@HOST) over ssh/scp.
+
+    1. create the remote folder, 2. copy the files into it, 3. run install.sh with sudo.
+    BatchMode makes a missing key fail at once instead of waiting for a password prompt.
+    """
+    ssh = ["ssh", *_SSH_OPTIONS]
+    scp = ["scp", "-q", *_SSH_OPTIONS]
+    if port is not None:
+        ssh += ["-p", str(port)]
+        scp += ["-P", str(port)]
+    if identity is not None:
+        ssh += ["-i", str(identity)]
+        scp += ["-i", str(identity)]
+    quoted = shlex.quote(remote_dir)
+    return [
+        [*ssh, host, f"mkdir -p {quoted}"],
+        [*scp, *[str(p) for p in local_files], f"{host}:{remote_dir}/"],
+        [*ssh, host, f"cd {quoted} && sudo ./{INSTALL_SCRIPT}"],
+    ]
+
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+
+
+def flash_over_ssh(
+    host: str,
+    files: Mapping[str, InstallFile],
+    port: int | None = None,
+    identity: Path | None = None,
+    run: Runner = _run,
+    on_step: Callable[[str], None] | None = None,
+) -> None:
+    """Copy the install files to `host` and run install.sh there.
+
+    Args:
+        host: USER@HOST (as ssh takes it).
+        files: from `build_install_files`.
+        port: ssh port (default 22).
+        identity: an ssh private key file.
+        run: runs one command line (tests pass their own).
+        on_step: told what is happening, step by step.
+
+    Raises:
+        DeliveryError: ssh or scp is missing, or a step failed (with ssh's last error line).
+    """
+    with tempfile.TemporaryDirectory(prefix="edgefl-flash-") as tmp:
+        paths = []
+        for name, item in files.items():
+            path = Path(tmp) / name
+            path.write_bytes(item.data)
+            path.chmod(item.mode)
+            paths.append(path)
+        steps = ("creating the install folder", "copying files", "running install.sh")
+        for step, command in zip(steps, ssh_commands(host, paths, port, identity), strict=True):
+            if on_step is not None:
+                on_step(f"{host}: {step}")
+            try:
+                done = run(command)
+            except FileNotFoundError:
+                raise DeliveryError(f"{command[0]} is not installed on this machine") from None
+            except subprocess.TimeoutExpired:
+                raise DeliveryError(f"{step} on {host} timed out") from None
+            if done.returncode != 0:
+                output = (done.stderr or done.stdout or "").strip().splitlines()
+                last = output[-1] if output else "no output"
+                raise DeliveryError(f"{step} on {host} failed (exit {done.returncode}): {last}")

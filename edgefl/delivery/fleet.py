@@ -1,0 +1,113 @@
+"""The fleet view: who is online, on which profile and model version, from retained messages.
+
+`fleet_view` is pure (statuses and deploy reports in, rows out); `read_fleet` collects the
+retained messages from the broker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from edgefl.delivery import topics
+from edgefl.delivery.release import DeployReport
+from edgefl.errors import EdgeflError
+from edgefl.transport import topics as wire_topics
+from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.messages import DeviceStatus
+
+_QUIET_S = 0.3
+
+
+@dataclass
+class FleetDevice:
+    """One row of the fleet view."""
+
+    device_id: str
+    state: str  # "online" | "offline" | "unknown" (a deploy report but no status)
+    profile: str = ""
+    group: str = ""
+    model_version: int = 0
+    last_seen: float = 0.0  # Unix time of the last status
+    last_round: int = 0
+    last_deploy: str = ""  # e.g. "v3 installed", "v4 refused"
+    deploy_reason: str = ""
+
+
+def fleet_view(
+    statuses: dict[str, DeviceStatus], reports: dict[str, DeployReport]
+) -> list[FleetDevice]:
+    """Join statuses and deploy reports into rows sorted by state (online first), then ID."""
+    rows = []
+    for device in sorted(set(statuses) | set(reports)):
+        status = statuses.get(device)
+        report = reports.get(device)
+        row = FleetDevice(device_id=device, state="unknown")
+        if status is not None:
+            row.state = status.state
+            row.profile = status.profile
+            row.group = status.group
+            row.model_version = status.model_version
+            row.last_seen = status.time
+            row.last_round = status.last_round
+        if report is not None:
+            row.last_deploy = f"v{report.version} {report.state}"
+            row.deploy_reason = report.reason
+            if status is None and report.running_version is not None:
+                row.model_version = report.running_version
+        rows.append(row)
+    rows.sort(key=lambda r: (r.state != "online", r.device_id))
+    return rows
+
+
+def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[FleetDevice]:
+    """Collect the fleet's retained statuses and deploy reports and return the fleet view.
+
+    Args:
+        broker_url: `mqtt://host[:port]`.
+        fleet: the fleet name.
+        max_wait: the longest to wait for retained messages (it stops earlier once quiet).
+
+    Raises:
+        TransportError: the broker cannot be reached.
+    """
+    lock = threading.Lock()
+    statuses: dict[str, DeviceStatus] = {}
+    reports: dict[str, DeployReport] = {}
+    last = [time.monotonic()]
+
+    def on_status(message: Message) -> None:
+        try:
+            status = DeviceStatus.decode(message.payload)
+        except EdgeflError:
+            return  # a malformed status is someone else's bug; show the rest of the fleet
+        with lock:
+            statuses[status.device_id] = status
+            last[0] = time.monotonic()
+
+    def on_report(message: Message) -> None:
+        try:
+            report = DeployReport.from_bytes(message.payload)
+        except EdgeflError:
+            return
+        with lock:
+            reports[report.device_id] = report
+            last[0] = time.monotonic()
+
+    client = MqttClient(broker_url, client_id=f"edgefl-fleet-{fleet}-{time.time_ns() % 10**9}")
+    client.subscribe(wire_topics.all_statuses(fleet), on_status)
+    client.subscribe(topics.all_deploy_reports(fleet), on_report)
+    client.connect(timeout=10.0)
+    try:
+        start = time.monotonic()
+        last[0] = start
+        while time.monotonic() - start < max_wait:
+            with lock:
+                if time.monotonic() - last[0] >= _QUIET_S:
+                    break
+            time.sleep(0.05)
+    finally:
+        client.close()
+    with lock:
+        return fleet_view(dict(statuses), dict(reports))

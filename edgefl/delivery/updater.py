@@ -1,0 +1,563 @@
+"""The board side of a deploy: take a signed release, fetch only what this board runs, install it.
+
+`Updater` is the state machine, with its I/O passed in as callables (report, subscribe,
+unsubscribe) so tests drive it with literal messages. `attach_updater` binds it to an MQTT client.
+
+For every release it receives, a board:
+  1. checks the Ed25519 signature against its trusted key (unsigned or wrong: refused),
+  2. checks it is targeted and newer than what it runs (older: refused, rollback protection),
+  3. picks the backbone its profile prefers and subscribes to the chunks of that file and the heads,
+  4. checks each chunk's SHA-256 from the signed release as it arrives (bad chunk: refused),
+  5. checks each artifact's size and SHA-256 against the signed manifest,
+  6. stages the files, swaps `current` atomically, runs a smoke inference in the real runtime,
+  7. on failure swaps back to the previous bundle (rolled back), and reports the outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgefl.bundle import Artifact, Manifest, ModelBundle, load_bundle
+from edgefl.delivery import topics
+from edgefl.delivery.chunks import ChunkAssembler
+from edgefl.delivery.release import (
+    CURRENT,
+    DOWNLOADING,
+    FAILED,
+    INSTALLED,
+    REFUSED,
+    ROLLED_BACK,
+    DeployReport,
+    Release,
+)
+from edgefl.delivery.store import BundleStore
+from edgefl.errors import DeliveryError, EdgeflError, SignatureError
+from edgefl.head import head_forward
+from edgefl.transport.client import Message, MessageHandler, MqttClient
+
+if TYPE_CHECKING:
+    from edgefl.roles.agent import Agent
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[DeployReport], None]
+Installed = Callable[[ModelBundle], None]
+SmokeTest = Callable[[ModelBundle, Artifact], None]
+
+# Progress is reported at these fractions, so 50 boards do not flood the broker.
+_PROGRESS_STEPS = 10
+
+
+class SmokeTestError(EdgeflError):
+    """A freshly installed bundle does not run: it does not load, or its output does not fit."""
+
+
+def smoke_inference(bundle: ModelBundle, backbone: Artifact, threads: int = 1) -> None:
+    """Run one sample of zeros through the backbone (real runtime) and every head.
+
+    Args:
+        bundle: the installed bundle.
+        backbone: the backbone artifact this board runs.
+        threads: runtime threads.
+
+    Raises:
+        SmokeTestError: the backbone does not load or run, its features do not have the
+            manifest's size or the head's input size, or a head's output is wrong or not finite.
+    """
+    from edgefl.runtime import load_backbone  # imports the runtime only when installing
+
+    manifest = bundle.manifest
+    try:
+        runner = load_backbone(bundle.file(backbone), threads)
+        shape = [d if d > 0 else 1 for d in manifest.input.shape]
+        features = runner.run(np.zeros((1, *shape), dtype=np.float32))
+    except EdgeflError as exc:
+        raise SmokeTestError(f"smoke inference failed: {exc}") from exc
+    except Exception as exc:  # a runtime's own errors: report, never crash the agent
+        raise SmokeTestError(f"smoke inference failed: {type(exc).__name__}: {exc}") from exc
+    width = int(features.shape[1]) if features.ndim == 2 else -1
+    if width != manifest.feature_size:
+        raise SmokeTestError(
+            f"smoke inference failed: backbone {backbone.file} gives {tuple(features.shape)}"
+            f" features, the manifest says {manifest.feature_size}"
+        )
+    for task, spec in manifest.heads.items():
+        if spec.in_features != width:
+            raise SmokeTestError(
+                f"smoke inference failed: head {task!r} takes {spec.in_features} features,"
+                f" the backbone gives {width}"
+            )
+        try:
+            logits = head_forward(spec.layers, bundle.head_weights(task), features)
+        except (EdgeflError, KeyError, ValueError) as exc:
+            raise SmokeTestError(f"smoke inference failed: head {task!r}: {exc}") from exc
+        if logits.shape != (1, spec.num_outputs) or not np.isfinite(logits).all():
+            raise SmokeTestError(
+                f"smoke inference failed: head {task!r} gives {logits.shape}, expected"
+                f" (1, {spec.num_outputs}) finite logits"
+            )
+
+
+@dataclass
+class _Download:
+    release: Release
+    payload: bytes
+    name: str
+    backbone: Artifact
+    artifacts: dict[str, Artifact]
+    assemblers: dict[str, ChunkAssembler]
+    filters: list[str]
+    next_step: int = 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(a.size for a in self.assemblers.values())
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(a.bytes_received for a in self.assemblers.values())
+
+
+class Updater:
+    """One board's update state machine (thread-safe: messages arrive on the network thread)."""
+
+    def __init__(
+        self,
+        store: BundleStore,
+        fleet: str,
+        device_id: str,
+        *,
+        trust_key: Ed25519PublicKey | None,
+        group: str | None = None,
+        preferences: list[tuple[str, str]] | None = None,
+        threads: int = 1,
+        report: Report,
+        subscribe: Callable[[str], None],
+        unsubscribe: Callable[[str], None],
+        on_installed: Installed | None = None,
+        smoke_test: SmokeTest | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        """Configure the updater; nothing happens until a release arrives.
+
+        Args:
+            store: where bundles are installed.
+            fleet: the fleet (for chunk topics).
+            device_id: this board.
+            trust_key: the publisher's public key; None refuses every release (nothing to
+                check it against).
+            group: this board's group, for group-targeted releases.
+            preferences: (format, precision) backbone preferences from the board's profile.
+            threads: runtime threads for the smoke inference.
+            report: publishes a DeployReport (retained) for the deploy command and fleet view.
+            subscribe: subscribes to a chunk topic filter (messages go to `on_chunk`).
+            unsubscribe: drops a chunk topic filter.
+            on_installed: called with the new bundle after the smoke inference (the agent
+                switches to it here); raising rolls the install back.
+            smoke_test: replaces `smoke_inference` (tests); raising SmokeTestError rolls back.
+            executor: where installs run, off the network thread; default one worker thread.
+        """
+        self.store = store
+        self.fleet = fleet
+        self.device_id = device_id
+        self.group = group
+        self.trust_key = trust_key
+        self.preferences = preferences
+        self.threads = threads
+        self._report = report
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self._on_installed = on_installed
+        self._smoke_test = smoke_test or (lambda b, a: smoke_inference(b, a, self.threads))
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="edgefl-install")
+        self._lock = threading.RLock()
+        self._download: _Download | None = None
+        self._installing = False
+        self.last_report: DeployReport | None = None
+
+    @property
+    def running_version(self) -> int:
+        """The version of the bundle this board runs (0 before the first install)."""
+        return self.store.current_version()
+
+    def release_topics(self) -> list[str]:
+        """The retained release topics this board listens on."""
+        return topics.release_topics_for(self.fleet, self.device_id, self.group)
+
+    # -- messages --
+
+    def on_release(self, payload: bytes) -> None:
+        """Handle a release message (retained, so also on every (re)connect). Never raises."""
+        if not payload:
+            return  # a cleared retained topic
+        with self._lock:
+            try:
+                self._handle_release(payload)
+            except Exception as exc:  # a bad message must never stop the agent
+                log.exception("%s: release handling failed", self.device_id)
+                self._send(0, FAILED, f"release handling failed: {exc}")
+
+    def on_chunk(self, topic: str, payload: bytes) -> None:
+        """Handle one artifact chunk. Never raises."""
+        parsed = topics.parse_chunk(topic)
+        if parsed is None or not payload:
+            return
+        version, file, index = parsed
+        with self._lock:
+            download = self._download
+            if (
+                download is None
+                or self._installing
+                or version != download.release.manifest.version
+                or file not in download.assemblers
+            ):
+                return  # a chunk of another release or artifact: not for this board now
+            try:
+                download.assemblers[file].add(index, payload)
+            except EdgeflError as exc:
+                self._abandon(download, REFUSED, f"{file}: {exc}")
+                return
+            self._progress(download)
+            if all(a.complete for a in download.assemblers.values()):
+                self._installing = True
+                self._executor.submit(self._install, download)
+
+    # -- internals (called with the lock held) --
+
+    def _handle_release(self, payload: bytes) -> None:
+        try:
+            release = Release.from_bytes(payload)
+        except EdgeflError as exc:
+            self._send(0, REFUSED, str(exc))
+            return
+        rid = release.release_id
+        try:
+            manifest = release.manifest
+        except EdgeflError as exc:
+            self._send(0, REFUSED, str(exc), release_id=rid)
+            return
+        version = manifest.version
+        name = f"v{version}-{release.release_id}"
+        download = self._download
+        if download is not None and download.name == name:
+            return  # the same release again (a reconnect): keep downloading
+        if self._installing:
+            return  # the retained release is re-read after the install finishes
+        if self.trust_key is None:
+            self._send(
+                version,
+                REFUSED,
+                "no trusted key configured (agent needs --trust-key)",
+                release_id=rid,
+            )
+            return
+        try:
+            release.verify(self.trust_key)
+        except SignatureError as exc:
+            self._send(version, REFUSED, str(exc), release_id=rid)
+            return
+        if not release.targets.includes(self.device_id, self.group):
+            return  # signed for other boards; someone re-posted it here
+        state = self.store.state()
+        if name in state.rejected:
+            self._send(version, REFUSED, state.rejected[name], release_id=rid)
+            return
+        running = max(self.store.current_version(), state.highest_version)
+        if version < running:
+            self._send(
+                version,
+                REFUSED,
+                f"version {version} is older than the running version {running}"
+                " (rollback protection)",
+                release_id=rid,
+            )
+            return
+        if version == running:
+            self._send(version, CURRENT, "", release_id=rid)
+            return
+        try:
+            backbone = manifest.select_backbone(self.preferences)
+            wanted = [backbone, *[a for a in manifest.artifacts if a.role == "head"]]
+            assemblers = {
+                a.file: ChunkAssembler(a.size, release.chunk_size, release.chunks[a.file])
+                for a in wanted
+            }
+        except KeyError as exc:
+            self._send(version, REFUSED, f"release lists no chunks for {exc}", release_id=rid)
+            return
+        except EdgeflError as exc:
+            self._send(version, REFUSED, str(exc), release_id=rid)
+            return
+        if download is not None:
+            self._drop_filters(download)
+        new = _Download(
+            release=release,
+            payload=payload,
+            name=name,
+            backbone=backbone,
+            artifacts={a.file: a for a in wanted},
+            assemblers=assemblers,
+            filters=[topics.artifact_chunks(self.fleet, version, a.file) for a in wanted],
+        )
+        self._download = new
+        self._send(version, DOWNLOADING, "", 0, new.total_bytes, rid)
+        for topic_filter in new.filters:
+            self._subscribe(topic_filter)
+
+    def _progress(self, download: _Download) -> None:
+        total = max(download.total_bytes, 1)
+        done = download.received_bytes
+        if done * _PROGRESS_STEPS >= download.next_step * total and done < total:
+            download.next_step = done * _PROGRESS_STEPS // total + 1
+            self._send(
+                download.release.manifest.version,
+                DOWNLOADING,
+                "",
+                done,
+                download.total_bytes,
+                download.release.release_id,
+            )
+
+    def _abandon(self, download: _Download, state: str, reason: str) -> None:
+        self._drop_filters(download)
+        self._download = None
+        self._reject(download.name, reason)
+        self._send(
+            download.release.manifest.version, state, reason, release_id=download.release.release_id
+        )
+
+    def _drop_filters(self, download: _Download) -> None:
+        for topic_filter in download.filters:
+            self._unsubscribe(topic_filter)
+
+    def _reject(self, name: str, reason: str) -> None:
+        state = self.store.state()
+        state.rejected[name] = reason
+        # Keep the memory small: only the latest few refusals matter for retries.
+        state.rejected = dict(list(state.rejected.items())[-20:])
+        self.store.save_state(state)
+
+    def _send(
+        self,
+        version: int,
+        state: str,
+        reason: str,
+        received: int = 0,
+        total: int = 0,
+        release_id: str = "",
+    ) -> None:
+        report = DeployReport(
+            device_id=self.device_id,
+            version=version,
+            state=state,
+            release_id=release_id,
+            running_version=self.store.current_version(),
+            reason=reason,
+            received_bytes=received,
+            total_bytes=total,
+            time=time.time(),
+        )
+        self.last_report = report
+        if state != DOWNLOADING:
+            log.info("%s: release v%d %s %s", self.device_id, version, state, reason)
+        try:
+            self._report(report)
+        except Exception:
+            log.exception("%s: cannot publish the deploy report", self.device_id)
+
+    # -- install (worker thread) --
+
+    def _install(self, download: _Download) -> None:
+        version = download.release.manifest.version
+        try:
+            outcome, reason = self._install_files(download)
+        except Exception as exc:  # disk full, permissions: keep running the old bundle
+            log.exception("%s: install failed", self.device_id)
+            outcome, reason = FAILED, f"install failed: {exc}"
+        with self._lock:
+            self._drop_filters(download)
+            self._download = None
+            self._installing = False
+            if outcome in (REFUSED, ROLLED_BACK):
+                self._reject(download.name, reason)
+            self._send(version, outcome, reason, release_id=download.release.release_id)
+
+    def _install_files(self, download: _Download) -> tuple[str, str]:
+        manifest = download.release.manifest
+        files: dict[str, bytes] = {}
+        for file, assembler in download.assemblers.items():
+            data = assembler.data()
+            artifact = download.artifacts[file]
+            if len(data) != artifact.size or hashlib.sha256(data).hexdigest() != artifact.sha256:
+                return REFUSED, f"{file} does not match the SHA-256 in the signed manifest"
+            files[file] = data
+        # The board's manifest lists only what it downloaded, so the directory is a complete
+        # bundle `load_bundle` verifies; the signed text stays in release.json.
+        local = Manifest.from_json(download.release.manifest_json)
+        local.artifacts = [a for a in local.artifacts if a.file in files]
+        release_dir = self.store.stage(
+            download.name, files, json.dumps(local.to_dict(), indent=2), download.payload
+        )
+        self.store.activate(release_dir)
+        try:
+            bundle = load_bundle(release_dir)
+            self._smoke_test(bundle, download.backbone)
+            if self._on_installed is not None:
+                self._on_installed(bundle)
+        except Exception as exc:
+            restored = self.store.roll_back()
+            if restored is not None and self._on_installed is not None:
+                try:
+                    self._on_installed(load_bundle(restored, verify=False))
+                except Exception:
+                    log.exception("%s: reloading the previous bundle failed", self.device_id)
+            reason = str(exc) if isinstance(exc, EdgeflError) else f"{type(exc).__name__}: {exc}"
+            back = "none" if restored is None else load_bundle(restored, verify=False).manifest
+            label = back if isinstance(back, str) else f"v{back.version}"
+            return ROLLED_BACK, f"{reason}; rolled back to {label}"
+        state = self.store.state()
+        state.highest_version = max(state.highest_version, manifest.version)
+        self.store.save_state(state)
+        self.store.prune()
+        return INSTALLED, ""
+
+
+def bind_updater(
+    client: MqttClient,
+    store: BundleStore,
+    fleet: str,
+    device_id: str,
+    *,
+    trust_key: Ed25519PublicKey | None,
+    add_handler: Callable[[str, MessageHandler], None] | None = None,
+    **options: Any,
+) -> Updater:
+    """Create an Updater whose messages travel over `client`, and subscribe it.
+
+    Args:
+        client: the board's MQTT client (the agent's own, or a dedicated one).
+        store: where bundles are installed.
+        fleet: the fleet.
+        device_id: this board.
+        trust_key: the publisher's public key (None refuses every release).
+        add_handler: how to register a topic handler; default `client.subscribe`
+            (the agent passes its `add_handler`).
+        **options: the remaining `Updater` arguments (group, preferences, threads,
+            on_installed, smoke_test, executor).
+
+    Returns:
+        The updater, listening on its release topics once the client is connected.
+    """
+    register = add_handler or client.subscribe
+    report_topic = topics.deploy_report(fleet, device_id)
+    holder: list[Updater] = []
+
+    def on_chunk(message: Message) -> None:
+        holder[0].on_chunk(message.topic, message.payload)
+
+    def report(message: DeployReport) -> None:
+        client.publish(report_topic, message.to_bytes(), qos=1, retain=True)
+
+    updater = Updater(
+        store,
+        fleet,
+        device_id,
+        trust_key=trust_key,
+        report=report,
+        subscribe=lambda f: client.subscribe(f, on_chunk),
+        unsubscribe=client.unsubscribe,
+        **options,
+    )
+    holder.append(updater)
+    for topic in updater.release_topics():
+        register(topic, lambda message: updater.on_release(message.payload))
+    return updater
+
+
+def attach_to_agent(
+    agent: Agent,
+    models_dir: str | Path,
+    trust_key: Ed25519PublicKey | None,
+    preferences: list[tuple[str, str]] | None = None,
+    executor: Executor | None = None,
+) -> Updater:
+    """Give an agent over-the-air updates; call before `agent.start()`.
+
+    The agent boots on the bundle installed in `models_dir` (unless it was given one), and every
+    verified release is handed to its bundle hook, which computes features with the new backbone:
+    if that fails too, the install is rolled back.
+
+    Args:
+        agent: the device agent (not started yet).
+        models_dir: where this board keeps its bundles.
+        trust_key: the publisher's public key (None refuses every release).
+        preferences: backbone (format, precision) preferences from the board's profile.
+        executor: where installs run (default: one worker thread per agent).
+
+    Returns:
+        The updater.
+
+    Raises:
+        BundleError: the models directory cannot be created.
+    """
+    store = BundleStore(models_dir)
+    if agent.config.bundle_dir is None and store.current_path is not None:
+        agent.config.bundle_dir = store.current_path
+    return bind_updater(
+        agent.client,
+        store,
+        agent.config.fleet,
+        agent.device_id,
+        trust_key=trust_key,
+        group=agent.config.group or None,
+        preferences=preferences,
+        threads=agent.config.threads,
+        add_handler=agent.add_handler,
+        on_installed=agent._install_bundle,
+        executor=executor,
+    )
+
+
+DEFAULT_MODELS_DIR = Path("~/.local/share/edgefl/models")
+
+
+def enable_updates(
+    agent: Agent,
+    models_dir: str | Path | None,
+    trust_key_file: str | Path | None,
+    profile: str | None = None,
+) -> Updater:
+    """Turn on over-the-air updates for an agent from its command-line settings.
+
+    Args:
+        agent: the device agent (not started yet).
+        models_dir: where bundles are installed; None uses ~/.local/share/edgefl/models.
+        trust_key_file: the publisher's public key file; None refuses every release (and says so
+            in the deploy report).
+        profile: a board profile name or path, for the artifact preference.
+
+    Raises:
+        KeyFileError: the key file is unreadable.
+        DeliveryError: the profile is unknown or the group is not a valid name.
+    """
+    from edgefl import signing
+    from edgefl.delivery.profiles import load_profile
+
+    key = None if trust_key_file is None else signing.load_public_key(trust_key_file)
+    preferences = None if not profile else load_profile(profile).prefer
+    try:
+        return attach_to_agent(agent, models_dir or DEFAULT_MODELS_DIR, key, preferences)
+    except ValueError as exc:
+        raise DeliveryError(str(exc)) from exc

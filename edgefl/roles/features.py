@@ -1,0 +1,123 @@
+"""Backbone features of a device's local data, computed once per backbone version and cached.
+
+The cache key is the backbone file's SHA-256 plus a digest of the input samples, so a new bundle
+(new backbone) or new data computes afresh and nothing stale is ever reused. Runners are shared
+per backbone file within a process so a thousand simulated agents load one session, not 1,000.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Runner(Protocol):
+    """What the cache needs of a backbone runner (edgefl.runtime.BackboneRunner)."""
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Return the features of a batch of inputs."""
+        ...
+
+
+_RUNNERS: dict[tuple[str, int], tuple[Any, threading.Lock]] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, threading.Lock]:
+    """Return the process-wide runner of a backbone file and the lock that serializes its use.
+
+    Args:
+        path: the `.onnx` or `.tflite` file.
+        sha256: its SHA-256 (from the manifest), part of the key so a replaced file reloads.
+        threads: intra-op threads of the runtime session.
+
+    Raises:
+        edgefl.errors.EdgeflError: the runtime cannot load the file (from edgefl.runtime).
+    """
+    from edgefl.runtime import load_backbone
+
+    key = (f"{Path(path).resolve()}:{sha256}", threads)
+    with _RUNNERS_LOCK:
+        if key not in _RUNNERS:
+            # A LiteRT interpreter is not thread-safe, hence one lock per runner.
+            _RUNNERS[key] = (load_backbone(Path(path), threads=threads), threading.Lock())
+        return _RUNNERS[key]
+
+
+def data_digest(x: np.ndarray) -> str:
+    """Return a short hex digest of an input array (shape, dtype and bytes)."""
+    digest = hashlib.sha256(f"{x.shape}{x.dtype}".encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_backbone(
+    runner: Runner, x: np.ndarray, lock: threading.Lock | None = None, batch_size: int = 256
+) -> np.ndarray:
+    """Run the backbone over `x` in batches; returns (n, features) float32."""
+    parts = []
+    for start in range(0, len(x), batch_size):
+        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        if lock is None:
+            out = runner.run(batch)
+        else:
+            with lock:
+                out = runner.run(batch)
+        parts.append(np.asarray(out, dtype=np.float32).reshape(len(batch), -1))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+class FeatureCache:
+    """Features keyed by (backbone SHA-256, data digest): `.npy` files in a directory, or memory."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        """Use `directory` for `.npy` files; None keeps features in memory only."""
+        self.directory = directory
+        self._memory: dict[str, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, backbone_sha256: str, digest: str) -> Path | None:
+        """Return the file a key is stored in (None for an in-memory cache)."""
+        if self.directory is None:
+            return None
+        return self.directory / f"features-{backbone_sha256[:32]}-{digest}.npy"
+
+    def features(
+        self,
+        backbone_sha256: str,
+        x: np.ndarray,
+        runner: Runner,
+        lock: threading.Lock | None = None,
+    ) -> np.ndarray:
+        """Return the features of `x` under a backbone, computing them only on a miss."""
+        digest = data_digest(x)
+        key = f"{backbone_sha256}-{digest}"
+        if key in self._memory:
+            self.hits += 1
+            return self._memory[key]
+        path = self.path(backbone_sha256, digest)
+        if path is not None and path.is_file():
+            try:
+                features = np.load(path, allow_pickle=False)
+                if len(features) == len(x):
+                    self.hits += 1
+                    self._memory[key] = features
+                    return features
+            except (OSError, ValueError):
+                pass  # a torn or foreign file: recompute and overwrite it
+        self.misses += 1
+        features = run_backbone(runner, x, lock)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with tmp.open("wb") as handle:
+                np.save(handle, features, allow_pickle=False)
+            os.replace(tmp, path)
+        self._memory[key] = features
+        return features

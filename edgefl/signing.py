@@ -1,0 +1,168 @@
+"""Ed25519 keys and signatures: who may publish a bundle to a fleet, checked on every board.
+
+The publisher keeps `signing.key` (PKCS#8 PEM, mode 0600); boards get `signing.pub`
+(SubjectPublicKeyInfo PEM) and pass it as `--trust-key`. What gets signed is canonical JSON
+(`Manifest.to_json()` inside the delivery release), so the signature covers every artifact's
+SHA-256 and, through them, every byte a board runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edgefl.bundle import Manifest
+from edgefl.errors import KeyFileError, SignatureError
+
+PRIVATE_KEY_FILE = "signing.key"
+PUBLIC_KEY_FILE = "signing.pub"
+DEFAULT_KEY_DIR = Path("~/.config/edgefl/keys")
+
+
+@dataclass(frozen=True)
+class KeyPaths:
+    """Where a key pair was written."""
+
+    private: Path
+    public: Path
+
+
+def init_keys(directory: str | Path = DEFAULT_KEY_DIR) -> KeyPaths:
+    """Create an Ed25519 key pair in `directory`.
+
+    The private key is created with mode 0600 from the start (never world-readable, even
+    briefly) and is never overwritten: losing a fleet's signing key locks its boards out.
+
+    Args:
+        directory: where to write `signing.key` and `signing.pub`; created if missing.
+
+    Returns:
+        The paths of the two files.
+
+    Raises:
+        KeyFileError: either file already exists, or the directory cannot be written.
+    """
+    root = Path(directory).expanduser()
+    paths = KeyPaths(root / PRIVATE_KEY_FILE, root / PUBLIC_KEY_FILE)
+    for path in (paths.private, paths.public):
+        if path.exists():
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a signing key")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(paths.private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(private_pem)
+        paths.public.write_bytes(public_pem(key.public_key()))
+    except OSError as exc:
+        raise KeyFileError(f"cannot write keys to {root}: {exc.strerror or exc}") from exc
+    return paths
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """Return a public key as SubjectPublicKeyInfo PEM bytes."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """Read an Ed25519 private key (unencrypted PKCS#8 PEM).
+
+    Raises:
+        KeyFileError: the file is missing, unreadable or not an Ed25519 private key.
+    """
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not a PEM private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} is not an Ed25519 key (found {type(key).__name__})")
+    return key
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """Read an Ed25519 public key (SubjectPublicKeyInfo PEM).
+
+    Raises:
+        KeyFileError: the file is missing, unreadable or not an Ed25519 public key.
+    """
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not a PEM public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{path} is not an Ed25519 key (found {type(key).__name__})")
+    return key
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """Return a short fingerprint of a public key (16 hex digits of its raw bytes' SHA-256)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign(key: Ed25519PrivateKey, payload: bytes) -> str:
+    """Sign bytes; return the signature as base64 text (fits in JSON)."""
+    return base64.b64encode(key.sign(payload)).decode("ascii")
+
+
+def verify(key: Ed25519PublicKey, payload: bytes, signature: str) -> None:
+    """Check a base64 signature over bytes.
+
+    Raises:
+        SignatureError: the signature is empty, not base64, or does not match the payload.
+    """
+    if not signature:
+        raise SignatureError("bundle is not signed")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"signature is not valid base64: {exc}") from exc
+    try:
+        key.verify(raw, payload)
+    except InvalidSignature:
+        raise SignatureError(
+            f"signature does not match (not signed by trusted key {key_id(key)}, or altered)"
+        ) from None
+
+
+def sign_manifest(key: Ed25519PrivateKey, manifest: Manifest) -> str:
+    """Sign a manifest's canonical JSON; return base64 text."""
+    return sign(key, manifest.to_json().encode("utf-8"))
+
+
+def verify_manifest(key: Ed25519PublicKey, manifest: Manifest, signature: str) -> None:
+    """Check a signature over a manifest's canonical JSON.
+
+    Raises:
+        SignatureError: the signature is missing or does not match.
+    """
+    verify(key, manifest.to_json().encode("utf-8"), signature)
+
+
+def _read_key_file(path: str | Path) -> bytes:
+    target = Path(path).expanduser()
+    try:
+        return target.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"key file {target} not found (create one with `edgefl keys init`)"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {target}: {exc.strerror or exc}") from exc

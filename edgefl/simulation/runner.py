@@ -1,0 +1,422 @@
+"""Run a simulated fleet: a broker, N real agents and the real aggregator, in one process.
+
+Nothing here re-implements federation. Every device is an `edgefl.roles.agent.Agent` with its own
+MQTT connection, and the rounds are run by `edgefl.roles.aggregator.Aggregator`; what makes a
+thousand of them fit in one process is the transport's `NetworkLoop` (one thread drives every
+socket) and the process-wide backbone session. The simulation only adds what real boards would
+bring: their share of the data, speed differences, dropouts, and devices joining and leaving.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgefl.bundle import ModelBundle
+from edgefl.errors import SimulationError
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
+from edgefl.simulation.fleet import DeviceProfile, FleetPlan, plan_fleet
+from edgefl.simulation.metrics import RoundRecord, SimulationMetrics
+from edgefl.simulation.workload import FederatedData
+from edgefl.transport import topics
+from edgefl.transport.broker import EmbeddedBroker
+from edgefl.transport.client import Message, MqttClient, NetworkLoop
+
+log = logging.getLogger(__name__)
+
+StatusCallback = Callable[[str], None]
+RoundRecordCallback = Callable[[RoundRecord], None]
+
+
+@dataclass
+class SimulationConfig:
+    """How a simulation runs; the defaults are the FL-digits workload of DESIGN.md.
+
+    Attributes:
+        devices: how many simulated devices.
+        rounds: how many rounds.
+        partition: "iid", "dirichlet:ALPHA" or "shards:K" (see edgefl.simulation.fleet).
+        strategy: an aggregation strategy name (edgefl.core.strategies); `strategy_params` its
+            arguments.
+        codec: the update codec devices use: "float32", "int8" or "topk".
+        epochs, lr, batch_size: local training per round.
+        fraction: share of online devices selected per round.
+        speed_spread: slowest/fastest device ratio; 1 makes all devices equally fast.
+        speed_unit_s: what one unit of slowness costs: a device of speed s delays its update by
+            (s - 1) * speed_unit_s seconds.
+        dropout: probability that a selected device skips a round.
+        churn: join/leave schedule, e.g. "join:0.2@3,leave:0.1@5".
+        deadline_s: how long a round waits for updates (dropped devices never answer).
+        quorum: share of selected devices a round needs to aggregate.
+        personalize: devices keep a personal head fine-tuned from the global one.
+        seed: seeds the partition, the heterogeneity and the devices' training.
+        fleet: the fleet name on the wire.
+        broker_url: use this broker; None starts the embedded one for the run.
+    """
+
+    devices: int = 10
+    rounds: int = 5
+    partition: str = "dirichlet:0.5"
+    strategy: str = "fedavg"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    codec: str = "float32"
+    epochs: int = 1
+    lr: float = 0.1
+    batch_size: int = 16
+    fraction: float = 1.0
+    speed_spread: float = 1.0
+    speed_unit_s: float = 0.1
+    dropout: float = 0.0
+    churn: str = ""
+    deadline_s: float = 10.0
+    quorum: float = 0.5
+    personalize: bool = True
+    seed: int = 0
+    fleet: str = "sim"
+    broker_url: str | None = None
+
+    def check(self) -> None:
+        """Raise SimulationError naming the first invalid setting."""
+        if self.devices < 1:
+            raise SimulationError("--devices must be at least 1")
+        if self.rounds < 1:
+            raise SimulationError("--rounds must be at least 1")
+        if self.deadline_s <= 0:
+            raise SimulationError("--deadline must be positive")
+        if self.speed_unit_s < 0:
+            raise SimulationError("the speed unit must not be negative")
+
+
+class _DeviceBehaviour:
+    """The reply hook of one simulated device: dropouts and delays, counted per round."""
+
+    def __init__(self, profile: DeviceProfile, index: int, seed: int, unit_s: float) -> None:
+        self.profile = profile
+        self.index = index
+        self.seed = seed
+        self.delay_s = (profile.speed - 1.0) * unit_s
+        self.dropped: set[int] = set()
+
+    def __call__(self, round_number: int) -> float | None:
+        if self.profile.drops(round_number, self.seed, self.index):
+            self.dropped.add(round_number)
+            return None
+        return self.delay_s
+
+
+class _TaskObserver:
+    """Counts the bytes of each round's task as devices receive it (one subscriber's view)."""
+
+    def __init__(self, broker_url: str, fleet: str, network: NetworkLoop) -> None:
+        self.sizes: dict[int, int] = {}
+        self.client = MqttClient(
+            broker_url, client_id=f"edgefl-{fleet}-sim-observer", network=network
+        )
+        self.client.subscribe(topics.all_tasks(fleet), self._on_task)
+
+    def _on_task(self, message: Message) -> None:
+        parsed = topics.parse(message.topic)
+        if parsed is not None and parsed.round_number is not None and message.payload:
+            self.sizes[parsed.round_number] = len(message.payload)
+
+
+class Simulation:
+    """One simulated federation: `run()` starts everything, runs the rounds and tears down."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        bundle: ModelBundle,
+        data: FederatedData,
+        on_round: RoundRecordCallback | None = None,
+        on_status: StatusCallback | None = None,
+    ) -> None:
+        """Plan the fleet; nothing starts until run().
+
+        Args:
+            config: the settings.
+            bundle: the bundle every device runs and whose head is federated.
+            data: the devices' pool and the server's test set.
+            on_round: called with each round's record as it closes (live progress).
+            on_status: called with a short line for each start-up and tear-down phase.
+
+        Raises:
+            SimulationError: an invalid setting or a partition that cannot be made.
+        """
+        config.check()
+        self.config = config
+        self.bundle = bundle
+        self.data = data
+        self.on_round = on_round
+        self.on_status = on_status
+        self.plan: FleetPlan = plan_fleet(
+            data.pool.y,
+            config.devices,
+            config.partition,
+            speed_spread=config.speed_spread,
+            dropout=config.dropout,
+            churn=config.churn,
+            seed=config.seed,
+        )
+        self.behaviours = [
+            _DeviceBehaviour(profile, i, config.seed, config.speed_unit_s)
+            for i, profile in enumerate(self.plan.devices)
+        ]
+        self.records: list[RoundRecord] = []
+        self.agents: dict[str, Agent] = {}
+        self._network: NetworkLoop | None = None
+        self._aggregator: Aggregator | None = None
+        self._observer: _TaskObserver | None = None
+        self._started = 0.0
+        self._round_started = 0.0
+
+    def _say(self, line: str) -> None:
+        log.info("%s", line)
+        if self.on_status is not None:
+            self.on_status(line)
+
+    def run(self) -> SimulationMetrics:
+        """Start the broker (unless one is given), the agents and the aggregator; run the rounds.
+
+        Returns:
+            The metrics: one record per round, and a summary with the wall time of the federated
+            part (from the aggregator starting, with broker and devices up, to the last round's
+            result), the start-up time and the peak resident memory of the process.
+
+        Raises:
+            TransportError: the broker cannot be started or reached.
+            FederationError: the devices did not come online.
+            SimulationError: a round failed to run.
+        """
+        config = self.config
+        setup_started = time.perf_counter()
+        broker: EmbeddedBroker | None = None
+        if config.broker_url is None:
+            self._say("starting the embedded broker")
+            broker = EmbeddedBroker(port=0)
+            broker.start()
+            url = broker.url
+        else:
+            url = config.broker_url
+        network = self._network = NetworkLoop(name="edgefl-simulation")
+        network.start()
+        try:
+            self._observer = _TaskObserver(url, config.fleet, network)
+            self._observer.client.connect(timeout=30.0)
+            first = self.plan.online_in(1)
+            self._say(f"starting {len(first)} of {len(self.plan.devices)} devices on {url}")
+            self._start_agents(url, first)
+            self._aggregator = Aggregator(
+                AggregatorConfig(
+                    broker_url=url,
+                    fleet=config.fleet,
+                    bundle_dir=self.bundle.path,
+                    rounds=config.rounds,
+                    strategy=config.strategy,
+                    strategy_params=dict(config.strategy_params),
+                    fraction=config.fraction,
+                    min_devices=max(1, len(first)),
+                    deadline_s=config.deadline_s,
+                    quorum=config.quorum,
+                    wait_devices_s=60.0,
+                    epochs=config.epochs,
+                    lr=config.lr,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                    codec=config.codec,
+                    allow=[d.device_id for d in self.plan.devices],
+                ),
+                network=network,
+                eval_dataset=self.data.test,
+                on_round=self._on_round,
+            )
+            startup_s = time.perf_counter() - setup_started
+            self._say(f"devices up in {startup_s:.1f} s; running {config.rounds} rounds")
+            self._started = self._round_started = time.perf_counter()
+            self._aggregator.run()
+            wall_s = self.records[-1].elapsed if self.records else 0.0
+        finally:
+            self._say("stopping devices")
+            self._teardown(url if config.broker_url is not None else None)
+            network.stop()
+            if broker is not None:
+                broker.stop()
+        return SimulationMetrics(
+            config=self._config_record(),
+            rounds=self.records,
+            summary=self._summary(wall_s, startup_s),
+        )
+
+    # -- devices --
+
+    def _start_agents(self, url: str, profiles: list[DeviceProfile]) -> None:
+        """Start agents without waiting on each connection, then wait for all of them."""
+        assert self._network is not None
+        started: list[Agent] = []
+        index = {p.device_id: i for i, p in enumerate(self.plan.devices)}
+        for profile in profiles:
+            agent = Agent(
+                AgentConfig(
+                    broker_url=url,
+                    fleet=self.config.fleet,
+                    device_id=profile.device_id,
+                    bundle_dir=self.bundle.path,
+                    personalize=self.config.personalize,
+                    connect_timeout_s=None,
+                    # Heartbeats only refresh the status; in a short run they are noise.
+                    heartbeat_s=300.0,
+                ),
+                dataset=self.data.pool.subset(profile.indices),
+                network=self._network,
+                reply_hook=self.behaviours[index[profile.device_id]],
+            )
+            agent.start()
+            self.agents[profile.device_id] = agent
+            started.append(agent)
+        deadline = time.monotonic() + 60.0
+        for agent in started:
+            if not agent.client.wait_connected(max(0.0, deadline - time.monotonic())):
+                raise SimulationError(f"device {agent.device_id} could not connect to {url}")
+
+    def _stop_agents(self, profiles: list[DeviceProfile]) -> None:
+        for profile in profiles:
+            agent = self.agents.pop(profile.device_id, None)
+            if agent is not None:
+                agent.stop()
+
+    def _apply_churn(self, next_round: int) -> None:
+        """Start devices that join and stop devices that leave before `next_round`.
+
+        Waits (up to 10 s) until the aggregator sees the change, so the next round's selection
+        is the one the schedule says.
+        """
+        assert self._aggregator is not None
+        joining = [d for d in self.plan.devices if d.joins_at == next_round]
+        leaving = [d for d in self.plan.devices if d.leaves_at == next_round]
+        if not joining and not leaving:
+            return
+        assert self._observer is not None
+        self._start_agents(self._observer.client.address.url, joining)
+        self._stop_agents(leaving)
+        expected = {d.device_id for d in self.plan.online_in(next_round)}
+        deadline = time.monotonic() + 10.0
+        while set(self._aggregator.online_devices()) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _teardown(self, external_broker: str | None) -> None:
+        """Stop every agent at once on the network thread; clean up retained state we left."""
+        network = self._network
+        agents = list(self.agents.values())
+        self.agents.clear()
+        if network is None:
+            return
+        done = threading.Event()
+
+        def stop_all() -> None:
+            # On the network thread nothing waits for acknowledgements, so 1,000 agents stop
+            # in one pass instead of one round trip each.
+            for agent in agents:
+                try:
+                    agent.stop()
+                except Exception as exc:  # one agent failing to stop must not strand the rest
+                    log.warning("stopping %s: %s", agent.device_id, exc)
+            done.set()
+
+        if network.running:
+            network.call_soon(stop_all)
+            done.wait(60.0)
+        observer = self._observer
+        if observer is not None:
+            if external_broker is not None:
+                # A broker we do not own keeps retained messages: clear our devices' statuses.
+                handles = [
+                    observer.client.publish(
+                        topics.device_status(self.config.fleet, d.device_id), b"", 1, retain=True
+                    )
+                    for d in self.plan.devices
+                ]
+                if handles:
+                    handles[-1].wait(10.0)
+            observer.client.close()
+
+    # -- rounds --
+
+    def _on_round(self, summary: RoundSummary) -> None:
+        """Turn the aggregator's round summary into a record; apply churn for the next round."""
+        now = time.perf_counter()
+        number = summary.round
+        metrics = summary.metrics
+        observer_sizes = self._observer.sizes if self._observer else {}
+        record = RoundRecord(
+            round=number,
+            online=len(self.plan.online_in(number)),
+            selected=summary.selected,
+            reported=summary.accepted,
+            dropped=sum(1 for b in self.behaviours if number in b.dropped),
+            accuracy=float(metrics.get("accuracy", float("nan"))),
+            personal_accuracy=float(metrics.get("device_personal_accuracy", float("nan"))),
+            bytes_up=round(metrics.get("bytes_per_update", 0.0) * summary.accepted),
+            bytes_down=observer_sizes.get(number, 0) * summary.selected,
+            seconds=now - self._round_started,
+            elapsed=now - self._started,
+        )
+        self.records.append(record)
+        if summary.status != "closed":
+            log.warning("round %d failed: %d of %d updates", number, summary.accepted,
+                        summary.selected)  # fmt: skip
+        if self.on_round is not None:
+            self.on_round(record)
+        if number < self.config.rounds:
+            self._apply_churn(number + 1)
+        self._round_started = time.perf_counter()
+
+    # -- results --
+
+    def _config_record(self) -> dict[str, Any]:
+        record = asdict(self.config)
+        record.update(
+            bundle=str(self.bundle.path),
+            bundle_name=self.bundle.manifest.name,
+            dataset=self.data.source,
+            pool_samples=len(self.data.pool),
+            test_samples=len(self.data.test),
+            samples_per_device=self.plan.sample_counts(),
+        )
+        return record
+
+    def _summary(self, wall_s: float, startup_s: float) -> dict[str, Any]:
+        reported = sum(r.reported for r in self.records)
+        return {
+            "wall_s": wall_s,
+            "startup_s": startup_s,
+            "final_accuracy": self.records[-1].accuracy if self.records else None,
+            "bytes_per_device_per_round": (
+                sum(r.bytes_up for r in self.records) / reported if reported else 0.0
+            ),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident memory in MiB (resource.getrusage)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def run_simulation(
+    config: SimulationConfig,
+    bundle: ModelBundle,
+    data: FederatedData,
+    on_round: RoundRecordCallback | None = None,
+    on_status: StatusCallback | None = None,
+) -> SimulationMetrics:
+    """Run one simulated federation and return its metrics (see `Simulation`)."""
+    return Simulation(config, bundle, data, on_round, on_status).run()

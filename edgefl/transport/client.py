@@ -1,0 +1,568 @@
+"""A small typed MQTT client over paho, and a `NetworkLoop` that drives many clients on one thread.
+
+paho is imported here and nowhere else. Callers see `Message` objects and plain callables; they
+never see a paho callback. Many clients (a simulation runs 1,000 agents in one process) share one
+`NetworkLoop`: a single thread that waits on every client's socket with `selectors` and calls
+paho's external-loop hooks (`loop_read`, `loop_write`, `loop_misc`). Handlers run on that thread,
+so they must not block for long and must never wait on a publish handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefl.errors import TransportError
+from edgefl.transport.broker import BrokerAddress, parse_broker_url
+from edgefl.transport.topics import matches
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+_MISC_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message received on a subscribed topic."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will: what the broker publishes for a client that vanishes without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+MessageHandler = Callable[[Message], None]
+OversizeHandler = Callable[[str, int], None]
+ConnectHandler = Callable[[bool], None]
+
+
+class TimerHandle:
+    """A call scheduled on a NetworkLoop; cancel() stops it from running."""
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Do not run the call (no effect once it ran)."""
+        self.cancelled = True
+
+
+class NetworkLoop:
+    """One thread that runs the network I/O of many MqttClients, plus timers.
+
+    Start it once (or let the first client start it); pass it to every client that should share
+    it. All paho calls that touch a socket happen on this thread.
+    """
+
+    def __init__(self, name: str = "edgefl-network") -> None:
+        """Create the loop; the thread starts on start() or when the first client connects."""
+        self.name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._pending: list[Callable[[], None]] = []
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._sequence = itertools.count()
+        self._clients: set[MqttClient] = set()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._woken = False
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop thread is running."""
+        return self._running
+
+    def start(self) -> None:
+        """Start the loop thread (no effect when already running)."""
+        with self._lock:
+            if self._running:
+                return
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread and close its selector; clients on it stop working."""
+        with self._lock:
+            if not self._running:
+                return
+            self._running = False
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def in_loop_thread(self) -> bool:
+        """Whether the caller runs on the loop thread."""
+        return self._thread is threading.current_thread()
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the loop thread as soon as possible (thread-safe)."""
+        with self._lock:
+            self._pending.append(callback)
+        self._wake()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run `callback` on the loop thread after `delay` seconds (thread-safe)."""
+        handle = TimerHandle(time.monotonic() + max(0.0, delay), callback)
+        with self._lock:
+            heapq.heappush(self._timers, (handle.when, next(self._sequence), handle))
+        self._wake()
+        return handle
+
+    def _wake(self) -> None:
+        if self.in_loop_thread():
+            return
+        with self._lock:
+            if self._woken:
+                return
+            self._woken = True
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    # -- loop-thread only --
+
+    def _add_client(self, client: MqttClient) -> None:
+        self._clients.add(client)
+
+    def _remove_client(self, client: MqttClient) -> None:
+        self._clients.discard(client)
+
+    def _register(self, sock: Any, client: MqttClient) -> None:
+        try:
+            self._selector.register(sock, selectors.EVENT_READ, client)
+        except (KeyError, ValueError):
+            self._selector.modify(sock, selectors.EVENT_READ, client)
+
+    def _unregister(self, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+
+    def _set_write(self, sock: Any, client: MqttClient, want: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.modify(sock, events, client)
+
+    def _run(self) -> None:
+        next_misc = time.monotonic() + _MISC_INTERVAL_S
+        while self._running:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for callback in pending:
+                self._guard(callback)
+            now = time.monotonic()
+            timeout = next_misc - now
+            with self._lock:
+                if self._timers:
+                    timeout = min(timeout, self._timers[0][0] - now)
+                if self._pending:
+                    timeout = 0
+            try:
+                events = self._selector.select(max(0.0, timeout))
+            except OSError:
+                events = []
+            for key, mask in events:
+                if key.data is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    with self._lock:
+                        self._woken = False
+                    continue
+                client: MqttClient = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._guard(client._on_writable)
+                if mask & selectors.EVENT_READ:
+                    self._guard(client._on_readable)
+            now = time.monotonic()
+            while True:
+                with self._lock:
+                    if not self._timers or self._timers[0][0] > now:
+                        break
+                    _, _, handle = heapq.heappop(self._timers)
+                if not handle.cancelled:
+                    self._guard(handle.callback)
+            if now >= next_misc:
+                next_misc = now + _MISC_INTERVAL_S
+                for client in list(self._clients):
+                    self._guard(client._on_misc)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @staticmethod
+    def _guard(callback: Callable[[], None]) -> None:
+        # One client's failure must never stop the loop that serves a thousand others.
+        try:
+            callback()
+        except Exception:
+            log.exception("network loop callback failed")
+
+
+class PublishHandle:
+    """The result of a publish; wait() blocks until the broker acknowledged it (QoS 1)."""
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def published(self) -> bool:
+        """Whether the message left (QoS 0) or was acknowledged by the broker (QoS 1/2)."""
+        try:
+            return bool(self._info.is_published())
+        except (RuntimeError, ValueError):
+            # paho raises when the publish call found no connection, yet keeps a QoS >= 1
+            # message queued and marks it published once the broker acknowledges it later.
+            return bool(getattr(self._info, "_published", False))
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """Wait until published; returns False on timeout. Never call on the loop thread.
+
+        A message published while disconnected stays queued (QoS >= 1) and is sent after the
+        reconnect, so waiting across a broker restart works.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.published:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+
+class MqttClient:
+    """One MQTT connection with reconnect and resubscribe, driven by a NetworkLoop.
+
+    Subscriptions are remembered and renewed after every reconnect (a broker without persistence
+    forgets them). With `persistent_session=True` (the agent) the session is not clean, so QoS 1
+    messages published while offline are delivered once the client is back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        network: NetworkLoop | None = None,
+        will: Will | None = None,
+        persistent_session: bool = False,
+        keepalive: int = 30,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+        on_oversized: OversizeHandler | None = None,
+        ca_certs: str | None = None,
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        """Configure the client; nothing connects until connect().
+
+        Args:
+            url: `mqtt://host[:port]` or `mqtts://host[:port]` (TLS, system CAs or `ca_certs`).
+            client_id: the MQTT client ID; must be stable for a persistent session.
+            network: the loop to run on; None creates a private one.
+            will: the last will, set before connecting.
+            persistent_session: connect with clean session off (MQTT 3.1.1).
+            keepalive: seconds between pings.
+            max_payload_bytes: larger messages are dropped on receive and reported to
+                `on_oversized(topic, size)` instead of reaching a handler.
+            backoff_min_s: first reconnect delay; doubles up to `backoff_max_s`.
+
+        Raises:
+            TransportError: the URL is invalid.
+        """
+        self.address: BrokerAddress = parse_broker_url(url)
+        self.client_id = client_id
+        self.network = network or NetworkLoop(name=f"edgefl-network-{client_id}")
+        self._own_network = network is None
+        self.max_payload_bytes = max_payload_bytes
+        self.on_oversized = on_oversized
+        self._keepalive = keepalive
+        self._backoff_min = backoff_min_s
+        self._backoff_max = backoff_max_s
+        self._backoff = backoff_min_s
+        self._handlers: list[tuple[str, int, MessageHandler]] = []
+        self._connect_hooks: list[ConnectHandler] = []
+        self._connected = threading.Event()
+        self._closing = False
+        self._started = False
+        self._reconnect_timer: TimerHandle | None = None
+        self._last_error = ""
+        self._sock: Any = None
+
+        self._paho = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=not persistent_session,
+            protocol=paho.MQTTv311,
+        )
+        self._paho.max_queued_messages_set(0)
+        self._paho.max_inflight_messages_set(1000)
+        if self.address.username:
+            self._paho.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            self._paho.tls_set(ca_certs=ca_certs, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
+        self._paho.on_connect = self._handle_connect
+        self._paho.on_disconnect = self._handle_disconnect
+        self._paho.on_message = self._handle_message
+        self._paho.on_socket_open = self._handle_socket_open
+        self._paho.on_socket_close = self._handle_socket_close
+        self._paho.on_socket_register_write = self._handle_register_write
+        self._paho.on_socket_unregister_write = self._handle_unregister_write
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker accepted the connection and it is up."""
+        return self._connected.is_set()
+
+    def on_connect(self, hook: ConnectHandler) -> None:
+        """Call `hook(session_present)` on the loop thread after every (re)connect."""
+        self._connect_hooks.append(hook)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Deliver messages matching `topic_filter` to `handler` (on the loop thread).
+
+        Subscriptions made before connect() are sent on connect; later ones at once. They are
+        renewed after every reconnect.
+        """
+        self._handlers.append((topic_filter, qos, handler))
+        if self.connected:
+
+            def renew() -> None:
+                self._paho.subscribe(topic_filter, qos)
+
+            self.network.call_soon(renew)
+
+    # --- added by delivery: boards drop a release's chunk topics once it is installed ---
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop delivering `topic_filter` (every handler registered for it); thread-safe.
+
+        It is not renewed after a reconnect, so retained messages on it are not sent again.
+        """
+        self._handlers = [h for h in self._handlers if h[0] != topic_filter]
+        if self.connected:
+
+            def drop() -> None:
+                self._paho.unsubscribe(topic_filter)
+
+            self.network.call_soon(drop)
+
+    # --- end of delivery's addition ---
+
+    def connect(self, timeout: float | None = 10.0) -> None:
+        """Start connecting (retrying with backoff) and wait for the broker to accept.
+
+        Args:
+            timeout: seconds to wait for the first connection; None returns at once and keeps
+                trying in the background.
+
+        Raises:
+            TransportError: not connected within `timeout` (attempts stop).
+        """
+        if self._started:
+            raise TransportError(f"client {self.client_id} is already connected or connecting")
+        self._started = True
+        self._closing = False
+        self._paho.connect_async(self.address.host, self.address.port, self._keepalive)
+        self.network.start()
+        self.network.call_soon(self._attempt)
+        if timeout is None:
+            return
+        if not self._connected.wait(timeout):
+            error = self._last_error
+            self.close()
+            raise TransportError(
+                f"cannot connect to the broker at {self.address.url}"
+                + (f": {error}" if error else "")
+            )
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected; returns False on timeout."""
+        return self._connected.wait(timeout)
+
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
+    ) -> PublishHandle:
+        """Queue a message; returns a handle to wait on. Thread-safe.
+
+        While disconnected, QoS >= 1 messages stay queued and go out after the reconnect.
+        """
+        data = payload.encode() if isinstance(payload, str) else payload
+        info = self._paho.publish(topic, data, qos=qos, retain=retain)
+        return PublishHandle(info)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and stop retrying; safe to call twice."""
+        if not self._started:
+            return
+        self._closing = True
+        self._started = False
+        done = threading.Event()
+
+        def disconnect() -> None:
+            if self._reconnect_timer is not None:
+                self._reconnect_timer.cancel()
+            if self._sock is not None:
+                self._paho.disconnect()
+                # Flush the DISCONNECT now: the socket is dropped from the loop right after.
+                self._paho.loop_write()
+                self._paho._sock_close()
+            self.network._remove_client(self)
+            self._connected.clear()
+            done.set()
+
+        if self.network.running:
+            if self.network.in_loop_thread():
+                disconnect()
+            else:
+                self.network.call_soon(disconnect)
+                done.wait(timeout)
+        if self._own_network:
+            self.network.stop()
+
+    # -- loop thread: connection management --
+
+    def _attempt(self) -> None:
+        self._reconnect_timer = None
+        if self._closing:
+            return
+        self.network._add_client(self)
+        try:
+            self._paho.reconnect()
+        except (OSError, ssl.SSLError) as exc:
+            self._last_error = str(exc)
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing or self._reconnect_timer is not None:
+            return
+        delay = self._backoff * (0.5 + random.random())
+        self._backoff = min(self._backoff * 2, self._backoff_max)
+        self._reconnect_timer = self.network.call_later(delay, self._attempt)
+
+    def _handle_socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        self._sock = sock
+        self.network._register(sock, self)
+
+    def _handle_socket_close(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        self.network._unregister(sock)
+        if self._sock is sock:
+            self._sock = None
+
+    def _handle_register_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        if self.network.in_loop_thread():
+            self.network._set_write(sock, self, True)
+        else:
+            self.network.call_soon(lambda: self._flush(sock))
+
+    def _handle_unregister_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        if self.network.in_loop_thread():
+            self.network._set_write(sock, self, False)
+
+    def _flush(self, sock: Any) -> None:
+        if self._sock is sock:
+            self._paho.loop_write()
+            self.network._set_write(sock, self, self._paho.want_write())
+
+    def _on_readable(self) -> None:
+        # paho reads one packet per call; draining a few per wake-up saves select() calls when
+        # a thousand updates arrive at once.
+        for _ in range(16):
+            if self._sock is None:
+                break
+            self._paho.loop_read()
+        if self._sock is None and not self._closing:
+            self._schedule_reconnect()
+
+    def _on_writable(self) -> None:
+        self._paho.loop_write()
+        if self._sock is None and not self._closing:
+            self._schedule_reconnect()
+
+    def _on_misc(self) -> None:
+        if self._sock is not None:
+            self._paho.loop_misc()
+            if self._sock is None and not self._closing:
+                self._schedule_reconnect()
+
+    def _handle_connect(
+        self, _client: Any, _userdata: Any, flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self._last_error = f"broker refused the connection: {reason}"
+            log.warning("%s: %s", self.client_id, self._last_error)
+            return
+        self._backoff = self._backoff_min
+        filters: dict[str, int] = {}
+        for topic_filter, qos, _ in self._handlers:
+            filters[topic_filter] = max(qos, filters.get(topic_filter, 0))
+        if filters:
+            self._paho.subscribe(list(filters.items()))
+        self._connected.set()
+        session_present = bool(getattr(flags, "session_present", False))
+        for hook in list(self._connect_hooks):
+            try:
+                hook(session_present)
+            except Exception:
+                log.exception("%s: connect hook failed", self.client_id)
+
+    def _handle_disconnect(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        self._connected.clear()
+        if not self._closing:
+            self._last_error = f"connection lost: {reason}"
+            log.info("%s: %s; reconnecting", self.client_id, self._last_error)
+            self._schedule_reconnect()
+
+    def _handle_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        if len(payload) > self.max_payload_bytes:
+            log.warning(
+                "%s: dropped %d-byte message on %s (limit %d)",
+                self.client_id,
+                len(payload),
+                msg.topic,
+                self.max_payload_bytes,
+            )
+            if self.on_oversized is not None:
+                self.on_oversized(msg.topic, len(payload))
+            return
+        message = Message(msg.topic, payload, int(msg.qos), bool(msg.retain))
+        for topic_filter, _, handler in list(self._handlers):
+            if matches(topic_filter, msg.topic):
+                try:
+                    handler(message)
+                except Exception:
+                    log.exception("%s: handler for %s failed", self.client_id, msg.topic)

@@ -1,0 +1,150 @@
+"""The versioned MQTT topic scheme under `edgefl/v1/{fleet}/` and a pure topic-filter matcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = "v1"
+ROOT = f"edgefl/{PROTOCOL_VERSION}"
+
+# Characters MQTT gives a meaning to; an ID containing one would break filters or levels.
+_RESERVED = ("/", "+", "#", "\x00")
+
+
+def check_name(value: str, what: str) -> str:
+    """Return `value` when it can be one topic level (fleet, device ID, task).
+
+    Raises:
+        ValueError: the name is empty, too long, or contains `/`, `+`, `#` or NUL.
+    """
+    if not value or len(value) > 128 or any(ch in value for ch in _RESERVED):
+        raise ValueError(f"{what} {value!r} must be 1-128 characters without '/', '+', '#' or NUL")
+    return value
+
+
+def fleet_root(fleet: str) -> str:
+    """Return the prefix every topic of a fleet starts with (no trailing slash)."""
+    return f"{ROOT}/{check_name(fleet, 'fleet')}"
+
+
+def device_status(fleet: str, device_id: str) -> str:
+    """Return a device's status topic (retained; the last will publishes "offline" here)."""
+    return f"{fleet_root(fleet)}/devices/{check_name(device_id, 'device ID')}/status"
+
+
+def model_current(fleet: str) -> str:
+    """Return the topic of the fleet's current (signed) manifest, retained."""
+    return f"{fleet_root(fleet)}/models/current"
+
+
+def model_chunk(fleet: str, version: int, index: int) -> str:
+    """Return the topic of chunk `index` of bundle `version`."""
+    return f"{fleet_root(fleet)}/models/{int(version)}/chunk/{int(index)}"
+
+
+def round_task(fleet: str, round_number: int) -> str:
+    """Return the topic of round `round_number`'s task (retained while the round is open)."""
+    return f"{fleet_root(fleet)}/rounds/{int(round_number)}/task"
+
+
+def round_update(fleet: str, round_number: int, device_id: str) -> str:
+    """Return the topic a device publishes its update for a round on."""
+    device = check_name(device_id, "device ID")
+    return f"{fleet_root(fleet)}/rounds/{int(round_number)}/update/{device}"
+
+
+def round_result(fleet: str, round_number: int) -> str:
+    """Return the topic of a round's result (retained)."""
+    return f"{fleet_root(fleet)}/rounds/{int(round_number)}/result"
+
+
+def all_statuses(fleet: str) -> str:
+    """Return the filter matching every device's status topic."""
+    return f"{fleet_root(fleet)}/devices/+/status"
+
+
+def all_tasks(fleet: str) -> str:
+    """Return the filter matching every round's task topic."""
+    return f"{fleet_root(fleet)}/rounds/+/task"
+
+
+def all_updates(fleet: str) -> str:
+    """Return the filter matching every update of every round."""
+    return f"{fleet_root(fleet)}/rounds/+/update/+"
+
+
+def all_results(fleet: str) -> str:
+    """Return the filter matching every round's result topic."""
+    return f"{fleet_root(fleet)}/rounds/+/result"
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Return whether `topic` matches the MQTT filter `topic_filter` (`+` one level, `#` rest).
+
+    Follows MQTT 3.1.1 section 4.7: `#` also matches the parent level (`a/#` matches `a`), and
+    filters starting with a wildcard do not match topics starting with `$`.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return index == len(filter_levels) - 1
+        if index >= len(topic_levels):
+            return False
+        if level != "+" and level != topic_levels[index]:
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """What an edgefl topic names. Fields that the kind does not use are None."""
+
+    fleet: str
+    kind: str  # "status", "model_current", "model_chunk", "task", "update", "result"
+    device_id: str | None = None
+    round_number: int | None = None
+    model_version: int | None = None
+    chunk: int | None = None
+
+
+def _int_level(text: str) -> int | None:
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+def parse(topic: str) -> ParsedTopic | None:
+    """Return what an edgefl topic names, or None when it is not one of the scheme's topics."""
+    levels = topic.split("/")
+    if len(levels) < 4 or levels[0] != "edgefl" or levels[1] != PROTOCOL_VERSION:
+        return None
+    fleet, rest = levels[2], levels[3:]
+    if not fleet:
+        return None
+    match rest:
+        case ["devices", device, "status"] if device:
+            return ParsedTopic(fleet, "status", device_id=device)
+        case ["models", "current"]:
+            return ParsedTopic(fleet, "model_current")
+        case ["models", version, "chunk", index]:
+            v, i = _int_level(version), _int_level(index)
+            return (
+                None
+                if v is None or i is None
+                else ParsedTopic(fleet, "model_chunk", model_version=v, chunk=i)
+            )
+        case ["rounds", number, "task"]:
+            n = _int_level(number)
+            return None if n is None else ParsedTopic(fleet, "task", round_number=n)
+        case ["rounds", number, "result"]:
+            n = _int_level(number)
+            return None if n is None else ParsedTopic(fleet, "result", round_number=n)
+        case ["rounds", number, "update", device] if device:
+            n = _int_level(number)
+            return (
+                None
+                if n is None
+                else ParsedTopic(fleet, "update", device_id=device, round_number=n)
+            )
+    return None

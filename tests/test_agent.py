@@ -1,0 +1,183 @@
+"""The device agent over a real Mosquitto: status, features, personalization, errors, restarts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundles import digits_devices, make_test_bundle
+from conftest import RunningBroker
+
+from edgefl.bundle import ModelBundle
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.transport import topics
+from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.messages import (
+    DeviceStatus,
+    RoundTask,
+    encode_round_task,
+    read_update_header,
+)
+
+FLEET = "lab"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    return make_test_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_size=16)
+
+
+def test_status_is_retained_with_capabilities_and_the_will_says_offline(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(4)
+    agent = Agent(
+        AgentConfig(mosquitto.url, FLEET, "pi-status", bundle_dir=bundle.path), devices[0]
+    )
+    agent.start()
+    statuses: list[DeviceStatus] = []
+    watcher = MqttClient(mosquitto.url, "status-watcher")
+    watcher.subscribe(
+        topics.device_status(FLEET, "pi-status"),
+        lambda m: statuses.append(DeviceStatus.decode(m.payload)) if m.payload else None,
+    )
+    watcher.connect()
+    try:
+        assert _wait_for(lambda: bool(statuses))
+        status = statuses[-1]
+        assert (status.state, status.samples, status.model_version) == (
+            "online",
+            len(devices[0]),
+            1,
+        )
+        assert "onnx" in status.runtimes and status.arch and status.memory_mb > 0
+        agent.stop()
+        assert _wait_for(lambda: statuses[-1].state == "offline")
+    finally:
+        agent.stop()
+        watcher.close()
+
+
+def test_features_are_cached_on_disk_by_backbone_hash(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    devices, _ = digits_devices(4)
+    config = AgentConfig(
+        mosquitto.url, FLEET, "pi-cache", bundle_dir=bundle.path, state_dir=tmp_path
+    )
+    first = Agent(config, devices[1])
+    first.start()
+    first.stop()
+    sha = bundle.manifest.select_backbone().sha256
+    files = list((tmp_path / "features").glob("features-*.npy"))
+    assert [f.name.startswith(f"features-{sha[:32]}") for f in files] == [True]
+    assert (first.features_cache.misses, first.features_cache.hits) == (1, 0)
+    second = Agent(config, devices[1])
+    second.start()
+    second.stop()
+    assert (second.features_cache.misses, second.features_cache.hits) == (0, 1)
+    cached = np.load(files[0])
+    assert cached.shape == (len(devices[1]), 16)
+
+
+def test_a_task_the_agent_cannot_do_is_answered_with_an_error_code(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(4)
+    agent = Agent(AgentConfig(mosquitto.url, FLEET, "pi-old", bundle_dir=bundle.path), devices[2])
+    agent.start()
+    answers: list[Message] = []
+    client = MqttClient(mosquitto.url, "task-sender")
+    client.subscribe(topics.round_update(FLEET, 7, "pi-old"), answers.append)
+    client.connect()
+    try:
+        task = RoundTask(7, ["pi-old"], ["default"], 0, model_version=99, deadline=time.time() + 60)
+        client.publish(topics.round_task(FLEET, 7), encode_round_task(task, {})).wait(5)
+        assert _wait_for(lambda: bool(answers))
+        header = read_update_header(answers[0].payload)
+        assert (header.status, header.error_code) == ("error", "model-version")
+        assert "device runs v1" in header.reason
+    finally:
+        client.close()
+        agent.stop()
+
+
+def test_personal_head_fits_local_data_better_than_the_global_one(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    devices, test = digits_devices(2)
+    agent = Agent(
+        AgentConfig(
+            mosquitto.url, FLEET, "pi-personal", bundle_dir=bundle.path, state_dir=tmp_path
+        ),
+        devices[0],
+    )
+    agent.start()
+    try:
+        Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=2, epochs=2)).run()
+    finally:
+        agent.stop()
+    first, second = agent.outcomes
+    assert first.metrics["personal_accuracy"] > first.metrics["global_accuracy"]
+    assert second.metrics["global_accuracy"] > first.metrics["global_accuracy"]
+    assert (tmp_path / "personal-default.safetensors").is_file()
+    predictions = agent.predict(test.X)
+    assert (predictions == test.y).mean() > 0.3  # chance is 0.1
+
+
+class _HeldAgent(Agent):
+    """An agent whose answer is held until released, to stop the broker in between."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.training = threading.Event()
+        self.release = threading.Event()
+
+    def _answer(self, task, heads):  # type: ignore[no-untyped-def]
+        self.training.set()
+        self.release.wait(30)
+        return super()._answer(task, heads)
+
+
+@pytest.mark.slow
+def test_update_is_delivered_across_a_broker_restart(
+    fresh_mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(2)
+    agent = _HeldAgent(
+        AgentConfig(fresh_mosquitto.url, FLEET, "pi-restart", bundle_dir=bundle.path), devices[0]
+    )
+    agent.start()
+    result: list[object] = []
+    aggregator = Aggregator(
+        AggregatorConfig(fresh_mosquitto.url, FLEET, bundle.path, rounds=2, deadline_s=30)
+    )
+    thread = threading.Thread(target=lambda: result.append(aggregator.run()))
+    thread.start()
+    try:
+        assert agent.training.wait(20)
+        fresh_mosquitto.stop()
+        agent.release.set()  # the update is published while the broker is down
+        time.sleep(0.5)
+        fresh_mosquitto.start()
+        thread.join(60)
+    finally:
+        agent.release.set()
+        agent.stop()
+    (summary,) = result
+    rounds = summary.rounds  # type: ignore[attr-defined]
+    assert [(r.status, r.accepted) for r in rounds] == [("closed", 1), ("closed", 1)]

@@ -1,0 +1,268 @@
+"""The aggregator over a real Mosquitto: bad input is rejected with reasons, restarts resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundles import digits_devices, make_test_bundle
+from conftest import RunningBroker
+
+from edgefl.bundle import ModelBundle
+from edgefl.core.codecs import encode_delta
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSummary
+from edgefl.roles.state import AggregatorState
+from edgefl.transport import topics
+from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.messages import (
+    DeviceStatus,
+    UpdateHeader,
+    decode_round_task,
+    update_metadata,
+)
+
+FLEET = "lab"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _update(round_number: int, device: str, head_version: int, delta: dict[str, np.ndarray],
+            samples: int = 10) -> bytes:  # fmt: skip
+    header = UpdateHeader(round_number, device, "default", samples, head_version)
+    return encode_delta(delta, "float32", metadata=update_metadata(header))
+
+
+class FakeDevices:
+    """Raw MQTT devices that announce themselves and answer tasks with a scripted sequence."""
+
+    def __init__(self, url: str, ids: list[str], script: Callable[[int, int, dict], list]) -> None:
+        self.client = MqttClient(url, "fake-devices")
+        self.script = script
+        self.ids = ids
+        self.client.subscribe(topics.all_tasks(FLEET), self._on_task)
+
+    def start(self, model_version: int = 1) -> None:
+        self.client.connect()
+        for device in self.ids:
+            status = DeviceStatus(device, "online", samples=10, model_version=model_version)
+            self.client.publish(
+                topics.device_status(FLEET, device), status.encode(), retain=True
+            ).wait(5)
+
+    def stop(self) -> None:
+        for device in self.ids:
+            self.client.publish(topics.device_status(FLEET, device), b"", retain=True).wait(5)
+        self.client.close()
+
+    def _on_task(self, message: Message) -> None:
+        if not message.payload:
+            return
+        task, heads = decode_round_task(message.payload)
+        for topic, payload in self.script(task.round, task.head_version, heads["default"]):
+            self.client.publish(topic, payload, qos=1)
+
+
+def _zero(head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v) for k, v in head.items()}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    return make_test_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_size=16)
+
+
+def test_bad_updates_are_rejected_with_reasons_and_the_run_completes(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    sent: dict[int, bytes] = {}
+
+    def script(number: int, version: int, head: dict[str, np.ndarray]) -> list:
+        up = lambda device: topics.round_update(FLEET, number, device)  # noqa: E731
+        good = _update(number, "evil", version, {k: v + 0.01 for k, v in _zero(head).items()})
+        other = _update(number, "evil", version, {k: v + 0.02 for k, v in _zero(head).items()})
+        quiet = _update(number, "quiet", version, _zero(head))
+        wrong_shape = {k: np.zeros((3, 3), np.float32) for k in head}
+        nan = {k: np.full(v.shape, np.nan, np.float32) for k, v in head.items()}
+        if number == 1:
+            sent[1] = good
+            return [
+                (up("evil"), b"\x00garbage that is not safetensors"),
+                (up("evil"), _update(number, "evil", version, wrong_shape)),
+                (up("evil"), _update(number, "evil", version, nan)),
+                (up("evil"), b"\x00" * (50 * 1024 * 1024)),
+                (up("stranger"), _update(number, "stranger", version, _zero(head))),
+                (up("evil"), good),
+                (up("evil"), other),  # a second, different answer
+                (up("evil"), good),  # the same bytes again: a re-delivery, silently ignored
+                (up("quiet"), quiet),
+            ]
+        return [
+            (up("evil"), sent[1]),  # round 1's update replayed into round 2
+            (topics.round_update(FLEET, 1, "evil"), sent[1]),  # too late for round 1
+            (up("evil"), good),
+            (up("quiet"), quiet),
+        ]
+
+    fakes = FakeDevices(mosquitto.url, ["evil", "quiet"], script)
+    fakes.start()
+    config = AggregatorConfig(
+        mosquitto.url, FLEET, bundle.path, rounds=2, min_devices=2, deadline_s=30,
+        allow=["evil", "quiet"], state_path=tmp_path / "state.sqlite", out_dir=tmp_path / "out",
+    )  # fmt: skip
+    try:
+        summary = Aggregator(config).run()
+    finally:
+        fakes.stop()
+    first, second = summary.rounds
+    assert (first.status, first.accepted, second.status, second.accepted) == (
+        "closed", 2, "closed", 2,
+    )  # fmt: skip
+    assert first.rejected == {
+        "malformed": 1, "shape": 1, "non-finite": 1, "oversized": 1, "unknown-device": 1,
+        "duplicate": 1,
+    }  # fmt: skip
+    assert second.rejected == {"round-mismatch": 1}
+    assert second.late == 1
+    state = AggregatorState(tmp_path / "state.sqlite")
+    reasons = {code: reason for _, _, code, reason in state.rejections()}
+    assert "exceeds the limit" in reasons["oversized"]
+    assert "NaN or Inf" in reasons["non-finite"]
+    assert "not in the fleet list" in reasons["unknown-device"]
+    assert "round 1 is closed" in reasons["round-closed"]
+    assert [r.status for r in state.rounds()] == ["closed", "closed"]
+    metrics = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    assert "rejected_oversized" in metrics[0]
+    state.close()
+
+
+def test_round_waits_for_deadline_then_closes_with_quorum(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    def script(number: int, version: int, head: dict[str, np.ndarray]) -> list:
+        return [(topics.round_update(FLEET, number, "fast"), _update(number, "fast", version,
+                                                                      _zero(head)))]  # fmt: skip
+
+    fakes = FakeDevices(mosquitto.url, ["fast", "silent"], script)
+    fakes.start()
+    config = AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=1, min_devices=2,
+                              deadline_s=1.0, quorum=0.5)  # fmt: skip
+    started = time.monotonic()
+    try:
+        summary = Aggregator(config).run()
+    finally:
+        fakes.stop()
+    assert time.monotonic() - started >= 1.0
+    assert (summary.rounds[0].status, summary.rounds[0].accepted) == ("closed", 1)
+    assert summary.head_version == 1
+
+
+def test_without_quorum_the_round_fails_and_the_head_is_unchanged(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    fakes = FakeDevices(mosquitto.url, ["mute-1", "mute-2"], lambda *_: [])
+    fakes.start()
+    config = AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=1, min_devices=2,
+                              deadline_s=0.5)  # fmt: skip
+    try:
+        summary = Aggregator(config).run()
+    finally:
+        fakes.stop()
+    assert summary.rounds[0].status == "failed"
+    assert summary.head_version == 0
+
+
+def test_multi_task_heads_are_aggregated_per_task(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    bundle = make_test_bundle(tmp_path / "multi", feature_size=16, tasks=("default", "pets"))
+    devices, _ = digits_devices(2)
+    agents = [
+        Agent(
+            AgentConfig(mosquitto.url, FLEET, f"task-{task}", bundle_dir=bundle.path, task=task),
+            dataset,
+        )
+        for task, dataset in zip(("default", "pets"), devices, strict=True)
+    ]
+    for agent in agents:
+        agent.start()
+    try:
+        aggregator = Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=1,
+                                                 min_devices=2, deadline_s=20))  # fmt: skip
+        summary = aggregator.run()
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert summary.rounds[0].accepted == 2
+    for task in ("default", "pets"):
+        before = bundle.head_weights(task)["0.weight"]
+        after = aggregator.heads[task]["0.weight"]
+        # Each head moved by exactly its own device's delta (FedAvg of one update).
+        assert not np.allclose(before, after)
+    assert not np.allclose(aggregator.heads["default"]["0.weight"],
+                           aggregator.heads["pets"]["0.weight"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
+    fresh_mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    devices, _ = digits_devices(2)
+    agent = Agent(AgentConfig(fresh_mosquitto.url, FLEET, "good", bundle_dir=bundle.path),
+                  devices[0])  # fmt: skip
+    answer_now = threading.Event()
+
+    def script(number: int, version: int, head: dict[str, np.ndarray]) -> list:
+        if not answer_now.is_set():
+            return []  # hold round 1 open until the first aggregator is gone
+        return [(topics.round_update(FLEET, number, "late-bloomer"),
+                 _update(number, "late-bloomer", version, _zero(head)))]  # fmt: skip
+
+    fakes = FakeDevices(fresh_mosquitto.url, ["late-bloomer"], script)
+    agent.start()
+    fakes.start()
+    state_path = tmp_path / "state.sqlite"
+    command = [
+        str(Path(sys.executable).parent / "edgefl"), "aggregate", "--broker", fresh_mosquitto.url,
+        "--fleet", FLEET, "--bundle", str(bundle.path), "--rounds", "1", "--min-devices", "2",
+        "--deadline", "60", "--state", str(state_path),
+    ]  # fmt: skip
+    try:
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+            try:
+                assert _wait_for(lambda: state_path.exists() and _accepted(state_path) == 1, 60)
+            finally:
+                p.kill()
+        state = AggregatorState(state_path)
+        assert state.open_round_record() is not None
+        state.close()
+        answer_now.set()
+        summary: FederationSummary = Aggregator(AggregatorConfig(
+            fresh_mosquitto.url, FLEET, bundle.path, rounds=1, min_devices=2, deadline_s=30,
+            state_path=state_path,
+        )).run()  # fmt: skip
+    finally:
+        fakes.stop()
+        agent.stop()
+    (only,) = summary.rounds
+    assert (only.round, only.status, only.accepted, only.rejected) == (1, "closed", 2, {})
+    assert summary.head_version == 1
+
+
+def _accepted(path: Path) -> int:
+    state = AggregatorState(path)
+    try:
+        return len(state.accepted_updates(1))
+    finally:
+        state.close()

@@ -1,0 +1,168 @@
+"""`edgefl deploy` over a real Mosquitto to real agents: all updated, each failure refused or
+rolled back with its reason, group targeting, and a board offline during the deploy catching up."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from conftest import RunningBroker
+from delivery_bundles import make_bundle
+
+from edgefl import signing
+from edgefl.cli import main
+from edgefl.delivery import topics
+from edgefl.delivery.deploy import _publish_release
+from edgefl.delivery.release import DeployReport, Targets, build_release
+from edgefl.delivery.updater import attach_to_agent
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.transport.client import MqttClient
+
+_fleets = itertools.count()
+
+
+class Fleet:
+    """Agents with over-the-air updates on their own fleet name."""
+
+    def __init__(self, broker: RunningBroker, root: Path) -> None:
+        self.broker = broker
+        self.root = root
+        self.name = f"fleet{next(_fleets)}"
+        self.keys = signing.init_keys(root / "keys")
+        self.agents: dict[str, Agent] = {}
+
+    def start(self, device: str, group: str = "") -> Agent:
+        config = AgentConfig(
+            self.broker.url, self.name, device, group=group, profile="test", heartbeat_s=5
+        )
+        agent = Agent(config)
+        attach_to_agent(
+            agent, self.root / f"models-{device}", signing.load_public_key(self.keys.public)
+        )
+        agent.start()
+        self.agents[device] = agent
+        return agent
+
+    def stop(self, device: str) -> None:
+        self.agents.pop(device).stop()
+
+    def deploy(self, bundle: Path, *args: str, key: Path | None = None) -> Result:
+        command = ["deploy", str(bundle), "--broker", self.broker.url, "--fleet", self.name]
+        command += ["--key", str(key or self.keys.private), "--timeout", "20", *args]
+        return CliRunner().invoke(main, command)
+
+    def versions(self) -> dict[str, int]:
+        return {d: a.model_version for d, a in self.agents.items()}
+
+
+@pytest.fixture
+def fleet(mosquitto: RunningBroker, tmp_path: Path) -> Iterator[Fleet]:
+    group = Fleet(mosquitto, tmp_path)
+    yield group
+    for device in list(group.agents):
+        group.stop(device)
+
+
+def wait_for(condition: object, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_deploy_updates_every_agent(fleet: Fleet, tmp_path: Path) -> None:
+    for device in ("pi-1", "pi-2", "pi-3"):
+        fleet.start(device)
+    bundle = make_bundle(tmp_path / "b1", 1)
+    result = fleet.deploy(bundle.path, "--chunk-size", "1024")
+    assert result.exit_code == 0, result.output
+    assert "3 updated, 0 failed, 0 offline" in result.output
+    assert fleet.versions() == {"pi-1": 1, "pi-2": 1, "pi-3": 1}
+
+
+def test_wrong_key_older_version_and_broken_bundle_fail_with_reasons(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.start("pi-1")
+    fleet.start("pi-2")
+    assert fleet.deploy(make_bundle(tmp_path / "b2", 2).path).exit_code == 0
+
+    stranger = signing.init_keys(tmp_path / "stranger")
+    result = fleet.deploy(make_bundle(tmp_path / "b3", 3).path, key=stranger.private)
+    assert result.exit_code == 1, result.output
+    assert "0 updated, 2 failed" in result.output
+    assert "not signed by trusted key" in result.output
+
+    result = fleet.deploy(make_bundle(tmp_path / "b1", 1).path)
+    assert result.exit_code == 1
+    assert "rollback protection" in result.output
+
+    broken = make_bundle(tmp_path / "b4", 4, feature_size=16, backbone_features=8)
+    result = fleet.deploy(broken.path)
+    assert result.exit_code == 1
+    assert "rolled_back" in result.output and "rolled back to v2" in result.output
+    assert fleet.versions() == {"pi-1": 2, "pi-2": 2}
+
+
+def test_tampered_chunk_on_the_wire_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    agent = fleet.start("pi-1")
+    good = make_bundle(tmp_path / "b1", 1)
+    release = build_release(
+        good, signing.load_private_key(fleet.keys.private), Targets(), chunk_size=1024
+    )
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good.path, tampered)
+    data = bytearray((tampered / "backbone-fp32.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (tampered / "backbone-fp32.onnx").write_bytes(bytes(data))
+    reports: list[DeployReport] = []
+    client = MqttClient(fleet.broker.url, "attacker")
+    client.subscribe(
+        topics.deploy_report(fleet.name, "pi-1"),
+        lambda m: reports.append(DeployReport.from_bytes(m.payload)),
+    )
+    client.connect()
+    try:
+        _publish_release(client, fleet.name, tampered, release, [topics.fleet_release(fleet.name)])
+        assert wait_for(lambda: bool(reports) and reports[-1].terminal)
+    finally:
+        client.close()
+    assert reports[-1].state == "refused"
+    assert "backbone-fp32.onnx: chunk 4 does not match its SHA-256" in reports[-1].reason
+    assert agent.model_version == 0
+
+
+def test_group_deploy_and_offline_board_catches_up(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.start("a-1", group="a")
+    fleet.start("b-1", group="b")
+    fleet.start("a-2", group="a")
+    fleet.stop("a-2")
+    result = fleet.deploy(make_bundle(tmp_path / "b1", 1).path, "--group", "a")
+    assert result.exit_code == 0, result.output
+    assert "1 updated, 0 failed, 1 offline" in result.output
+    assert fleet.versions() == {"a-1": 1, "b-1": 0}
+    back = fleet.start("a-2", group="a")  # the retained release is waiting for it
+    assert wait_for(lambda: back.model_version == 1)
+    result = fleet.deploy(make_bundle(tmp_path / "b2", 2).path, "--devices", "b-1,ghost")
+    assert result.exit_code == 0, result.output
+    assert "1 updated, 0 failed, 1 offline" in result.output
+    assert fleet.versions() == {"a-1": 1, "b-1": 2, "a-2": 1}
+
+
+def test_deploy_input_errors_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
+    result = fleet.deploy(tmp_path / "nope")
+    assert result.exit_code == 2 and "not a bundle" in result.output
+    bundle = make_bundle(tmp_path / "b1", 1).path
+    result = fleet.deploy(bundle, "--group", "a", "--devices", "x")
+    assert result.exit_code == 2 and "not both" in result.output
+    result = fleet.deploy(bundle, key=tmp_path / "missing.key")
+    assert result.exit_code == 2 and "edgefl keys init" in result.output
+    result = fleet.deploy(bundle, "--chunk-size", "10")
+    assert result.exit_code == 2 and "chunk size 10 is out of range" in result.output

@@ -1,0 +1,148 @@
+"""`edgefl flash`: board files filled in, the offline tarball, the exact ssh/scp command lines and
+the one-line error when ssh cannot reach the board."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import free_port
+
+from edgefl import signing
+from edgefl.cli import main
+from edgefl.delivery import flash
+from edgefl.delivery.profiles import available_profiles, load_profile
+from edgefl.errors import DeliveryError
+
+
+@pytest.fixture
+def public_key(tmp_path: Path) -> Path:
+    return signing.init_keys(tmp_path / "keys").public
+
+
+def test_shipped_profiles_prefer_their_artifacts() -> None:
+    assert {"raspberry-pi", "jetson"} <= set(available_profiles())
+    pi = load_profile("raspberry-pi")
+    assert pi.prefer[:2] == [("tflite", "int8"), ("onnx", "int8")]
+    jetson = load_profile("jetson")
+    assert jetson.prefer[0] == ("onnx", "fp16")
+    assert "onnxruntime-gpu" in jetson.install.packages
+    with pytest.raises(DeliveryError, match="unknown device profile 'toaster'"):
+        load_profile("toaster")
+
+
+@pytest.mark.parametrize("board", ["raspberry-pi", "jetson"])
+def test_board_files_are_valid(board: str, tmp_path: Path) -> None:
+    profile = load_profile(board)
+    script = profile.file("install.sh")
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    text = script.read_text()
+    assert "edgefl[agent]" in text and "torch" in text  # installs the agent, warns on torch
+    for package in profile.install.packages:
+        assert package in text
+    unit = profile.file("edgefl-agent.service").read_text()
+    assert "Restart=always" in unit and "edgefl agent" in unit
+    assert (profile.directory / "Dockerfile").is_file() == (board == "jetson")
+    if board == "jetson":
+        assert "FROM nvcr.io/nvidia/l4t-" in (profile.directory / "Dockerfile").read_text()
+
+
+def test_render_agent_env_replaces_values_and_keeps_comments() -> None:
+    template = "# broker\nEDGEFL_BROKER=mqtt://x\nEDGEFL_FLEET=lab\n"
+    text = flash.render_agent_env(template, {"EDGEFL_FLEET": "home", "EDGEFL_NEW": "1"})
+    assert text == "# broker\nEDGEFL_BROKER=mqtt://x\nEDGEFL_FLEET=home\nEDGEFL_NEW=1\n"
+
+
+def test_ssh_command_lines() -> None:
+    files = [Path("/tmp/a/install.sh"), Path("/tmp/a/agent.env")]
+    commands = flash.ssh_commands("pi@board", files, port=2222, identity=Path("/k/id"))
+    options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    assert commands == [
+        ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board", "mkdir -p edgefl-install"],
+        ["scp", "-q", *options, "-P", "2222", "-i", "/k/id", "/tmp/a/install.sh",
+         "/tmp/a/agent.env", "pi@board:edgefl-install/"],
+        ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board",
+         "cd edgefl-install && sudo ./install.sh"],
+    ]  # fmt: skip
+
+
+def test_flash_runs_the_three_steps_and_stops_at_the_first_failure(public_key: Path) -> None:
+    settings = flash.BoardSettings("mqtt://b:1883", "lab", "pi-7")
+    files = flash.build_install_files(load_profile("raspberry-pi"), settings, public_key)
+    ran: list[list[str]] = []
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        ran.append(command)
+        code = 1 if command[0] == "scp" else 0
+        return subprocess.CompletedProcess(command, code, "", "scp: disk full\n")
+
+    with pytest.raises(DeliveryError, match=r"copying files on pi@b failed \(exit 1\): scp: disk"):
+        flash.flash_over_ssh("pi@b", files, run=run)
+    assert [c[0] for c in ran] == ["ssh", "scp"]
+
+
+def test_cli_offline_tarball(tmp_path: Path, public_key: Path) -> None:
+    out = tmp_path / "agent.tar.gz"
+    result = CliRunner().invoke(
+        main,
+        ["flash", "--profile", "raspberry-pi", "--output", str(out), "--trust-key",
+         str(public_key), "--broker", "mqtt://10.0.0.5:1884", "--fleet", "home",
+         "--device-id", "pi-kitchen", "--group", "kitchen"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "x", filter="data")
+    root = tmp_path / "x" / "edgefl-agent"
+    assert {"install.sh", "edgefl-agent.service", "agent.env", "signing.pub", "INSTALL.md"} <= {
+        Path(n).name for n in names
+    }
+    assert any(Path(n).name.startswith("edgefl-") and n.endswith(".whl") for n in names)
+    assert (root / "install.sh").stat().st_mode & 0o111
+    assert subprocess.run(["bash", "-n", str(root / "install.sh")], check=False).returncode == 0
+    env = (root / "agent.env").read_text()
+    for line in ("EDGEFL_BROKER=mqtt://10.0.0.5:1884", "EDGEFL_FLEET=home",
+                 "EDGEFL_DEVICE_ID=pi-kitchen", "EDGEFL_AGENT_ARGS=--group kitchen"):  # fmt: skip
+        assert line in env.splitlines()
+    assert (root / "signing.pub").read_bytes() == public_key.read_bytes()
+    assert "sudo ./install.sh" in (root / "INSTALL.md").read_text()
+    if shutil.which("systemd-analyze"):
+        # The unit names /opt/edgefl/venv/bin/edgefl, which exists only on a board.
+        unit = (root / "edgefl-agent.service").read_text()
+        checked = tmp_path / "edgefl-agent.service"
+        checked.write_text(unit.replace("/opt/edgefl/venv/bin/edgefl", sys.executable))
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", str(checked)], capture_output=True, text=True
+        )
+        assert verify.returncode == 0, verify.stderr
+
+
+def test_cli_ssh_failure_is_one_line(tmp_path: Path, public_key: Path) -> None:
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client on this machine")
+    result = CliRunner().invoke(
+        main,
+        ["flash", "--profile", "raspberry-pi", "--host", "pi@127.0.0.1", "--port",
+         str(free_port()), "--trust-key", str(public_key), "--no-wheel"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1
+    assert "creating the install folder on pi@127.0.0.1 failed (exit 255)" in error[0]
+
+
+def test_cli_flash_input_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    both = runner.invoke(main, ["flash", "--profile", "jetson"])
+    assert both.exit_code == 2 and "either --host" in both.output
+    missing_key = runner.invoke(
+        main, ["flash", "--profile", "jetson", "--output", str(tmp_path / "a.tgz"),
+               "--trust-key", str(tmp_path / "none.pub"), "--no-wheel"],
+    )  # fmt: skip
+    assert missing_key.exit_code == 2 and "edgefl keys init" in missing_key.output
+    assert not (tmp_path / "a.tgz").exists()

@@ -1,0 +1,86 @@
+"""`edgefl fleet`: the fleet view from retained statuses and deploy reports (pure join and live)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import RunningBroker
+from delivery_bundles import make_bundle
+
+from edgefl import signing
+from edgefl.cli import main
+from edgefl.delivery.fleet import fleet_view
+from edgefl.delivery.release import DeployReport
+from edgefl.delivery.updater import attach_to_agent
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.transport.messages import DeviceStatus
+
+
+def test_fleet_view_joins_statuses_and_reports() -> None:
+    statuses = {
+        "pi-2": DeviceStatus(
+            "pi-2", "offline", model_version=3, time=100.0, profile="raspberry-pi"
+        ),
+        "pi-1": DeviceStatus(
+            "pi-1", "online", model_version=4, time=200.0, last_round=7, group="a", profile="jetson"
+        ),
+    }
+    reports = {
+        "pi-2": DeployReport("pi-2", 4, "refused", reason="bad signature", running_version=3),
+        "ghost": DeployReport("ghost", 4, "installed", running_version=4),
+    }
+    rows = fleet_view(statuses, reports)
+    assert [r.device_id for r in rows] == ["pi-1", "ghost", "pi-2"]
+    first, ghost, second = rows
+    assert (first.state, first.model_version, first.last_round, first.group) == (
+        "online",
+        4,
+        7,
+        "a",
+    )
+    assert (second.last_deploy, second.deploy_reason) == ("v4 refused", "bad signature")
+    assert (ghost.state, ghost.model_version) == ("unknown", 4)
+
+
+def test_cli_fleet_lists_online_and_offline_boards(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    keys = signing.init_keys(tmp_path / "keys")
+    agents = []
+    for device, group in (("pi-1", "a"), ("pi-2", "b")):
+        config = AgentConfig(
+            mosquitto.url, "viewfleet", device, group=group, profile="raspberry-pi"
+        )
+        agent = Agent(config)
+        attach_to_agent(agent, tmp_path / device, signing.load_public_key(keys.public))
+        agent.start()
+        agents.append(agent)
+    try:
+        bundle = make_bundle(tmp_path / "b", 5)
+        deployed = CliRunner().invoke(
+            main,
+            ["deploy", str(bundle.path), "--broker", mosquitto.url, "--fleet", "viewfleet",
+             "--key", str(keys.private)],
+        )  # fmt: skip
+        assert deployed.exit_code == 0, deployed.output
+        agents[1].stop()
+        args = ["fleet", "--broker", mosquitto.url, "--fleet", "viewfleet"]
+        shown = CliRunner().invoke(main, [*args, "--json"])
+        assert shown.exit_code == 0, shown.output
+        rows = {r["device_id"]: r for r in json.loads(shown.output)}
+        assert rows["pi-1"]["state"] == "online" and rows["pi-2"]["state"] == "offline"
+        assert rows["pi-1"]["model_version"] == 5 and rows["pi-2"]["model_version"] == 5
+        assert rows["pi-1"]["profile"] == "raspberry-pi" and rows["pi-2"]["group"] == "b"
+        assert rows["pi-1"]["last_deploy"] == "v5 installed"
+        table = CliRunner().invoke(main, args)
+        assert table.exit_code == 0
+        assert "1/2 online" in table.output and "pi-2" in table.output
+    finally:
+        agents[0].stop()
+        agents[1].stop()
+    empty = CliRunner().invoke(main, ["fleet", "--broker", mosquitto.url, "--fleet", "nobody"])
+    assert "no devices" in empty.output
+    unreachable = CliRunner().invoke(main, ["fleet", "--broker", "ftp://x", "--fleet", "a"])
+    assert unreachable.exit_code == 2 and "mqtt://" in unreachable.output

@@ -1,0 +1,196 @@
+"""Models in: built-ins, factories and weights, errors, the backbone + head split, transfer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from edgefl.compression.distill import accuracy, predict
+from edgefl.compression.transfer import parse_finetune, replace_head, train_head
+from edgefl.data import Dataset, fl_digits_split, holdout_split, load_digits
+from edgefl.errors import EdgeflError, ModelLoadError
+from edgefl.models import load_model, resolve_model, split_model
+from edgefl.models.builtin import DIGITS_CNN_CACHE
+
+torch.set_num_threads(1)
+
+FACTORY_MODULE = '''
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+class Bottleneck(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+def bottleneck():
+    return Bottleneck()
+
+def broken():
+    raise ValueError("no GPU here")
+
+def not_a_model():
+    return 42
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"edgefl_test_factory_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(FACTORY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_digits_cnn_is_pretrained_on_the_train_split_and_scores_well() -> None:
+    model = load_model("digits-cnn")
+    _, test = holdout_split(load_digits())
+    assert accuracy(model, test.X, test.y) >= 0.95
+
+
+@pytest.mark.slow
+def test_digits_cnn_training_is_cached_and_deterministic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFL_CACHE", str(tmp_path))
+    first = load_model("digits-cnn")
+    assert (tmp_path / DIGITS_CNN_CACHE).is_file()
+    second = load_model("digits-cnn")
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key])
+    # Training is seeded: a fresh cache gives the same model as the default one, up to float
+    # summation order (thread count), so the same predictions.
+    monkeypatch.delenv("EDGEFL_CACHE")
+    default = load_model("digits-cnn")
+    x = torch.from_numpy(load_digits().X[:200])
+    agree = (first(x).argmax(1) == default(x).argmax(1)).float().mean()
+    assert agree >= 0.99
+
+
+def test_digits_mlp_is_the_fl_digits_backbone() -> None:
+    model = resolve_model("digits-mlp")
+    assert model.input_shape == [64] and model.head == "head"
+    _, _, (X, y) = fl_digits_split()
+    assert accuracy(model.module, X, y) > 0.85
+    sizes = [(m.in_features, m.out_features) for m in model.module.modules() if isinstance(m, nn.Linear)]
+    assert sizes == [(64, 128), (128, 64), (64, 10)]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "head"), [("resnet18", 11_689_512, "fc"), ("mobilenet-v2", 3_504_872, "classifier.1")]
+)
+def test_imagenet_builtins_have_the_standard_sizes(name: str, params: int, head: str) -> None:
+    loaded = resolve_model(name)
+    assert sum(p.numel() for p in loaded.module.parameters()) == params
+    assert loaded.input_shape == [3, 224, 224] and loaded.head == head
+    split = split_model(loaded.module, None, torch.zeros(1, 3, 64, 64))
+    assert split.head_layers()[-1] == {"kind": "linear", "in": split.feature_size, "out": 1000}
+
+
+def test_factory_with_safetensors_and_pt_weights(factory_module: str, tmp_path: Path) -> None:
+    source = load_model(f"{factory_module}:make")
+    state = {k: torch.randn_like(v) for k, v in source.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "w.pt")
+    x = torch.randn(2, 4)
+    a = load_model(f"{factory_module}:make", tmp_path / "w.safetensors")(x)
+    b = load_model(f"{factory_module}:make", tmp_path / "w.pt")(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, source(x))
+
+
+def test_load_errors_name_the_problem(factory_module: str, tmp_path: Path) -> None:
+    cases = [
+        (("no-such-model", None), "unknown model 'no-such-model'"),
+        (("edgefl_missing_pkg.models:make", None), "cannot import module 'edgefl_missing_pkg.models'"),
+        ((f"{factory_module}:nope", None), "has no factory 'nope'"),
+        ((f"{factory_module}:broken", None), "failed: ValueError: no GPU here"),
+        ((f"{factory_module}:not_a_model", None), "returned int, not a torch nn.Module"),
+        ((f"{factory_module}:make", tmp_path / "missing.pt"), "not found"),
+    ]
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage" * 10)
+    cases.append(((f"{factory_module}:make", tmp_path / "corrupt.safetensors"), "corrupt"))
+    save_file({"other.weight": torch.zeros(1)}, tmp_path / "keys.safetensors")
+    cases.append(((f"{factory_module}:make", tmp_path / "keys.safetensors"), "missing keys 0.bias"))
+    wrong = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in load_model(f"{factory_module}:make").state_dict().items()}
+    save_file(wrong, tmp_path / "shape.safetensors")
+    cases.append(((f"{factory_module}:make", tmp_path / "shape.safetensors"), "has shape"))
+    for (spec, weights), message in cases:
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(spec, weights)
+
+
+def test_split_is_faithful_and_finds_the_last_linear() -> None:
+    model = load_model("digits-cnn")
+    x = torch.from_numpy(load_digits().X[:8])
+    split = split_model(model, None, x)
+    assert split.head_layers() == [{"kind": "linear", "in": 64, "out": 10}]
+    assert split.backbone(x).shape == (8, 64)
+    assert torch.allclose(split(x), model(x))
+    assert isinstance(model.fc, nn.Linear)  # the original keeps its head
+    weights = split.head_weights()
+    assert set(weights) == {"0.weight", "0.bias"} and weights["0.weight"].shape == (10, 64)
+
+
+def test_named_sequential_head_keeps_its_bottleneck(factory_module: str) -> None:
+    model = load_model(f"{factory_module}:bottleneck")
+    x = torch.randn(5, 4)
+    split = split_model(model, "classifier", x)
+    assert split.head_layers() == [
+        {"kind": "linear", "in": 8, "out": 6}, {"kind": "relu"}, {"kind": "linear", "in": 6, "out": 3},
+    ]
+    assert torch.allclose(split(x), model(x))
+    with pytest.raises(ModelLoadError, match="no module 'classifer'"):
+        split_model(model, "classifer", x)
+    with pytest.raises(ModelLoadError, match="holds Conv2d; a head may only hold Linear, ReLU"):
+        split_model(load_model("digits-cnn"), "features", torch.zeros(1, 1, 8, 8))
+
+
+def test_wrong_input_shape_is_a_load_error() -> None:
+    with pytest.raises(ModelLoadError, match=r"does not accept inputs of shape \[64\]"):
+        split_model(load_model("digits-cnn"), None, torch.zeros(2, 64))
+
+
+def test_new_head_trains_on_frozen_backbone() -> None:
+    model = load_model("digits-mlp")
+    (X, y), _, (Xt, yt) = fl_digits_split()
+    keep, keep_t = y < 3, yt < 3
+    train = Dataset(X[keep], y[keep], ["0", "1", "2"])
+    split = split_model(model, None, torch.from_numpy(X[:2]))
+    backbone_before = {k: v.clone() for k, v in split.backbone.state_dict().items()}
+    replace_head(split, 3)
+    assert split.head_layers() == [{"kind": "linear", "in": 64, "out": 3}]
+    train_head(split, train, epochs=15, lr=0.01)
+    assert accuracy(split, Xt[keep_t], yt[keep_t]) > 0.95
+    for key, value in split.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key])
+
+
+def test_finetune_last_block_changes_only_that_block() -> None:
+    model = load_model("digits-mlp")
+    (X, y), _, _ = fl_digits_split()
+    split = split_model(model, None, torch.from_numpy(X[:2]))
+    before = {k: v.clone() for k, v in split.backbone.state_dict().items()}
+    train_head(split, Dataset(X, y, [str(i) for i in range(10)]), finetune=parse_finetune("1"), epochs=1)
+    after = split.backbone.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+    features = predict(split.backbone, X[:4])
+    assert features.shape == (4, 64) and np.isfinite(features).all()
+    with pytest.raises(EdgeflError, match="'all' or a positive number"):
+        parse_finetune("last")
+    with pytest.raises(EdgeflError, match="has 10 outputs; pass --num-classes"):
+        train_head(split, Dataset(X[:3], np.array([0, 1, 12]), []), epochs=1)

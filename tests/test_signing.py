@@ -1,0 +1,76 @@
+"""Signing keys and signatures: key files, refusal to overwrite, tamper detection, `keys init`."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from delivery_bundles import make_bundle
+
+from edgefl import signing
+from edgefl.cli import main
+from edgefl.errors import KeyFileError, SignatureError
+
+
+def test_init_keys_writes_private_key_with_mode_0600(tmp_path: Path) -> None:
+    paths = signing.init_keys(tmp_path / "keys")
+    assert stat.S_IMODE(paths.private.stat().st_mode) == 0o600
+    assert paths.public.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    private = signing.load_private_key(paths.private)
+    public = signing.load_public_key(paths.public)
+    assert signing.key_id(private.public_key()) == signing.key_id(public)
+
+
+def test_init_keys_refuses_to_overwrite(tmp_path: Path) -> None:
+    paths = signing.init_keys(tmp_path)
+    before = paths.private.read_bytes()
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        signing.init_keys(tmp_path)
+    assert paths.private.read_bytes() == before
+
+
+def test_manifest_signature_covers_every_artifact_hash(tmp_path: Path) -> None:
+    key = signing.load_private_key(signing.init_keys(tmp_path / "k").private)
+    manifest = make_bundle(tmp_path / "b", version=1).manifest
+    signature = signing.sign_manifest(key, manifest)
+    signing.verify_manifest(key.public_key(), manifest, signature)
+    manifest.artifacts[0].sha256 = "0" * 64
+    with pytest.raises(SignatureError, match="does not match"):
+        signing.verify_manifest(key.public_key(), manifest, signature)
+
+
+def test_wrong_key_and_missing_signature_are_refused(tmp_path: Path) -> None:
+    ours = signing.load_private_key(signing.init_keys(tmp_path / "a").private)
+    theirs = signing.load_public_key(signing.init_keys(tmp_path / "b").public)
+    signature = signing.sign(ours, b"payload")
+    with pytest.raises(SignatureError, match="not signed by trusted key"):
+        signing.verify(theirs, b"payload", signature)
+    with pytest.raises(SignatureError, match="not signed"):
+        signing.verify(ours.public_key(), b"payload", "")
+    with pytest.raises(SignatureError, match="base64"):
+        signing.verify(ours.public_key(), b"payload", "***")
+
+
+def test_loading_bad_key_files_names_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="not found"):
+        signing.load_private_key(tmp_path / "missing.key")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    with pytest.raises(KeyFileError, match="not a PEM public key"):
+        signing.load_public_key(junk)
+    paths = signing.init_keys(tmp_path / "k")
+    with pytest.raises(KeyFileError, match="not a PEM private key"):
+        signing.load_private_key(paths.public)
+
+
+def test_cli_keys_init_then_refuses_second_time(tmp_path: Path) -> None:
+    runner = CliRunner()
+    first = runner.invoke(main, ["keys", "init", "--dir", str(tmp_path / "keys")])
+    assert first.exit_code == 0, first.output
+    assert "key id" in first.output
+    assert (tmp_path / "keys" / "signing.key").is_file()
+    second = runner.invoke(main, ["keys", "init", "--dir", str(tmp_path / "keys")])
+    assert second.exit_code == 2
+    assert "already exists" in second.output

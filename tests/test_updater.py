@@ -1,0 +1,202 @@
+"""The board-side updater, driven with literal messages: verify, fetch only what the profile wants,
+install atomically, smoke-infer in onnxruntime, refuse or roll back with the reason reported."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from delivery_bundles import make_bundle
+
+from edgefl import signing
+from edgefl.bundle import ModelBundle
+from edgefl.delivery import topics
+from edgefl.delivery.chunks import split
+from edgefl.delivery.release import DeployReport, Release, Targets, build_release
+from edgefl.delivery.store import BundleStore
+from edgefl.delivery.updater import Updater
+
+FLEET = "lab"
+
+
+class InlineExecutor(Executor):
+    """Runs installs at once, so a test sees the outcome when the last chunk is handed over."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+@dataclasses.dataclass
+class Board:
+    updater: Updater
+    reports: list[DeployReport]
+    subscribed: list[str]
+
+    @property
+    def last(self) -> DeployReport:
+        return self.reports[-1]
+
+    def send(self, release: Release, bundle: ModelBundle, tamper: str | None = None) -> None:
+        """Deliver a release, then every chunk of the artifacts the board subscribed to."""
+        self.updater.on_release(release.to_bytes())
+        version = release.manifest.version
+        for artifact in release.manifest.artifacts:
+            if topics.artifact_chunks(FLEET, version, artifact.file) not in self.subscribed:
+                continue
+            chunks = split(bundle.file(artifact).read_bytes(), release.chunk_size)
+            for index, chunk in enumerate(chunks):
+                if artifact.file == tamper and index == 0:
+                    chunk = bytes([chunk[0] ^ 1]) + chunk[1:]
+                topic = topics.artifact_chunk(FLEET, version, artifact.file, index)
+                self.updater.on_chunk(topic, chunk)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> signing.KeyPaths:
+    return signing.init_keys(tmp_path / "keys")
+
+
+def make_board(tmp_path: Path, keys: signing.KeyPaths, **options: Any) -> Board:
+    reports: list[DeployReport] = []
+    subscribed: list[str] = []
+    options.setdefault("trust_key", signing.load_public_key(keys.public))
+    updater = Updater(
+        BundleStore(tmp_path / "models"),
+        FLEET,
+        "pi-01",
+        preferences=[("onnx", "int8"), ("onnx", "fp32")],
+        report=reports.append,
+        subscribe=subscribed.append,
+        unsubscribe=lambda f: subscribed.remove(f) if f in subscribed else None,
+        executor=InlineExecutor(),
+        **options,
+    )
+    return Board(updater, reports, subscribed)
+
+
+def release_of(bundle: ModelBundle, keys: signing.KeyPaths, **targets: Any) -> Release:
+    key = signing.load_private_key(keys.private)
+    return build_release(bundle, key, Targets(**targets), chunk_size=1024)
+
+
+def test_installs_only_the_preferred_artifact_and_reports(tmp_path: Path, keys: Any) -> None:
+    bundle = make_bundle(tmp_path / "b1", 1, precisions=("fp32", "int8"))
+    board = make_board(tmp_path, keys)
+    board.send(release_of(bundle, keys), bundle)
+    assert board.last.state == "installed", board.last
+    assert board.last.running_version == 1
+    installed = board.updater.store.current_path
+    assert installed is not None
+    assert sorted(p.name for p in installed.iterdir()) == [
+        "backbone-int8.onnx", "head.safetensors", "manifest.json", "release.json",
+    ]  # fmt: skip
+    progress = [r for r in board.reports if r.state == "downloading"]
+    sizes = {a.file: a.size for a in bundle.manifest.artifacts}
+    assert progress[0].total_bytes == sizes["backbone-int8.onnx"] + sizes["head.safetensors"]
+    assert board.subscribed == []  # chunk topics dropped after the install
+
+
+def test_unsigned_and_foreign_signatures_are_refused(tmp_path: Path, keys: Any) -> None:
+    bundle = make_bundle(tmp_path / "b1", 1)
+    board = make_board(tmp_path, keys)
+    unsigned = release_of(bundle, keys)
+    unsigned.signature = ""
+    board.send(unsigned, bundle)
+    assert (board.last.state, board.last.reason) == ("refused", "bundle is not signed")
+    other = signing.init_keys(tmp_path / "other")
+    board.send(release_of(bundle, other), bundle)
+    assert board.last.state == "refused"
+    assert "not signed by trusted key" in board.last.reason
+    assert board.updater.store.current_path is None
+
+
+def test_release_altered_after_signing_is_refused(tmp_path: Path, keys: Any) -> None:
+    bundle = make_bundle(tmp_path / "b1", 1)
+    board = make_board(tmp_path, keys)
+    release = release_of(bundle, keys)
+    release.chunk_size = 2048  # anything changed after signing breaks the signature
+    board.send(release, bundle)
+    assert board.last.state == "refused"
+    assert "signature does not match" in board.last.reason
+
+
+def test_tampered_chunk_is_refused_and_old_bundle_keeps_running(tmp_path: Path, keys: Any) -> None:
+    board = make_board(tmp_path, keys)
+    first = make_bundle(tmp_path / "b1", 1)
+    board.send(release_of(first, keys), first)
+    second = make_bundle(tmp_path / "b2", 2)
+    board.send(release_of(second, keys), second, tamper="backbone-fp32.onnx")
+    assert board.last.state == "refused"
+    assert "backbone-fp32.onnx" in board.last.reason and "SHA-256" in board.last.reason
+    assert board.updater.running_version == 1
+    assert board.subscribed == []
+
+
+def test_older_version_is_refused_as_rollback_and_same_version_is_current(
+    tmp_path: Path, keys: Any
+) -> None:
+    board = make_board(tmp_path, keys)
+    v2 = make_bundle(tmp_path / "b2", 2)
+    board.send(release_of(v2, keys), v2)
+    v1 = make_bundle(tmp_path / "b1", 1)
+    board.send(release_of(v1, keys), v1)
+    assert board.last.state == "refused"
+    assert "older than the running version 2 (rollback protection)" in board.last.reason
+    board.send(release_of(v2, keys), v2)
+    assert board.last.state == "current"
+    assert board.updater.running_version == 2
+
+
+def test_failing_smoke_inference_rolls_back_and_is_not_retried(tmp_path: Path, keys: Any) -> None:
+    board = make_board(tmp_path, keys)
+    good = make_bundle(tmp_path / "b1", 1)
+    board.send(release_of(good, keys), good)
+    # The backbone really outputs 8 features; manifest and head say 16.
+    broken = make_bundle(tmp_path / "b2", 2, feature_size=16, backbone_features=8)
+    release = release_of(broken, keys)
+    board.send(release, broken)
+    assert board.last.state == "rolled_back"
+    assert "gives (1, 8) features, the manifest says 16" in board.last.reason
+    assert "rolled back to v1" in board.last.reason
+    assert board.updater.running_version == 1
+    count = len(board.reports)
+    board.updater.on_release(release.to_bytes())  # the retained release again (reconnect)
+    assert len(board.reports) == count + 1
+    assert board.last.state == "refused" and "rolled back to v1" in board.last.reason
+
+
+def test_group_target_and_missing_trust_key(tmp_path: Path, keys: Any) -> None:
+    bundle = make_bundle(tmp_path / "b1", 1)
+    board = make_board(tmp_path, keys, group="lab-a")
+    board.send(release_of(bundle, keys, group="lab-b"), bundle)
+    assert board.reports == []  # not for this board: silently ignored
+    board.send(release_of(bundle, keys, group="lab-a"), bundle)
+    assert board.last.state == "installed"
+    untrusting = make_board(tmp_path / "x", keys, trust_key=None)
+    untrusting.send(release_of(bundle, keys), bundle)
+    assert untrusting.last.state == "refused" and "--trust-key" in untrusting.last.reason
+
+
+def test_rollback_protection_survives_a_restart(tmp_path: Path, keys: Any) -> None:
+    board = make_board(tmp_path, keys)
+    v3 = make_bundle(tmp_path / "b3", 3)
+    board.send(release_of(v3, keys), v3)
+    restarted = make_board(tmp_path, keys)
+    assert restarted.updater.running_version == 3
+    v2 = make_bundle(tmp_path / "b2", 2)
+    restarted.send(release_of(v2, keys), v2)
+    assert restarted.last.state == "refused"
+
+
+def test_garbage_release_is_reported_not_raised(tmp_path: Path, keys: Any) -> None:
+    board = make_board(tmp_path, keys)
+    board.updater.on_release(b"{not json")
+    assert board.last.state == "refused" and "malformed" in board.last.reason
+    board.updater.on_chunk(topics.artifact_chunk(FLEET, 1, "x.onnx", 0), b"zz")  # no download
+    assert len(board.reports) == 1
