@@ -203,7 +203,8 @@ def main() -> None:
     print(f"\nAggregator ingest through Mosquitto ({args.devices} devices, {args.rounds} rounds)")
     print(f"{'head':>8} {'updates/s (median)':>19} {'min':>8} {'round s':>8} {'bytes/update':>13}")
     for row in ingest_rows:
-        print(f"{row['head']:>8} {row['updates_per_s_median']:>19.0f} {row['updates_per_s_min']:>8.0f}"
+        rate, slowest = row["updates_per_s_median"], row["updates_per_s_min"]
+        print(f"{row['head']:>8} {rate:>19.0f} {slowest:>8.0f}"
               f" {row['round_seconds_median']:>8.3f} {row['bytes_per_update']:>13.0f}")  # fmt: skip
     print("\nBytes per update (safetensors with header; int8 and top-k 1% with error feedback)")
     print(f"{'head':>8} {'codec':>8} {'bytes':>8} {'x float32':>10}")

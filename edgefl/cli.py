@@ -378,7 +378,7 @@ def _default_key_file() -> Path:
 @click.option("--devices", default=None, help="Deploy to these device IDs only (a,b,c).")
 @click.option("--key", "key_file", type=click.Path(path_type=Path), default=None,
               help="Signing key [~/.config/edgefl/keys/signing.key].")  # fmt: skip
-@click.option("--chunk-size", default=256 * 1024, show_default=True, type=int, help="Bytes.")
+@click.option("--chunk-size", default=1024 * 1024, show_default=True, type=int, help="Bytes.")
 @click.option("--timeout", default=120.0, show_default=True, type=float,
               help="Seconds to wait for the online boards to report.")  # fmt: skip
 @user_errors
@@ -574,3 +574,96 @@ def flash(
 
 
 # --- simulation: simulate, demo ---
+
+
+def _quiet_simulation_logs() -> None:
+    """Warnings only, and amqtt's per-message chatter off: the live progress is the output."""
+    import logging
+
+    _setup_logging("warning")
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+
+
+@main.command()
+@click.option("--devices", default=10, show_default=True, type=int, help="Simulated devices.")
+@click.option("--rounds", default=5, show_default=True, type=int)
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              help="Bundle to federate (default: FL-digits, built once and cached).")  # fmt: skip
+@click.option("--dataset", default="digits", show_default=True,
+              help="'digits' (the FL-digits split), a .npz (X, y) or an image folder.")  # fmt: skip
+@click.option("--partition", default="dirichlet:0.5", show_default=True,
+              help="iid, dirichlet:ALPHA or shards:K.")  # fmt: skip
+@click.option("--broker", "broker_url", default=None,
+              help="mqtt://HOST[:PORT] to use (default: start the embedded broker).")  # fmt: skip
+@click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam...")
+@click.option("--param", "params", multiple=True, help="Strategy parameter NAME=VALUE (repeat).")
+@click.option("--codec", type=click.Choice(["float32", "int8", "topk"]), default="float32",
+              show_default=True, help="How devices encode their updates.")  # fmt: skip
+@click.option("--fraction", default=1.0, show_default=True, type=float,
+              help="Share of online devices selected per round.")  # fmt: skip
+@click.option("--speed-spread", default=1.0, show_default=True, type=float,
+              help="Slowest/fastest device ratio (1: all equally fast).")  # fmt: skip
+@click.option("--dropout", default=0.0, show_default=True, type=float,
+              help="Probability that a selected device skips a round.")  # fmt: skip
+@click.option("--churn", default="", help="Devices joining/leaving, e.g. join:0.2@3,leave:0.1@5.")
+@click.option("--deadline", default=10.0, show_default=True, type=float, help="Seconds per round.")
+@click.option("--oversample", default=0, type=int,
+              help="Repeat the data until devices hold this many samples on average.")  # fmt: skip
+@click.option("--no-personalize", is_flag=True, help="Devices keep no personal head.")
+@click.option("--out", default="build/simulate", show_default=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int)
+@user_errors
+def simulate(
+    devices: int,
+    rounds: int,
+    bundle_dir: Path | None,
+    dataset: str,
+    partition: str,
+    broker_url: str | None,
+    strategy: str,
+    params: tuple[str, ...],
+    codec: str,
+    fraction: float,
+    speed_spread: float,
+    dropout: float,
+    churn: str,
+    deadline: float,
+    oversample: int,
+    no_personalize: bool,
+    out: Path,
+    seed: int,
+) -> None:
+    """Simulate a fleet on this machine: real agents and aggregator over a real broker."""
+    from rich.console import Console
+
+    from edgefl.bundle import load_bundle
+    from edgefl.simulation.display import LiveProgress, round_table, summary_line
+    from edgefl.simulation.runner import Simulation, SimulationConfig, save_results
+    from edgefl.simulation.workload import fl_digits_bundle, load_federated_data, repeat_pool
+
+    _quiet_simulation_logs()
+    console = Console()
+    config = SimulationConfig(
+        devices=devices, rounds=rounds, partition=partition, strategy=strategy,
+        strategy_params=_parse_params(params), codec=codec, fraction=fraction,
+        speed_spread=speed_spread, dropout=dropout, churn=churn, deadline_s=deadline,
+        personalize=not no_personalize, seed=seed, broker_url=broker_url,
+    )  # fmt: skip
+    if bundle_dir is not None:
+        bundle = load_bundle(bundle_dir)
+    else:
+        console.print("[dim]FL-digits bundle: digits-mlp backbone as fp32 ONNX, built once[/dim]")
+        bundle = fl_digits_bundle()
+    data = load_federated_data(dataset)
+    if oversample > 0:
+        data = repeat_pool(data, oversample, devices)
+    try:
+        with LiveProgress(console, rounds) as live:
+            simulation = Simulation(config, bundle, data, live.on_round, live.on_status)
+            metrics = simulation.run()
+    except ValueError as exc:  # an invalid aggregator setting (strategy, fraction, ...)
+        raise click.UsageError(str(exc)) from None
+    console.print(round_table(metrics, f"{devices} devices, {rounds} rounds, {partition}"))
+    console.print(summary_line(metrics))
+    for path in save_results(metrics, out):
+        console.print(f"wrote {path}")

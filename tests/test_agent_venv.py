@@ -68,8 +68,12 @@ def test_agent_from_a_torch_free_venv_takes_a_deploy_and_a_round(
         )  # fmt: skip
         summary = aggregator.run()
         assert [(r.status, r.accepted) for r in summary.rounds] == [("closed", 1)]
-        rows = {r.device_id: r for r in read_fleet(mosquitto.url, "venv", 1.0)}
-        assert rows["board-1"].model_version == 1 and rows["board-1"].last_round == 1
+        deadline = time.monotonic() + 15  # the round shows in the next status (heartbeat 2 s)
+        while True:
+            row = {r.device_id: r for r in read_fleet(mosquitto.url, "venv", 1.0)}["board-1"]
+            if row.last_round == 1 or time.monotonic() > deadline:
+                break
+        assert (row.model_version, row.last_round, row.profile) == (1, 1, "raspberry-pi")
     finally:
         agent.send_signal(signal.SIGTERM)
         _, stderr = agent.communicate(timeout=30)

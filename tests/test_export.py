@@ -44,7 +44,9 @@ def test_onnx_is_one_file_with_dynamic_batch(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx"]
     assert path.stat().st_size > 4 * 1024 * 1024
     proto = onnx.load(str(path), load_external_data=False)
-    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
+    assert not any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer
+    )
     x = np.random.default_rng(0).normal(size=(7, 1, 8, 8)).astype(np.float32)
     features = load_backbone(path).run(x)
     with torch.no_grad():

@@ -186,8 +186,8 @@ def test_finetune_last_block_changes_only_that_block() -> None:
     before = {k: v.clone() for k, v in split.backbone.state_dict().items()}
     train_head(split, Dataset(X, y, [str(i) for i in range(10)]), finetune=parse_finetune("1"), epochs=1)
     after = split.backbone.state_dict()
-    assert torch.equal(after["0.weight"], before["0.weight"])
-    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert torch.equal(after["backbone.0.weight"], before["backbone.0.weight"])
+    assert not torch.equal(after["backbone.2.weight"], before["backbone.2.weight"])
     features = predict(split.backbone, X[:4])
     assert features.shape == (4, 64) and np.isfinite(features).all()
     with pytest.raises(EdgeflError, match="'all' or a positive number"):

@@ -88,9 +88,7 @@ def test_static_int8_weights_are_per_channel(fp32_onnx: Path, tmp_path: Path) ->
 
 def test_excluded_nodes_stay_float(fp32_onnx: Path, tmp_path: Path) -> None:
     ranked = rank_sensitive_nodes(fp32_onnx, CALIBRATION, limit=1)
-    dst = quantize_onnx_static(
-        fp32_onnx, tmp_path / "int8.onnx", CALIBRATION, exclude_nodes=ranked
-    )
+    dst = quantize_onnx_static(fp32_onnx, tmp_path / "int8.onnx", CALIBRATION, exclude_nodes=ranked)
     model = onnx.load(str(dst))
     (excluded,) = [node for node in model.graph.node if node.name == ranked[0]]
     initializers = {init.name: init for init in model.graph.initializer}

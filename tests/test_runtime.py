@@ -76,7 +76,11 @@ def test_wrong_input_shape_names_both_shapes(linear_onnx: Path) -> None:
     ("name", "content", "message"),
     [
         ("model.pt", b"weights", r"model.pt: unknown artifact format \(expected .onnx, .tflite\)"),
-        ("broken.onnx", b"\x08\x07garbage not a protobuf", r"cannot load broken.onnx in onnxruntime"),
+        (
+            "broken.onnx",
+            b"\x08\x07garbage not a protobuf",
+            r"cannot load broken.onnx in onnxruntime",
+        ),
         ("broken.tflite", b"not a flatbuffer at all", r"cannot load broken.tflite in LiteRT"),
     ],
 )

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import make_test_bundle
+from conftest import RunningBroker
 
+from edgefl.bundle import ModelBundle
 from edgefl.errors import SimulationError
 from edgefl.simulation.fleet import (
     ChurnEvent,
@@ -20,6 +23,8 @@ from edgefl.simulation.fleet import (
 )
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plot import plot_metrics
+from edgefl.simulation.runner import SimulationConfig, run_simulation, save_results
+from edgefl.simulation.workload import FederatedData, load_federated_data
 
 LABELS = np.repeat(np.arange(10), 30)  # 300 samples, 30 per class
 
@@ -155,3 +160,93 @@ def test_metrics_files_and_plot(tmp_path: Path) -> None:
     png = plot_metrics(metrics, tmp_path / "out" / "metrics.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+# -- real runs: the real agents and aggregator over a real broker --
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    return make_test_bundle(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def digits() -> FederatedData:
+    return load_federated_data("digits")
+
+
+def _run(
+    bundle: ModelBundle, data: FederatedData, **options: object
+) -> tuple[SimulationMetrics, list[RoundRecord], list[str]]:
+    seen: list[RoundRecord] = []
+    statuses: list[str] = []
+    config = SimulationConfig(**options)  # type: ignore[arg-type]
+    metrics = run_simulation(config, bundle, data, seen.append, statuses.append)
+    return metrics, seen, statuses
+
+
+def test_simulation_over_the_embedded_broker_learns(
+    bundle: ModelBundle, digits: FederatedData, tmp_path: Path
+) -> None:
+    metrics, seen, statuses = _run(bundle, digits, devices=8, rounds=3, partition="iid")
+    assert any("embedded broker" in line for line in statuses)
+    assert [r.round for r in seen] == [1, 2, 3]  # live callback, once per round
+    assert all(r.reported == 8 and r.selected == 8 and r.online == 8 for r in metrics.rounds)
+    accuracies = [r.accuracy for r in metrics.rounds]
+    assert accuracies[-1] > accuracies[0] and accuracies[-1] > 0.6
+    # A float32 delta of a 32x10 head is about 1.3 KB of tensors plus the header.
+    assert all(1_300 < r.bytes_per_device < 3_000 for r in metrics.rounds)
+    assert all(r.bytes_down > 0 for r in metrics.rounds)
+    assert metrics.summary["wall_s"] == pytest.approx(metrics.rounds[-1].elapsed)
+    assert 50 < metrics.summary["peak_rss_mb"] < 4096
+    paths = save_results(metrics, tmp_path / "out")
+    assert [p.name for p in paths] == ["metrics.json", "metrics.csv", "metrics.png"]
+    with (tmp_path / "out" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["round"]) for row in rows] == [1, 2, 3]
+    assert float(rows[-1]["accuracy"]) == pytest.approx(accuracies[-1], abs=1e-5)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["config"]["devices"] == 8 and sum(saved["config"]["samples_per_device"]) == len(
+        digits.pool
+    )
+
+
+def test_simulation_over_mosquitto_with_dropout_slow_devices_and_churn(
+    bundle: ModelBundle, digits: FederatedData, mosquitto: RunningBroker
+) -> None:
+    metrics, _, statuses = _run(
+        bundle, digits, devices=10, rounds=4, partition="dirichlet:0.5",
+        broker_url=mosquitto.url, fleet="sim-churn", dropout=0.2, speed_spread=3.0,
+        speed_unit_s=0.05, churn="join:0.2@2,leave:0.1@4", deadline_s=1.5, seed=1,
+    )  # fmt: skip
+    assert not any("embedded broker" in line for line in statuses)
+    rounds = metrics.rounds
+    assert [r.online for r in rounds] == [8, 10, 10, 9]
+    # Every online device is selected; each reports unless it dropped out.
+    for r in rounds:
+        assert r.selected == r.online
+        assert r.reported == r.selected - r.dropped
+    assert sum(r.dropped for r in rounds) > 0
+    assert rounds[-1].accuracy > rounds[0].accuracy
+
+
+def test_simulation_clears_its_retained_statuses_on_a_broker_it_does_not_own(
+    bundle: ModelBundle, digits: FederatedData, mosquitto: RunningBroker
+) -> None:
+    _run(bundle, digits, devices=3, rounds=1, broker_url=mosquitto.url, fleet="sim-clean")
+    # A second run on the same fleet with fewer devices must not wait for the first run's ones.
+    metrics, _, _ = _run(
+        bundle, digits, devices=2, rounds=1, broker_url=mosquitto.url, fleet="sim-clean",
+        deadline_s=5.0,
+    )  # fmt: skip
+    assert metrics.rounds[0].selected == 2 and metrics.rounds[0].reported == 2
+    assert metrics.rounds[0].seconds < 4.0
+
+
+def test_simulation_reports_a_bad_config_in_one_line(
+    bundle: ModelBundle, digits: FederatedData
+) -> None:
+    with pytest.raises(SimulationError, match="--rounds must be at least 1"):
+        _run(bundle, digits, devices=2, rounds=0)
+    with pytest.raises(SimulationError, match="cannot be split across 5000 devices"):
+        _run(bundle, digits, devices=5000, rounds=1)

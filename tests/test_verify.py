@@ -118,5 +118,5 @@ def test_reference_rows_must_match_inputs(backbone: dict) -> None:
 def test_unloadable_artifact_is_a_load_error(tmp_path: Path, backbone: dict) -> None:
     broken = tmp_path / "backbone.tflite"
     broken.write_bytes(b"nope")
-    with pytest.raises(RuntimeLoadError, match="cannot load backbone.tflite"):
+    with pytest.raises(RuntimeLoadError, match=r"cannot load backbone\.tflite"):
         verify_artifact(broken, backbone["reference"], backbone["inputs"], 0.1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgefl.errors import MessageError
 
-DEFAULT_CHUNK_SIZE = 256 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
 MIN_CHUNK_SIZE = 1024
 # Mosquitto's default max packet size is 256 MiB; stay far below so a default broker accepts it.
 MAX_CHUNK_SIZE = 64 * 1024 * 1024

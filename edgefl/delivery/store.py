@@ -2,8 +2,8 @@
 
 Layout under the models directory (e.g. /var/lib/edgefl/models):
 
-    releases/v{version}-{id}/   one installed bundle: manifest.json, release.json (signed), and
-                                only the artifacts this board downloaded
+    releases/v{version}-{id}/   one installed bundle: the artifacts this board downloaded, a
+                                manifest.json listing just those, and release.json (as signed)
     current -> releases/...     the bundle the agent runs (a symlink, replaced with one rename)
     previous -> releases/...    what `current` pointed to before the last install
     state.json                  highest version installed, versions refused and why
@@ -110,7 +110,7 @@ class BundleStore:
         Args:
             name: the release directory's name (unique per release).
             files: artifact file name -> contents (already verified).
-            manifest_json: the manifest text as signed.
+            manifest_json: the board's manifest (listing only the files it downloaded).
             release: the signed release message, kept so the board can re-check it later.
 
         Returns:

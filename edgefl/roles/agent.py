@@ -459,11 +459,12 @@ class Agent:
             self._personal = result.weights
             self._save_personal()
         delta = {key: result.weights[key] - global_head[key] for key in global_head}
+        # Rounded: every digit is sent with every update, and 5 significant digits are plenty.
         metrics = {
-            "loss": float(result.loss),
-            "global_accuracy": float(global_accuracy),
-            "personal_accuracy": float(result.accuracy),
-            "train_seconds": time.perf_counter() - started,
+            "loss": float(f"{result.loss:.5g}"),
+            "global_accuracy": float(f"{global_accuracy:.5g}"),
+            "personal_accuracy": float(f"{result.accuracy:.5g}"),
+            "train_seconds": float(f"{time.perf_counter() - started:.3g}"),
         }
         header = UpdateHeader(
             round=task.round,

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import resource
 import sys
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgefl.bundle import ModelBundle
@@ -23,7 +24,7 @@ from edgefl.errors import SimulationError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
 from edgefl.simulation.fleet import DeviceProfile, FleetPlan, plan_fleet
-from edgefl.simulation.metrics import RoundRecord, SimulationMetrics
+from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.broker import EmbeddedBroker
@@ -247,6 +248,7 @@ class Simulation:
             self._teardown(url if config.broker_url is not None else None)
             network.stop()
             if broker is not None:
+                broker.wait_idle()
                 broker.stop()
         return SimulationMetrics(
             config=self._config_record(),
@@ -311,27 +313,16 @@ class Simulation:
             time.sleep(0.01)
 
     def _teardown(self, external_broker: str | None) -> None:
-        """Stop every agent at once on the network thread; clean up retained state we left."""
-        network = self._network
+        """Stop every agent; clean up retained state we left on a broker we do not own."""
         agents = list(self.agents.values())
         self.agents.clear()
-        if network is None:
-            return
-        done = threading.Event()
-
-        def stop_all() -> None:
-            # On the network thread nothing waits for acknowledgements, so 1,000 agents stop
-            # in one pass instead of one round trip each.
-            for agent in agents:
-                try:
-                    agent.stop()
-                except Exception as exc:  # one agent failing to stop must not strand the rest
-                    log.warning("stopping %s: %s", agent.device_id, exc)
-            done.set()
-
-        if network.running:
-            network.call_soon(stop_all)
-            done.wait(60.0)
+        # Agent.stop() waits for its "offline" status to be acknowledged before disconnecting
+        # (amqtt leaves a connection open when a client disconnects with a QoS 1 publish in
+        # flight); stopping from a few threads overlaps those round trips.
+        with ThreadPoolExecutor(max_workers=16, thread_name_prefix="edgefl-sim-stop") as pool:
+            for agent, error in zip(agents, pool.map(_stop_agent, agents), strict=True):
+                if error is not None:
+                    log.warning("stopping %s: %s", agent.device_id, error)
         observer = self._observer
         if observer is not None:
             if external_broker is not None:
@@ -404,6 +395,15 @@ class Simulation:
         }
 
 
+def _stop_agent(agent: Agent) -> Exception | None:
+    """Stop one agent; return the error instead of raising, so one failure strands no other."""
+    try:
+        agent.stop()
+    except Exception as exc:
+        return exc
+    return None
+
+
 def peak_rss_mb() -> float:
     """Return this process's peak resident memory in MiB (resource.getrusage)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -420,3 +420,11 @@ def run_simulation(
 ) -> SimulationMetrics:
     """Run one simulated federation and return its metrics (see `Simulation`)."""
     return Simulation(config, bundle, data, on_round, on_status).run()
+
+
+def save_results(metrics: SimulationMetrics, out: str | Path) -> list[Path]:
+    """Write metrics.json, metrics.csv and the PNG plot into `out`; return the paths written."""
+    from edgefl.simulation.plot import PLOT_FILE, plot_metrics
+
+    json_path, csv_path = write_metrics(metrics, out)
+    return [json_path, csv_path, plot_metrics(metrics, Path(out) / PLOT_FILE)]

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,6 +133,28 @@ class EmbeddedBroker:
                 f"embedded broker could not listen on {self.host}:{self.port}: {self._error}"
             )
         log.info("embedded broker listening on %s", self.url)
+
+    # --- added by simulation: let client disconnects finish before shutting down ---
+    @property
+    def connection_count(self) -> int:
+        """How many client connections the broker holds now (0 when not running)."""
+        broker = self._broker
+        if broker is None:
+            return 0
+        # amqtt keeps a per-listener count; there is no public accessor for it.
+        return sum(int(getattr(server, "conn_count", 0)) for server in broker._servers.values())
+
+    def wait_idle(self, timeout: float = 2.0) -> bool:
+        """Wait until no client is connected; stopping before that leaves amqtt's transports
+        unclosed (ResourceWarning). Returns False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.connection_count > 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # --- end of simulation's addition ---
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the broker down and join its thread; safe to call twice."""

@@ -318,6 +318,8 @@ class MqttClient:
         self._reconnect_timer: TimerHandle | None = None
         self._last_error = ""
         self._sock: Any = None
+        self._reading = False
+        self._write_registered = False
 
         self._paho = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -473,6 +475,7 @@ class MqttClient:
 
     def _handle_socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
         self._sock = sock
+        self._write_registered = False
         self.network._register(sock, self)
 
     def _handle_socket_close(self, _client: Any, _userdata: Any, sock: Any) -> None:
@@ -481,27 +484,39 @@ class MqttClient:
             self._sock = None
 
     def _handle_register_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
-        if self.network.in_loop_thread():
-            self.network._set_write(sock, self, True)
-        else:
+        if not self.network.in_loop_thread():
             self.network.call_soon(lambda: self._flush(sock))
+        elif not self._reading:
+            self._want_write(sock, True)
+        # While reading, acknowledgements queue up and are flushed once after the reads: one
+        # write per batch instead of a selector change and a loop turn per PUBACK.
 
     def _handle_unregister_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
         if self.network.in_loop_thread():
-            self.network._set_write(sock, self, False)
+            self._want_write(sock, False)
+
+    def _want_write(self, sock: Any, want: bool) -> None:
+        if want != self._write_registered:
+            self._write_registered = want
+            self.network._set_write(sock, self, want)
 
     def _flush(self, sock: Any) -> None:
         if self._sock is sock:
             self._paho.loop_write()
-            self.network._set_write(sock, self, self._paho.want_write())
 
     def _on_readable(self) -> None:
         # paho reads one packet per call; draining a few per wake-up saves select() calls when
         # a thousand updates arrive at once.
-        for _ in range(16):
-            if self._sock is None:
-                break
-            self._paho.loop_read()
+        self._reading = True
+        try:
+            for _ in range(16):
+                if self._sock is None:
+                    break
+                self._paho.loop_read()
+        finally:
+            self._reading = False
+        if self._sock is not None and self._paho.want_write():
+            self._paho.loop_write()
         if self._sock is None and not self._closing:
             self._schedule_reconnect()
 

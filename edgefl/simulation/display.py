@@ -1,0 +1,93 @@
+"""Live progress and the round table of a simulation, drawn with rich."""
+
+from __future__ import annotations
+
+import math
+from types import TracebackType
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgefl.simulation.metrics import RoundRecord, SimulationMetrics
+
+
+def _kib(count: float) -> str:
+    return f"{count / 1024:,.1f}"
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
+class LiveProgress:
+    """A progress bar over rounds that shows devices reported, accuracy, bytes and time.
+
+    Use as a context manager; pass `on_round` and `on_status` to the simulation.
+    """
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        """Prepare the bar for `rounds` rounds on `console`."""
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]round[/bold]"),
+            MofNCompleteColumn(),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("rounds", total=rounds, stats="starting")
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def on_status(self, line: str) -> None:
+        """Show a start-up or tear-down step above the bar."""
+        self.progress.console.print(f"[dim]{line}[/dim]")
+
+    def on_round(self, record: RoundRecord) -> None:
+        """Advance the bar with a round's numbers."""
+        stats = (
+            f"devices {record.reported}/{record.selected}  acc {_pct(record.accuracy)}  "
+            f"up {_kib(record.bytes_up)} KiB  {record.seconds:.2f} s"
+        )
+        self.progress.update(self.task, advance=1, stats=stats)
+
+
+def round_table(metrics: SimulationMetrics, title: str = "rounds") -> Table:
+    """Return the per-round table: devices, accuracy, bytes and time."""
+    # SIMPLE_HEAD has no vertical rules, so all columns fit an 80-column terminal.
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    columns = ("round", "online", "updates", "dropped", "acc", "personal", "up KiB",
+               "down KiB", "s")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in metrics.rounds:
+        table.add_row(
+            str(r.round), str(r.online), f"{r.reported}/{r.selected}", str(r.dropped),
+            _pct(r.accuracy), _pct(r.personal_accuracy), _kib(r.bytes_up), _kib(r.bytes_down),
+            f"{r.seconds:.2f}",
+        )  # fmt: skip
+    return table
+
+
+def summary_line(metrics: SimulationMetrics) -> str:
+    """Return one line with the run's headline numbers."""
+    s = metrics.summary
+    return (
+        f"final accuracy {_pct(metrics.final_accuracy)}; federated part {s.get('wall_s', 0):.2f} s "
+        f"(start-up {s.get('startup_s', 0):.2f} s); {s.get('bytes_per_device_per_round', 0):,.0f} "
+        f"B per device per round; peak RSS {s.get('peak_rss_mb', 0):,.0f} MiB"
+    )

@@ -1,0 +1,146 @@
+"""`edgefl compress` and `edgefl recipes` from the command line: output, exit codes, bad input."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgefl.bundle import load_bundle
+from edgefl.cli import main
+
+torch.set_num_threads(1)
+
+FACTORIES = '''
+import torch
+from torch import nn
+
+
+class Bessel(nn.Module):
+    """A digits model whose backbone uses an operator LiteRT cannot lower."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.special.bessel_j0(x).flatten(1))
+
+
+def bessel():
+    return Bessel()
+'''
+
+TFLITE_ONLY = """
+description = "fp32 TFLite only"
+[[artifacts]]
+format = "tflite"
+precision = "fp32"
+"""
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"edgefl_cli_factories_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def run(*args: str):
+    # A wide terminal, so rich does not wrap the table and paths the assertions read.
+    return CliRunner().invoke(main, list(args), env={"COLUMNS": "200"})
+
+
+def test_recipes_lists_names_with_descriptions() -> None:
+    result = run("recipes")
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert {"raspberry-pi", "jetson", "generic"} <= set(lines)
+    assert "int8 TFLite" in lines["raspberry-pi"] and "fp16" in lines["jetson"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    result = run("compress", "--model", "digits-cnn", "--recipe", "raspberry-pi", "--data", "digits",
+                 "--out", str(out), "--dry-run")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "features.3" in result.output and "MACs 1,886,986 -> 501,514" in result.output
+    assert "backbone-int8.onnx, backbone-int8.tflite" in result.output
+    assert not out.exists()
+
+
+def test_compress_writes_a_bundle_and_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "mlp"
+    result = run("compress", "--model", "digits-mlp", "--recipe", "jetson", "--data", "digits",
+                 "--out", str(out), "--version", "3")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "onnx fp16" in result.output and f"bundle written to {out} (version 3)" in result.output
+    bundle = load_bundle(out)
+    assert bundle.manifest.version == 3
+    assert [a.file for a in bundle.manifest.backbones()] == [
+        "backbone-fp16.onnx",
+        "backbone-fp32.onnx",
+    ]
+
+
+def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a zip file at all")
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    bad_recipe = tmp_path / "bad.toml"
+    bad_recipe.write_text('prune_ratio = 0.5\n[[artifacts]]\nformat = "onnx"\n')
+    tflite = tmp_path / "tflite.toml"
+    tflite.write_text(TFLITE_ONLY)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    base = ["--recipe", "generic", "--data", "digits"]
+    return [
+        (["--model", "digits-cnn", "--weights", str(tmp_path / "none.pt"), *base], "weights file .*none.pt not found"),
+        (["--model", "digits-cnn", "--weights", str(corrupt), *base], "corrupt or not a state dict"),
+        (["--model", "edgefl_nowhere.models:make", *base], "cannot import module 'edgefl_nowhere.models'"),
+        (["--model", f"{factories}:missing", *base], f"module '{factories}' has no factory 'missing'"),
+        (["--model", "resnet18", *base], r"shape \[1, 8, 8\] but the model takes \[3, 224, 224\]"),
+        (["--model", "digits-cnn", "--recipe", "generic", "--data", str(empty)], "no class subfolders"),
+        (["--model", "digits-cnn", "--recipe", "rasberry-pi", "--data", "digits"], "unknown recipe 'rasberry-pi'; available recipes:"),
+        (["--model", "digits-cnn", "--recipe", str(bad_recipe), "--data", "digits"], "unknown key 'prune_ratio'"),
+        (["--model", "digits-cnn", "--finetune", "some", *base], "--finetune takes 'all' or a positive number"),
+        (["--model", f"{factories}:bessel", "--recipe", str(tflite), "--data", "digits"],
+         "cannot lower operator aten.special_bessel_j0.*ONNX path"),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_one_line_nonzero_and_leaves_no_bundle(
+    tmp_path: Path, factories: str
+) -> None:
+    for args, message in _bad_inputs(tmp_path, factories):
+        out = tmp_path / "bundle"
+        result = run("compress", *args, "--out", str(out))
+        assert result.exit_code == 2, (args, result.output)
+        # torchao, imported by the TFLite path, prints its own library notes to stderr first.
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert errors == lines[-1:], (args, result.stderr)
+        assert re.search(message, errors[0]), (message, errors[0])
+        assert not out.exists(), args
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], args
+
+
+def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        result = run("compress", "--model", "digits-mlp", "--recipe", "generic", "--data", "digits",
+                     "--out", str(out), *extra)  # fmt: skip
+        assert result.exit_code == 2
+        assert result.stderr.startswith("error: ") and str(out) in result.stderr
+        assert (out / "keep.txt").read_text() == "mine"

@@ -1,0 +1,150 @@
+"""The pipeline end to end: a verified bundle, the report, versions, back-off, no partial bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgefl.bundle import load_bundle
+from edgefl.compression.pipeline import CompressRequest, compress
+from edgefl.data import holdout_split, load_digits
+from edgefl.errors import AccuracyDropError, BundleError
+from edgefl.head import head_accuracy
+from edgefl.runtime import load_backbone
+
+torch.set_num_threads(1)
+
+STRICT = """
+description = "prunes hard without distillation, so the drop cannot be met"
+max_accuracy_drop = 5.0
+[prune]
+ratio = 0.9
+[[artifacts]]
+format = "onnx"
+precision = "fp32"
+"""
+
+LIGHT = """
+description = "onnx variants"
+[[artifacts]]
+format = "onnx"
+precision = "int8-dynamic"
+[[artifacts]]
+format = "onnx"
+precision = "fp16"
+"""
+
+
+@pytest.fixture(scope="module")
+def pi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pi") / "digits"
+    compress(CompressRequest(model="digits-cnn", recipe="raspberry-pi", data="digits", out=out))
+    return out
+
+
+@pytest.mark.slow
+def test_raspberry_pi_bundle_meets_the_targets(pi_bundle: Path) -> None:
+    bundle = load_bundle(pi_bundle)  # checks every artifact's size and SHA-256
+    manifest = bundle.manifest
+    assert (
+        manifest.name == "digits-cnn"
+        and manifest.version == 1
+        and manifest.recipe == "raspberry-pi"
+    )
+    assert manifest.input.shape == [1, 8, 8] and manifest.input.preprocess.scale == 1 / 16
+    assert manifest.feature_size == 64 and len(manifest.source_model_sha256) == 64
+    assert {(a.format, a.precision) for a in manifest.backbones()} == {
+        ("onnx", "int8"),
+        ("tflite", "int8"),
+    }
+    assert manifest.heads["default"].labels == [str(i) for i in range(10)]
+
+    report = bundle.report()
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert set(stages) == {"original", "pruned", "distilled", "onnx int8", "tflite int8"}
+    original = stages["original"]
+    assert stages["distilled"]["macs"] <= 0.6 * original["macs"]
+    for name in ("onnx int8", "tflite int8"):
+        stage = stages[name]
+        assert 100 * (original["accuracy"] - stage["accuracy"]) <= 1.0
+        assert stage["latency_ms"] > 0 and stage["threads"] == 1
+        assert stage["size_bytes"] == (pi_bundle / stage["file"]).stat().st_size
+        assert stage["top1_agreement"] >= 0.95
+    assert stages["onnx int8"]["size_bytes"] < original["size_bytes"] / 4
+    assert all(a["kept"] for a in report["backoff"])
+
+
+@pytest.mark.slow
+def test_bundle_accuracy_is_what_a_board_gets(pi_bundle: Path) -> None:
+    bundle = load_bundle(pi_bundle)
+    _, test = holdout_split(load_digits())
+    spec = bundle.head_spec()
+    reported = {s["stage"]: s["accuracy"] for s in bundle.report()["stages"]}
+    for artifact in bundle.manifest.backbones():
+        features = load_backbone(bundle.file(artifact)).run(test.X)
+        score = head_accuracy(spec.layers, bundle.head_weights(), features, test.y)
+        assert score == pytest.approx(reported[f"{artifact.format} {artifact.precision}"])
+
+
+def test_existing_bundle_needs_force_and_force_bumps_the_version(tmp_path: Path) -> None:
+    out = tmp_path / "mlp"
+    request = CompressRequest(model="digits-mlp", recipe="generic", data="digits", out=out)
+    compress(request)
+    assert load_bundle(out).manifest.version == 1
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(BundleError, match="already exists; pass --force"):
+        compress(request)
+    assert (out / "manifest.json").read_bytes() == before
+    request.force = True
+    compress(request)
+    assert load_bundle(out).manifest.version == 2
+    request.version = 7
+    compress(request)
+    assert load_bundle(out).manifest.version == 7
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "dry"
+    result = compress(CompressRequest(model="digits-cnn", recipe="raspberry-pi", data="digits",
+                                      out=out, dry_run=True))  # fmt: skip
+    assert not out.exists() and result.bundle is None
+    assert result.plan is not None and result.plan.macs_removed >= 0.4
+    assert result.artifacts == ["backbone-int8.onnx", "backbone-int8.tflite"]
+
+
+def test_backoff_is_logged_and_a_missed_target_leaves_no_bundle(tmp_path: Path) -> None:
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text(STRICT)
+    out = tmp_path / "strict"
+    with pytest.raises(AccuracyDropError) as failure:
+        compress(CompressRequest(model="digits-cnn", recipe=recipe, data="digits", out=out))
+    message = str(failure.value)
+    assert "prune ratio 0.9, distill 0 epochs" in message
+    assert "prune ratio 0.45, distill 0 epochs" in message
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
+
+
+def test_transfer_to_new_classes_from_npz(tmp_path: Path) -> None:
+    digits = load_digits()
+    keep = digits.y < 3
+    data = tmp_path / "three.npz"
+    np.savez(data, X=digits.X[keep].reshape(-1, 64), y=digits.y[keep],
+             labels=np.array(["zero", "one", "two"]))  # fmt: skip
+    recipe = tmp_path / "light.toml"
+    recipe.write_text(LIGHT)
+    out = tmp_path / "three"
+    result = compress(CompressRequest(model="digits-mlp", recipe=recipe, data=data, out=out,
+                                      num_classes=3, name="three-digits"))  # fmt: skip
+    bundle = load_bundle(out)
+    spec = bundle.head_spec()
+    assert bundle.manifest.name == "three-digits"
+    assert spec.labels == ["zero", "one", "two"] and spec.num_outputs == 3
+    assert {a.precision for a in bundle.manifest.backbones()} == {"int8-dynamic", "fp16"}
+    assert result.report is not None
+    assert all(s.accuracy is not None and s.accuracy > 0.95 for s in result.report.stages)
+    assert json.loads((out / "report.json").read_text())["model"] == "digits-mlp"

@@ -1,0 +1,95 @@
+"""Recipes: the shipped ones load; unknown keys, names and bad values are errors naming them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgefl.compression.recipe import available_recipes, load_recipe
+from edgefl.errors import RecipeError
+
+MINIMAL = """
+description = "test"
+[[artifacts]]
+format = "onnx"
+precision = "fp32"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_recipes_load_with_their_artifacts() -> None:
+    assert {"raspberry-pi", "jetson", "generic"} <= set(available_recipes())
+    pi = load_recipe("raspberry-pi")
+    assert [(a.format, a.precision) for a in pi.artifacts] == [("onnx", "int8"), ("tflite", "int8")]
+    assert pi.prune is not None and pi.prune.ratio == 0.5 and pi.distill is not None
+    assert pi.max_accuracy_drop == 1.0
+    assert [a.file for a in load_recipe("jetson").artifacts][0] == "backbone-fp16.onnx"
+    generic = load_recipe("generic")
+    assert generic.prune is None and [a.file for a in generic.artifacts] == ["backbone-fp32.onnx"]
+
+
+def test_recipe_from_a_path(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.name == "mine" and recipe.latency_threads == 1
+    assert recipe.tolerance("fp32") == pytest.approx(1e-3)
+
+
+def test_unknown_recipe_lists_the_available_ones() -> None:
+    with pytest.raises(
+        RecipeError, match=r"unknown recipe 'rasberry-pi'; available recipes: .*raspberry-pi"
+    ):
+        load_recipe("rasberry-pi")
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("/nowhere/x.toml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("max_acuracy_drop = 1.0\n", "'max_acuracy_drop'"),
+        ("[prune]\nratio = 0.5\nimportanse = 'l1'\n", "'prune.importanse'"),
+        ("[distill]\nepoch = 3\n", "'distill.epoch'"),
+        ("[verify]\ntolerence = 0.1\n", "'verify.tolerence'"),
+    ],
+)
+def test_unknown_key_names_key_and_file(tmp_path: Path, extra: str, key: str) -> None:
+    path = write(tmp_path, extra + MINIMAL if not extra.startswith("[") else MINIMAL + extra)
+    with pytest.raises(RecipeError, match=rf"{path}: unknown key {key}"):
+        load_recipe(path)
+
+
+def test_unknown_key_inside_an_artifact(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "quantise = true\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'artifacts\[0\]\.quantise'"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL + "[prune]\nratio = 1.5\n", "'prune.ratio' must be in"),
+        (
+            MINIMAL + "[prune]\nimportance = 'magic'\n",
+            "'prune.importance' must be one of l1, l2, taylor, random",
+        ),
+        (MINIMAL + "[distill]\nalpha = 2\n", "'distill.alpha' must be in"),
+        ('[[artifacts]]\nformat = "tflite"\nprecision = "fp16"\n', "fp32, int8 for tflite"),
+        (
+            '[[artifacts]]\nformat = "coreml"\n',
+            "'artifacts\\[0\\].format' must be one of onnx, tflite",
+        ),
+        ('description = "no artifacts"\n', "must list at least one artifact"),
+        (MINIMAL + "[verify]\ntolerance = { int4 = 0.1 }\n", "is not a precision"),
+        ("max_accuracy_drop = 'one'\n" + MINIMAL, "'max_accuracy_drop' must be a number"),
+        ("this is = not toml ==", "not valid TOML"),
+    ],
+)
+def test_bad_values_are_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, text))
