@@ -19,6 +19,9 @@ DIGITS = "digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The digits come as 0..16 intensities on an 8x8 grid; X/16 is the scaling DESIGN.md fixes.
 DIGITS_PREPROCESS = Preprocess(scale=1.0 / 16.0, resize=[8, 8], grayscale=True, layout="NCHW")
+# The same inputs from 8-bit images (0..255): what a board with a camera applies for digits models.
+DIGITS_IMAGE_PREPROCESS = Preprocess(scale=1.0 / 255.0, resize=[8, 8], grayscale=True)
+DEFAULT_IMAGE_PREPROCESS = Preprocess(scale=1.0 / 255.0)
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -73,10 +76,22 @@ def load_dataset(source: str | Path, preprocess: Preprocess | None = None) -> Da
     if not path.exists():
         raise DataError(f"data source {source} not found (expected 'digits', a .npz or a folder)")
     if path.is_dir():
-        return _load_image_folder(path, preprocess or Preprocess(scale=1.0 / 255.0))
+        return _load_image_folder(path, preprocess or DEFAULT_IMAGE_PREPROCESS)
     if path.suffix == ".npz":
         return _load_npz(path, preprocess)
     raise DataError(f"data source {source} is neither a .npz file nor an image folder")
+
+
+def source_preprocess(source: str | Path, model_preprocess: Preprocess | None) -> Preprocess:
+    """Return the preprocessing that turns raw samples of `source` into model inputs.
+
+    The built-in digits are 0..16 intensities (`DIGITS_PREPROCESS`); images and `.npz` files
+    take the model's preprocessing, else `DEFAULT_IMAGE_PREPROCESS`. This is what a bundle
+    records, so boards preprocess their samples the same way.
+    """
+    if str(source) == DIGITS:
+        return DIGITS_PREPROCESS
+    return model_preprocess or DEFAULT_IMAGE_PREPROCESS
 
 
 def load_digits() -> Dataset:
@@ -126,7 +141,7 @@ def holdout_split(
     train: list[np.ndarray] = []
     for label in np.unique(dataset.y):
         members = rng.permutation(np.flatnonzero(dataset.y == label))
-        n_test = int(round(len(members) * test_fraction))
+        n_test = round(len(members) * test_fraction)
         if len(members) >= 2:
             n_test = min(max(n_test, 1), len(members) - 1)
         test.append(members[:n_test])
@@ -157,7 +172,9 @@ def conform(dataset: Dataset, input_shape: Sequence[int]) -> Dataset:
     return Dataset(dataset.X.reshape((len(dataset), *shape)), dataset.y, dataset.labels)
 
 
-def apply_preprocess(images: np.ndarray | Sequence[np.ndarray], preprocess: Preprocess) -> np.ndarray:
+def apply_preprocess(
+    images: np.ndarray | Sequence[np.ndarray], preprocess: Preprocess
+) -> np.ndarray:
     """Turn raw images into backbone inputs exactly as the manifest says.
 
     Args:
@@ -214,9 +231,7 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     # Resize each channel as a float image so no precision is lost to uint8 rounding.
     resized = [
         np.asarray(
-            Image.fromarray(c.astype(np.float32)).resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
+            Image.fromarray(c.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
         )
         for c in channels
     ]

@@ -67,8 +67,18 @@ def test_recipes_lists_names_with_descriptions() -> None:
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "b"
-    result = run("compress", "--model", "digits-cnn", "--recipe", "raspberry-pi", "--data", "digits",
-                 "--out", str(out), "--dry-run")  # fmt: skip
+    result = run(
+        "compress",
+        "--model",
+        "digits-cnn",
+        "--recipe",
+        "raspberry-pi",
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     assert "features.3" in result.output and "MACs 1,886,986 -> 501,514" in result.output
     assert "backbone-int8.onnx, backbone-int8.tflite" in result.output
@@ -77,8 +87,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
 
 def test_compress_writes_a_bundle_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "mlp"
-    result = run("compress", "--model", "digits-mlp", "--recipe", "jetson", "--data", "digits",
-                 "--out", str(out), "--version", "3")  # fmt: skip
+    result = run(
+        "compress",
+        "--model",
+        "digits-mlp",
+        "--recipe",
+        "jetson",
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+        "--version",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert "onnx fp16" in result.output and f"bundle written to {out} (version 3)" in result.output
     bundle = load_bundle(out)
@@ -102,19 +123,37 @@ def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     base = ["--recipe", "generic", "--data", "digits"]
+    digits_cnn = ["--model", "digits-cnn", "--data", "digits"]
     return [
-        (["--model", "digits-cnn", "--weights", str(tmp_path / "none.pt"), *base], "weights file .*none.pt not found"),
-        (["--model", "digits-cnn", "--weights", str(corrupt), *base], "corrupt or not a state dict"),
-        (["--model", "edgefl_nowhere.models:make", *base], "cannot import module 'edgefl_nowhere.models'"),
-        (["--model", f"{factories}:missing", *base], f"module '{factories}' has no factory 'missing'"),
+        (
+            ["--model", "digits-cnn", "--weights", str(tmp_path / "none.pt"), *base],
+            "weights file .*none.pt not found",
+        ),
+        (
+            ["--model", "digits-cnn", "--weights", str(corrupt), *base],
+            "corrupt or not a state dict",
+        ),
+        (
+            ["--model", "edgefl_nowhere.models:make", *base],
+            "cannot import module 'edgefl_nowhere.models'",
+        ),
+        (["--model", f"{factories}:missing", *base], f"'{factories}' has no factory 'missing'"),
         (["--model", "resnet18", *base], r"shape \[1, 8, 8\] but the model takes \[3, 224, 224\]"),
-        (["--model", "digits-cnn", "--recipe", "generic", "--data", str(empty)], "no class subfolders"),
-        (["--model", "digits-cnn", "--recipe", "rasberry-pi", "--data", "digits"], "unknown recipe 'rasberry-pi'; available recipes:"),
-        (["--model", "digits-cnn", "--recipe", str(bad_recipe), "--data", "digits"], "unknown key 'prune_ratio'"),
-        (["--model", "digits-cnn", "--finetune", "some", *base], "--finetune takes 'all' or a positive number"),
-        (["--model", f"{factories}:bessel", "--recipe", str(tflite), "--data", "digits"],
-         "cannot lower operator aten.special_bessel_j0.*ONNX path"),
-    ]  # fmt: skip
+        (
+            ["--model", "digits-cnn", "--recipe", "generic", "--data", str(empty)],
+            "no class subfolders",
+        ),
+        (
+            [*digits_cnn, "--recipe", "rasberry-pi"],
+            "unknown recipe 'rasberry-pi'; available recipes:",
+        ),
+        ([*digits_cnn, "--recipe", str(bad_recipe)], "unknown key 'prune_ratio'"),
+        ([*digits_cnn, "--finetune", "some", "--recipe", "generic"], "--finetune takes 'all' or a"),
+        (
+            ["--model", f"{factories}:bessel", "--recipe", str(tflite), "--data", "digits"],
+            "cannot lower operator aten.special_bessel_j0.*ONNX path",
+        ),
+    ]
 
 
 @pytest.mark.slow
@@ -139,8 +178,18 @@ def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     for extra in ([], ["--force"]):
-        result = run("compress", "--model", "digits-mlp", "--recipe", "generic", "--data", "digits",
-                     "--out", str(out), *extra)  # fmt: skip
+        result = run(
+            "compress",
+            "--model",
+            "digits-mlp",
+            "--recipe",
+            "generic",
+            "--data",
+            "digits",
+            "--out",
+            str(out),
+            *extra,
+        )
         assert result.exit_code == 2
         assert result.stderr.startswith("error: ") and str(out) in result.stderr
         assert (out / "keep.txt").read_text() == "mine"

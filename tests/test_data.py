@@ -26,12 +26,12 @@ def test_digits_are_scaled_images_with_ten_labels() -> None:
     digits = load_dataset("digits")
     assert digits.X.shape == (1797, 1, 8, 8)
     assert digits.X.dtype == np.float32 and digits.y.dtype == np.int64
-    assert 0.0 <= digits.X.min() and digits.X.max() == 1.0
+    assert digits.X.min() >= 0.0 and digits.X.max() == 1.0
     assert digits.labels == [str(i) for i in range(10)]
 
 
 def test_fl_digits_split_matches_the_design_sizes_and_is_deterministic() -> None:
-    (Xc, yc), (Xp, yp), (Xt, yt) = fl_digits_split()
+    (Xc, yc), (_, yp), (Xt, yt) = fl_digits_split()
     assert (len(yc), len(yp), len(yt)) == (539, 880, 378)
     assert Xc.shape[1] == 64 and Xc.dtype == np.float32
     again = fl_digits_split()
@@ -93,7 +93,9 @@ def test_empty_image_folders_are_errors(tmp_path: Path) -> None:
 
 def test_apply_preprocess_normalises_per_channel_into_nchw() -> None:
     image = np.array([[[255, 0, 51], [0, 255, 51]]], dtype=np.uint8)  # 1x2 RGB
-    out = apply_preprocess([image], Preprocess(scale=1 / 255, mean=[0.5, 0.5, 0.0], std=[0.5, 0.5, 0.2]))
+    out = apply_preprocess(
+        [image], Preprocess(scale=1 / 255, mean=[0.5, 0.5, 0.0], std=[0.5, 0.5, 0.2])
+    )
     assert out.shape == (1, 3, 1, 2)
     assert np.allclose(out[0, :, 0, 0], [1.0, -1.0, 1.0])
     assert np.allclose(out[0, :, 0, 1], [-1.0, 1.0, 1.0])

@@ -20,7 +20,7 @@ from edgefl.models.builtin import DIGITS_CNN_CACHE
 
 torch.set_num_threads(1)
 
-FACTORY_MODULE = '''
+FACTORY_MODULE = """
 from torch import nn
 
 def make():
@@ -30,7 +30,9 @@ class Bottleneck(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.1), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)
+        )
 
     def forward(self, x):
         return self.classifier(self.body(x))
@@ -43,7 +45,7 @@ def broken():
 
 def not_a_model():
     return 42
-'''
+"""
 
 
 @pytest.fixture
@@ -85,12 +87,15 @@ def test_digits_mlp_is_the_fl_digits_backbone() -> None:
     assert model.input_shape == [64] and model.head == "head"
     _, _, (X, y) = fl_digits_split()
     assert accuracy(model.module, X, y) > 0.85
-    sizes = [(m.in_features, m.out_features) for m in model.module.modules() if isinstance(m, nn.Linear)]
+    sizes = [
+        (m.in_features, m.out_features) for m in model.module.modules() if isinstance(m, nn.Linear)
+    ]
     assert sizes == [(64, 128), (128, 64), (64, 10)]
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "head"), [("resnet18", 11_689_512, "fc"), ("mobilenet-v2", 3_504_872, "classifier.1")]
+    ("name", "params", "head"),
+    [("resnet18", 11_689_512, "fc"), ("mobilenet-v2", 3_504_872, "classifier.1")],
 )
 def test_imagenet_builtins_have_the_standard_sizes(name: str, params: int, head: str) -> None:
     loaded = resolve_model(name)
@@ -115,7 +120,10 @@ def test_factory_with_safetensors_and_pt_weights(factory_module: str, tmp_path: 
 def test_load_errors_name_the_problem(factory_module: str, tmp_path: Path) -> None:
     cases = [
         (("no-such-model", None), "unknown model 'no-such-model'"),
-        (("edgefl_missing_pkg.models:make", None), "cannot import module 'edgefl_missing_pkg.models'"),
+        (
+            ("edgefl_missing_pkg.models:make", None),
+            "cannot import module 'edgefl_missing_pkg.models'",
+        ),
         ((f"{factory_module}:nope", None), "has no factory 'nope'"),
         ((f"{factory_module}:broken", None), "failed: ValueError: no GPU here"),
         ((f"{factory_module}:not_a_model", None), "returned int, not a torch nn.Module"),
@@ -125,7 +133,10 @@ def test_load_errors_name_the_problem(factory_module: str, tmp_path: Path) -> No
     cases.append(((f"{factory_module}:make", tmp_path / "corrupt.safetensors"), "corrupt"))
     save_file({"other.weight": torch.zeros(1)}, tmp_path / "keys.safetensors")
     cases.append(((f"{factory_module}:make", tmp_path / "keys.safetensors"), "missing keys 0.bias"))
-    wrong = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in load_model(f"{factory_module}:make").state_dict().items()}
+    wrong = {
+        k: torch.zeros(v.shape[0] + 1, *v.shape[1:])
+        for k, v in load_model(f"{factory_module}:make").state_dict().items()
+    }
     save_file(wrong, tmp_path / "shape.safetensors")
     cases.append(((f"{factory_module}:make", tmp_path / "shape.safetensors"), "has shape"))
     for (spec, weights), message in cases:
@@ -150,7 +161,9 @@ def test_named_sequential_head_keeps_its_bottleneck(factory_module: str) -> None
     x = torch.randn(5, 4)
     split = split_model(model, "classifier", x)
     assert split.head_layers() == [
-        {"kind": "linear", "in": 8, "out": 6}, {"kind": "relu"}, {"kind": "linear", "in": 6, "out": 3},
+        {"kind": "linear", "in": 8, "out": 6},
+        {"kind": "relu"},
+        {"kind": "linear", "in": 6, "out": 3},
     ]
     assert torch.allclose(split(x), model(x))
     with pytest.raises(ModelLoadError, match="no module 'classifer'"):
@@ -184,7 +197,9 @@ def test_finetune_last_block_changes_only_that_block() -> None:
     (X, y), _, _ = fl_digits_split()
     split = split_model(model, None, torch.from_numpy(X[:2]))
     before = {k: v.clone() for k, v in split.backbone.state_dict().items()}
-    train_head(split, Dataset(X, y, [str(i) for i in range(10)]), finetune=parse_finetune("1"), epochs=1)
+    train_head(
+        split, Dataset(X, y, [str(i) for i in range(10)]), finetune=parse_finetune("1"), epochs=1
+    )
     after = split.backbone.state_dict()
     assert torch.equal(after["backbone.0.weight"], before["backbone.0.weight"])
     assert not torch.equal(after["backbone.2.weight"], before["backbone.2.weight"])

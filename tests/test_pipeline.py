@@ -1,4 +1,4 @@
-"""The pipeline end to end: a verified bundle, the report, versions, back-off, no partial bundles."""
+"""The pipeline end to end: a verified bundle, report, versions, back-off, no partial bundle."""
 
 from __future__ import annotations
 
@@ -109,8 +109,11 @@ def test_existing_bundle_needs_force_and_force_bumps_the_version(tmp_path: Path)
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "dry"
-    result = compress(CompressRequest(model="digits-cnn", recipe="raspberry-pi", data="digits",
-                                      out=out, dry_run=True))  # fmt: skip
+    result = compress(
+        CompressRequest(
+            model="digits-cnn", recipe="raspberry-pi", data="digits", out=out, dry_run=True
+        )
+    )
     assert not out.exists() and result.bundle is None
     assert result.plan is not None and result.plan.macs_removed >= 0.4
     assert result.artifacts == ["backbone-int8.onnx", "backbone-int8.tflite"]
@@ -133,13 +136,25 @@ def test_transfer_to_new_classes_from_npz(tmp_path: Path) -> None:
     digits = load_digits()
     keep = digits.y < 3
     data = tmp_path / "three.npz"
-    np.savez(data, X=digits.X[keep].reshape(-1, 64), y=digits.y[keep],
-             labels=np.array(["zero", "one", "two"]))  # fmt: skip
+    np.savez(
+        data,
+        X=digits.X[keep].reshape(-1, 64),
+        y=digits.y[keep],
+        labels=np.array(["zero", "one", "two"]),
+    )
     recipe = tmp_path / "light.toml"
     recipe.write_text(LIGHT)
     out = tmp_path / "three"
-    result = compress(CompressRequest(model="digits-mlp", recipe=recipe, data=data, out=out,
-                                      num_classes=3, name="three-digits"))  # fmt: skip
+    result = compress(
+        CompressRequest(
+            model="digits-mlp",
+            recipe=recipe,
+            data=data,
+            out=out,
+            num_classes=3,
+            name="three-digits",
+        )
+    )
     bundle = load_bundle(out)
     spec = bundle.head_spec()
     assert bundle.manifest.name == "three-digits"
@@ -148,3 +163,23 @@ def test_transfer_to_new_classes_from_npz(tmp_path: Path) -> None:
     assert result.report is not None
     assert all(s.accuracy is not None and s.accuracy > 0.95 for s in result.report.stages)
     assert json.loads((out / "report.json").read_text())["model"] == "digits-mlp"
+
+
+def test_image_folder_uses_and_records_the_image_preprocessing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    digits = load_digits()
+    root = tmp_path / "photos"
+    for index in range(0, 300):
+        folder = root / f"digit-{digits.y[index]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # 8-bit photos at 16x16: the bundle's preprocessing must gray, resize and scale them.
+        pixels = np.kron(np.round(digits.X[index, 0] * 255), np.ones((2, 2))).astype(np.uint8)
+        Image.fromarray(pixels).convert("RGB").save(folder / f"{index}.png")
+    out = tmp_path / "bundle"
+    result = compress(CompressRequest(model="digits-cnn", recipe="generic", data=root, out=out))
+    preprocess = load_bundle(out).manifest.input.preprocess
+    assert preprocess.scale == pytest.approx(1 / 255) and preprocess.resize == [8, 8]
+    assert preprocess.grayscale
+    assert load_bundle(out).head_spec().labels == [f"digit-{i}" for i in range(10)]
+    assert result.report is not None and result.report.stages[0].accuracy > 0.9

@@ -56,7 +56,7 @@ def test_ignored_layers_and_feature_pruning(split, digits) -> None:
     example = torch.from_numpy(train.X[:2])
     plan = plan_pruning(split, example, PruneStep(ratio=0.5, ignore_layers=["features.0"]))
     assert "features.0" not in {c.name for c in plan.layers}
-    with pytest.raises(RecipeError, match="'features.99', which is not a backbone module"):
+    with pytest.raises(RecipeError, match=r"'features\.99', which is not a backbone module"):
         plan_pruning(split, example, PruneStep(ratio=0.5, ignore_layers=["features.99"]))
     free = plan_pruning(split, example, PruneStep(ratio=0.5, keep_features=False))
     assert ("bottleneck.1", 64, 32) in {(c.name, c.before, c.after) for c in free.layers}
@@ -66,8 +66,9 @@ def test_ignored_layers_and_feature_pruning(split, digits) -> None:
 def test_importances_prune_to_the_same_width(split, digits, importance: str) -> None:
     train, _ = digits
     example = torch.from_numpy(train.X[:2])
-    plan = apply_pruning(split, example, PruneStep(ratio=0.25, importance=importance),
-                         (train.X, train.y))  # fmt: skip
+    plan = apply_pruning(
+        split, example, PruneStep(ratio=0.25, importance=importance), (train.X, train.y)
+    )
     assert [c.after for c in plan.layers] == [24, 48, 48]
     assert predict(split, train.X[:3]).shape == (3, 10)
 

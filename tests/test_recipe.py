@@ -29,7 +29,7 @@ def test_shipped_recipes_load_with_their_artifacts() -> None:
     assert [(a.format, a.precision) for a in pi.artifacts] == [("onnx", "int8"), ("tflite", "int8")]
     assert pi.prune is not None and pi.prune.ratio == 0.5 and pi.distill is not None
     assert pi.max_accuracy_drop == 1.0
-    assert [a.file for a in load_recipe("jetson").artifacts][0] == "backbone-fp16.onnx"
+    assert load_recipe("jetson").artifacts[0].file == "backbone-fp16.onnx"
     generic = load_recipe("generic")
     assert generic.prune is None and [a.file for a in generic.artifacts] == ["backbone-fp32.onnx"]
 

@@ -271,9 +271,10 @@ def export_tflite(
             f"TFLite conversion cannot lower {what}; use the ONNX path instead "
             "(a recipe with ONNX artifacts only)"
         ) from exc
+    else:
+        with _sibling_tmp(path) as tmp:
+            edge_model.export(str(tmp))
+            os.replace(tmp, path)
     finally:
         litert_torch.config.show_progress = saved_progress
-    with _sibling_tmp(path) as tmp:
-        edge_model.export(str(tmp))
-        os.replace(tmp, path)
     return path

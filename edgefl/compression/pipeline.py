@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from edgefl.bundle import (
     MANIFEST_FILE,
@@ -31,7 +38,6 @@ from edgefl.bundle import (
     InputSpec,
     Manifest,
     ModelBundle,
-    Preprocess,
     write_bundle,
 )
 from edgefl.compression.distill import accuracy, distill, predict
@@ -47,7 +53,7 @@ from edgefl.compression.report import (
     torch_latency_ms,
 )
 from edgefl.compression.transfer import parse_finetune, replace_head, train_head
-from edgefl.data import Dataset, conform, holdout_split, load_dataset
+from edgefl.data import Dataset, conform, holdout_split, load_dataset, source_preprocess
 from edgefl.errors import AccuracyDropError, BundleError, DataError, VerificationError
 from edgefl.head import head_forward
 from edgefl.models.loading import LoadedModel, resolve_model
@@ -108,7 +114,8 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
     if not request.dry_run:
         _check_out(out, request.force)
     loaded = resolve_model(request.model, request.weights)
-    dataset = load_dataset(request.data, loaded.preprocess)
+    preprocess = source_preprocess(request.data, loaded.preprocess)
+    dataset = load_dataset(request.data, preprocess)
     if loaded.input_shape is not None:
         dataset = conform(dataset, loaded.input_shape)
     train, test = holdout_split(dataset)
@@ -124,32 +131,37 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
         plan = None
         if recipe.prune is not None and recipe.prune.ratio > 0:
             plan = plan_pruning(split, example, recipe.prune, (train.X, train.y))
-        files = [a.file for a in recipe.artifacts]
+        planned = [a.file for a in recipe.artifacts]
         if console is not None:
-            render_plan(plan, files, console)
-        return CompressResult(None, plan, None, files)
+            render_plan(plan, planned, console)
+        return CompressResult(None, plan, None, planned)
 
     with _progress(console) as progress:
         if request.num_classes is not None or finetune is not None:
             tick = time.perf_counter()
             task = progress.add_task("training head", total=recipe.head_epochs)
             train_head(
-                split, train, finetune, epochs=recipe.head_epochs,
+                split,
+                train,
+                finetune,
+                epochs=recipe.head_epochs,
                 progress=lambda done, _total: progress.update(task, completed=done),
-            )  # fmt: skip
+            )
             report.seconds["transfer"] = round(time.perf_counter() - tick, 2)
         teacher = split.eval()
         original = accuracy(teacher, test.X, test.y)
         report.stages.append(_torch_stage("original", teacher, example, test, recipe))
         tick = time.perf_counter()
-        student, plan = _prune_and_distill(teacher, train, test, example, recipe, original, report,
-                                           progress)  # fmt: skip
+        student, plan = _prune_and_distill(
+            teacher, train, test, example, recipe, original, report, progress
+        )
         report.seconds["prune+distill"] = round(time.perf_counter() - tick, 2)
         report.pruning = plan.to_dict() if plan is not None else None
         with tempfile.TemporaryDirectory(prefix="edgefl-compress-") as tmp:
             tick = time.perf_counter()
-            files = _export_all(student, train, test, example, recipe, original, report,
-                                Path(tmp), progress)  # fmt: skip
+            files = _export_all(
+                student, train, test, example, recipe, original, report, Path(tmp), progress
+            )
             report.seconds["export+verify"] = round(time.perf_counter() - tick, 2)
             report.seconds["total"] = round(time.perf_counter() - started, 2)
             manifest = Manifest(
@@ -157,7 +169,7 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
                 version=_version(out, request),
                 input=InputSpec(
                     shape=list(train.sample_shape),
-                    preprocess=dataclasses.replace(loaded.preprocess or Preprocess()),
+                    preprocess=dataclasses.replace(preprocess),
                 ),
                 feature_size=student.feature_size,
                 artifacts=[
@@ -167,13 +179,17 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
                 heads={"default": student.head_spec(labels)},
                 recipe=recipe.name,
                 source_model_sha256=loaded.sha256,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 extra={"recipe": recipe.to_dict(), "model": request.model},
             )
             bundle = write_bundle(
-                out, manifest, files, {"default": student.head_weights()}, report.to_dict(),
+                out,
+                manifest,
+                files,
+                {"default": student.head_weights()},
+                report.to_dict(),
                 force=request.force,
-            )  # fmt: skip
+            )
     if console is not None:
         render_report(report, console)
         console.print(f"bundle written to {out} (version {manifest.version})")
@@ -211,8 +227,11 @@ def _labels(
             f"the data has {classes} classes but the model's head has {outputs} outputs; "
             f"pass --num-classes {classes}"
         )
-    for candidate in (dataset.labels if num_classes is not None else None, loaded.labels,
-                      dataset.labels):  # fmt: skip
+    for candidate in (
+        dataset.labels if num_classes is not None else None,
+        loaded.labels,
+        dataset.labels,
+    ):
         if candidate is not None and len(candidate) == outputs:
             return list(candidate)
     return [str(i) for i in range(outputs)]
@@ -221,9 +240,14 @@ def _labels(
 @contextmanager
 def _progress(console: Console | None) -> Iterator[Progress]:
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-        console=console, disable=console is None, transient=False,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console is None,
+        transient=False,
+    )
     with progress if console is not None else nullcontext(progress):
         yield progress
 
@@ -275,13 +299,17 @@ def _prune_and_distill(
         stages: list[StageReport] = []
         plan = None
         if prune is not None:
-            plan = apply_pruning(student, example, dataclasses.replace(prune, ratio=ratio),
-                                 (train.X, train.y))  # fmt: skip
+            plan = apply_pruning(
+                student, example, dataclasses.replace(prune, ratio=ratio), (train.X, train.y)
+            )
             stages.append(_torch_stage("pruned", student, example, test, recipe))
         if epochs > 0:
             task = progress.add_task(f"distilling (ratio {ratio:g})", total=epochs)
-            distill(student, teacher, train, step, epochs=epochs,
-                    progress=lambda done, _t, task=task: progress.update(task, completed=done))  # fmt: skip
+
+            def advance(done: int, _total: int, task: TaskID = task) -> None:
+                progress.update(task, completed=done)
+
+            distill(student, teacher, train, step, epochs=epochs, progress=advance)
             stages.append(_torch_stage("distilled", student, example, test, recipe))
         drop = _drop(original, accuracy(student, test.X, test.y))
         ok = recipe.max_accuracy_drop is None or drop <= recipe.max_accuracy_drop
@@ -331,12 +359,24 @@ def _export_all(
             export_tflite(backbone, one, path, calibration=calibration)
         else:
             export_tflite(backbone, one, path)
-        stage = _measure(artifact, path, reference, verify_inputs, head, test, recipe, original,
-                         report)  # fmt: skip
+        stage = _measure(
+            artifact, path, reference, verify_inputs, head, test, recipe, original, report
+        )
         if stage is None:
             assert fp32_onnx is not None
-            stage = _backoff_int8(artifact, fp32_onnx, path, calibration, reference, verify_inputs,
-                                  head, test, recipe, original, report)  # fmt: skip
+            stage = _backoff_int8(
+                artifact,
+                fp32_onnx,
+                path,
+                calibration,
+                reference,
+                verify_inputs,
+                head,
+                test,
+                recipe,
+                original,
+                report,
+            )
         stage.params, stage.macs = params, macs
         report.stages.append(stage)
         files[artifact.file] = path
@@ -345,7 +385,11 @@ def _export_all(
 
 
 def _make_onnx(
-    artifact: ArtifactStep, fp32: Path, path: Path, calibration: np.ndarray, exclude: tuple[str, ...]
+    artifact: ArtifactStep,
+    fp32: Path,
+    path: Path,
+    calibration: np.ndarray,
+    exclude: tuple[str, ...],
 ) -> None:
     from edgefl.compression.quantize import (
         convert_onnx_fp16,
@@ -383,12 +427,19 @@ def _measure(
     name = f"{artifact.format} {artifact.precision}"
     try:
         agreement = verify_artifact(
-            path, reference, inputs, recipe.tolerance(artifact.precision), head,
-            recipe.verify.min_top1_agreement, threads=recipe.latency_threads,
-        )  # fmt: skip
+            path,
+            reference,
+            inputs,
+            recipe.tolerance(artifact.precision),
+            head,
+            recipe.verify.min_top1_agreement,
+            threads=recipe.latency_threads,
+        )
     except VerificationError:
         if can_back_off and recipe.max_accuracy_drop is not None:
-            report.backoff.append(BackoffAttempt(name, f"{setting}: failed verification", None, False))
+            report.backoff.append(
+                BackoffAttempt(name, f"{setting}: failed verification", None, False)
+            )
             return None
         raise
     runner = load_backbone(path, threads=recipe.latency_threads)
@@ -441,14 +492,16 @@ def _backoff_int8(
             break
         _make_onnx(artifact, fp32, path, calibration, exclude)
         setting = f"{len(exclude)} sensitive nodes kept in float: {', '.join(exclude)}"
-        stage = _measure(artifact, path, reference, inputs, head, test, recipe, original, report,
-                         setting)  # fmt: skip
+        stage = _measure(
+            artifact, path, reference, inputs, head, test, recipe, original, report, setting
+        )
         if stage is not None:
             return stage
         if len(exclude) < count:
             break
     tried = "; ".join(
-        f"{a.setting}: " + ("failed verification" if a.accuracy_drop is None else f"-{a.accuracy_drop}")
+        f"{a.setting}: "
+        + ("failed verification" if a.accuracy_drop is None else f"-{a.accuracy_drop}")
         for a in report.backoff
         if a.step == "onnx int8"
     )

@@ -6,10 +6,11 @@ checked: a misspelt key is an error naming the key and the file, never silently 
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edgefl.errors import RecipeError
 from edgefl.resources import shipped_dir
@@ -149,7 +150,8 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
     if not isinstance(raw_artifacts, list):
         raise RecipeError(f"recipe {path}: 'artifacts' must be an array of tables ([[artifacts]])")
     artifacts = [
-        _section(ArtifactStep, item, f"artifacts[{i}]", path) for i, item in enumerate(raw_artifacts)
+        _section(ArtifactStep, item, f"artifacts[{i}]", path)
+        for i, item in enumerate(raw_artifacts)
     ]
     verify = _section(VerifyStep, data.get("verify", {}), "verify", path)
     recipe = Recipe(
@@ -191,7 +193,11 @@ def _section(cls: Any, raw: Any, section: str, path: Path) -> Any:
 
 
 def _number(
-    data: dict[str, Any], key: str, path: Path, default: float | None = None, allow_none: bool = False
+    data: dict[str, Any],
+    key: str,
+    path: Path,
+    default: float | None = None,
+    allow_none: bool = False,
 ) -> float | None:
     value = data.get(key, default)
     if value is None and allow_none:
@@ -210,10 +216,14 @@ def _validate(recipe: Recipe, path: Path) -> None:
         if not isinstance(p.ratio, int | float) or not 0.0 <= p.ratio < 1.0:
             fail("prune.ratio", f"must be in [0, 1), got {p.ratio!r}")
         if p.importance not in IMPORTANCES:
-            fail("prune.importance", f"must be one of {', '.join(IMPORTANCES)}, got {p.importance!r}")
+            fail(
+                "prune.importance", f"must be one of {', '.join(IMPORTANCES)}, got {p.importance!r}"
+            )
         if not isinstance(p.iterative_steps, int) or p.iterative_steps < 1:
             fail("prune.iterative_steps", f"must be an integer >= 1, got {p.iterative_steps!r}")
-        if not isinstance(p.ignore_layers, list) or not all(isinstance(n, str) for n in p.ignore_layers):
+        if not isinstance(p.ignore_layers, list) or not all(
+            isinstance(n, str) for n in p.ignore_layers
+        ):
             fail("prune.ignore_layers", "must be a list of module names")
         if not isinstance(p.keep_features, bool):
             fail("prune.keep_features", f"must be true or false, got {p.keep_features!r}")
@@ -252,7 +262,10 @@ def _validate(recipe: Recipe, path: Path) -> None:
         seen.add(artifact.file)
     for precision, value in recipe.verify.tolerance.items():
         if precision not in DEFAULT_TOLERANCE:
-            fail(f"verify.tolerance.{precision}", f"is not a precision ({', '.join(DEFAULT_TOLERANCE)})")
+            fail(
+                f"verify.tolerance.{precision}",
+                f"is not a precision ({', '.join(DEFAULT_TOLERANCE)})",
+            )
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             fail(f"verify.tolerance.{precision}", f"must be a number >= 0, got {value!r}")
     if not 0.0 <= recipe.verify.min_top1_agreement <= 1.0:

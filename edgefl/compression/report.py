@@ -87,7 +87,9 @@ def state_size_bytes(model: nn.Module) -> int:
     return len(save(state))
 
 
-def torch_latency_ms(model: nn.Module, sample: np.ndarray, threads: int, repeats: int = 30) -> float:
+def torch_latency_ms(
+    model: nn.Module, sample: np.ndarray, threads: int, repeats: int = 30
+) -> float:
     """Return the median eager latency (ms) of one sample, with torch limited to `threads`."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -109,8 +111,17 @@ def torch_latency_ms(model: nn.Module, sample: np.ndarray, threads: int, repeats
 def render_report(report: CompressionReport, console: Console) -> None:
     """Print the stages as a table, then the back-off log if anything was retried."""
     table = Table(title=f"edgefl compress: {report.model} with recipe {report.recipe}")
-    for column in ("stage", "runtime", "params", "MACs", "size", "latency", "accuracy",
-                   "max err", "top-1 agree"):  # fmt: skip
+    for column in (
+        "stage",
+        "runtime",
+        "params",
+        "MACs",
+        "size",
+        "latency",
+        "accuracy",
+        "max err",
+        "top-1 agree",
+    ):
         table.add_column(column, justify="left" if column in ("stage", "runtime") else "right")
     for s in report.stages:
         table.add_row(

@@ -1,4 +1,6 @@
-"""Built-in models, defined here so nothing is downloaded: digits-cnn, digits-mlp, mobilenet-v2, resnet18.
+"""Built-in models, defined here so nothing is downloaded.
+
+digits-cnn, digits-mlp, mobilenet-v2 and resnet18.
 
 The digits models are pretrained on first use (seconds, deterministic); digits-cnn is cached under
 $EDGEFL_CACHE (default ~/.cache/edgefl). mobilenet-v2 and resnet18 are the standard ImageNet
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgefl.bundle import Preprocess
-from edgefl.data import DIGITS_PREPROCESS, fl_digits_split, holdout_split, load_digits
+from edgefl.data import DIGITS_IMAGE_PREPROCESS, fl_digits_split, holdout_split, load_digits
 
 IMAGENET_PREPROCESS = Preprocess(
     scale=1.0 / 255.0,
@@ -109,8 +111,15 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2 (Sandler et al. 2018), width 1.0, torchvision's layout (`classifier.1` head)."""
 
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1))  # fmt: skip
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -173,7 +182,9 @@ class ResNet18(nn.Module):
         inp = 64
         for i, width in enumerate(widths):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(inp, width, stride), BasicBlock(width, width, 1)))
+            stages.append(
+                nn.Sequential(BasicBlock(inp, width, stride), BasicBlock(width, width, 1))
+            )
             inp = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -274,23 +285,44 @@ BUILTINS: dict[str, BuiltinModel] = {
     model.name: model
     for model in (
         BuiltinModel(
-            "digits-cnn", DigitsCNN, [1, 8, 8], DIGITS_PREPROCESS, _DIGIT_LABELS, "fc",
+            "digits-cnn",
+            DigitsCNN,
+            [1, 8, 8],
+            DIGITS_IMAGE_PREPROCESS,
+            _DIGIT_LABELS,
+            "fc",
             "small CNN on 1x8x8 digits, trained on first use and cached",
             pretrain=pretrained_digits_cnn,
         ),
         BuiltinModel(
-            "digits-mlp", DigitsMLP, [64], DIGITS_PREPROCESS, _DIGIT_LABELS, "head",
+            "digits-mlp",
+            DigitsMLP,
+            [64],
+            DIGITS_IMAGE_PREPROCESS,
+            _DIGIT_LABELS,
+            "head",
             "the FL-digits MLP of DESIGN.md (64-128-64 backbone, 64->10 head), pretrained",
             pretrain=pretrained_digits_mlp,
         ),
         BuiltinModel(
-            "mobilenet-v2", MobileNetV2, [3, 224, 224], IMAGENET_PREPROCESS, _IMAGENET_LABELS,
-            "classifier.1", "MobileNetV2, 224x224 RGB, 1000 classes, random init",
+            "mobilenet-v2",
+            MobileNetV2,
+            [3, 224, 224],
+            IMAGENET_PREPROCESS,
+            _IMAGENET_LABELS,
+            "classifier.1",
+            "MobileNetV2, 224x224 RGB, 1000 classes, random init",
             aliases=["mobilenet_v2", "mobilenetv2"],
         ),
         BuiltinModel(
-            "resnet18", ResNet18, [3, 224, 224], IMAGENET_PREPROCESS, _IMAGENET_LABELS, "fc",
-            "ResNet-18, 224x224 RGB, 1000 classes, random init", aliases=["resnet-18"],
+            "resnet18",
+            ResNet18,
+            [3, 224, 224],
+            IMAGENET_PREPROCESS,
+            _IMAGENET_LABELS,
+            "fc",
+            "ResNet-18, 224x224 RGB, 1000 classes, random init",
+            aliases=["resnet-18"],
         ),
     )
 }

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -57,6 +58,7 @@ def resolve_model(spec: str, weights: Path | None = None) -> LoadedModel:
         ModelLoadError: as `load_model`.
     """
     builtin = find_builtin(spec)
+    info: tuple[list[int] | None, Preprocess | None, list[str] | None, str | None]
     if builtin is not None:
         if weights is None and builtin.pretrain is not None:
             module = builtin.pretrain()
@@ -76,7 +78,8 @@ def resolve_model(spec: str, weights: Path | None = None) -> LoadedModel:
     if weights is not None:
         load_weights(module, Path(weights))
     module.eval()
-    return LoadedModel(module, name, *info, sha256=state_sha256(module))
+    input_shape, preprocess, labels, head = info
+    return LoadedModel(module, name, input_shape, preprocess, labels, head, state_sha256(module))
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
@@ -87,6 +90,7 @@ def load_weights(module: nn.Module, path: Path) -> None:
     """
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} not found")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             state = load_file(path)
@@ -94,7 +98,9 @@ def load_weights(module: nn.Module, path: Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load raise many types for bad files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"weights file {path} is corrupt or not a state dict: {reason}") from exc
+        raise ModelLoadError(
+            f"weights file {path} is corrupt or not a state dict: {reason}"
+        ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -129,7 +135,9 @@ def _call_factory(spec: str) -> nn.Module:
     try:
         package = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelLoadError(f"cannot import module {module_name!r} of model {spec!r}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot import module {module_name!r} of model {spec!r}: {exc}"
+        ) from exc
     factory = getattr(package, attr, None)
     if factory is None or not callable(factory):
         raise ModelLoadError(f"module {module_name!r} has no factory {attr!r}")
@@ -138,7 +146,9 @@ def _call_factory(spec: str) -> nn.Module:
     except Exception as exc:  # user code: any failure is a load error with its message
         raise ModelLoadError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"factory {spec} returned {type(model).__name__}, not a torch nn.Module")
+        raise ModelLoadError(
+            f"factory {spec} returned {type(model).__name__}, not a torch nn.Module"
+        )
     return model
 
 

@@ -44,7 +44,9 @@ class SplitModel(nn.Module):
         layers: list[dict[str, Any]] = []
         for module in self.head:
             if isinstance(module, nn.Linear):
-                layers.append({"kind": "linear", "in": module.in_features, "out": module.out_features})
+                layers.append(
+                    {"kind": "linear", "in": module.in_features, "out": module.out_features}
+                )
             else:
                 layers.append({"kind": "relu"})
         return layers
@@ -54,8 +56,11 @@ class SplitModel(nn.Module):
         return HeadSpec(layers=self.head_layers(), labels=list(labels))
 
     def head_weights(self) -> dict[str, np.ndarray]:
-        """Return the head parameters as float32 arrays named `"{index}.weight"`/`"{index}.bias"`."""
-        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.head.state_dict().items()}
+        """Return the head parameters as float32 arrays, named `{index}.weight` / `{index}.bias`."""
+        return {
+            k: v.detach().cpu().numpy().astype(np.float32)
+            for k, v in self.head.state_dict().items()
+        }
 
 
 def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> SplitModel:

@@ -129,6 +129,10 @@ class EmbeddedBroker:
         self._thread = threading.Thread(target=serve, name="edgefl-broker", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout) or self._error is not None:
+            self._thread.join(timeout)
+            if not self._loop.is_running():
+                self._loop.close()
+            self._loop = self._thread = None
             raise TransportError(
                 f"embedded broker could not listen on {self.host}:{self.port}: {self._error}"
             )

@@ -116,6 +116,8 @@ class NetworkLoop:
         """Stop the loop thread and close its selector; clients on it stop working."""
         with self._lock:
             if not self._running:
+                if self._thread is None:  # never started: nothing else will close these
+                    self._close_resources()
                 return
             self._running = False
         self._wake()
@@ -218,6 +220,9 @@ class NetworkLoop:
                 next_misc = now + _MISC_INTERVAL_S
                 for client in list(self._clients):
                     self._guard(client._on_misc)
+        self._close_resources()
+
+    def _close_resources(self) -> None:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -502,7 +507,7 @@ class MqttClient:
 
     def _flush(self, sock: Any) -> None:
         if self._sock is sock:
-            self._paho.loop_write()
+            self._write_now()
 
     def _on_readable(self) -> None:
         # paho reads one packet per call; draining a few per wake-up saves select() calls when
@@ -516,12 +521,19 @@ class MqttClient:
         finally:
             self._reading = False
         if self._sock is not None and self._paho.want_write():
-            self._paho.loop_write()
+            self._write_now()
         if self._sock is None and not self._closing:
             self._schedule_reconnect()
 
-    def _on_writable(self) -> None:
+    def _write_now(self) -> None:
         self._paho.loop_write()
+        # paho only calls register_write on a change it saw itself; a write callback skipped
+        # while reading would leave a half-sent message waiting, so set the interest here.
+        if self._sock is not None:
+            self._want_write(self._sock, self._paho.want_write())
+
+    def _on_writable(self) -> None:
+        self._write_now()
         if self._sock is None and not self._closing:
             self._schedule_reconnect()
 
