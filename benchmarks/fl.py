@@ -146,7 +146,11 @@ def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) ->
         url, FLEET, bundle, rounds=rounds, min_devices=devices, deadline_s=120,
         state_path=workdir / f"state-{features}.sqlite",
     )  # fmt: skip
+    # CPU seconds of this process (the aggregator's threads; the devices are another process):
+    # unlike updates/s, it hardly moves with the load other jobs put on the machine.
+    cpu = time.process_time()
     summary = Aggregator(config).run()
+    cpu = time.process_time() - cpu
     fleet.join(60)
     rates = [r.accepted / r.seconds for r in summary.rounds]
     assert all(r.accepted == devices for r in summary.rounds), [r.accepted for r in summary.rounds]
@@ -157,6 +161,7 @@ def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) ->
         "updates_per_s_median": statistics.median(rates),
         "updates_per_s_min": min(rates),
         "round_seconds_median": statistics.median(r.seconds for r in summary.rounds),
+        "aggregator_cpu_ms_per_update": 1000 * cpu / (devices * rounds),
         "bytes_per_update": summary.rounds[0].metrics["bytes_per_update"],
     }
 
@@ -201,11 +206,13 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     size_rows = codec_sizes(64) + codec_sizes(1280)
     print(f"\nAggregator ingest through Mosquitto ({args.devices} devices, {args.rounds} rounds)")
-    print(f"{'head':>8} {'updates/s (median)':>19} {'min':>8} {'round s':>8} {'bytes/update':>13}")
+    print(f"{'head':>8} {'updates/s (median)':>19} {'min':>8} {'round s':>8} {'bytes/update':>13}"
+          f" {'agg CPU ms/update':>18}")  # fmt: skip
     for row in ingest_rows:
         rate, slowest = row["updates_per_s_median"], row["updates_per_s_min"]
         print(f"{row['head']:>8} {rate:>19.0f} {slowest:>8.0f}"
-              f" {row['round_seconds_median']:>8.3f} {row['bytes_per_update']:>13.0f}")  # fmt: skip
+              f" {row['round_seconds_median']:>8.3f} {row['bytes_per_update']:>13.0f}"
+              f" {row['aggregator_cpu_ms_per_update']:>18.3f}")  # fmt: skip
     print("\nBytes per update (safetensors with header; int8 and top-k 1% with error feedback)")
     print(f"{'head':>8} {'codec':>8} {'bytes':>8} {'x float32':>10}")
     for row in size_rows:

@@ -36,7 +36,11 @@ def _backbone() -> nn.Module:
     data = _workload()
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
     model.load_state_dict(
-        {k[len("backbone.") :]: torch.from_numpy(v.copy()) for k, v in data.items() if k.startswith("backbone.")}
+        {
+            k[len("backbone.") :]: torch.from_numpy(v.copy())
+            for k, v in data.items()
+            if k.startswith("backbone.")
+        }
     )
     return model.eval()
 
@@ -66,7 +70,11 @@ def build_apps(num_rounds: int, timings: dict[str, Any]) -> tuple[Any, Any]:
         head = nn.Linear(64, 10)
         head.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
-        for batch in torch.randperm(len(y)).split(16):
+        # The minibatch order edgefl's devices use (seed + round), so both runs do the same
+        # arithmetic and differ only in the framework around it.
+        server_round = int(msg.content["config"]["server-round"])
+        order = np.random.default_rng(int(_workload()["seed"]) + server_round).permutation(len(y))
+        for batch in torch.from_numpy(order).split(16):
             optimizer.zero_grad()
             nn.functional.cross_entropy(head(features[batch]), y[batch]).backward()
             optimizer.step()
@@ -113,7 +121,9 @@ def build_apps(num_rounds: int, timings: dict[str, Any]) -> tuple[Any, Any]:
                 "bias": torch.from_numpy(data["head.bias"]),
             }
         )
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, evaluate_fn=evaluate)
+        strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=num_rounds, evaluate_fn=evaluate
+        )
 
     return client, server
 

@@ -667,3 +667,22 @@ def simulate(
     console.print(summary_line(metrics))
     for path in save_results(metrics, out):
         console.print(f"wrote {path}")
+
+
+@main.command()
+@click.option("--out", default="build/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--devices", default=20, show_default=True, type=int, help="Simulated devices.")
+@click.option("--rounds", default=10, show_default=True, type=int)
+@click.option("--recipe", default="raspberry-pi", show_default=True, help="Compression recipe.")
+@click.option("--profile", default="raspberry-pi", show_default=True, help="The boards' profile.")
+@user_errors
+def demo(out: Path, devices: int, rounds: int, recipe: str, profile: str) -> None:
+    """The whole story on this machine: compress digits-cnn, deploy it signed to a simulated
+    fleet, federate with personalization, plot the rounds."""
+    from rich.console import Console
+
+    from edgefl.simulation.demo import DemoConfig, run_demo
+
+    _quiet_simulation_logs()
+    config = DemoConfig(out=out, devices=devices, rounds=rounds, recipe=recipe, profile=profile)
+    run_demo(config, Console())

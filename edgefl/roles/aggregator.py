@@ -600,7 +600,8 @@ class Aggregator:
         if header.status == "error":
             with self._cond:
                 open_round.answered[device] = digest
-                self._cond.notify_all()
+                if len(open_round.answered) >= len(open_round.selected):
+                    self._cond.notify_all()
             raise UpdateRejected(
                 f"device:{header.error_code or 'error'}", header.reason or "device reported failure"
             )
@@ -629,11 +630,18 @@ class Aggregator:
                 delta, header.samples, digest, len(payload), dict(header.metrics)
             )
             open_round.answered[device] = digest
-            self._cond.notify_all()
+            complete = len(open_round.answered) >= len(open_round.selected)
+        # Recorded before the round can close, so the last update's record is in the batch that
+        # closing the round writes.
         self.state.record_update(
             number, device, task, "accepted", size=len(payload), samples=header.samples,
             sha256=digest, metrics=header.metrics, payload=payload,
         )  # fmt: skip
+        if complete:
+            # Only the last answer wakes run(): waking it per update cost a thread switch (and,
+            # through its periodic flush, a SQLite commit) for every message.
+            with self._cond:
+                self._cond.notify_all()
 
     # -- outputs --
 

@@ -52,14 +52,35 @@ def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, 
 def data_digest(x: np.ndarray) -> str:
     """Return a short hex digest of an input array (shape, dtype and bytes)."""
     digest = hashlib.sha256(f"{x.shape}{x.dtype}".encode())
-    digest.update(np.ascontiguousarray(x).tobytes())
+    # Hash the array's buffer in place: `tobytes()` copied the whole dataset (150 MB for 256
+    # ImageNet images) just to hash it. The bytes, and so the keys, are the same.
+    digest.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
     return digest.hexdigest()[:16]
 
 
+# Inputs per backbone call are capped by bytes, not count: the runtime allocates a batch's
+# activations, and a 3x224x224 image is 2,352 times a digit. 2 MiB still takes the full 256
+# digits per call but only 3 ImageNet images: an agent computing MobileNetV2 features of 64
+# images peaked at 674 MB resident with one 64-image batch and at 195 MB with 3-image batches
+# (benchmarks/agent_memory.py), at the same speed per image.
+FEATURE_BATCH_BYTES = 2 * 1024 * 1024
+MAX_FEATURE_BATCH = 256
+
+
+def feature_batch_size(x: np.ndarray) -> int:
+    """Return how many samples of `x` one backbone call takes (at least 1, at most 256)."""
+    sample_bytes = max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * 4)  # as float32
+    return max(1, min(MAX_FEATURE_BATCH, FEATURE_BATCH_BYTES // sample_bytes))
+
+
 def run_backbone(
-    runner: Runner, x: np.ndarray, lock: threading.Lock | None = None, batch_size: int = 256
+    runner: Runner, x: np.ndarray, lock: threading.Lock | None = None, batch_size: int | None = None
 ) -> np.ndarray:
-    """Run the backbone over `x` in batches; returns (n, features) float32."""
+    """Run the backbone over `x` in batches; returns (n, features) float32.
+
+    `batch_size` None sizes batches by `feature_batch_size` to bound the runtime's memory.
+    """
+    batch_size = batch_size or feature_batch_size(x)
     parts = []
     for start in range(0, len(x), batch_size):
         batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)

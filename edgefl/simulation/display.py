@@ -70,15 +70,17 @@ def round_table(metrics: SimulationMetrics, title: str = "rounds") -> Table:
     """Return the per-round table: devices, accuracy, bytes and time."""
     # SIMPLE_HEAD has no vertical rules, so all columns fit an 80-column terminal.
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    columns = ("round", "online", "updates", "dropped", "acc", "personal", "up KiB",
-               "down KiB", "s")  # fmt: skip
+    # test: the global head on the server's test set; on devices: the global head and the
+    # personalized heads on the devices' own data.
+    columns = ("round", "online", "updates", "drop", "test", "global@dev", "personal@dev",
+               "up KiB", "down KiB", "s")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     for r in metrics.rounds:
         table.add_row(
             str(r.round), str(r.online), f"{r.reported}/{r.selected}", str(r.dropped),
-            _pct(r.accuracy), _pct(r.personal_accuracy), _kib(r.bytes_up), _kib(r.bytes_down),
-            f"{r.seconds:.2f}",
+            _pct(r.accuracy), _pct(r.device_accuracy), _pct(r.personal_accuracy),
+            _kib(r.bytes_up), _kib(r.bytes_down), f"{r.seconds:.2f}",
         )  # fmt: skip
     return table
 

@@ -26,7 +26,10 @@ class RoundRecord:
         reported: updates the aggregator accepted into the round.
         dropped: selected devices that simulated a dropout.
         accuracy: test accuracy of the new global head (nan when there is no test set).
-        personal_accuracy: mean local accuracy of the devices' personalized heads (nan if none).
+        personal_accuracy: mean accuracy of the devices' personalized heads on their own data,
+            weighted by samples (nan when devices do not report it).
+        device_accuracy: the same for the global head the round started from: how well one
+            shared head fits each device's data, against which personalization is measured.
         bytes_up: update bytes the devices sent in this round, all together.
         bytes_down: task bytes the aggregator sent for this round.
         seconds: wall time of the round.
@@ -40,6 +43,7 @@ class RoundRecord:
     dropped: int
     accuracy: float
     personal_accuracy: float
+    device_accuracy: float
     bytes_up: int
     bytes_down: int
     seconds: float

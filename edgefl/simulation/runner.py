@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,8 @@ class SimulationConfig:
         seed: seeds the partition, the heterogeneity and the devices' training.
         fleet: the fleet name on the wire.
         broker_url: use this broker; None starts the embedded one for the run.
+        preinstalled: devices start with the bundle installed; False starts them empty, to
+            receive it by a deploy (see `Simulation`'s `before_rounds`).
     """
 
     devices: int = 10
@@ -82,6 +85,7 @@ class SimulationConfig:
     seed: int = 0
     fleet: str = "sim"
     broker_url: str | None = None
+    preinstalled: bool = True
 
     def check(self) -> None:
         """Raise SimulationError naming the first invalid setting."""
@@ -122,10 +126,21 @@ class _TaskObserver:
         )
         self.client.subscribe(topics.all_tasks(fleet), self._on_task)
 
+        self._seen = threading.Condition()
+
     def _on_task(self, message: Message) -> None:
         parsed = topics.parse(message.topic)
         if parsed is not None and parsed.round_number is not None and message.payload:
-            self.sizes[parsed.round_number] = len(message.payload)
+            with self._seen:
+                self.sizes[parsed.round_number] = len(message.payload)
+                self._seen.notify_all()
+
+    def task_size(self, round_number: int, timeout: float = 2.0) -> int:
+        """Return the size of a round's task, waiting briefly: the network thread may still be
+        delivering it to this observer when the round has already closed."""
+        with self._seen:
+            self._seen.wait_for(lambda: round_number in self.sizes, timeout)
+            return self.sizes.get(round_number, 0)
 
 
 class Simulation:
@@ -138,6 +153,8 @@ class Simulation:
         data: FederatedData,
         on_round: RoundRecordCallback | None = None,
         on_status: StatusCallback | None = None,
+        prepare_agent: Callable[[Agent], None] | None = None,
+        before_rounds: Callable[[str], None] | None = None,
     ) -> None:
         """Plan the fleet; nothing starts until run().
 
@@ -147,6 +164,10 @@ class Simulation:
             data: the devices' pool and the server's test set.
             on_round: called with each round's record as it closes (live progress).
             on_status: called with a short line for each start-up and tear-down phase.
+            prepare_agent: called with each agent before it starts (the demo attaches the
+                delivery updater here).
+            before_rounds: called with the broker URL once the devices are up, before the
+                aggregator starts (the demo deploys the bundle here).
 
         Raises:
             SimulationError: an invalid setting or a partition that cannot be made.
@@ -157,6 +178,8 @@ class Simulation:
         self.data = data
         self.on_round = on_round
         self.on_status = on_status
+        self.prepare_agent = prepare_agent
+        self.before_rounds = before_rounds
         self.plan: FleetPlan = plan_fleet(
             data.pool.y,
             config.devices,
@@ -214,6 +237,8 @@ class Simulation:
             first = self.plan.online_in(1)
             self._say(f"starting {len(first)} of {len(self.plan.devices)} devices on {url}")
             self._start_agents(url, first)
+            if self.before_rounds is not None:
+                self.before_rounds(url)
             self._aggregator = Aggregator(
                 AggregatorConfig(
                     broker_url=url,
@@ -269,7 +294,7 @@ class Simulation:
                     broker_url=url,
                     fleet=self.config.fleet,
                     device_id=profile.device_id,
-                    bundle_dir=self.bundle.path,
+                    bundle_dir=self.bundle.path if self.config.preinstalled else None,
                     personalize=self.config.personalize,
                     connect_timeout_s=None,
                     # Heartbeats only refresh the status; in a short run they are noise.
@@ -279,6 +304,8 @@ class Simulation:
                 network=self._network,
                 reply_hook=self.behaviours[index[profile.device_id]],
             )
+            if self.prepare_agent is not None:
+                self.prepare_agent(agent)
             agent.start()
             self.agents[profile.device_id] = agent
             started.append(agent)
@@ -344,7 +371,7 @@ class Simulation:
         now = time.perf_counter()
         number = summary.round
         metrics = summary.metrics
-        observer_sizes = self._observer.sizes if self._observer else {}
+        task_bytes = self._observer.task_size(number) if self._observer else 0
         record = RoundRecord(
             round=number,
             online=len(self.plan.online_in(number)),
@@ -353,8 +380,9 @@ class Simulation:
             dropped=sum(1 for b in self.behaviours if number in b.dropped),
             accuracy=float(metrics.get("accuracy", float("nan"))),
             personal_accuracy=float(metrics.get("device_personal_accuracy", float("nan"))),
+            device_accuracy=float(metrics.get("device_global_accuracy", float("nan"))),
             bytes_up=round(metrics.get("bytes_per_update", 0.0) * summary.accepted),
-            bytes_down=observer_sizes.get(number, 0) * summary.selected,
+            bytes_down=task_bytes * summary.selected,
             seconds=now - self._round_started,
             elapsed=now - self._started,
         )
@@ -418,7 +446,8 @@ def run_simulation(
     on_round: RoundRecordCallback | None = None,
     on_status: StatusCallback | None = None,
 ) -> SimulationMetrics:
-    """Run one simulated federation and return its metrics (see `Simulation`)."""
+    """Run one simulated federation and return its metrics (see `Simulation` for the arguments
+    and the errors)."""
     return Simulation(config, bundle, data, on_round, on_status).run()
 
 

@@ -44,9 +44,9 @@ T = TypeVar("T")
 
 def _check_value(value: Any, expected: Any, where: str) -> Any:
     """Return `value` if it has type `expected` (a type hint), else raise MessageError."""
-    origin = typing.get_origin(expected)
+    origin, args = _hint_parts(expected)
     if origin in (Union, types.UnionType):
-        for option in typing.get_args(expected):
+        for option in args:
             try:
                 return _check_value(value, option, where)
             except MessageError:
@@ -77,17 +77,24 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise MessageError(f"{where} must be a list")
-        (item,) = typing.get_args(expected)
+        (item,) = args
         return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise MessageError(f"{where} must be an object")
-        key_type, item = typing.get_args(expected)
+        key_type, item = args
         return {
             _check_value(k, key_type, f"{where} key"): _check_value(v, item, f"{where}.{k}")
             for k, v in value.items()
         }
     raise TypeError(f"unsupported field type {expected!r}")  # a bug in this module, not input
+
+
+@functools.cache
+def _hint_parts(expected: Any) -> tuple[Any, tuple[Any, ...]]:
+    # typing.get_origin/get_args cost microseconds per call, and an update header checks ~20
+    # values; the hints are a handful of fixed objects, so their parts are computed once.
+    return typing.get_origin(expected), typing.get_args(expected)
 
 
 @functools.cache
