@@ -181,3 +181,39 @@ def test_update_is_delivered_across_a_broker_restart(
     (summary,) = result
     rounds = summary.rounds  # type: ignore[attr-defined]
     assert [(r.status, r.accepted) for r in rounds] == [("closed", 1), ("closed", 1)]
+
+
+def test_image_features_are_computed_in_small_batches_with_the_same_result(
+    tmp_path: Path,
+) -> None:
+    # A batch of 64 ImageNet-sized inputs made MobileNetV2 hold ~480 MB of activations; batches
+    # are sized by bytes so a board stays within its memory (benchmarks/agent_memory.py).
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefl.roles.features import feature_batch_size, run_backbone
+    from edgefl.runtime import load_backbone
+
+    assert feature_batch_size(np.zeros((1000, 64), np.float32)) == 256  # digits: unchanged
+    assert feature_batch_size(np.zeros((64, 3, 224, 224), np.float32)) == 3
+    assert feature_batch_size(np.zeros((2, 3, 2048, 2048), np.float32)) == 1
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((3 * 224 * 224, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["f"]),
+        ],
+        "backbone",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "backbone.onnx").write_bytes(model.SerializeToString())
+    runner = load_backbone(tmp_path / "backbone.onnx")
+    x = rng.standard_normal((7, 3, 224, 224), dtype=np.float32)
+    features = run_backbone(runner, x)  # batches of 3, 3 and 1
+    assert features.shape == (7, 4)
+    np.testing.assert_allclose(features, x.reshape(7, -1) @ weight, rtol=1e-4, atol=1e-3)

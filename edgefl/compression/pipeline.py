@@ -481,6 +481,7 @@ def _measure(
         latency_ms=round(measure_latency(runner, test.X[:1]), 4),
         accuracy=score,
         max_error=agreement.max_abs_error,
+        relative_error=agreement.relative_max_error,
         top1_agreement=agreement.top1_agreement,
         file=artifact.file,
     )

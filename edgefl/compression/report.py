@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save
@@ -21,6 +22,7 @@ from torch import nn
 from edgefl.compression.prune import PruningPlan
 
 REPORT_SCHEMA_VERSION = 1
+_RUNTIME_SHORT = {"onnxruntime": "ort"}
 
 
 @dataclass
@@ -37,6 +39,7 @@ class StageReport:
     macs: int | None = None
     accuracy: float | None = None
     max_error: float | None = None
+    relative_error: float | None = None  # max_error over the features' max magnitude
     top1_agreement: float | None = None
     file: str | None = None
 
@@ -110,30 +113,39 @@ def torch_latency_ms(
 
 def render_report(report: CompressionReport, console: Console) -> None:
     """Print the stages as a table, then the back-off log if anything was retried."""
-    table = Table(title=f"edgefl compress: {report.model} with recipe {report.recipe}")
+    threads = sorted({s.threads for s in report.stages})
+    table = Table(
+        title=f"edgefl compress: {report.model}, recipe {report.recipe}, "
+        f"latency on {'/'.join(map(str, threads))} thread(s)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    # Short headers and cells: the table must fit an 80-column terminal without wrapping.
     for column in (
         "stage",
         "runtime",
         "params",
         "MACs",
         "size",
-        "latency",
-        "accuracy",
+        "ms",
+        "acc %",
         "max err",
-        "top-1 agree",
+        "top1 %",
     ):
-        table.add_column(column, justify="left" if column in ("stage", "runtime") else "right")
+        left = column in ("stage", "runtime")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for s in report.stages:
         table.add_row(
             s.stage,
-            f"{s.runtime} ({s.threads}t)",
+            _RUNTIME_SHORT.get(s.runtime, s.runtime),
             _count(s.params),
             _count(s.macs),
             _bytes(s.size_bytes),
-            "-" if s.latency_ms is None else f"{s.latency_ms:.3f} ms",
-            "-" if s.accuracy is None else f"{100 * s.accuracy:.2f}%",
-            "-" if s.max_error is None else f"{s.max_error:.2e}",
-            "-" if s.top1_agreement is None else f"{100 * s.top1_agreement:.1f}%",
+            "-" if s.latency_ms is None else f"{s.latency_ms:.3f}",
+            "-" if s.accuracy is None else f"{100 * s.accuracy:.2f}",
+            "-" if s.max_error is None else f"{s.max_error:.1e}",
+            "-" if s.top1_agreement is None else f"{100 * s.top1_agreement:.1f}",
         )
     console.print(table)
     if any(not a.kept for a in report.backoff):
@@ -171,12 +183,12 @@ def _count(value: int | None) -> str:
         return "-"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= scale:
-            return f"{value / scale:.2f}{unit}"
+            return f"{value / scale:.1f}{unit}"
     return str(value)
 
 
 def _bytes(value: int) -> str:
     for unit, scale in (("MB", 1e6), ("kB", 1e3)):
         if value >= scale:
-            return f"{value / scale:.1f} {unit}"
+            return f"{value / scale:.1f}{unit}"
     return f"{value} B"

@@ -54,7 +54,7 @@ def data_digest(x: np.ndarray) -> str:
     digest = hashlib.sha256(f"{x.shape}{x.dtype}".encode())
     # Hash the array's buffer in place: `tobytes()` copied the whole dataset (150 MB for 256
     # ImageNet images) just to hash it. The bytes, and so the keys, are the same.
-    digest.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    digest.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
     return digest.hexdigest()[:16]
 
 

@@ -17,6 +17,14 @@ def _kib(count: float) -> str:
     return f"{count / 1024:,.1f}"
 
 
+def _size(count: float) -> str:
+    """Bytes in a few characters: 812 B, 24.5 K, 3.1 M (binary units)."""
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
 def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3f}"
 
@@ -69,18 +77,19 @@ class LiveProgress:
 def round_table(metrics: SimulationMetrics, title: str = "rounds") -> Table:
     """Return the per-round table: devices, accuracy, bytes and time."""
     # SIMPLE_HEAD has no vertical rules, so all columns fit an 80-column terminal.
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    # test: the global head on the server's test set; on devices: the global head and the
-    # personalized heads on the devices' own data.
-    columns = ("round", "online", "updates", "drop", "test", "global@dev", "personal@dev",
-               "up KiB", "down KiB", "s")  # fmt: skip
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
+        caption="test: global head on the test set; global, personal: on devices' own data",
+    )  # fmt: skip
+    columns = ("round", "online", "updates", "drop", "test", "global", "personal", "up", "down",
+               "s")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     for r in metrics.rounds:
         table.add_row(
             str(r.round), str(r.online), f"{r.reported}/{r.selected}", str(r.dropped),
             _pct(r.accuracy), _pct(r.device_accuracy), _pct(r.personal_accuracy),
-            _kib(r.bytes_up), _kib(r.bytes_down), f"{r.seconds:.2f}",
+            _size(r.bytes_up), _size(r.bytes_down), f"{r.seconds:.2f}",
         )  # fmt: skip
     return table
 

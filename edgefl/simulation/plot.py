@@ -31,10 +31,16 @@ def plot_metrics(metrics: SimulationMetrics, path: str | Path) -> Path:
     rounds = [r.round for r in metrics.rounds]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     try:
-        top.plot(rounds, [r.accuracy for r in metrics.rounds], marker="o", label="global head")
-        personal = [r.personal_accuracy for r in metrics.rounds]
-        if any(not math.isnan(p) for p in personal):
-            top.plot(rounds, personal, marker="s", label="personalized (local mean)")
+        top.plot(
+            rounds, [r.accuracy for r in metrics.rounds], marker="o", label="global head, test set"
+        )
+        on_devices = [
+            ([r.device_accuracy for r in metrics.rounds], "^", "global head on devices' data"),
+            ([r.personal_accuracy for r in metrics.rounds], "s", "personalized heads"),
+        ]
+        for values, marker, label in on_devices:
+            if any(not math.isnan(v) for v in values):
+                top.plot(rounds, values, marker=marker, linestyle="--", label=label)
         top.set_ylabel("test accuracy")
         top.set_ylim(0.0, 1.0)
         top.grid(alpha=0.3)
