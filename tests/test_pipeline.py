@@ -28,6 +28,17 @@ format = "onnx"
 precision = "fp32"
 """
 
+STRICT_INT8 = """
+description = "int8 held to a tight tolerance, so sensitive nodes must stay in float"
+max_accuracy_drop = 1.0
+[[artifacts]]
+format = "onnx"
+precision = "int8"
+calibration_samples = 64
+[verify]
+tolerance = { int8 = 0.02 }
+"""
+
 LIGHT = """
 description = "onnx variants"
 [[artifacts]]
@@ -184,3 +195,19 @@ def test_image_folder_uses_and_records_the_image_preprocessing(tmp_path: Path) -
     # Without --num-classes the head keeps its own classes, and so the model's labels.
     assert load_bundle(out).head_spec().labels == [str(i) for i in range(10)]
     assert result.report is not None and result.report.stages[0].accuracy > 0.9
+
+
+@pytest.mark.slow
+def test_int8_backoff_keeps_sensitive_nodes_in_float(tmp_path: Path) -> None:
+    recipe = tmp_path / "strict-int8.toml"
+    recipe.write_text(STRICT_INT8)
+    out = tmp_path / "int8"
+    result = compress(CompressRequest(model="digits-cnn", recipe=recipe, data="digits", out=out))
+    assert result.report is not None
+    first, *rest = result.report.backoff
+    assert first.setting.endswith("failed verification") and not first.kept
+    assert rest[-1].kept and "sensitive nodes kept in float" in rest[-1].setting
+    stage = result.report.stage("onnx int8")
+    assert stage.relative_error is not None and stage.relative_error <= 0.02
+    logged = load_bundle(out).report()["backoff"]
+    assert [entry["kept"] for entry in logged] == [a.kept for a in result.report.backoff]
