@@ -6,9 +6,13 @@ imported only when the built-in digits are asked for, Pillow only when images ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+import json
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -80,6 +84,106 @@ def load_dataset(source: str | Path, preprocess: Preprocess | None = None) -> Da
     if path.suffix == ".npz":
         return _load_npz(path, preprocess)
     raise DataError(f"data source {source} is neither a .npz file nor an image folder")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Labelled samples on disk (a `.npz` or an ImageFolder), read in batches when needed.
+
+    The labels and the sample count are read up front; the samples are not. A board computes
+    its backbone features from `batches()` and keeps only those: raw 224x224 images are 0.6 MB
+    each as model inputs, and holding them all broke the agent's memory budget.
+
+    Attributes:
+        path: the `.npz` file or the ImageFolder directory.
+        y: int64 class index of every sample, in reading order.
+        labels: class names.
+        files: ImageFolder only: the image file of every sample; empty for a `.npz`.
+    """
+
+    path: Path
+    y: np.ndarray
+    labels: list[str]
+    files: tuple[Path, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, preprocess: Preprocess | None, batch_size: int) -> Iterator[np.ndarray]:
+        """Yield the samples as float32 model inputs, at most `batch_size` at a time.
+
+        Args:
+            preprocess: as for `load_dataset`: applied to images and to integer `.npz` arrays;
+                None takes `DEFAULT_IMAGE_PREPROCESS` for images and float arrays as they are.
+            batch_size: samples per batch (at least 1).
+
+        Raises:
+            DataError: a sample cannot be read or preprocessed.
+        """
+        batch_size = max(1, int(batch_size))
+        if self.files:
+            image_preprocess = preprocess or DEFAULT_IMAGE_PREPROCESS
+            for start in range(0, len(self.files), batch_size):
+                chunk = self.files[start : start + batch_size]
+                images = [_read_image(f, image_preprocess.grayscale) for f in chunk]
+                yield apply_preprocess(images, image_preprocess)
+            return
+        for batch in _npz_rows(self.path, batch_size):
+            if np.issubdtype(batch.dtype, np.integer) and preprocess is not None:
+                batch = apply_preprocess(batch, preprocess)
+            yield np.ascontiguousarray(batch, dtype=np.float32)
+
+    def digest(self, preprocess: Preprocess | None = None) -> str:
+        """Return a short hex digest of the sample files' bytes and the preprocessing.
+
+        Hashing the files (streamed, never held) rather than the model inputs keys a feature
+        cache without decoding any image; the preprocessing is part of the key because the same
+        files give other inputs under another one.
+        """
+        digest = hashlib.sha256(json.dumps(asdict(preprocess)).encode() if preprocess else b"-")
+        for file in self.files or (self.path,):
+            digest.update(str(file.relative_to(self.path.parent)).encode() + b"\0")
+            try:
+                with file.open("rb") as handle:
+                    while block := handle.read(1 << 20):
+                        digest.update(block)
+            except OSError as exc:
+                raise DataError(f"cannot read {file}: {exc}") from exc
+        return digest.hexdigest()[:16]
+
+
+def open_source(source: str | Path) -> DataSource:
+    """Open a `.npz` file or an ImageFolder directory for reading in batches.
+
+    Reads the labels and checks them as `load_dataset` does, but not the samples.
+
+    Raises:
+        DataError: the source is "digits" (in memory: use `load_dataset`), does not exist, is
+            empty, or its arrays are missing or inconsistent.
+    """
+    if str(source) == DIGITS:
+        raise DataError("the built-in digits are loaded with load_dataset, not read from disk")
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data source {source} not found (expected 'digits', a .npz or a folder)")
+    if path.is_dir():
+        return _open_image_folder(path)
+    if path.suffix == ".npz":
+        return _open_npz(path)
+    raise DataError(f"data source {source} is neither a .npz file nor an image folder")
+
+
+def iter_batches(
+    source: str | Path, preprocess: Preprocess | None, batch_size: int
+) -> Iterator[np.ndarray]:
+    """Yield the samples of a `.npz` or ImageFolder as float32 model inputs, in batches.
+
+    Never holds more than one batch of samples; see `DataSource.batches`.
+
+    Raises:
+        DataError: as `open_source`, or a sample cannot be read.
+    """
+    return open_source(source).batches(preprocess, batch_size)
 
 
 def source_preprocess(source: str | Path, model_preprocess: Preprocess | None) -> Preprocess:
@@ -161,15 +265,26 @@ def conform(dataset: Dataset, input_shape: Sequence[int]) -> Dataset:
     Raises:
         DataError: the samples do not fit the model input.
     """
+    X = conform_batch(dataset.X, input_shape)
+    return dataset if X is dataset.X else Dataset(X, dataset.y, dataset.labels)
+
+
+def conform_batch(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
+    """Return a batch `x` (n, ...) reshaped to (n, *input_shape); `x` itself when it fits.
+
+    Raises:
+        DataError: the samples hold a different number of values than the model input.
+    """
     shape = tuple(int(d) for d in input_shape)
-    if dataset.sample_shape == shape:
-        return dataset
-    if int(np.prod(dataset.sample_shape)) != int(np.prod(shape)):
+    sample_shape = tuple(int(d) for d in x.shape[1:])
+    if sample_shape == shape:
+        return x
+    if int(np.prod(sample_shape)) != int(np.prod(shape)):
         raise DataError(
-            f"data samples have shape {list(dataset.sample_shape)} but the model takes "
+            f"data samples have shape {list(sample_shape)} but the model takes "
             f"{list(shape)}; resize the data or pass a matching model"
         )
-    return Dataset(dataset.X.reshape((len(dataset), *shape)), dataset.y, dataset.labels)
+    return x.reshape((len(x), *shape))
 
 
 def apply_preprocess(
@@ -239,51 +354,124 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _load_npz(path: Path, preprocess: Preprocess | None) -> Dataset:
+    source = _open_npz(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+            X = archive["X"]
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} is not a readable .npz file: {exc}") from exc
-    missing = [name for name in ("X", "y") if name not in arrays]
-    if missing:
-        raise DataError(f"{path} has no array {' or '.join(missing)} (found: {sorted(arrays)})")
-    X, y = arrays["X"], arrays["y"]
-    if len(X) == 0:
+    if np.issubdtype(X.dtype, np.integer) and preprocess is not None:
+        X = apply_preprocess(X, preprocess)
+    # copy=False: a float32 archive is used as loaded, not held twice while it is converted.
+    return Dataset(X.astype(np.float32, copy=False), source.y, source.labels)
+
+
+def _open_npz(path: Path) -> DataSource:
+    """Read a `.npz`'s labels and the shape of X, checking them, without reading X."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+            missing = [name for name in ("X", "y") if name not in names]
+            if missing:
+                raise DataError(
+                    f"{path} has no array {' or '.join(missing)} (found: {sorted(names)})"
+                )
+            y = archive["y"]
+            labels = [str(v) for v in archive["labels"]] if "labels" in names else []
+        with zipfile.ZipFile(path) as archive, archive.open("X.npy") as stream:
+            x_shape, _ = _npy_header(stream)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a readable .npz file: {exc}") from exc
+    if len(x_shape) == 0 or x_shape[0] == 0:
         raise DataError(f"{path} holds no samples")
-    if y.ndim != 1 or len(y) != len(X):
+    if y.ndim != 1 or len(y) != x_shape[0]:
         raise DataError(f"{path}: y must be 1-D with one label per sample of X")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y must hold integer class indices, not {y.dtype}")
-    if np.issubdtype(X.dtype, np.integer) and preprocess is not None:
-        X = apply_preprocess(X, preprocess)
     n_classes = int(y.max()) + 1
-    labels = [str(v) for v in arrays["labels"]] if "labels" in arrays else []
-    if not labels:
-        labels = [str(i) for i in range(n_classes)]
+    labels = labels or [str(i) for i in range(n_classes)]
     if len(labels) < n_classes:
         raise DataError(f"{path}: y has class {n_classes - 1} but only {len(labels)} labels")
-    return Dataset(X.astype(np.float32), y.astype(np.int64), labels)
+    return DataSource(path, y.astype(np.int64), labels)
 
 
-def _load_image_folder(root: Path, preprocess: Preprocess) -> Dataset:
-    from PIL import Image, UnidentifiedImageError
+def _npy_header(stream: IO[bytes]) -> tuple[tuple[int, ...], np.dtype | None]:
+    """Read a `.npy` header: (shape, dtype), dtype None when rows cannot be streamed.
 
+    Fortran order, object arrays and header versions other than 1.0/2.0 (which `np.savez`
+    writes) are rare; for those the caller loads the whole array instead of streaming rows.
+    """
+    fmt = np.lib.format
+    version = fmt.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(stream)
+    else:
+        return (-1,), None
+    streamable = not fortran and not dtype.hasobject
+    return tuple(int(d) for d in shape), dtype if streamable else None
+
+
+def _npz_rows(path: Path, batch_size: int) -> Iterator[np.ndarray]:
+    """Yield X of a `.npz` in batches of rows, reading the archive member as a stream."""
+    with zipfile.ZipFile(path) as archive, archive.open("X.npy") as stream:
+        shape, dtype = _npy_header(stream)
+        if dtype is None:
+            with np.load(path, allow_pickle=False) as arrays:
+                X = arrays["X"]
+            for start in range(0, len(X), batch_size):
+                yield X[start : start + batch_size]
+            return
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            data = stream.read(count * row_bytes)
+            if len(data) != count * row_bytes:
+                raise DataError(f"{path}: X ends after {start} of {shape[0]} samples")
+            # bytearray: a writable batch, like one sliced from a loaded array.
+            yield np.frombuffer(bytearray(data), dtype=dtype).reshape((count, *shape[1:]))
+
+
+def _open_image_folder(root: Path) -> DataSource:
+    """List an ImageFolder's images and labels (sorted subfolder names) without decoding them."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected ImageFolder layout)")
-    images: list[np.ndarray] = []
+    files: list[Path] = []
     targets: list[int] = []
     for index, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as image:
-                    mode = "L" if preprocess.grayscale else "RGB"
-                    images.append(np.asarray(image.convert(mode)))
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"{file} is not a readable image: {exc}") from exc
-            targets.append(index)
-    if not images:
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(file)
+                targets.append(index)
+    if not files:
         raise DataError(f"{root} holds no images in its class subfolders {classes}")
-    return Dataset(apply_preprocess(images, preprocess), np.asarray(targets), classes)
+    return DataSource(root, np.asarray(targets, dtype=np.int64), classes, tuple(files))
+
+
+def _read_image(file: Path, grayscale: bool) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("L" if grayscale else "RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{file} is not a readable image: {exc}") from exc
+
+
+def _load_image_folder(root: Path, preprocess: Preprocess) -> Dataset:
+    source = _open_image_folder(root)
+    # Preprocess in batches into one array: preprocessing all images at once held several
+    # float32 copies of the whole set (scale, mean, std, layout) at the peak.
+    X: np.ndarray | None = None
+    start = 0
+    for batch in source.batches(preprocess, 64):
+        if X is None:
+            X = np.empty((len(source), *batch.shape[1:]), dtype=np.float32)
+        if batch.shape[1:] != X.shape[1:]:
+            raise DataError("images have different sizes; set a resize in the preprocessing")
+        X[start : start + len(batch)] = batch
+        start += len(batch)
+    assert X is not None  # the folder holds at least one image
+    return Dataset(X, source.y, source.labels)

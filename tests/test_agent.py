@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundles import digits_devices, make_test_bundle
+from bundles import digits_devices, make_test_bundle, write_npz
 from conftest import RunningBroker
 
 from edgefl.bundle import ModelBundle
@@ -217,3 +217,52 @@ def test_image_features_are_computed_in_small_batches_with_the_same_result(
     features = run_backbone(runner, x)  # batches of 3, 3 and 1
     assert features.shape == (7, 4)
     np.testing.assert_allclose(features, x.reshape(7, -1) @ weight, rtol=1e-4, atol=1e-3)
+
+
+def _arrays_held(agent: Agent) -> list[tuple[str, int]]:
+    """(name, size) of every array the agent holds directly or one object deep."""
+    held = []
+    for name, value in vars(agent).items():
+        for sub, item in [(name, value), *((f"{name}.{k}", v) for k, v in _fields(value))]:
+            if isinstance(item, np.ndarray):
+                held.append((sub, int(item.size)))
+    return held
+
+
+def _fields(value: object) -> list[tuple[str, object]]:
+    return list(vars(value).items()) if hasattr(value, "__dict__") else []
+
+
+def test_an_agent_reading_from_disk_holds_features_not_samples_and_recomputes_per_backbone(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    # Holding the raw images took a board past 250 MB near 150 photos (benchmarks/RESULTS.md):
+    # the agent keeps labels and features, and reads the samples again for a new backbone.
+    from edgefl.roles.features import run_backbone
+    from edgefl.runtime import load_backbone
+
+    devices, _ = digits_devices(4)
+    data = write_npz(devices[3], tmp_path / "local.npz")
+    state = tmp_path / "state"
+    config = AgentConfig(
+        mosquitto.url, FLEET, "pi-disk", data=str(data), bundle_dir=bundle.path, state_dir=state
+    )
+    agent = Agent(config)
+    agent.start()
+    try:
+        assert agent.samples == len(devices[3])
+        raw_size = devices[3].X.size
+        assert [(n, size) for n, size in _arrays_held(agent) if size >= raw_size] == []
+
+        newer = make_test_bundle(tmp_path / "v2", version=2, feature_size=16, seed=5)
+        agent._install_bundle(newer)  # what an over-the-air deploy calls
+        assert agent.model_version == 2 and agent.features_cache.misses == 2
+        assert [(n, size) for n, size in _arrays_held(agent) if size >= raw_size] == []
+        for installed in (bundle, newer):
+            artifact = installed.manifest.select_backbone()
+            (file,) = (state / "features").glob(f"features-{artifact.sha256[:32]}-*.npy")
+            expected = run_backbone(load_backbone(installed.file(artifact)), devices[3].X)
+            np.testing.assert_allclose(np.load(file), expected, rtol=1e-5, atol=1e-5)
+        assert agent.predict(devices[3].X[:5]).shape == (5,)
+    finally:
+        agent.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from edgefl.data import (
     conform,
     fl_digits_split,
     holdout_split,
+    iter_batches,
     load_dataset,
+    open_source,
 )
 from edgefl.errors import DataError
 
@@ -118,3 +121,56 @@ def test_data_module_imports_without_torch_or_sklearn() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_npz_samples_stream_in_batches_and_load_without_a_second_copy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((203, 3, 32, 32), dtype=np.float32)  # 2.5 MB
+    path = tmp_path / "data.npz"
+    np.savez(path, X=X, y=np.arange(203) % 7)
+    source = open_source(path)
+    assert (len(source), source.labels) == (203, [str(i) for i in range(7)])
+
+    tracemalloc.start()
+    try:
+        sizes = [len(batch) for batch in iter_batches(path, None, 10)]
+        _, streamed_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        loaded = load_dataset(path)
+        _, loaded_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sizes == [10] * 20 + [3]
+    assert streamed_peak < 0.25 * X.nbytes  # a few batches of 10 at most, never all 203
+    assert loaded_peak < 1.5 * X.nbytes  # one float32 copy, not two
+    np.testing.assert_array_equal(loaded.X, X)
+    np.testing.assert_array_equal(np.concatenate(list(source.batches(None, 64))), X)
+
+    uint8 = tmp_path / "uint8.npz"
+    np.savez(uint8, X=np.full((5, 4, 4), 255, np.uint8), y=np.zeros(5, np.int64))
+    (batch,) = iter_batches(uint8, Preprocess(scale=1 / 255), 8)
+    assert batch.dtype == np.float32 and np.allclose(batch, 1.0)
+
+
+def test_image_folder_batches_match_the_loaded_dataset_and_digest_tracks_the_files(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            image = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / label / f"{i}.png")
+    preprocess = Preprocess(scale=1 / 255, mean=[0.4, 0.5, 0.6], std=[0.2], resize=[8, 8])
+    source = open_source(tmp_path)
+    assert list(source.y) == [0, 0, 0, 0, 1, 1, 1, 1] and source.labels == ["a", "b"]
+    batches = list(source.batches(preprocess, 3))
+    assert [b.shape for b in batches] == [(3, 3, 8, 8), (3, 3, 8, 8), (2, 3, 8, 8)]
+    np.testing.assert_array_equal(np.concatenate(batches), load_dataset(tmp_path, preprocess).X)
+
+    digest = source.digest(preprocess)
+    assert source.digest(preprocess) == digest != source.digest(None)
+    Image.fromarray(np.zeros((12, 9, 3), np.uint8)).save(tmp_path / "b" / "3.png")
+    assert source.digest(preprocess) != digest
+    with pytest.raises(DataError, match="built-in digits"):
+        open_source("digits")

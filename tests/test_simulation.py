@@ -140,8 +140,8 @@ def test_plan_fleet_rejects_bad_options() -> None:
 def _record(round_: int, accuracy: float) -> RoundRecord:
     return RoundRecord(
         round=round_, online=4, selected=4, reported=3, dropped=1, accuracy=accuracy,
-        personal_accuracy=math.nan, device_accuracy=0.25, bytes_up=3000, bytes_down=900, seconds=0.5,
-        elapsed=0.5 * round_,
+        personal_accuracy=math.nan, device_accuracy=0.25, bytes_up=3000, bytes_down=900,
+        seconds=0.5, elapsed=0.5 * round_,
     )  # fmt: skip
 
 

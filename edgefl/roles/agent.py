@@ -24,10 +24,23 @@ import numpy as np
 from edgefl.bundle import ModelBundle, decode_head, encode_head, load_bundle
 from edgefl.core.codecs import CODEC_NAMES, ErrorFeedback, encode_delta
 from edgefl.core.training import TrainConfig, train_head
-from edgefl.data import Dataset, conform, load_dataset
+from edgefl.data import (
+    DIGITS,
+    Dataset,
+    DataSource,
+    conform,
+    conform_batch,
+    load_digits,
+    open_source,
+)
 from edgefl.errors import BundleError, MessageError
 from edgefl.head import Weights, head_accuracy, head_forward
-from edgefl.roles.features import FeatureCache, shared_backbone
+from edgefl.roles.features import (
+    FeatureCache,
+    batch_size_for,
+    run_backbone_batches,
+    shared_backbone,
+)
 from edgefl.transport import topics
 from edgefl.transport.client import Message, MessageHandler, MqttClient, NetworkLoop, Will
 from edgefl.transport.messages import (
@@ -145,7 +158,8 @@ class Agent:
 
         Args:
             config: the settings.
-            dataset: local samples; None loads `config.data` on start().
+            dataset: local samples held in memory (simulation); None reads `config.data` on
+                start(): labels only, the samples in batches whenever features are computed.
             network: a shared network loop (simulation); None gives the agent its own.
             feature_cache: a shared cache; None uses `config.state_dir`/features or memory.
             reply_hook: simulation only (edgefl.simulation): called with the round number of a
@@ -158,6 +172,8 @@ class Agent:
         config.check()
         self.config = config
         self.dataset = dataset
+        # Data on disk: only labels are held; features are computed from batches read from it.
+        self.source: DataSource | None = None
         self.outcomes: list[RoundOutcome] = []
         self.bundle: ModelBundle | None = None
         self._features: np.ndarray | None = None
@@ -199,7 +215,9 @@ class Agent:
     @property
     def samples(self) -> int:
         """How many local labelled samples the agent trains on."""
-        return 0 if self.dataset is None else len(self.dataset)
+        if self.dataset is not None:
+            return len(self.dataset)
+        return 0 if self.source is None else len(self.source)
 
     def add_handler(self, topic_filter: str, handler: MessageHandler) -> None:
         """Also deliver messages matching `topic_filter` to `handler` (on the network thread).
@@ -216,8 +234,11 @@ class Agent:
             DataError, BundleError: the local data or the bundle cannot be used.
             TransportError: the broker is not reachable within `connect_timeout_s`.
         """
-        if self.dataset is None and self.config.data is not None:
-            self.dataset = load_dataset(self.config.data)
+        if self.dataset is None and self.source is None and self.config.data is not None:
+            if self.config.data == DIGITS:
+                self.dataset = load_digits()  # built in and small (0.5 MB)
+            else:
+                self.source = open_source(self.config.data)
         self._load_personal()
         if self.config.bundle_dir is not None:
             self._install_bundle(load_bundle(self.config.bundle_dir))
@@ -279,10 +300,14 @@ class Agent:
             previous = self.bundle
             self.bundle = bundle
             try:
+                features: np.ndarray | None = None
                 if self.dataset is not None:
                     self.dataset = conform(self.dataset, bundle.manifest.input.shape)
-                    self._features = self._compute_features(self.dataset.X)
-                    self._labels = self.dataset.y
+                    features, labels = self._compute_features(self.dataset.X), self.dataset.y
+                elif self.source is not None:
+                    features, labels = self._source_features(self.source), self.source.y
+                if features is not None:
+                    self._features, self._labels = features, labels
                     if self._features.shape[1] != spec.in_features:
                         raise BundleError(
                             f"backbone gives {self._features.shape[1]} features but head "
@@ -313,6 +338,25 @@ class Agent:
 
             return run_backbone(runner, x, lock)
         return self.features_cache.features(artifact.sha256, x, runner, lock)
+
+    def _source_features(self, source: DataSource) -> np.ndarray:
+        """Return the features of the data on disk, reading it in batches only on a miss."""
+        assert self.bundle is not None
+        artifact = self.bundle.manifest.select_backbone(self._preferences())
+        runner, lock = shared_backbone(
+            self.bundle.file(artifact), artifact.sha256, self.config.threads
+        )
+        spec = self.bundle.manifest.input
+        # The bundle's preprocessing: it is what the backbone was trained and exported with.
+        preprocess = spec.preprocess
+
+        def compute() -> np.ndarray:
+            batches = source.batches(preprocess, batch_size_for(spec.shape))
+            conformed = (conform_batch(batch, spec.shape) for batch in batches)
+            return run_backbone_batches(runner, conformed, lock)
+
+        digest = f"{source.digest(preprocess)}-{'x'.join(map(str, spec.shape))}"
+        return self.features_cache.lookup(artifact.sha256, digest, len(source), compute)
 
     def _preferences(self) -> list[tuple[str, str]]:
         available = {RUNTIME_FORMATS[r] for r in _runtimes() if r in RUNTIME_FORMATS}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,7 +70,12 @@ MAX_FEATURE_BATCH = 256
 
 def feature_batch_size(x: np.ndarray) -> int:
     """Return how many samples of `x` one backbone call takes (at least 1, at most 256)."""
-    sample_bytes = max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * 4)  # as float32
+    return batch_size_for(x.shape[1:])
+
+
+def batch_size_for(sample_shape: Sequence[int]) -> int:
+    """Return how many samples of this shape one backbone call takes (at least 1, at most 256)."""
+    sample_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * 4)  # as float32
     return max(1, min(MAX_FEATURE_BATCH, FEATURE_BATCH_BYTES // sample_bytes))
 
 
@@ -81,9 +87,21 @@ def run_backbone(
     `batch_size` None sizes batches by `feature_batch_size` to bound the runtime's memory.
     """
     batch_size = batch_size or feature_batch_size(x)
+    batches = (x[start : start + batch_size] for start in range(0, len(x), batch_size))
+    return run_backbone_batches(runner, batches, lock)
+
+
+def run_backbone_batches(
+    runner: Runner, batches: Iterable[np.ndarray], lock: threading.Lock | None = None
+) -> np.ndarray:
+    """Run the backbone over each batch as it comes; returns (n, features) float32.
+
+    Only one batch of inputs is alive at a time when `batches` is a generator (edgefl.data's
+    `DataSource.batches`), so inputs never have to fit in memory together.
+    """
     parts = []
-    for start in range(0, len(x), batch_size):
-        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+    for raw in batches:
+        batch = np.ascontiguousarray(raw, dtype=np.float32)
         if lock is None:
             out = runner.run(batch)
         else:
@@ -117,7 +135,26 @@ class FeatureCache:
         lock: threading.Lock | None = None,
     ) -> np.ndarray:
         """Return the features of `x` under a backbone, computing them only on a miss."""
-        digest = data_digest(x)
+        return self.lookup(
+            backbone_sha256, data_digest(x), len(x), lambda: run_backbone(runner, x, lock)
+        )
+
+    def lookup(
+        self,
+        backbone_sha256: str,
+        digest: str,
+        samples: int,
+        compute: Callable[[], np.ndarray],
+    ) -> np.ndarray:
+        """Return the features stored under (backbone, data digest), or `compute()` and store them.
+
+        Args:
+            backbone_sha256: the backbone artifact's SHA-256.
+            digest: a digest of the data (`data_digest`, or `DataSource.digest` for data read
+                from disk in batches).
+            samples: how many samples the data holds; a stored file of another length is stale.
+            compute: returns the (samples, features) array on a miss.
+        """
         key = f"{backbone_sha256}-{digest}"
         if key in self._memory:
             self.hits += 1
@@ -126,14 +163,14 @@ class FeatureCache:
         if path is not None and path.is_file():
             try:
                 features = np.load(path, allow_pickle=False)
-                if len(features) == len(x):
+                if len(features) == samples:
                     self.hits += 1
                     self._memory[key] = features
                     return features
             except (OSError, ValueError):
                 pass  # a torn or foreign file: recompute and overwrite it
         self.misses += 1
-        features = run_backbone(runner, x, lock)
+        features = compute()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -41,7 +41,7 @@ def plot_metrics(metrics: SimulationMetrics, path: str | Path) -> Path:
         for values, marker, label in on_devices:
             if any(not math.isnan(v) for v in values):
                 top.plot(rounds, values, marker=marker, linestyle="--", label=label)
-        top.set_ylabel("test accuracy")
+        top.set_ylabel("accuracy")
         top.set_ylim(0.0, 1.0)
         top.grid(alpha=0.3)
         top.legend(loc="lower right")
@@ -58,7 +58,7 @@ def plot_metrics(metrics: SimulationMetrics, path: str | Path) -> Path:
         bottom.set_xlabel("round")
         bottom.set_ylabel("KiB per round")
         bottom.grid(alpha=0.3)
-        bottom.legend(loc="upper right")
+        bottom.legend(loc="lower right", framealpha=0.9)
         figure.tight_layout()
         figure.savefig(target, dpi=100)
     finally:
