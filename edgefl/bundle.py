@@ -332,8 +332,13 @@ def write_bundle(
             (staging / spec.file).write_bytes(encode_head(heads[task]))
             if spec.file not in listed:
                 manifest.artifacts.append(
-                    Artifact(file=spec.file, role="head", format="safetensors",
-                             precision="fp32", task=task)
+                    Artifact(
+                        file=spec.file,
+                        role="head",
+                        format="safetensors",
+                        precision="fp32",
+                        task=task,
+                    )
                 )
         for artifact in manifest.artifacts:
             path = staging / artifact.file
