@@ -163,6 +163,11 @@ def broker(host: str, port: int) -> None:
     "--codec", type=click.Choice(["float32", "int8", "topk"]), help="Override the task's."
 )
 @click.option("--no-personalize", is_flag=True, help="Do not keep a personal head.")
+@click.option("--clip-norm", type=float, help="Clip every update to this L2 norm (own bound).")
+@click.option(
+    "--noise-multiplier", default=0.0, show_default=True, type=float,
+    help="Add Gaussian noise of std MULTIPLIER x clip norm to every update.",
+)  # fmt: skip
 @click.option("--connect-timeout", default=30.0, show_default=True, type=float, help="Seconds.")
 @click.option("--log-level", default="info", show_default=True)
 # --- delivery options of the agent (over-the-air updates) ---
@@ -188,6 +193,8 @@ def agent(
     heartbeat: float,
     codec: str | None,
     no_personalize: bool,
+    clip_norm: float | None,
+    noise_multiplier: float,
     connect_timeout: float,
     log_level: str,
     models_dir: Path | None,  # delivery
@@ -206,12 +213,13 @@ def agent(
                 bundle_dir=bundle_dir, state_dir=state_dir, task=task, runtime=runtime,
                 threads=threads, heartbeat_s=heartbeat, codec=codec,
                 personalize=not no_personalize, connect_timeout_s=connect_timeout,
+                clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                group=group, profile=device_profile,
             )
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     # --- delivery: over-the-air updates into --models-dir, checked against --trust-key ---
-    device.config.group, device.config.profile = group, device_profile
     if models_dir is not None or trust_key is not None:
         from edgefl.delivery.updater import enable_updates
 
@@ -260,6 +268,11 @@ def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--topk-fraction", default=0.01, show_default=True, type=float)
 @click.option("--max-update-bytes", default=16 * 1024 * 1024, show_default=True, type=int)
 @click.option("--max-norm", type=float, help="Reject updates with a larger L2 norm.")
+@click.option("--clip-norm", type=float, help="Devices clip their update to this L2 norm.")
+@click.option(
+    "--noise-multiplier", default=0.0, show_default=True, type=float,
+    help="Devices add Gaussian noise of std MULTIPLIER x clip norm (DP-FedAvg).",
+)  # fmt: skip
 @click.option("--allow", help="Comma-separated device IDs allowed in the fleet.")
 @click.option("--eval", "eval_source", help="Server-side eval set: 'digits' or a .npz/folder.")
 @click.option("--state", "state_path", type=click.Path(path_type=Path), help="SQLite state file.")
@@ -285,6 +298,8 @@ def aggregate(
     topk_fraction: float,
     max_update_bytes: int,
     max_norm: float | None,
+    clip_norm: float | None,
+    noise_multiplier: float,
     allow: str | None,
     eval_source: str | None,
     state_path: Path | None,
@@ -324,7 +339,8 @@ def aggregate(
             min_devices=min_devices, deadline_s=deadline, quorum=quorum,
             wait_devices_s=wait_devices, epochs=epochs, lr=lr, batch_size=batch_size,
             codec=codec, topk_fraction=topk_fraction, max_update_bytes=max_update_bytes,
-            max_norm=max_norm, allow=[a for a in allow.split(",") if a] if allow else None,
+            max_norm=max_norm, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+            allow=[a for a in allow.split(",") if a] if allow else None,
             state_path=state_path or (out_dir / "state.sqlite" if out_dir else None),
             out_dir=out_dir,
         )  # fmt: skip

@@ -266,3 +266,59 @@ def _accepted(path: Path) -> int:
         return len(state.accepted_updates(1))
     finally:
         state.close()
+
+
+def test_privacy_settings_are_checked_and_sent_to_devices_in_the_task(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from edgefl.cli import main
+
+    bundle = make_test_bundle(tmp_path / "b")
+    result = CliRunner().invoke(
+        main,
+        [
+            "aggregate",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            FLEET,
+            "--bundle",
+            str(bundle.path),
+            "--noise-multiplier",
+            "1",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "noise_multiplier needs clip_norm" in result.output
+
+    configs: list[dict] = []
+
+    def record(round_number: int, head_version: int, head: dict) -> list:
+        return []
+
+    devices = FakeDevices(mosquitto.url, ["pi-1"], record)
+    watcher = MqttClient(mosquitto.url, "task-watcher")
+    watcher.subscribe(
+        topics.all_tasks(FLEET),
+        lambda m: configs.append(decode_round_task(m.payload)[0].config) if m.payload else None,
+    )
+    watcher.connect()
+    devices.start()
+    try:
+        config = AggregatorConfig(
+            mosquitto.url,
+            FLEET,
+            bundle.path,
+            rounds=1,
+            deadline_s=0.5,
+            clip_norm=0.5,
+            noise_multiplier=1.2,
+        )
+        Aggregator(config).run()
+        assert _wait_for(lambda: bool(configs))
+    finally:
+        devices.stop()
+        watcher.close()
+    assert (configs[0]["clip_norm"], configs[0]["noise_multiplier"]) == (0.5, 1.2)

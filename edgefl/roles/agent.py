@@ -14,7 +14,7 @@ import platform
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 
 from edgefl.bundle import ModelBundle, decode_head, encode_head, load_bundle
 from edgefl.core.codecs import CODEC_NAMES, ErrorFeedback, encode_delta
+from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
 from edgefl.core.training import TrainConfig, train_head
 from edgefl.data import (
     DIGITS,
@@ -82,6 +83,10 @@ class AgentConfig:
         personalize: keep a personal head (the global head fine-tuned locally) for inference.
         train_backend: "auto", "numpy" or "torch" (see edgefl.core.training).
         connect_timeout_s: how long start() waits for the broker; None does not wait.
+        clip_norm: this board's own bound on its delta's L2 norm; the tighter of it and the
+            round's `clip_norm` applies (None: only the round's).
+        noise_multiplier: this board's own Gaussian noise (std = multiplier * clip norm); the
+            larger of it and the round's applies. Needs a clip norm from either side.
     """
 
     broker_url: str
@@ -98,6 +103,8 @@ class AgentConfig:
     personalize: bool = True
     train_backend: str = "auto"
     connect_timeout_s: float | None = 30.0
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
     # --- added by delivery: announced in the status (deploy --group, the fleet view) ---
     group: str = ""
     profile: str = ""
@@ -114,6 +121,10 @@ class AgentConfig:
             raise ValueError(f"codec must be one of {', '.join(CODEC_NAMES)}, not {self.codec!r}")
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError("clip_norm must be positive")
+        if self.noise_multiplier < 0:
+            raise ValueError("noise_multiplier must not be negative")
 
 
 @dataclass
@@ -502,7 +513,9 @@ class Agent:
         if self.config.personalize:
             self._personal = result.weights
             self._save_personal()
-        delta = {key: result.weights[key] - global_head[key] for key in global_head}
+        delta = self._privatize(
+            {key: result.weights[key] - global_head[key] for key in global_head}, config
+        )
         # Rounded: every digit is sent with every update, and 5 significant digits are plenty.
         metrics = {
             "loss": float(f"{result.loss:.5g}"),
@@ -528,6 +541,23 @@ class Agent:
             metadata=update_metadata(header),
         )
         return payload, RoundOutcome(task.round, "ok", "", metrics, len(payload))
+
+    def _privatize(self, delta: Weights, task_config: Mapping[str, Any]) -> Weights:
+        """Clip and noise the delta as the stricter of this board's and the round's settings."""
+        bounds = [float(b) for b in (self.config.clip_norm, task_config.get("clip_norm")) if b]
+        multiplier = max(
+            self.config.noise_multiplier, float(task_config.get("noise_multiplier", 0.0))
+        )
+        if not bounds:
+            if multiplier > 0:
+                raise ValueError("noise_multiplier is set but no clip_norm bounds the noise")
+            return delta
+        clip = min(bounds)
+        delta = clip_by_norm(delta, clip)
+        if multiplier > 0:
+            # Fresh OS entropy: noise that a seed could reproduce would protect nothing.
+            delta = add_gaussian_noise(delta, multiplier * clip, np.random.default_rng())
+        return delta
 
     # -- personal head persistence --
 

@@ -66,6 +66,9 @@ class AggregatorConfig:
         codec: update codec devices must use ("float32", "int8", "topk"); `topk_fraction`.
         max_update_bytes: larger updates are rejected unread ("oversized").
         max_norm: reject updates whose delta L2 norm exceeds it (None: no bound).
+        clip_norm: devices clip their delta to this L2 norm before sending (None: no clip).
+        noise_multiplier: devices add Gaussian noise of std noise_multiplier * clip_norm to the
+            clipped delta (DP-FedAvg); needs clip_norm.
         allow: the fleet allow-list of device IDs (None: any device).
         eval_task: the task whose head is evaluated on `eval_dataset`.
         state_path: the SQLite file (None: in memory).
@@ -92,6 +95,8 @@ class AggregatorConfig:
     topk_fraction: float = 0.01
     max_update_bytes: int = 16 * 1024 * 1024
     max_norm: float | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
     allow: list[str] | None = None
     eval_task: str = "default"
     state_path: Path | None = None
@@ -108,6 +113,12 @@ class AggregatorConfig:
             )
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError("fraction must be in (0, 1]")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError("clip_norm must be positive")
+        if self.noise_multiplier < 0:
+            raise ValueError("noise_multiplier must not be negative")
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ValueError("noise_multiplier needs clip_norm: the noise is scaled to the clip")
         if self.min_devices < 1:
             raise ValueError("min_devices must be at least 1")
         if not 0.0 <= self.quorum <= 1.0:
@@ -357,6 +368,9 @@ class Aggregator:
             "topk_fraction": self.config.topk_fraction,
             "strategy": self.config.strategy,
         }
+        if self.config.clip_norm is not None:
+            config["clip_norm"] = self.config.clip_norm
+            config["noise_multiplier"] = self.config.noise_multiplier
         for strategy in self.strategies.values():
             config.update(strategy.client_config())
             break
