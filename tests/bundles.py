@@ -53,17 +53,22 @@ def make_test_bundle(
     num_classes: int = 10,
     name: str = "digits-test",
     seed: int = 0,
+    precisions: Sequence[str] = ("fp32",),
+    backbone_features: int | None = None,
 ) -> ModelBundle:
-    """Write a bundle: one fp32 ONNX projection backbone and one linear head per task.
+    """Write a bundle: ONNX projection backbones and one linear head per task.
 
     Args:
         out: the bundle directory to create (replaced if it exists).
-        version: the manifest version.
-        feature_size: backbone output size = head input size.
+        version: the manifest version; each version gets different backbone weights.
+        feature_size: what the manifest and the heads say the features are.
         tasks: task names; "default" is stored as head.safetensors, others as head-{task}.
         num_classes: head outputs.
         name: the manifest name.
         seed: backbone and head initialisation seed.
+        precisions: one backbone artifact `backbone-{precision}.onnx` per label.
+        backbone_features: what the backbones really output, when it should differ from
+            `feature_size` (a bundle whose smoke inference fails).
     """
     heads: dict[str, HeadSpec] = {}
     weights = {}
@@ -76,23 +81,22 @@ def make_test_bundle(
         )
         heads[task] = spec
         weights[task] = init_head(spec.layers, seed=seed + index)
+    width = feature_size if backbone_features is None else backbone_features
+    files: dict[str, Path | bytes] = {}
+    artifacts = []
+    for index, precision in enumerate(precisions):
+        file = f"backbone-{precision}.onnx"
+        files[file] = projection_backbone(width, seed + 10 * (version - 1) + index)
+        artifacts.append(Artifact(file=file, role="backbone", format="onnx", precision=precision))
     manifest = Manifest(
         name=name,
         version=version,
         input=InputSpec(shape=[INPUT_SIZE]),
         feature_size=feature_size,
-        artifacts=[
-            Artifact(file="backbone.onnx", role="backbone", format="onnx", precision="fp32")
-        ],
+        artifacts=artifacts,
         heads=heads,
     )
-    return write_bundle(
-        out,
-        manifest,
-        {"backbone.onnx": projection_backbone(feature_size, seed)},
-        weights,
-        force=True,
-    )
+    return write_bundle(out, manifest, files, weights, force=True)
 
 
 def digits_devices(num_devices: int, seed: int = 0) -> tuple[list[Dataset], Dataset]:

@@ -78,5 +78,5 @@ def test_agent_from_a_torch_free_venv_takes_a_deploy_and_a_round(
         agent.send_signal(signal.SIGTERM)
         _, stderr = agent.communicate(timeout=30)
     assert agent.returncode == 0, stderr.decode()[-2000:]
-    assert (tmp_path / "models" / "current" / "backbone.onnx").is_file()
+    assert (tmp_path / "models" / "current" / "backbone-fp32.onnx").is_file()
     assert sys.executable != str(python)

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bundles import make_test_bundle
 from click.testing import CliRunner, Result
 from conftest import RunningBroker
-from delivery_bundles import make_bundle
 
 from edgefl import signing
 from edgefl.cli import main
@@ -80,7 +80,7 @@ def wait_for(condition: object, timeout: float = 15.0) -> bool:
 def test_deploy_updates_every_agent(fleet: Fleet, tmp_path: Path) -> None:
     for device in ("pi-1", "pi-2", "pi-3"):
         fleet.start(device)
-    bundle = make_bundle(tmp_path / "b1", 1)
+    bundle = make_test_bundle(tmp_path / "b1", 1)
     result = fleet.deploy(bundle.path, "--chunk-size", "1024")
     assert result.exit_code == 0, result.output
     assert "3 updated, 0 failed, 0 offline" in result.output
@@ -92,19 +92,19 @@ def test_wrong_key_older_version_and_broken_bundle_fail_with_reasons(
 ) -> None:
     fleet.start("pi-1")
     fleet.start("pi-2")
-    assert fleet.deploy(make_bundle(tmp_path / "b2", 2).path).exit_code == 0
+    assert fleet.deploy(make_test_bundle(tmp_path / "b2", 2).path).exit_code == 0
 
     stranger = signing.init_keys(tmp_path / "stranger")
-    result = fleet.deploy(make_bundle(tmp_path / "b3", 3).path, key=stranger.private)
+    result = fleet.deploy(make_test_bundle(tmp_path / "b3", 3).path, key=stranger.private)
     assert result.exit_code == 1, result.output
     assert "0 updated, 2 failed" in result.output
     assert "not signed by trusted key" in result.output
 
-    result = fleet.deploy(make_bundle(tmp_path / "b1", 1).path)
+    result = fleet.deploy(make_test_bundle(tmp_path / "b1", 1).path)
     assert result.exit_code == 1
     assert "rollback protection" in result.output
 
-    broken = make_bundle(tmp_path / "b4", 4, feature_size=16, backbone_features=8)
+    broken = make_test_bundle(tmp_path / "b4", 4, feature_size=16, backbone_features=8)
     result = fleet.deploy(broken.path)
     assert result.exit_code == 1
     assert "rolled_back" in result.output and "rolled back to v2" in result.output
@@ -113,7 +113,7 @@ def test_wrong_key_older_version_and_broken_bundle_fail_with_reasons(
 
 def test_tampered_chunk_on_the_wire_is_refused(fleet: Fleet, tmp_path: Path) -> None:
     agent = fleet.start("pi-1")
-    good = make_bundle(tmp_path / "b1", 1)
+    good = make_test_bundle(tmp_path / "b1", 1)
     release = build_release(
         good, signing.load_private_key(fleet.keys.private), Targets(), chunk_size=1024
     )
@@ -121,6 +121,7 @@ def test_tampered_chunk_on_the_wire_is_refused(fleet: Fleet, tmp_path: Path) -> 
     shutil.copytree(good.path, tampered)
     data = bytearray((tampered / "backbone-fp32.onnx").read_bytes())
     data[-1] ^= 0xFF
+    last_chunk = (len(data) - 1) // 1024
     (tampered / "backbone-fp32.onnx").write_bytes(bytes(data))
     reports: list[DeployReport] = []
     client = MqttClient(fleet.broker.url, "attacker")
@@ -135,7 +136,9 @@ def test_tampered_chunk_on_the_wire_is_refused(fleet: Fleet, tmp_path: Path) -> 
     finally:
         client.close()
     assert reports[-1].state == "refused"
-    assert "backbone-fp32.onnx: chunk 4 does not match its SHA-256" in reports[-1].reason
+    assert (
+        f"backbone-fp32.onnx: chunk {last_chunk} does not match its SHA-256" in reports[-1].reason
+    )
     assert agent.model_version == 0
 
 
@@ -144,13 +147,13 @@ def test_group_deploy_and_offline_board_catches_up(fleet: Fleet, tmp_path: Path)
     fleet.start("b-1", group="b")
     fleet.start("a-2", group="a")
     fleet.stop("a-2")
-    result = fleet.deploy(make_bundle(tmp_path / "b1", 1).path, "--group", "a")
+    result = fleet.deploy(make_test_bundle(tmp_path / "b1", 1).path, "--group", "a")
     assert result.exit_code == 0, result.output
     assert "1 updated, 0 failed, 1 offline" in result.output
     assert fleet.versions() == {"a-1": 1, "b-1": 0}
     back = fleet.start("a-2", group="a")  # the retained release is waiting for it
     assert wait_for(lambda: back.model_version == 1)
-    result = fleet.deploy(make_bundle(tmp_path / "b2", 2).path, "--devices", "b-1,ghost")
+    result = fleet.deploy(make_test_bundle(tmp_path / "b2", 2).path, "--devices", "b-1,ghost")
     assert result.exit_code == 0, result.output
     assert "1 updated, 0 failed, 1 offline" in result.output
     assert fleet.versions() == {"a-1": 1, "b-1": 2, "a-2": 1}
@@ -159,7 +162,7 @@ def test_group_deploy_and_offline_board_catches_up(fleet: Fleet, tmp_path: Path)
 def test_deploy_input_errors_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
     result = fleet.deploy(tmp_path / "nope")
     assert result.exit_code == 2 and "not a bundle" in result.output
-    bundle = make_bundle(tmp_path / "b1", 1).path
+    bundle = make_test_bundle(tmp_path / "b1", 1).path
     result = fleet.deploy(bundle, "--group", "a", "--devices", "x")
     assert result.exit_code == 2 and "not both" in result.output
     result = fleet.deploy(bundle, key=tmp_path / "missing.key")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bundles import make_test_bundle
 from click.testing import CliRunner
 from conftest import RunningBroker
-from delivery_bundles import make_bundle
 
 from edgefl import signing
 from edgefl.cli import main
@@ -58,7 +58,7 @@ def test_cli_fleet_lists_online_and_offline_boards(
         agent.start()
         agents.append(agent)
     try:
-        bundle = make_bundle(tmp_path / "b", 5)
+        bundle = make_test_bundle(tmp_path / "b", 5)
         deployed = CliRunner().invoke(
             main,
             ["deploy", str(bundle.path), "--broker", mosquitto.url, "--fleet", "viewfleet",

@@ -6,8 +6,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from bundles import make_test_bundle
 from click.testing import CliRunner
-from delivery_bundles import make_bundle
 
 from edgefl import signing
 from edgefl.cli import main
@@ -33,7 +33,7 @@ def test_init_keys_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def test_manifest_signature_covers_every_artifact_hash(tmp_path: Path) -> None:
     key = signing.load_private_key(signing.init_keys(tmp_path / "k").private)
-    manifest = make_bundle(tmp_path / "b", version=1).manifest
+    manifest = make_test_bundle(tmp_path / "b", version=1).manifest
     signature = signing.sign_manifest(key, manifest)
     signing.verify_manifest(key.public_key(), manifest, signature)
     manifest.artifacts[0].sha256 = "0" * 64

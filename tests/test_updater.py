@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from delivery_bundles import make_bundle
+from bundles import make_test_bundle
 
 from edgefl import signing
 from edgefl.bundle import ModelBundle
@@ -86,7 +86,7 @@ def release_of(bundle: ModelBundle, keys: signing.KeyPaths, **targets: Any) -> R
 
 
 def test_installs_only_the_preferred_artifact_and_reports(tmp_path: Path, keys: Any) -> None:
-    bundle = make_bundle(tmp_path / "b1", 1, precisions=("fp32", "int8"))
+    bundle = make_test_bundle(tmp_path / "b1", 1, precisions=("fp32", "int8"))
     board = make_board(tmp_path, keys)
     board.send(release_of(bundle, keys), bundle)
     assert board.last.state == "installed", board.last
@@ -103,7 +103,7 @@ def test_installs_only_the_preferred_artifact_and_reports(tmp_path: Path, keys: 
 
 
 def test_unsigned_and_foreign_signatures_are_refused(tmp_path: Path, keys: Any) -> None:
-    bundle = make_bundle(tmp_path / "b1", 1)
+    bundle = make_test_bundle(tmp_path / "b1", 1)
     board = make_board(tmp_path, keys)
     unsigned = release_of(bundle, keys)
     unsigned.signature = ""
@@ -117,7 +117,7 @@ def test_unsigned_and_foreign_signatures_are_refused(tmp_path: Path, keys: Any) 
 
 
 def test_release_altered_after_signing_is_refused(tmp_path: Path, keys: Any) -> None:
-    bundle = make_bundle(tmp_path / "b1", 1)
+    bundle = make_test_bundle(tmp_path / "b1", 1)
     board = make_board(tmp_path, keys)
     release = release_of(bundle, keys)
     release.chunk_size = 2048  # anything changed after signing breaks the signature
@@ -128,9 +128,9 @@ def test_release_altered_after_signing_is_refused(tmp_path: Path, keys: Any) -> 
 
 def test_tampered_chunk_is_refused_and_old_bundle_keeps_running(tmp_path: Path, keys: Any) -> None:
     board = make_board(tmp_path, keys)
-    first = make_bundle(tmp_path / "b1", 1)
+    first = make_test_bundle(tmp_path / "b1", 1)
     board.send(release_of(first, keys), first)
-    second = make_bundle(tmp_path / "b2", 2)
+    second = make_test_bundle(tmp_path / "b2", 2)
     board.send(release_of(second, keys), second, tamper="backbone-fp32.onnx")
     assert board.last.state == "refused"
     assert "backbone-fp32.onnx" in board.last.reason and "SHA-256" in board.last.reason
@@ -142,9 +142,9 @@ def test_older_version_is_refused_as_rollback_and_same_version_is_current(
     tmp_path: Path, keys: Any
 ) -> None:
     board = make_board(tmp_path, keys)
-    v2 = make_bundle(tmp_path / "b2", 2)
+    v2 = make_test_bundle(tmp_path / "b2", 2)
     board.send(release_of(v2, keys), v2)
-    v1 = make_bundle(tmp_path / "b1", 1)
+    v1 = make_test_bundle(tmp_path / "b1", 1)
     board.send(release_of(v1, keys), v1)
     assert board.last.state == "refused"
     assert "older than the running version 2 (rollback protection)" in board.last.reason
@@ -155,10 +155,10 @@ def test_older_version_is_refused_as_rollback_and_same_version_is_current(
 
 def test_failing_smoke_inference_rolls_back_and_is_not_retried(tmp_path: Path, keys: Any) -> None:
     board = make_board(tmp_path, keys)
-    good = make_bundle(tmp_path / "b1", 1)
+    good = make_test_bundle(tmp_path / "b1", 1)
     board.send(release_of(good, keys), good)
     # The backbone really outputs 8 features; manifest and head say 16.
-    broken = make_bundle(tmp_path / "b2", 2, feature_size=16, backbone_features=8)
+    broken = make_test_bundle(tmp_path / "b2", 2, feature_size=16, backbone_features=8)
     release = release_of(broken, keys)
     board.send(release, broken)
     assert board.last.state == "rolled_back"
@@ -172,7 +172,7 @@ def test_failing_smoke_inference_rolls_back_and_is_not_retried(tmp_path: Path, k
 
 
 def test_group_target_and_missing_trust_key(tmp_path: Path, keys: Any) -> None:
-    bundle = make_bundle(tmp_path / "b1", 1)
+    bundle = make_test_bundle(tmp_path / "b1", 1)
     board = make_board(tmp_path, keys, group="lab-a")
     board.send(release_of(bundle, keys, group="lab-b"), bundle)
     assert board.reports == []  # not for this board: silently ignored
@@ -185,11 +185,11 @@ def test_group_target_and_missing_trust_key(tmp_path: Path, keys: Any) -> None:
 
 def test_rollback_protection_survives_a_restart(tmp_path: Path, keys: Any) -> None:
     board = make_board(tmp_path, keys)
-    v3 = make_bundle(tmp_path / "b3", 3)
+    v3 = make_test_bundle(tmp_path / "b3", 3)
     board.send(release_of(v3, keys), v3)
     restarted = make_board(tmp_path, keys)
     assert restarted.updater.running_version == 3
-    v2 = make_bundle(tmp_path / "b2", 2)
+    v2 = make_test_bundle(tmp_path / "b2", 2)
     restarted.send(release_of(v2, keys), v2)
     assert restarted.last.state == "refused"
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgefl.compression.files import first_line, staged_file
 from edgefl.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,6 @@ OUTPUT_NAME = "features"
 _PROTOBUF_LIMIT = 2**31 - 1
 # Calibration samples beyond this add conversion time but barely move the ranges.
 MAX_TFLITE_CALIBRATION = 256
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 @contextlib.contextmanager
@@ -54,23 +50,8 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
             model(example)
     except Exception as exc:  # any forward failure means the input does not fit
         raise ExportError(
-            f"the model does not accept an input of shape {tuple(example.shape)}: "
-            f"{_first_line(exc)}"
+            f"the model does not accept an input of shape {tuple(example.shape)}: {first_line(exc)}"
         ) from exc
-
-
-@contextlib.contextmanager
-def _sibling_tmp(path: Path) -> Iterator[Path]:
-    """Yield a temporary file next to `path` (same filesystem, so a rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        tmp = Path(handle.name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _export_onnx_dynamo(model: nn.Module, example: torch.Tensor, target: Path, opset: int) -> None:
@@ -136,14 +117,14 @@ def export_onnx(
             except Exception as exc:  # the dynamo exporter raises many unrelated types
                 log.warning(
                     "dynamo ONNX export failed (%s); falling back to the legacy exporter",
-                    _first_line(exc),
+                    first_line(exc),
                 )
                 try:
                     _export_onnx_legacy(model, example, raw, opset)
                 except Exception as legacy_exc:
                     raise ExportError(
-                        f"cannot export the model to ONNX: {_first_line(exc)} "
-                        f"(legacy exporter: {_first_line(legacy_exc)})"
+                        f"cannot export the model to ONNX: {first_line(exc)} "
+                        f"(legacy exporter: {first_line(legacy_exc)})"
                     ) from legacy_exc
         # onnx.load pulls in any side `.data` file written next to the graph.
         proto = onnx.load(str(raw))
@@ -151,7 +132,7 @@ def export_onnx(
             raise ExportError(
                 f"the model is too large for a single ONNX file ({proto.ByteSize()} bytes > 2 GiB)"
             )
-        with _sibling_tmp(path) as tmp:
+        with staged_file(path) as tmp:
             onnx.save_model(proto, str(tmp), save_as_external_data=False)
             os.replace(tmp, path)
     return path
@@ -266,13 +247,13 @@ def export_tflite(
         raise
     except Exception as exc:  # litert-torch fails with assertion, runtime and MLIR errors alike
         operator = _failing_operator(exc)
-        what = f"operator {operator}" if operator else f"the model ({_first_line(exc)})"
+        what = f"operator {operator}" if operator else f"the model ({first_line(exc)})"
         raise ExportError(
             f"TFLite conversion cannot lower {what}; use the ONNX path instead "
             "(a recipe with ONNX artifacts only)"
         ) from exc
     else:
-        with _sibling_tmp(path) as tmp:
+        with staged_file(path) as tmp:
             edge_model.export(str(tmp))
             os.replace(tmp, path)
     finally:

@@ -6,7 +6,6 @@ All functions take and write files; each output appears atomically. Node names u
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefl.compression.files import first_line, staged_file
 from edgefl.errors import DataError, ExportError
 
 log = logging.getLogger(__name__)
@@ -25,25 +25,6 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CALIBRATION_BATCH = 16
 # Sensitivity is judged on this many calibration samples: enough to rank, cheap to repeat.
 SENSITIVITY_SAMPLES = 64
-
-
-@contextlib.contextmanager
-def _sibling_tmp(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`, so the final rename is atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        tmp = Path(handle.name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _load_graph(src: Path) -> Any:
@@ -205,7 +186,7 @@ def quantize_onnx_static(
     batches = _batches(data, batch)
     if not batches:
         raise DataError(f"calibration needs at least {batch} samples for this model's fixed batch")
-    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, _sibling_tmp(dst) as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, staged_file(dst) as tmp:
         graph = _preprocess(src, Path(tmpdir) / "pre.onnx")
         try:
             _quantize_static_file(
@@ -214,9 +195,7 @@ def quantize_onnx_static(
         except (DataError, ExportError):
             raise
         except Exception as exc:  # the quantizer raises assertion, value and runtime errors
-            raise ExportError(
-                f"int8 quantization of {src.name} failed: {_first_line(exc)}"
-            ) from exc
+            raise ExportError(f"int8 quantization of {src.name} failed: {first_line(exc)}") from exc
         os.replace(tmp, dst)
     return dst
 
@@ -240,14 +219,14 @@ def quantize_onnx_dynamic(src: Path, dst: Path) -> Path:
 
     src, dst = Path(src), Path(dst)
     _load_graph(src)
-    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, _sibling_tmp(dst) as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, staged_file(dst) as tmp:
         # Pre-processing re-infers shapes; the dynamo exporter's value_info trips the quantizer.
         graph = _preprocess(src, Path(tmpdir) / "pre.onnx")
         try:
             quantize_dynamic(str(graph), str(tmp), weight_type=QuantType.QInt8)
         except Exception as exc:  # the quantizer raises assertion, value and runtime errors
             raise ExportError(
-                f"dynamic int8 quantization of {src.name} failed: {_first_line(exc)}"
+                f"dynamic int8 quantization of {src.name} failed: {first_line(exc)}"
             ) from exc
         os.replace(tmp, dst)
     return dst
@@ -276,8 +255,8 @@ def convert_onnx_fp16(src: Path, dst: Path) -> Path:
     try:
         converted = convert_float_to_float16(model, keep_io_types=True)
     except Exception as exc:  # the converter raises on unsupported graph patterns
-        raise ExportError(f"fp16 conversion of {src.name} failed: {_first_line(exc)}") from exc
-    with _sibling_tmp(dst) as tmp:
+        raise ExportError(f"fp16 conversion of {src.name} failed: {first_line(exc)}") from exc
+    with staged_file(dst) as tmp:
         onnx.save_model(converted, str(tmp))
         os.replace(tmp, dst)
     return dst
@@ -358,7 +337,7 @@ def rank_sensitive_nodes(
                 scores.append((error, node))
         except Exception as exc:  # the quantizer raises assertion, value and runtime errors
             raise ExportError(
-                f"sensitivity analysis of {fp32.name} failed: {_first_line(exc)}"
+                f"sensitivity analysis of {fp32.name} failed: {first_line(exc)}"
             ) from exc
     scores.sort(key=lambda item: -item[0])
     return [node for _, node in scores[:limit]]
