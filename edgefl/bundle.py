@@ -369,3 +369,28 @@ def _replace_dir(staging: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def rewrite_heads(
+    bundle: ModelBundle,
+    out: str | Path,
+    heads: Mapping[str, Mapping[str, np.ndarray]],
+    force: bool = False,
+) -> ModelBundle:
+    """Write a copy of a bundle whose heads are replaced (same backbones, specs and report).
+
+    Used to federate a fresh head on a compressed backbone (transfer learning across a fleet).
+
+    Args:
+        bundle: the bundle to copy.
+        out: the new bundle directory.
+        heads: new weights for every task of the bundle, shaped as its head specs say.
+        force: replace `out` when it exists.
+
+    Raises:
+        BundleError: a task's weights are missing, or `out` exists without `force`.
+    """
+    manifest = Manifest.from_dict(bundle.manifest.to_dict())
+    manifest.artifacts = [a for a in manifest.artifacts if a.role != "head"]
+    files: dict[str, Path | bytes] = {a.file: bundle.file(a) for a in manifest.artifacts}
+    return write_bundle(out, manifest, files, heads, report=bundle.report(), force=force)

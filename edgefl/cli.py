@@ -691,8 +691,14 @@ def simulate(
 @click.option("--rounds", default=10, show_default=True, type=int)
 @click.option("--recipe", default="raspberry-pi", show_default=True, help="Compression recipe.")
 @click.option("--profile", default="raspberry-pi", show_default=True, help="The boards' profile.")
+@click.option(
+    "--pretrained-head", is_flag=True,
+    help="Federate the pretrained head instead of a fresh one on the compressed backbone.",
+)  # fmt: skip
 @user_errors
-def demo(out: Path, devices: int, rounds: int, recipe: str, profile: str) -> None:
+def demo(
+    out: Path, devices: int, rounds: int, recipe: str, profile: str, pretrained_head: bool
+) -> None:
     """The whole story on this machine: compress digits-cnn, deploy it signed to a simulated
     fleet, federate with personalization, plot the rounds."""
     from rich.console import Console
@@ -700,5 +706,8 @@ def demo(out: Path, devices: int, rounds: int, recipe: str, profile: str) -> Non
     from edgefl.simulation.demo import DemoConfig, run_demo
 
     _quiet_simulation_logs()
-    config = DemoConfig(out=out, devices=devices, rounds=rounds, recipe=recipe, profile=profile)
+    config = DemoConfig(
+        out=out, devices=devices, rounds=rounds, recipe=recipe, profile=profile,
+        fresh_head=not pretrained_head,
+    )  # fmt: skip
     run_demo(config, Console())

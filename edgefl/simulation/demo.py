@@ -6,7 +6,9 @@ personalization. `make demo` runs it; every step is the real code a fleet would 
 2. A signing key is made for the demo, and the bundle is deployed over MQTT, signed and chunked,
    to a simulated fleet whose devices start with no model and install what they receive.
 3. The devices hold non-IID (Dirichlet) shares of the 20% of the digits the model never saw and
-   federate the head for some rounds, each keeping a personalized head.
+   federate the head for some rounds, each keeping a personalized head. By default the head they
+   federate is a fresh one on the compressed backbone (transfer learning across the fleet), so
+   the round table shows the fleet learning; `fresh_head=False` federates the pretrained head.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edgefl.bundle import ModelBundle
+from edgefl.bundle import ModelBundle, rewrite_heads
 from edgefl.data import DIGITS, holdout_split, load_digits
 from edgefl.errors import SimulationError
+from edgefl.head import init_head
 from edgefl.roles.agent import Agent
 from edgefl.simulation.display import LiveProgress, round_table, summary_line
 from edgefl.simulation.metrics import SimulationMetrics
@@ -41,6 +44,7 @@ class DemoConfig:
         profile: the device profile of the simulated boards (which artifact they download).
         partition: how the devices' data is split (see edgefl.simulation.fleet).
         seed: seeds the split and the training.
+        fresh_head: federate a freshly initialised head instead of the pretrained one.
     """
 
     out: Path = Path("build/demo")
@@ -50,6 +54,7 @@ class DemoConfig:
     profile: str = "raspberry-pi"
     partition: str = "dirichlet:0.5"
     seed: int = 0
+    fresh_head: bool = True
 
 
 @dataclass
@@ -101,6 +106,11 @@ def run_demo(config: DemoConfig, console: Console) -> DemoResult:
         console,
     ).bundle
     assert built is not None  # not a dry run
+    if config.fresh_head:
+        fresh = {task: init_head(spec.layers, config.seed) for task, spec in
+                 built.manifest.heads.items()}  # fmt: skip
+        built = rewrite_heads(built, out / "bundle-fresh-head", fresh, force=True)
+        console.print(f"the fleet federates a fresh head on this backbone: {built.path}")
 
     console.rule("[bold]2. sign and deploy it to a simulated fleet")
     keys_dir = out / "keys"

@@ -6,7 +6,6 @@ a fresh Linear(64, 10) head, the federated pool and test set of `fl_digits_split
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from edgefl.bundle import DEFAULT_TASK, ModelBundle, load_bundle, write_bundle
+from edgefl.bundle import DEFAULT_TASK, ModelBundle, load_bundle, rewrite_heads
 from edgefl.data import DIGITS, Dataset, fl_digits_split, holdout_split, load_dataset
 from edgefl.errors import BundleError
 from edgefl.head import init_head
@@ -114,11 +113,5 @@ def fl_digits_bundle(cache_dir: Path | None = None, console: Console | None = No
         )  # fmt: skip
         built = compress(request, console).bundle
         assert built is not None  # not a dry run
-        manifest = copy.deepcopy(built.manifest)
-        spec = manifest.heads[DEFAULT_TASK]
-        fresh = init_head(spec.layers, seed=0)
-        manifest.artifacts = [a for a in manifest.artifacts if a.role != "head"]
-        files = {a.file: built.file(a) for a in manifest.artifacts}
-        return write_bundle(
-            target, manifest, files, {DEFAULT_TASK: fresh}, report=built.report(), force=True
-        )
+        fresh = init_head(built.head_spec().layers, seed=0)
+        return rewrite_heads(built, target, {DEFAULT_TASK: fresh}, force=True)
