@@ -33,14 +33,27 @@ _PROTOBUF_LIMIT = 2**31 - 1
 MAX_TFLITE_CALIBRATION = 256
 
 
+# Loggers of the exporters that report, at warning level, things a user cannot act on
+# ("torchvision is not installed", optional torchao kernels that are missing on this CPU).
+_NOISY_LOGGERS = ("torch.onnx", "torch.utils._pytree", "torchao")
+
+
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Silence the exporters' known third-party deprecation noise during one export."""
+    """Silence the exporters' known third-party noise during one export; errors still show."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         # torch's own pytree raises this from copyreg while exporting; nothing we can change.
         warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\..*")
-        yield
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def _check_forward(model: nn.Module, example: torch.Tensor) -> None:

@@ -130,7 +130,7 @@ def render_report(report: CompressionReport, console: Console) -> None:
         "size",
         "ms",
         "acc %",
-        "max err",
+        "rel err",
         "top1 %",
     ):
         left = column in ("stage", "runtime")
@@ -144,7 +144,7 @@ def render_report(report: CompressionReport, console: Console) -> None:
             _bytes(s.size_bytes),
             "-" if s.latency_ms is None else f"{s.latency_ms:.3f}",
             "-" if s.accuracy is None else f"{100 * s.accuracy:.2f}",
-            "-" if s.max_error is None else f"{s.max_error:.1e}",
+            "-" if s.relative_error is None else f"{s.relative_error:.1e}",
             "-" if s.top1_agreement is None else f"{100 * s.top1_agreement:.1f}",
         )
     console.print(table)
