@@ -654,6 +654,7 @@ def simulate(
 
     from edgefl.bundle import load_bundle
     from edgefl.simulation.display import LiveProgress, round_table, summary_line
+    from edgefl.simulation.fleet import parse_churn, parse_partition
     from edgefl.simulation.runner import Simulation, SimulationConfig, save_results
     from edgefl.simulation.workload import fl_digits_bundle, load_federated_data, repeat_pool
 
@@ -665,6 +666,9 @@ def simulate(
         speed_spread=speed_spread, dropout=dropout, churn=churn, deadline_s=deadline,
         personalize=not no_personalize, seed=seed, broker_url=broker_url,
     )  # fmt: skip
+    # Fail on a bad spec before building a bundle or starting a broker.
+    parse_partition(partition)
+    parse_churn(churn)
     if bundle_dir is not None:
         bundle = load_bundle(bundle_dir)
     else:
