@@ -285,15 +285,25 @@ class Agent:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Classify raw inputs with the personal head (or the global one before any round).
 
+        Args:
+            x: (n, ...) samples, preprocessed like the training data; shaped as the bundle's
+                input or holding as many values (flat digits for a (1, 8, 8) CNN), as in training.
+
+        Returns:
+            (n,) predicted class indices.
+
         Raises:
             BundleError: no bundle is installed or no head is known yet.
+            DataError: the samples do not hold as many values as the bundle's input.
         """
         if self.bundle is None:
             raise BundleError("no bundle installed")
         head = self._personal if self.config.personalize and self._personal else self._global
         if head is None:
             raise BundleError("no head known yet")
-        features = self._compute_features(np.asarray(x, dtype=np.float32), cache=False)
+        # Training conforms the local data to the bundle's input; predict takes the same data.
+        x = conform_batch(np.asarray(x, dtype=np.float32), self.bundle.manifest.input.shape)
+        features = self._compute_features(x, cache=False)
         layers = self.bundle.head_spec(self.config.task).layers
         return head_forward(layers, head, features).argmax(axis=1)
 
