@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from conftest import RunningBroker
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import encode_delta
 from edgefl.roles.agent import Agent, AgentConfig
-from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSummary
+from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSummary, RoundSummary
 from edgefl.roles.state import AggregatorState
 from edgefl.transport import topics
 from edgefl.transport.client import Message, MqttClient
@@ -322,3 +323,108 @@ def test_privacy_settings_are_checked_and_sent_to_devices_in_the_task(
         devices.stop()
         watcher.close()
     assert (configs[0]["clip_norm"], configs[0]["noise_multiplier"]) == (0.5, 1.2)
+
+
+class Ghost:
+    """A raw MQTT device that announces itself, never heartbeats, and stays connected (no will).
+
+    It answers tasks that select it with a zero delta, so a round that selects it still closes.
+    """
+
+    def __init__(self, url: str, fleet: str, version: int, heartbeat_s: float) -> None:
+        self.fleet, self.version, self.heartbeat_s = fleet, version, heartbeat_s
+        self.client = MqttClient(url, f"ghost-{fleet}")
+        self.client.subscribe(topics.all_tasks(fleet), self._on_task)
+        self.client.connect()
+
+    def announce(self, age_s: float = 0.0) -> None:
+        """Publish a retained online status dated `age_s` seconds ago."""
+        status = DeviceStatus("ghost", "online", samples=10, model_version=self.version,
+                              heartbeat_s=self.heartbeat_s, time=time.time() - age_s)  # fmt: skip
+        topic = topics.device_status(self.fleet, "ghost")
+        self.client.publish(topic, status.encode(), retain=True).wait(5)
+
+    def close(self) -> None:
+        self.client.publish(topics.device_status(self.fleet, "ghost"), b"", retain=True).wait(5)
+        self.client.close()
+
+    def _on_task(self, message: Message) -> None:
+        if not message.payload:
+            return
+        task, heads = decode_round_task(message.payload)
+        if "ghost" in task.selected:
+            update = _update(task.round, "ghost", task.head_version, _zero(heads["default"]))
+            self.client.publish(topics.round_update(self.fleet, task.round, "ghost"), update)
+
+
+def test_stale_devices_are_not_selected_until_they_heartbeat_again(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    fleet = "staleness"
+    # The ghost's window is 3 x 0.4 s; the live agent heartbeats every 0.5 s.
+    ghost = Ghost(mosquitto.url, fleet, bundle.manifest.version, heartbeat_s=0.4)
+    ghost.announce(age_s=60.0)  # left behind by a session that vanished without its will
+    devices, _ = digits_devices(2)
+    agent = Agent(AgentConfig(mosquitto.url, fleet, "live", bundle_dir=bundle.path,
+                              heartbeat_s=0.5), devices[0])  # fmt: skip
+    agent.start()
+    aggregator: Aggregator
+
+    def between_rounds(summary: RoundSummary) -> None:
+        if summary.round == 1:
+            ghost.announce()  # the ghost comes back: a fresh status
+            assert _wait_for(lambda: "ghost" in aggregator.online_devices(), 5)
+        elif summary.round == 2:
+            time.sleep(1.5)  # the ghost stays silent past its window; the agent keeps beating
+
+    config = AggregatorConfig(mosquitto.url, fleet, bundle.path, rounds=3, deadline_s=20,
+                              out_dir=tmp_path / "out")  # fmt: skip
+    aggregator = Aggregator(config, on_round=between_rounds)
+    try:
+        summary = aggregator.run()
+    finally:
+        agent.stop()
+        ghost.close()
+    seen = [(r.selected, r.online, r.stale_devices, r.accepted) for r in summary.rounds]
+    assert seen == [(1, 1, ["ghost"], 1), (2, 2, [], 2), (1, 1, ["ghost"], 1)]
+    assert all(r.seconds < 15 for r in summary.rounds)  # no round waited for the ghost
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [(r["selected"], r["online"], r["stale"]) for r in rows] == [
+        (1, 1, 1), (2, 2, 0), (1, 1, 1),
+    ]  # fmt: skip
+
+
+def test_cli_shows_stale_devices_in_progress_errors_and_the_fleet_view(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    from click.testing import CliRunner
+
+    from edgefl.cli import main
+
+    fleet = "stalecli"
+    ghost = Ghost(mosquitto.url, fleet, bundle.manifest.version, heartbeat_s=1.0)
+    ghost.announce(age_s=60.0)
+    devices, _ = digits_devices(2)
+    agent = Agent(AgentConfig(mosquitto.url, fleet, "live", bundle_dir=bundle.path), devices[0])
+    agent.start()
+    args = ["aggregate", "--broker", mosquitto.url, "--fleet", fleet, "--bundle",
+            str(bundle.path), "--rounds", "1", "--deadline", "20"]  # fmt: skip
+    runner = CliRunner()
+    try:
+        bad = runner.invoke(main, [*args, "--stale-after", "0"])
+        assert bad.exit_code == 2 and "stale_after_s must be positive" in bad.output
+        short = runner.invoke(main, [*args, "--min-devices", "2", "--wait-devices", "1"])
+        assert short.exit_code == 2, short.output
+        assert "only 1 of 2 devices" in short.output
+        assert "stale (no recent heartbeat): ghost" in short.output
+        ran = runner.invoke(main, args)
+        assert ran.exit_code == 0, ran.output
+        assert "1/1 online selected  1 stale" in ran.output and "stale: ghost" in ran.output
+        shown = runner.invoke(main, ["fleet", "--broker", mosquitto.url, "--fleet", fleet,
+                                     "--json"])  # fmt: skip
+        assert shown.exit_code == 0, shown.output
+        states = {r["device_id"]: r["state"] for r in json.loads(shown.output)}
+        assert states == {"live": "online", "ghost": "stale"}
+    finally:
+        agent.stop()
+        ghost.close()

@@ -9,6 +9,7 @@ import pytest
 
 from edgefl.core.codecs import decode_delta, encode_delta
 from edgefl.errors import MessageError
+from edgefl.transport import presence
 from edgefl.transport.messages import (
     DeviceStatus,
     RoundResult,
@@ -51,6 +52,7 @@ def test_status_round_trip() -> None:
         (json.dumps(_status_dict(runtimes=[1])).encode(), "wrong type|must be a string"),
         (json.dumps(_status_dict(state="asleep")).encode(), "must be 'online' or 'offline'"),
         (json.dumps(_status_dict(samples=-1)).encode(), "must not be negative"),
+        (json.dumps(_status_dict(heartbeat_s=-5)).encode(), "heartbeat_s must not be negative"),
         (b'{"schema_version": 1, "device_id": "a", "state": "online", "time": NaN}',
          "finite number"),
     ],
@@ -120,3 +122,37 @@ def test_error_update_has_no_tensors_and_says_why() -> None:
 def test_update_header_rejections(payload: bytes) -> None:
     with pytest.raises(MessageError):
         read_update_header(payload)
+
+
+def test_old_messages_without_liveness_fields_still_decode() -> None:
+    status = DeviceStatus.decode(b'{"schema_version": 1, "device_id": "a", "state": "online"}')
+    assert (status.heartbeat_s, status.time) == (0.0, 0.0)
+    old_result = b'{"schema_version":1,"round":2,"status":"closed","head_version":2,' \
+        b'"selected":3,"accepted":3}'  # fmt: skip
+    result = RoundResult.decode(old_result)
+    assert (result.online, result.stale) == (0, 0)
+
+
+def test_a_status_is_online_only_while_it_is_fresh() -> None:
+    beating = DeviceStatus("pi", "online", heartbeat_s=10.0, time=1000.0)
+    # Window: three heartbeats.
+    assert presence.presence(beating, last_seen=1000.0, now=1029.0) == "online"
+    assert presence.presence(beating, last_seen=1000.0, now=1031.0) == "stale"
+    # A fixed window overrides the announced interval, also for devices without a heartbeat.
+    assert presence.presence(beating, 1000.0, 1031.0, override_s=60.0) == "online"
+    silent = DeviceStatus("pi", "online")
+    assert presence.presence(silent, last_seen=0.0, now=1e9) == "online"
+    assert presence.presence(silent, last_seen=0.0, now=1e9, override_s=60.0) == "stale"
+    # Offline is offline however fresh.
+    gone = DeviceStatus("pi", "offline", heartbeat_s=10.0, time=1000.0)
+    assert presence.presence(gone, last_seen=1000.0, now=1000.0) == "offline"
+
+
+def test_a_retained_status_counts_from_its_own_time_capped_at_arrival() -> None:
+    status = DeviceStatus("pi", "online", heartbeat_s=10.0, time=500.0)
+    assert presence.seen_at(status, received_at=2000.0, retained=False) == 2000.0
+    assert presence.seen_at(status, received_at=2000.0, retained=True) == 500.0
+    ahead = DeviceStatus("pi", "online", heartbeat_s=10.0, time=9e9)  # device clock far ahead
+    assert presence.seen_at(ahead, received_at=2000.0, retained=True) == 2000.0
+    undated = DeviceStatus("pi", "online", heartbeat_s=10.0)
+    assert presence.seen_at(undated, received_at=2000.0, retained=True) == 2000.0

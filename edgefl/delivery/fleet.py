@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from edgefl.delivery import topics
 from edgefl.delivery.release import DeployReport
 from edgefl.errors import EdgeflError
+from edgefl.transport import presence
 from edgefl.transport import topics as wire_topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
@@ -25,7 +26,9 @@ class FleetDevice:
     """One row of the fleet view."""
 
     device_id: str
-    state: str  # "online" | "offline" | "unknown" (a deploy report but no status)
+    # "online" | "offline" | "stale" (says online, not refreshed in time: see
+    # edgefl.transport.presence) | "unknown" (a deploy report but no status)
+    state: str
     profile: str = ""
     group: str = ""
     model_version: int = 0
@@ -36,16 +39,26 @@ class FleetDevice:
 
 
 def fleet_view(
-    statuses: dict[str, DeviceStatus], reports: dict[str, DeployReport]
+    statuses: dict[str, DeviceStatus],
+    reports: dict[str, DeployReport],
+    seen: dict[str, float] | None = None,
+    now: float | None = None,
 ) -> list[FleetDevice]:
-    """Join statuses and deploy reports into rows sorted by state (online first), then ID."""
+    """Join statuses and deploy reports into rows sorted by state (online first), then ID.
+
+    `seen` maps a device to when its status counts from (`presence.seen_at`; default: the
+    status's own `time`) and `now` is the current Unix time (default: the clock); a device whose
+    status says online but is older than its staleness window shows as "stale".
+    """
+    now = time.time() if now is None else now
     rows = []
     for device in sorted(set(statuses) | set(reports)):
         status = statuses.get(device)
         report = reports.get(device)
         row = FleetDevice(device_id=device, state="unknown")
         if status is not None:
-            row.state = status.state
+            last_seen = (seen or {}).get(device, status.time)
+            row.state = presence.presence(status, last_seen, now)
             row.profile = status.profile
             row.group = status.group
             row.model_version = status.model_version
@@ -74,6 +87,7 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
     """
     lock = threading.Lock()
     statuses: dict[str, DeviceStatus] = {}
+    seen: dict[str, float] = {}
     reports: dict[str, DeployReport] = {}
     last = [time.monotonic()]
 
@@ -84,6 +98,7 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
             return  # a malformed status is someone else's bug; show the rest of the fleet
         with lock:
             statuses[status.device_id] = status
+            seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
             last[0] = time.monotonic()
 
     def on_report(message: Message) -> None:
@@ -110,4 +125,4 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
     finally:
         client.close()
     with lock:
-        return fleet_view(dict(statuses), dict(reports))
+        return fleet_view(dict(statuses), dict(reports), dict(seen))

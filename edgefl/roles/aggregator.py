@@ -1,10 +1,11 @@
 """The aggregator: runs rounds over MQTT, validates updates, aggregates per task, keeps a record.
 
-A round: select online devices running the bundle's version -> publish the task (retained) ->
-collect updates until every selected device answered or the deadline passed -> aggregate the
-accepted ones per task with the strategy (pure core code) -> store the new head version, metrics
-and result. Updates are validated on the network thread as they arrive; nothing a device sends
-can crash the aggregator, and every rejection is recorded with its code and reason.
+A round: select online devices running the bundle's version (online: a fresh status, see
+edgefl.transport.presence) -> publish the task (retained) -> collect updates until every
+selected device answered or the deadline passed -> aggregate the accepted ones per task with the
+strategy (pure core code) -> store the new head version, metrics and result. Updates are
+validated on the network thread as they arrive; nothing a device sends can crash the aggregator,
+and every rejection is recorded with its code and reason.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from edgefl.errors import FederationError, MessageError
 from edgefl.head import Weights, head_accuracy
 from edgefl.roles.features import FeatureCache, shared_backbone
 from edgefl.roles.state import AggregatorState
-from edgefl.transport import topics
+from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
 from edgefl.transport.messages import (
     DeviceStatus,
@@ -58,6 +59,9 @@ class AggregatorConfig:
         strategy: one of edgefl.core.strategies.STRATEGY_NAMES; `strategy_params` its arguments.
         fraction: share of online devices selected per round (at least `min_devices`).
         min_devices: devices that must be online before a round starts.
+        stale_after_s: a device whose status was not heard for this long is "stale" and not
+            selected (None: `presence.STALE_HEARTBEATS` × the heartbeat interval it announces;
+            devices announcing no heartbeat then count as online while their status says so).
         deadline_s: seconds a round waits for updates.
         quorum: share of selected devices whose accepted updates a round needs to aggregate;
             below it the round fails and the head stays as it was.
@@ -83,6 +87,7 @@ class AggregatorConfig:
     strategy_params: dict[str, Any] = field(default_factory=dict)
     fraction: float = 1.0
     min_devices: int = 1
+    stale_after_s: float | None = None
     deadline_s: float = 60.0
     quorum: float = 0.5
     wait_devices_s: float = 60.0
@@ -121,6 +126,8 @@ class AggregatorConfig:
             raise ValueError("noise_multiplier needs clip_norm: the noise is scaled to the clip")
         if self.min_devices < 1:
             raise ValueError("min_devices must be at least 1")
+        if self.stale_after_s is not None and not self.stale_after_s > 0:
+            raise ValueError("stale_after_s must be positive")
         if not 0.0 <= self.quorum <= 1.0:
             raise ValueError("quorum must be in [0, 1]")
         if self.deadline_s <= 0:
@@ -142,6 +149,8 @@ class RoundSummary:
     late: int
     seconds: float
     metrics: dict[str, float]
+    online: int = 0  # eligible devices with a fresh status when the round selected
+    stale_devices: list[str] = field(default_factory=list)  # said online, not heard in time
 
     def row(self) -> dict[str, Any]:
         """Return a flat dict for CSV/JSON: metrics and rejection counts become columns."""
@@ -150,6 +159,8 @@ class RoundSummary:
             "status": self.status,
             "head_version": self.head_version,
             "selected": self.selected,
+            "online": self.online,
+            "stale": len(self.stale_devices),
             "accepted": self.accepted,
             "rejected": sum(self.rejected.values()),
             "late": self.late,
@@ -187,6 +198,8 @@ class _OpenRound:
     deadline: float
     head_version: int
     payload: bytes
+    online: int = 0
+    stale: list[str] = field(default_factory=list)
     accepted: dict[str, _Accepted] = field(default_factory=dict)
     answered: dict[str, str] = field(default_factory=dict)  # device -> sha256 (errors too)
     rejected: Counter[str] = field(default_factory=Counter)
@@ -235,6 +248,7 @@ class Aggregator:
                 strategy.load_state_dict(stored)
             self.strategies[task] = strategy
         self.devices: dict[str, DeviceStatus] = {}
+        self._seen: dict[str, float] = {}  # device -> Unix time its status counts from
         self.summaries: list[RoundSummary] = []
         self._cond = threading.Condition()
         self._round: _OpenRound | None = None
@@ -393,30 +407,47 @@ class Aggregator:
         )
         return encode_round_task(task, {name: self.heads[name] for name in tasks})
 
-    def online_devices(self) -> dict[str, DeviceStatus]:
-        """Return the devices that can train this bundle now: online, allowed, same version."""
-        with self._cond:
-            statuses = list(self.devices.values())
+    def device_presence(self, now: float | None = None) -> dict[str, str]:
+        """Return "online", "stale" or "offline" for every device that could train this bundle.
+
+        Only devices on the allow-list (if any) that run the bundle's version and declare a task
+        it has a head for are listed; `now` defaults to the current Unix time.
+        """
+        now = time.time() if now is None else now
         allow = set(self.config.allow) if self.config.allow is not None else None
+        with self._cond:
+            known = [(s, self._seen.get(s.device_id, 0.0)) for s in self.devices.values()]
         return {
-            s.device_id: s
-            for s in statuses
-            if s.state == "online"
-            and (allow is None or s.device_id in allow)
+            s.device_id: presence.presence(s, seen, now, self.config.stale_after_s)
+            for s, seen in known
+            if (allow is None or s.device_id in allow)
             and s.model_version == self.bundle.manifest.version
             and s.task in self.heads
         }
 
+    def online_devices(self) -> dict[str, DeviceStatus]:
+        """Return the devices that can train this bundle now: online with a fresh status."""
+        states = self.device_presence()
+        with self._cond:
+            return {d: self.devices[d] for d, state in states.items() if state == presence.ONLINE}
+
+    def stale_devices(self) -> list[str]:
+        """Return the eligible devices whose status says online but was not heard in time."""
+        return sorted(d for d, state in self.device_presence().items() if state == presence.STALE)
+
     def _select(self, number: int) -> dict[str, str]:
         deadline = time.monotonic() + self.config.wait_devices_s
         with self._cond:
+            # Polled, not only woken by statuses: a device turns stale by time passing alone.
             while len(self.online_devices()) < self.config.min_devices:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
+                    stale = self.stale_devices()
                     raise FederationError(
                         f"only {len(self.online_devices())} of {self.config.min_devices} devices "
                         f"needed are online after {self.config.wait_devices_s:g} s "
                         f"(fleet {self.config.fleet!r}, bundle v{self.bundle.manifest.version})"
+                        + (f"; stale (no recent heartbeat): {', '.join(stale)}" if stale else "")
                     )
                 self._cond.wait(min(remaining, 0.5))
         online = self.online_devices()
@@ -428,6 +459,7 @@ class Aggregator:
 
     def _run_round(self, number: int, open_round: _OpenRound | None) -> RoundSummary:
         started = time.perf_counter()
+        resumed = open_round is not None
         if open_round is None:
             selected = self._select(number)
             deadline = time.time() + self.config.deadline_s
@@ -435,11 +467,13 @@ class Aggregator:
             payload = self._task_message(number, selected, deadline, config)
             self.state.open_round(number, selected, deadline, self.head_version, config)
             open_round = _OpenRound(number, selected, deadline, self.head_version, payload)
+            self._count_presence(open_round)
         with self._cond:
             self._round = open_round
         task_topic = topics.round_task(self.config.fleet, number)
         self.client.publish(task_topic, open_round.payload, qos=1, retain=True)
-        log.info("round %d: %d devices selected", number, len(open_round.selected))
+        log.info("round %d: %d devices selected of %d online, %d stale", number,
+                 len(open_round.selected), open_round.online, len(open_round.stale))  # fmt: skip
         with self._cond:
             while not self._stop.is_set() and len(open_round.answered) < len(open_round.selected):
                 remaining = open_round.deadline - time.time()
@@ -449,9 +483,20 @@ class Aggregator:
                 self.state.flush()
             open_round.closed = True
             accepted = dict(open_round.accepted)
+        if resumed:
+            # Selected before the restart; right after connecting the statuses had not arrived.
+            self._count_presence(open_round)
         # Clear the retained task so devices that connect later do not train for a closed round.
         self.client.publish(task_topic, b"", qos=1, retain=True)
         return self._close_round(open_round, accepted, time.perf_counter() - started)
+
+    def _count_presence(self, open_round: _OpenRound) -> None:
+        states = self.device_presence()
+        open_round.online = sum(state == presence.ONLINE for state in states.values())
+        open_round.stale = sorted(d for d, state in states.items() if state == presence.STALE)
+        if open_round.stale:
+            log.warning("round %d: stale devices left out (status not refreshed in time): %s",
+                        open_round.number, ", ".join(open_round.stale))  # fmt: skip
 
     def _close_round(
         self, open_round: _OpenRound, accepted: dict[str, _Accepted], seconds: float
@@ -488,6 +533,8 @@ class Aggregator:
             late=late,
             metrics=metrics,
             reason=reason,
+            online=open_round.online,
+            stale=len(open_round.stale),
         )
         self.state.close_round(number, status, asdict(result), metrics)
         self.client.publish(
@@ -497,7 +544,7 @@ class Aggregator:
                  len(open_round.selected), self.head_version, metrics)  # fmt: skip
         return RoundSummary(
             number, status, self.head_version, len(open_round.selected), len(accepted),
-            rejected, late, seconds, metrics,
+            rejected, late, seconds, metrics, open_round.online, list(open_round.stale),
         )  # fmt: skip
 
     def _round_metrics(self, accepted: dict[str, _Accepted]) -> dict[str, float]:
@@ -539,8 +586,12 @@ class Aggregator:
         if status.device_id != parsed.device_id:
             log.warning("ignoring status on %s claiming device %r", message.topic, status.device_id)
             return
+        seen = presence.seen_at(status, time.time(), message.retain)
         with self._cond:
             self.devices[status.device_id] = status
+            # The broker re-sends retained statuses after a reconnect, dated by the device's
+            # clock; the broker keeps the newest, so it is no older than what was heard live.
+            self._seen[status.device_id] = max(seen, self._seen.get(status.device_id, 0.0))
             self._cond.notify_all()
 
     def _reject(

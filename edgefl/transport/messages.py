@@ -161,8 +161,8 @@ class DeviceStatus:
     memory_mb: int = 0
     samples: int = 0
     model_version: int = 0
-    heartbeat_s: float = 0.0
-    time: float = 0.0
+    heartbeat_s: float = 0.0  # re-published this often; 0: no heartbeat (never judged stale)
+    time: float = 0.0  # Unix time of publication (the device's clock)
     # --- added by delivery: deploy targets groups; the fleet view shows profile and last round ---
     group: str = ""
     profile: str = ""
@@ -176,6 +176,8 @@ class DeviceStatus:
             raise MessageError(f"status.state must be 'online' or 'offline', not {self.state!r}")
         if self.samples < 0 or self.memory_mb < 0:
             raise MessageError("status counts must not be negative")
+        if self.heartbeat_s < 0:
+            raise MessageError("status.heartbeat_s must not be negative")
 
     def encode(self) -> bytes:
         """Return the message as UTF-8 JSON."""
@@ -206,6 +208,8 @@ class RoundResult:
     late: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    online: int = 0  # eligible devices online (fresh status) when the round selected
+    stale: int = 0  # devices whose status said online but was not refreshed in time
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
