@@ -58,6 +58,12 @@ def main() -> None:
 @click.option("--recipe", required=True, help="Recipe name (see `edgefl recipes`) or a .toml file.")
 @click.option("--data", required=True, help="'digits', an ImageFolder directory or a .npz (X, y).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("--resize", default=None, help="Resize images to HxW (or N for NxN); recorded "
+              "in the bundle (built-ins: 224x224).")  # fmt: skip
+@click.option("--mean", default=None, help="Per-channel mean after scaling to [0, 1], e.g. "
+              "0.485,0.456,0.406 (built-ins: ImageNet's).")  # fmt: skip
+@click.option("--std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--grayscale", is_flag=True, help="Decode images as one gray channel (default RGB).")
 @click.option("--name", default=None, help="Bundle name (default: the model's name).")
 @click.option("--version", "bundle_version", type=click.IntRange(min=1), default=None,
               help="Bundle version (default 1, or the replaced bundle's version + 1).")  # fmt: skip
@@ -75,6 +81,10 @@ def compress(
     recipe: str,
     data: str,
     out: Path,
+    resize: str | None,
+    mean: str | None,
+    std: str | None,
+    grayscale: bool,
     name: str | None,
     bundle_version: int | None,
     force: bool,
@@ -85,11 +95,18 @@ def compress(
 
     from edgefl.compression.pipeline import CompressRequest
     from edgefl.compression.pipeline import compress as run_compress
+    from edgefl.compression.preprocess import PreprocessOverrides, parse_channels, parse_resize
 
+    overrides = PreprocessOverrides(
+        resize=parse_resize(resize) if resize is not None else None,
+        mean=parse_channels(mean, "--mean") if mean is not None else None,
+        std=parse_channels(std, "--std") if std is not None else None,
+        grayscale=grayscale,
+    )
     request = CompressRequest(
         model=model, recipe=recipe, data=data, out=out, weights=weights, head=head,
         num_classes=num_classes, finetune=finetune, force=force, dry_run=dry_run,
-        version=bundle_version, name=name,
+        version=bundle_version, name=name, preprocess=overrides,
     )  # fmt: skip
     run_compress(request, Console())
 
@@ -259,6 +276,11 @@ def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
     "--quorum", default=0.5, show_default=True, type=float, help="Share that must report."
 )
 @click.option("--wait-devices", default=60.0, show_default=True, type=float, help="Seconds.")
+@click.option(
+    "--stale-after", type=float,
+    help="Seconds without a status before a device counts as stale and is not selected "
+    "[default: 3 x the heartbeat interval each device announces].",
+)  # fmt: skip
 @click.option("--epochs", default=1, show_default=True, type=int)
 @click.option("--lr", default=0.1, show_default=True, type=float)
 @click.option("--batch-size", default=16, show_default=True, type=int)
@@ -291,6 +313,7 @@ def aggregate(
     deadline: float,
     quorum: float,
     wait_devices: float,
+    stale_after: float | None,
     epochs: int,
     lr: float,
     batch_size: int,
@@ -324,19 +347,23 @@ def aggregate(
     def progress(summary: RoundSummary) -> None:
         accuracy = summary.metrics.get("accuracy")
         rejected = sum(summary.rejected.values())
+        stale = summary.stale_devices
         console.print(
             f"round {summary.round:>3}  {summary.status:<6}  head v{summary.head_version}  "
+            f"{summary.selected}/{summary.online} online selected  {len(stale)} stale  "
             f"{summary.accepted}/{summary.selected} accepted  {rejected} rejected  "
             f"{summary.late} late  "
             + (f"accuracy {accuracy:.4f}  " if accuracy is not None else "")
             + f"{summary.seconds:.2f}s"
+            + (f"  stale: {', '.join(stale)}" if stale else ""),
+            markup=False,
         )
 
     try:
         config = AggregatorConfig(
             broker_url=broker_url, fleet=fleet, bundle_dir=bundle_dir, rounds=rounds,
             strategy=strategy, strategy_params=_parse_params(params), fraction=fraction,
-            min_devices=min_devices, deadline_s=deadline, quorum=quorum,
+            min_devices=min_devices, stale_after_s=stale_after, deadline_s=deadline, quorum=quorum,
             wait_devices_s=wait_devices, epochs=epochs, lr=lr, batch_size=batch_size,
             codec=codec, topk_fraction=topk_fraction, max_update_bytes=max_update_bytes,
             max_norm=max_norm, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
