@@ -174,7 +174,7 @@ def broker(host: str, port: int) -> None:
 @click.option(
     "--runtime", type=click.Choice(["auto", "onnx", "tflite"]), default="auto", show_default=True
 )
-@click.option("--threads", default=1, show_default=True, type=int, help="Runtime threads.")
+@click.option("--threads", type=int, help="Runtime threads (default: the profile's, else 1).")
 @click.option("--heartbeat", default=30.0, show_default=True, type=float, help="Seconds.")
 @click.option(
     "--codec", type=click.Choice(["float32", "int8", "topk"]), help="Override the task's."
@@ -187,7 +187,7 @@ def broker(host: str, port: int) -> None:
 )  # fmt: skip
 @click.option("--connect-timeout", default=30.0, show_default=True, type=float, help="Seconds.")
 @click.option("--log-level", default="info", show_default=True)
-# --- delivery options of the agent (over-the-air updates) ---
+# Over-the-air updates and the board's identity in the fleet.
 @click.option("--models-dir", type=click.Path(path_type=Path),
               help="Where deployed bundles go; enables over-the-air updates.")  # fmt: skip
 @click.option("--trust-key", type=click.Path(path_type=Path),
@@ -195,7 +195,6 @@ def broker(host: str, port: int) -> None:
 @click.option("--profile", "device_profile", default="",
               help="Board profile (raspberry-pi, jetson, a profile.toml).")  # fmt: skip
 @click.option("--group", default="", help="Group of this device, for `deploy --group`.")
-# --- end of delivery options ---
 @user_errors
 def agent(
     broker_url: str,
@@ -206,7 +205,7 @@ def agent(
     state_dir: Path | None,
     task: str,
     runtime: str,
-    threads: int,
+    threads: int | None,
     heartbeat: float,
     codec: str | None,
     no_personalize: bool,
@@ -214,10 +213,10 @@ def agent(
     noise_multiplier: float,
     connect_timeout: float,
     log_level: str,
-    models_dir: Path | None,  # delivery
-    trust_key: Path | None,  # delivery
-    device_profile: str,  # delivery
-    group: str,  # delivery
+    models_dir: Path | None,
+    trust_key: Path | None,
+    device_profile: str,
+    group: str,
 ) -> None:
     """Run a device agent: train the head on local data when a round selects this device."""
     from edgefl.roles.agent import Agent, AgentConfig
@@ -236,12 +235,11 @@ def agent(
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    # --- delivery: over-the-air updates into --models-dir, checked against --trust-key ---
+    # Over-the-air updates go into --models-dir, checked against --trust-key.
     if models_dir is not None or trust_key is not None:
         from edgefl.delivery.updater import enable_updates
 
-        enable_updates(device, models_dir, trust_key, device_profile or None)
-    # --- end of delivery ---
+        enable_updates(device, models_dir, trust_key)
     _stop_on_sigterm(device.stop)
     click.echo(f"agent {device_id} joining fleet {fleet} at {broker_url}", err=True)
     device.run_forever()
@@ -584,8 +582,8 @@ def flash(
 
     from edgefl import signing
     from edgefl.delivery import flash as flashing
-    from edgefl.delivery.profiles import load_profile
     from edgefl.errors import DeliveryError
+    from edgefl.profiles import load_profile
     from edgefl.transport.broker import parse_broker_url
 
     if (host is None) == (output is None):

@@ -310,8 +310,9 @@ def apply_preprocess(
     if preprocess.resize is not None:
         height, width = preprocess.resize
         batch = [_resize(image, height, width) for image in batch]
-    if len({image.shape for image in batch}) > 1:
-        raise DataError("images have different sizes; set a resize in the preprocessing")
+    shapes = sorted({image.shape for image in batch})
+    if len(shapes) > 1:
+        raise DataError(_different_sizes(shapes[0], shapes[-1]))
     x = np.stack([image if image.ndim == 3 else image[..., None] for image in batch])
     x = x.astype(np.float32) * np.float32(preprocess.scale)
     channels = x.shape[-1]
@@ -325,6 +326,14 @@ def apply_preprocess(
     if preprocess.layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _different_sizes(first: tuple[int, ...], second: tuple[int, ...]) -> str:
+    sizes = " and ".join(f"{shape[0]}x{shape[1]}" for shape in (first, second))
+    return (
+        f"images have different sizes ({sizes}); set a resize in the preprocessing "
+        "(edgefl compress --resize HxW)"
+    )
 
 
 def _to_gray(image: np.ndarray) -> np.ndarray:
@@ -470,7 +479,8 @@ def _load_image_folder(root: Path, preprocess: Preprocess) -> Dataset:
         if X is None:
             X = np.empty((len(source), *batch.shape[1:]), dtype=np.float32)
         if batch.shape[1:] != X.shape[1:]:
-            raise DataError("images have different sizes; set a resize in the preprocessing")
+            axes = slice(1, 3) if preprocess.layout == "NHWC" else slice(2, 4)
+            raise DataError(_different_sizes(X.shape[axes], batch.shape[axes]))
         X[start : start + len(batch)] = batch
         start += len(batch)
     assert X is not None  # the folder holds at least one image

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import color_photos
 
 from edgefl.bundle import load_bundle
 from edgefl.cli import main
@@ -193,3 +194,60 @@ def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
         assert result.exit_code == 2
         assert result.stderr.startswith("error: ") and str(out) in result.stderr
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_preprocessing_flags_are_recorded_and_shown_by_a_dry_run(tmp_path: Path) -> None:
+    photos = color_photos(tmp_path / "photos", per_class=3)
+    out = tmp_path / "bundle"
+    base = ["compress", "--model", "tiny_models:color_net", "--recipe", "generic"]
+    base += ["--data", str(photos), "--num-classes", "3", "--out", str(out)]
+    flags = ["--resize", "10x14", "--mean", "0.4,0.5,0.6", "--std", "0.2"]
+    dry = run(*base, *flags, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "inputs [3, 10, 14] NCHW: RGB, resize 10x14" in dry.output
+    assert "mean [0.4, 0.5, 0.6], / std [0.2]" in dry.output
+    assert not out.exists()
+    # A built-in brings its standard preprocessing; --resize changes only the size.
+    resnet = run(*base[:2], "resnet18", *base[3:], "--resize", "32", "--dry-run")
+    assert resnet.exit_code == 0, resnet.output
+    assert (
+        "inputs [3, 32, 32] NCHW: RGB, resize 32x32, x0.00392157, - mean [0.485, 0.456, 0.406], "
+        "/ std [0.229, 0.224, 0.225]"
+    ) in resnet.output
+    assert not out.exists()
+    result = run(*base, *flags)
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(out)
+    recorded = bundle.manifest.input.preprocess
+    assert (recorded.resize, recorded.mean, recorded.std) == ([10, 14], [0.4, 0.5, 0.6], [0.2])
+    assert bundle.manifest.input.shape == [3, 10, 14]
+    assert bundle.head_spec().labels == ["blue", "green", "red"]
+
+
+def test_photos_of_different_sizes_need_resize_and_bad_values_are_one_line_errors(
+    tmp_path: Path,
+) -> None:
+    photos = color_photos(tmp_path / "photos", per_class=2)
+    out = tmp_path / "bundle"
+    base = ["compress", "--model", "tiny_models:color_net", "--recipe", "generic"]
+    base += ["--data", str(photos), "--num-classes", "3", "--out", str(out)]
+    cases = [
+        ([], r"images have different sizes \(\d+x\d+ and \d+x\d+\).*--resize HxW"),
+        (["--resize", "0x5"], "--resize takes HxW or N with positive sizes .* not '0x5'"),
+        (["--resize", "big"], "--resize takes HxW or N"),
+        (["--resize", "8", "--mean", "0.5,0.5"], "--mean takes 1 or 3 comma-separated numbers"),
+        (["--resize", "8", "--std", "a,b,c"], "--std takes 1 or 3 comma-separated numbers"),
+        (["--resize", "8", "--std", "0.2,0,0.2"], "--std values must be positive"),
+        (["--resize", "8", "--grayscale", "--mean", "0.1,0.2,0.3"], "--mean has 3 values but"),
+        (
+            ["--resize", "8", "--grayscale"],
+            r"the model does not accept inputs of shape \[1, 8, 8\]",
+        ),
+    ]
+    for extra, message in cases:
+        for dry_run in ([], ["--dry-run"]):
+            result = run(*base, *extra, *dry_run)
+            assert result.exit_code == 2, (extra, result.output)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and re.search("^error: " + message, lines[0]), lines
+            assert not out.exists(), extra

@@ -38,7 +38,7 @@ class Fleet:
 
     def start(self, device: str, group: str = "") -> Agent:
         config = AgentConfig(
-            self.broker.url, self.name, device, group=group, profile="test", heartbeat_s=5
+            self.broker.url, self.name, device, group=group, profile="raspberry-pi", heartbeat_s=5
         )
         agent = Agent(config)
         attach_to_agent(

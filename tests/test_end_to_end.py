@@ -123,7 +123,7 @@ def fleet(
             agent = Agent(config, dataset=dataset)
             models[device] = root / f"models-{device}"
             # What `edgefl agent --models-dir --trust-key --profile` does.
-            updaters[device] = enable_updates(agent, models[device], keys.public, profile)
+            updaters[device] = enable_updates(agent, models[device], keys.public)
             agent.start()
             agents[device] = agent
         result = CliRunner().invoke(
@@ -161,9 +161,7 @@ def test_each_board_downloads_and_runs_only_its_preferred_backbone(fleet: Fleet)
         # The agent computes its features with that file, in its own runtime.
         assert agent.bundle is not None
         (artifact,) = agent.bundle.manifest.backbones()
-        runner, _ = shared_backbone(
-            agent.bundle.file(artifact), artifact.sha256, agent.config.threads
-        )
+        runner, _ = shared_backbone(agent.bundle.file(artifact), artifact.sha256, agent.threads)
         assert isinstance(runner, (TfliteBackbone, OnnxBackbone))
         assert type(runner) is runner_type, device
         assert runner.format == ("tflite" if profile == "raspberry-pi" else "onnx")
@@ -205,9 +203,28 @@ def test_litert_board_and_onnx_board_federate_one_head(fleet: Fleet, tmp_path: P
     for device, agent in fleet.agents.items():
         assert agent.bundle is not None
         (artifact,) = agent.bundle.manifest.backbones()
-        runner, _ = shared_backbone(
-            agent.bundle.file(artifact), artifact.sha256, agent.config.threads
-        )
+        runner, _ = shared_backbone(agent.bundle.file(artifact), artifact.sha256, agent.threads)
         features = runner.run(fleet.test.X.reshape(-1, 1, 8, 8))
         accuracy = head_accuracy(spec.layers, aggregator.heads["default"], features, fleet.test.y)
         assert accuracy >= 0.9, (device, accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("profile", "backbone", "threads"),
+    [("raspberry-pi", "backbone-int8.tflite", 4), ("jetson", "backbone-fp16.onnx", 6)],
+)
+def test_an_agent_given_a_full_bundle_runs_what_its_profile_prefers(
+    compressed: ModelBundle, mosquitto: RunningBroker, profile: str, backbone: str, threads: int
+) -> None:
+    devices, _ = digits_devices(2)
+    config = AgentConfig(
+        mosquitto.url, FLEET, f"{profile}-full", bundle_dir=compressed.path, profile=profile
+    )
+    agent = Agent(config, dataset=devices[0])
+    agent.start()
+    try:
+        assert agent.backbone is not None and agent.backbone.file == backbone
+        assert agent.threads == threads
+    finally:
+        agent.stop()

@@ -16,8 +16,8 @@ from conftest import free_port
 from edgefl import signing
 from edgefl.cli import main
 from edgefl.delivery import flash
-from edgefl.delivery.profiles import available_profiles, load_profile
 from edgefl.errors import DeliveryError
+from edgefl.profiles import available_profiles, load_profile
 
 
 @pytest.fixture

@@ -209,3 +209,16 @@ def test_finetune_last_block_changes_only_that_block() -> None:
         parse_finetune("last")
     with pytest.raises(EdgeflError, match="has 10 outputs; pass --num-classes"):
         train_head(split, Dataset(X[:3], np.array([0, 1, 12]), []), epochs=1)
+
+
+def test_imagenet_builtins_record_their_standard_preprocessing() -> None:
+    from edgefl.models.builtin import find_builtin
+
+    for name in ("resnet18", "mobilenet-v2"):
+        builtin = find_builtin(name)
+        assert builtin is not None and builtin.input_shape == [3, 224, 224]
+        preprocess = builtin.preprocess
+        assert preprocess.resize == [224, 224] and not preprocess.grayscale
+        assert preprocess.scale == pytest.approx(1 / 255) and preprocess.layout == "NCHW"
+        assert preprocess.mean == [0.485, 0.456, 0.406]
+        assert preprocess.std == [0.229, 0.224, 0.225]

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import color_photos
 
 from edgefl.bundle import load_bundle
 from edgefl.compression.pipeline import CompressRequest, compress
-from edgefl.data import holdout_split, load_digits
-from edgefl.errors import AccuracyDropError, BundleError
+from edgefl.compression.preprocess import PreprocessOverrides
+from edgefl.data import Dataset, holdout_split, load_digits
+from edgefl.errors import AccuracyDropError, BundleError, DataError
 from edgefl.head import head_accuracy
 from edgefl.runtime import load_backbone
 
@@ -195,6 +197,68 @@ def test_image_folder_uses_and_records_the_image_preprocessing(tmp_path: Path) -
     # Without --num-classes the head keeps its own classes, and so the model's labels.
     assert load_bundle(out).head_spec().labels == [str(i) for i in range(10)]
     assert result.report is not None and result.report.stages[0].accuracy > 0.9
+
+
+def test_photos_of_different_sizes_are_preprocessed_as_recorded_on_both_sides(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    from edgefl.data import open_source
+
+    photos = color_photos(tmp_path / "photos")
+    out = tmp_path / "bundle"
+    overrides = PreprocessOverrides(resize=[12, 16], mean=[0.5, 0.5, 0.5], std=[0.25])
+    result = compress(
+        CompressRequest(
+            model="tiny_models:color_net",
+            recipe="generic",
+            data=photos,
+            out=out,
+            num_classes=3,
+            preprocess=overrides,
+        )
+    )
+    bundle = load_bundle(out)
+    recorded = bundle.manifest.input.preprocess
+    assert (recorded.resize, recorded.mean, recorded.std) == ([12, 16], [0.5] * 3, [0.25])
+    assert recorded.scale == pytest.approx(1 / 255) and not recorded.grayscale
+    assert bundle.manifest.input.shape == [3, 12, 16]
+    assert bundle.head_spec().labels == ["blue", "green", "red"]
+
+    # A board reads the same folder with edgefl.data and the manifest, as the agent does.
+    source = open_source(photos)
+    board = np.concatenate(list(source.batches(recorded, 5)))
+    assert result.data is not None and np.array_equal(board, result.data.X)
+    assert np.array_equal(source.y, result.data.y)
+    # What that is, computed independently with Pillow: RGB, bilinear resize, normalised.
+    with Image.open(source.files[0]) as image:
+        assert image.size != (16, 12)
+        rgb = np.asarray(image.convert("RGB").resize((16, 12), Image.Resampling.BILINEAR))
+    expected = ((rgb.astype(np.float32) / 255 - 0.5) / 0.25).transpose(2, 0, 1)
+    assert np.allclose(board[0], expected, atol=0.05)
+
+    # Through the exported artifact, the board scores its held-out photos as the report says.
+    _, test = holdout_split(Dataset(board, source.y, source.labels))
+    features = load_backbone(bundle.file(bundle.manifest.backbones()[0])).run(test.X)
+    score = head_accuracy(bundle.head_spec().layers, bundle.head_weights(), features, test.y)
+    assert score == pytest.approx(bundle.report()["stages"][-1]["accuracy"])
+
+
+def test_head_labels_must_match_the_data_classes(tmp_path: Path) -> None:
+    photos = color_photos(tmp_path / "photos", per_class=2)
+    grey = PreprocessOverrides(resize=[8, 8], grayscale=True)
+    out = tmp_path / "bundle"
+    mismatch = r"3 classes \(blue, green, red\) but the model's head has 10 outputs; pass"
+    with pytest.raises(DataError, match=mismatch + " --num-classes 3 to train a new head"):
+        compress(CompressRequest("digits-cnn", "generic", photos, out, preprocess=grey))
+    with pytest.raises(DataError, match="--num-classes 4 but the data has 3 classes"):
+        compress(
+            CompressRequest("digits-cnn", "generic", photos, out, num_classes=4, preprocess=grey)
+        )
+    with pytest.raises(DataError, match="the built-in digits are model inputs already"):
+        compress(CompressRequest("digits-cnn", "generic", "digits", out, preprocess=grey))
+    assert not out.exists()
 
 
 @pytest.mark.slow

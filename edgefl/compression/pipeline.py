@@ -41,6 +41,12 @@ from edgefl.bundle import (
     write_bundle,
 )
 from edgefl.compression.distill import accuracy, distill, predict
+from edgefl.compression.preprocess import (
+    PreprocessOverrides,
+    apply_overrides,
+    describe,
+    input_shape,
+)
 from edgefl.compression.prune import PruningPlan, apply_pruning, count_macs_params, plan_pruning
 from edgefl.compression.recipe import ArtifactStep, DistillStep, Recipe, load_recipe
 from edgefl.compression.report import (
@@ -53,7 +59,7 @@ from edgefl.compression.report import (
     torch_latency_ms,
 )
 from edgefl.compression.transfer import parse_finetune, replace_head, train_head
-from edgefl.data import Dataset, conform, holdout_split, load_dataset, source_preprocess
+from edgefl.data import DIGITS, Dataset, conform, holdout_split, load_dataset, source_preprocess
 from edgefl.errors import AccuracyDropError, BundleError, DataError, VerificationError
 from edgefl.head import head_forward
 from edgefl.models.loading import LoadedModel, resolve_model
@@ -81,16 +87,22 @@ class CompressRequest:
     dry_run: bool = False
     version: int | None = None
     name: str | None = None
+    preprocess: PreprocessOverrides = field(default_factory=PreprocessOverrides)
 
 
 @dataclass
 class CompressResult:
-    """The outcome: the bundle written (None on a dry run), the pruning plan and the report."""
+    """The outcome: the bundle written (None on a dry run), the pruning plan and the report.
+
+    `data` is every sample as the model input the pipeline used (after preprocessing), before
+    the held-out split: what a board gets from the same files with the manifest's preprocessing.
+    """
 
     bundle: ModelBundle | None
     plan: PruningPlan | None
     report: CompressionReport | None
     artifacts: list[str] = field(default_factory=list)
+    data: Dataset | None = None
 
 
 def compress(request: CompressRequest, console: Console | None = None) -> CompressResult:
@@ -117,9 +129,17 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
         _check_out(out, request.force)
     loaded = resolve_model(request.model, request.weights)
     preprocess = source_preprocess(request.data, loaded.preprocess)
+    if request.preprocess:
+        if str(request.data) == DIGITS:
+            raise DataError(
+                "--resize, --mean, --std and --grayscale preprocess images; the built-in digits "
+                "are model inputs already"
+            )
+        preprocess = apply_overrides(preprocess, request.preprocess)
     dataset = load_dataset(request.data, preprocess)
-    if loaded.input_shape is not None:
-        dataset = conform(dataset, loaded.input_shape)
+    shape = input_shape(loaded.input_shape, request.preprocess, preprocess.layout)
+    if shape is not None:
+        dataset = conform(dataset, shape)
     train, test = holdout_split(dataset)
     example = torch.from_numpy(train.X[:2])
     split = split_model(loaded.module, request.head, example)
@@ -135,8 +155,9 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
             plan = plan_pruning(split, example, recipe.prune, (train.X, train.y))
         planned = [a.file for a in recipe.artifacts]
         if console is not None:
+            console.print(describe(preprocess, dataset.sample_shape))
             render_plan(plan, planned, console)
-        return CompressResult(None, plan, None, planned)
+        return CompressResult(None, plan, None, planned, dataset)
 
     macs, _ = count_macs_params(split.backbone, example[:1])
     with _progress(console) as progress, _training_threads(macs):
@@ -196,7 +217,7 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
     if console is not None:
         render_report(report, console)
         console.print(f"bundle written to {out} (version {manifest.version})")
-    return CompressResult(bundle, plan, report, [a.file for a in recipe.artifacts])
+    return CompressResult(bundle, plan, report, [a.file for a in recipe.artifacts], dataset)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -223,21 +244,29 @@ def _version(out: Path, request: CompressRequest) -> int:
 def _labels(
     split: SplitModel, loaded: LoadedModel, dataset: Dataset, num_classes: int | None
 ) -> list[str]:
+    # The data's class indices are the head's outputs, so their counts must agree: a fresh head
+    # (--num-classes) is named after the data's classes (an ImageFolder's subfolders); a kept
+    # head keeps the model's own labels, which describe its outputs.
     outputs = split.head_linears()[-1].out_features
-    classes = int(dataset.y.max()) + 1 if len(dataset) else 0
-    if classes > outputs:
+    classes = len(dataset.labels)
+    if num_classes is not None and classes != outputs:
         raise DataError(
-            f"the data has {classes} classes but the model's head has {outputs} outputs; "
-            f"pass --num-classes {classes}"
+            f"--num-classes {outputs} but the data has {classes} classes "
+            f"({_few(dataset.labels)}); pass --num-classes {classes}"
         )
-    for candidate in (
-        dataset.labels if num_classes is not None else None,
-        loaded.labels,
-        dataset.labels,
-    ):
-        if candidate is not None and len(candidate) == outputs:
-            return list(candidate)
-    return [str(i) for i in range(outputs)]
+    if classes != outputs:
+        raise DataError(
+            f"the data has {classes} classes ({_few(dataset.labels)}) but the model's head has "
+            f"{outputs} outputs; pass --num-classes {classes} to train a new head for them"
+        )
+    if num_classes is None and loaded.labels is not None and len(loaded.labels) == outputs:
+        return list(loaded.labels)
+    return list(dataset.labels)
+
+
+def _few(labels: list[str], limit: int = 5) -> str:
+    shown = ", ".join(labels[:limit])
+    return shown + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
 
 
 @contextmanager

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefl.delivery.profiles import DeviceProfile
 from edgefl.errors import DeliveryError
+from edgefl.profiles import DeviceProfile
 from edgefl.transport import topics as wire_topics
 
 INSTALL_SCRIPT = "install.sh"

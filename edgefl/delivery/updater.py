@@ -523,7 +523,7 @@ def attach_to_agent(
         trust_key=trust_key,
         group=agent.config.group or None,
         preferences=preferences,
-        threads=agent.config.threads,
+        threads=agent.threads,
         add_handler=agent.add_handler,
         on_installed=agent._install_bundle,
         executor=executor,
@@ -537,26 +537,26 @@ def enable_updates(
     agent: Agent,
     models_dir: str | Path | None,
     trust_key_file: str | Path | None,
-    profile: str | None = None,
 ) -> Updater:
     """Turn on over-the-air updates for an agent from its command-line settings.
+
+    The board downloads the backbone its profile (`agent.profile`) prefers; without a profile,
+    the first backbone of each release.
 
     Args:
         agent: the device agent (not started yet).
         models_dir: where bundles are installed; None uses ~/.local/share/edgefl/models.
         trust_key_file: the publisher's public key file; None refuses every release (and says so
             in the deploy report).
-        profile: a board profile name or path, for the artifact preference.
 
     Raises:
         KeyFileError: the key file is unreadable.
-        DeliveryError: the profile is unknown or the group is not a valid name.
+        DeliveryError: the group is not a valid name.
     """
     from edgefl import signing
-    from edgefl.delivery.profiles import load_profile
 
     key = None if trust_key_file is None else signing.load_public_key(trust_key_file)
-    preferences = None if not profile else load_profile(profile).prefer
+    preferences = agent.profile.prefer if agent.profile is not None else None
     try:
         return attach_to_agent(agent, models_dir or DEFAULT_MODELS_DIR, key, preferences)
     except ValueError as exc:

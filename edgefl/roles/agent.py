@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.bundle import ModelBundle, decode_head, encode_head, load_bundle
+from edgefl.bundle import Artifact, ModelBundle, decode_head, encode_head, load_bundle
 from edgefl.core.codecs import CODEC_NAMES, ErrorFeedback, encode_delta
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
 from edgefl.core.training import TrainConfig, train_head
@@ -36,6 +36,7 @@ from edgefl.data import (
 )
 from edgefl.errors import BundleError, MessageError
 from edgefl.head import Weights, head_accuracy, head_forward
+from edgefl.profiles import load_profile
 from edgefl.roles.features import (
     FeatureCache,
     batch_size_for,
@@ -76,8 +77,9 @@ class AgentConfig:
         bundle_dir: the bundle to run; None waits for one to be installed (delivery).
         state_dir: feature cache and personal heads; None keeps them in memory.
         task: which head of the bundle this device trains.
-        runtime: "auto", "onnx" or "tflite": which backbone artifact to run.
-        threads: runtime threads for feature extraction.
+        runtime: "auto", "onnx" or "tflite": which backbone artifact to run; "auto" follows the
+            board profile's preference, else ONNX before TFLite.
+        threads: runtime threads for feature extraction; None takes the profile's, else 1.
         heartbeat_s: seconds between status refreshes.
         codec: force an update codec; None follows the round's task.
         personalize: keep a personal head (the global head fine-tuned locally) for inference.
@@ -87,6 +89,9 @@ class AgentConfig:
             round's `clip_norm` applies (None: only the round's).
         noise_multiplier: this board's own Gaussian noise (std = multiplier * clip norm); the
             larger of it and the round's applies. Needs a clip norm from either side.
+        group: the device's group in the fleet (`edgefl deploy --group`), announced in its status.
+        profile: the board profile, a name from `devices/` or a profile.toml path: which backbone
+            artifact it prefers and how many threads it runs; announced in its status.
     """
 
     broker_url: str
@@ -97,7 +102,7 @@ class AgentConfig:
     state_dir: Path | None = None
     task: str = "default"
     runtime: str = "auto"
-    threads: int = 1
+    threads: int | None = None
     heartbeat_s: float = 30.0
     codec: str | None = None
     personalize: bool = True
@@ -105,10 +110,8 @@ class AgentConfig:
     connect_timeout_s: float | None = 30.0
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
-    # --- added by delivery: announced in the status (deploy --group, the fleet view) ---
     group: str = ""
     profile: str = ""
-    # --- end of delivery's addition ---
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -182,6 +185,8 @@ class Agent:
         """
         config.check()
         self.config = config
+        self.profile = load_profile(config.profile) if config.profile else None
+        self.threads = config.threads or (self.profile.threads if self.profile else 1)
         self.dataset = dataset
         # Data on disk: only labels are held; features are computed from batches read from it.
         self.source: DataSource | None = None
@@ -348,12 +353,17 @@ class Agent:
             "%s: running bundle %s v%d", self.device_id, bundle.manifest.name, self.model_version
         )
 
+    @property
+    def backbone(self) -> Artifact | None:
+        """The backbone artifact this agent runs from its bundle (None without a bundle)."""
+        if self.bundle is None:
+            return None
+        return self.bundle.manifest.select_backbone(self._preferences())
+
     def _compute_features(self, x: np.ndarray, cache: bool = True) -> np.ndarray:
         assert self.bundle is not None
         artifact = self.bundle.manifest.select_backbone(self._preferences())
-        runner, lock = shared_backbone(
-            self.bundle.file(artifact), artifact.sha256, self.config.threads
-        )
+        runner, lock = shared_backbone(self.bundle.file(artifact), artifact.sha256, self.threads)
         if not cache:
             from edgefl.roles.features import run_backbone
 
@@ -364,9 +374,7 @@ class Agent:
         """Return the features of the data on disk, reading it in batches only on a miss."""
         assert self.bundle is not None
         artifact = self.bundle.manifest.select_backbone(self._preferences())
-        runner, lock = shared_backbone(
-            self.bundle.file(artifact), artifact.sha256, self.config.threads
-        )
+        runner, lock = shared_backbone(self.bundle.file(artifact), artifact.sha256, self.threads)
         spec = self.bundle.manifest.input
         # The bundle's preprocessing: it is what the backbone was trained and exported with.
         preprocess = spec.preprocess
@@ -383,6 +391,10 @@ class Agent:
         available = {RUNTIME_FORMATS[r] for r in _runtimes() if r in RUNTIME_FORMATS}
         if self.config.runtime != "auto":
             return [(RUNTIME_FORMATS[self.config.runtime], "*")]
+        if self.profile is not None:
+            usable = [(f, p) for f, p in self.profile.prefer if f == "*" or f in available]
+            if usable:
+                return usable
         order = [fmt for fmt in ("onnx", "tflite") if fmt in available] or ["onnx", "tflite"]
         return [(fmt, "*") for fmt in order]
 
@@ -404,9 +416,9 @@ class Agent:
             model_version=self.model_version,
             heartbeat_s=self.config.heartbeat_s,
             time=time.time(),
-            group=self.config.group,  # delivery
-            profile=self.config.profile,  # delivery
-            last_round=max((o.round for o in self.outcomes), default=0),  # delivery
+            group=self.config.group,
+            profile=self.config.profile,
+            last_round=max((o.round for o in self.outcomes), default=0),
         )
 
     def _announce(self) -> None:

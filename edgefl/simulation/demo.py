@@ -93,8 +93,8 @@ def run_demo(config: DemoConfig, console: Console) -> DemoResult:
     from edgefl import signing
     from edgefl.compression.pipeline import CompressRequest, compress
     from edgefl.delivery.deploy import UPDATED, deploy
-    from edgefl.delivery.profiles import load_profile
     from edgefl.delivery.updater import attach_to_agent
+    from edgefl.profiles import load_profile
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
