@@ -40,7 +40,7 @@ from edgefl.compression.prune import apply_pruning, count_macs_params
 from edgefl.compression.quantize import quantize_onnx_static
 from edgefl.compression.recipe import DistillStep, PruneStep
 from edgefl.compression.report import state_size_bytes
-from edgefl.data import holdout_split, load_digits
+from edgefl.data import Dataset, holdout_split, load_digits
 from edgefl.models.loading import resolve_model
 from edgefl.models.split import split_model
 from edgefl.runtime import load_backbone
@@ -66,13 +66,13 @@ class Row:
 
 @dataclass
 class Workload:
-    """The data one model is calibrated and evaluated on."""
+    """The data one model is calibrated and evaluated on; test and train data only for digits."""
 
     calibration: np.ndarray
     sample: np.ndarray
     test_X: np.ndarray | None = None
     test_y: np.ndarray | None = None
-    train: Any = None
+    train: Dataset | None = None
 
 
 def workload(name: str, input_shape: list[int]) -> Workload:
@@ -86,12 +86,14 @@ def workload(name: str, input_shape: list[int]) -> Workload:
 
 
 def timed(build: Callable[[], Path]) -> tuple[Path, float]:
+    """Run `build` and return what it wrote with the seconds it took."""
     start = time.perf_counter()
     path = build()
     return path, time.perf_counter() - start
 
 
 def accuracy(logits: np.ndarray | None, work: Workload) -> float | None:
+    """Return top-1 accuracy of `logits` on the workload's test labels; None without either."""
     if logits is None or work.test_y is None:
         return None
     return float((logits.argmax(axis=1) == work.test_y).mean())

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefl import signing
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
+from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE
 from edgefl.delivery.deploy import FAILED, UPDATED, deploy
 from edgefl.delivery.updater import attach_to_agent
 from edgefl.head import init_head
@@ -58,6 +59,7 @@ def backbone_of_size(size_mb: float, features: int = 64) -> bytes:
 
 
 def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Mosquitto on a free loopback port with deep queues; return it and its URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -82,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=50)
     parser.add_argument("--size-mb", type=float, default=14.0)
-    parser.add_argument("--chunk-size", type=int, default=1024 * 1024)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--loops", type=int, default=4, help="Network threads the agents share.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefl-deploy-bench-"))

@@ -5,7 +5,7 @@ live in another virtual environment, so this file imports nothing from edgefl). 
 workload that fl_digits.py wrote (pool, test set, partition, pretrained backbone, initial head)
 and writes a JSON result:
 
-    python benchmarks/fl_digits_flower.py WORKLOAD.npz RESULT.json
+    python benchmarks/fl_digits_flower.py WORKLOAD.npz RESULT.json [ROUNDS (default 10)]
 """
 
 from __future__ import annotations

@@ -251,7 +251,12 @@ class ModelBundle:
             raise BundleError(f"bundle has no head for task {task!r} (tasks: {tasks})") from None
 
     def head_weights(self, task: str = DEFAULT_TASK) -> dict[str, np.ndarray]:
-        """Load the head weights of a task."""
+        """Load the head weights of a task.
+
+        Raises:
+            BundleError: the bundle has no head for this task, or its file is not safetensors.
+            OSError: the head file cannot be read.
+        """
         return decode_head((self.path / self.head_spec(task).file).read_bytes())
 
     def report(self) -> dict[str, Any]:
@@ -310,6 +315,17 @@ def write_bundle(
     (given in `files` by name, as a path to copy or bytes) and `manifest.heads` names each head's
     file (its weights given in `heads` by task). Head artifacts are added to the manifest when
     missing.
+
+    Args:
+        out: the bundle directory to write.
+        manifest: what the bundle holds; its artifacts' sizes and SHA-256 are filled in place.
+        files: the artifact files by name, as a path to copy or the bytes themselves.
+        heads: the head weights by task.
+        report: written as report.json when given.
+        force: replace `out` when it exists.
+
+    Returns:
+        The written bundle.
 
     Raises:
         BundleError: `out` exists and `force` is False, or a listed file was not given.

@@ -582,7 +582,6 @@ def flash(
 
     from edgefl import signing
     from edgefl.delivery import flash as flashing
-    from edgefl.errors import DeliveryError
     from edgefl.profiles import load_profile
     from edgefl.transport.broker import parse_broker_url
 
@@ -591,15 +590,7 @@ def flash(
     parse_broker_url(broker_url)
     profile = load_profile(profile_name)
     if device_id is None:
-        device_id = host.rpartition("@")[2].split(".")[0] if host else None
-    if device_id is None:
-        template = flashing.render_agent_env(profile.file(flashing.ENV_FILE).read_text(), {})
-        device_id = next(
-            (line.partition("=")[2] for line in template.splitlines()
-             if line.startswith("EDGEFL_DEVICE_ID=")), "",
-        )  # fmt: skip
-        if not device_id:
-            raise DeliveryError("pass --device-id")
+        device_id = flashing.default_device_id(profile, host)
     key = trust_key or signing.DEFAULT_KEY_DIR / signing.PUBLIC_KEY_FILE
     settings = flashing.BoardSettings(broker_url, fleet, device_id, group)
     with tempfile.TemporaryDirectory(prefix="edgefl-wheel-") as tmp:

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message (its type name when empty), capped.
+
+    Third-party errors (exporters, runtimes) often carry pages of trace; a user-facing message
+    quotes only this.
+    """
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 class EdgeflError(Exception):
     """Base of every error a user can cause; the CLI prints its message and exits non-zero."""
 

@@ -22,6 +22,9 @@ def head_forward(
 
     Returns:
         (batch, outputs) float32 logits.
+
+    Raises:
+        ValueError: a layer kind other than "linear" or "relu".
     """
     x = np.asarray(features, dtype=np.float32)
     for index, layer in enumerate(layers):

@@ -1,4 +1,4 @@
-"""Board profiles (`devices/*/profile.toml`): preferred artifacts, runtime, threads, install.
+"""Board profiles (`devices/*/profile.toml`): preferred artifacts, threads, install.
 
 A profile is named by its folder (`raspberry-pi`, `jetson`) or given as a path to a profile.toml.
 """
@@ -33,11 +33,11 @@ class InstallSpec:
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One board family: preferences for artifacts and runtime, and its install files' folder."""
+    """One board family: which backbone artifacts it prefers (and so which runtime loads them),
+    how many threads it runs, and its install files' folder."""
 
     name: str
     description: str
-    runtime: str
     threads: int
     prefer: list[tuple[str, str]]
     install: InstallSpec
@@ -55,13 +55,23 @@ def _parse_preference(text: str, source: Path) -> tuple[str, str]:
     return fmt, precision
 
 
+_PROFILE_KEYS = {"name", "description", "threads", "prefer", "install"}
+_INSTALL_KEYS = {"packages", "uninstall", "extra_index_urls", "apt"}
+
+
 def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
     """Build a profile from parsed TOML.
 
     Raises:
-        DeliveryError: a required key is missing or has the wrong type.
+        DeliveryError: a key is unknown (a typo would otherwise be ignored silently), a required
+            key is missing, or a value has the wrong type.
     """
     source = directory / PROFILE_FILE
+    unknown = sorted(set(data) - _PROFILE_KEYS) + sorted(
+        f"install.{key}" for key in set(data.get("install", {})) - _INSTALL_KEYS
+    )
+    if unknown:
+        raise DeliveryError(f"{source}: unknown key {unknown[0]!r}")
     try:
         install = dict(data.get("install", {}))
         threads = int(data.get("threads", 1))
@@ -70,7 +80,6 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
         return DeviceProfile(
             name=str(data["name"]),
             description=str(data.get("description", "")),
-            runtime=str(data.get("runtime", "onnxruntime")),
             threads=threads,
             prefer=[_parse_preference(p, source) for p in data.get("prefer", ["*/*"])],
             install=InstallSpec(

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgefl.errors import DataError, RuntimeLoadError
+from edgefl.errors import DataError, RuntimeLoadError, first_line
 
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 
@@ -135,11 +135,6 @@ class TfliteBackbone:
         return np.concatenate(outputs)[:count]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _load_onnx(path: Path, threads: int, providers: list[str] | None) -> OnnxBackbone:
     try:
         import onnxruntime as ort
@@ -160,7 +155,7 @@ def _load_onnx(path: Path, threads: int, providers: list[str] | None) -> OnnxBac
         )
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise RuntimeLoadError(
-            f"cannot load {path.name} in onnxruntime: {_first_line(exc)}"
+            f"cannot load {path.name} in onnxruntime: {first_line(exc)}"
         ) from exc
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -195,7 +190,7 @@ def _load_tflite(path: Path, threads: int) -> TfliteBackbone:
         interpreter = interpreter_class(model_path=str(path), num_threads=threads)
         interpreter.allocate_tensors()
     except Exception as exc:  # LiteRT raises ValueError or RuntimeError for bad flatbuffers
-        raise RuntimeLoadError(f"cannot load {path.name} in LiteRT: {_first_line(exc)}") from exc
+        raise RuntimeLoadError(f"cannot load {path.name} in LiteRT: {first_line(exc)}") from exc
     inputs = interpreter.get_input_details()
     outputs = interpreter.get_output_details()
     if len(inputs) != 1 or not outputs:

@@ -146,3 +146,23 @@ def test_cli_flash_input_errors(tmp_path: Path) -> None:
     )  # fmt: skip
     assert missing_key.exit_code == 2 and "edgefl keys init" in missing_key.output
     assert not (tmp_path / "a.tgz").exists()
+
+
+def test_cli_flash_profile_without_agent_env_is_one_line(tmp_path: Path) -> None:
+    profile = tmp_path / "bare"
+    profile.mkdir()
+    (profile / "profile.toml").write_text('name = "bare"\n')
+    args = ["flash", "--profile", str(profile), "--output", str(tmp_path / "a.tgz"), "--no-wheel"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"profile bare has no agent.env in {profile}" in result.output
+    assert not (tmp_path / "a.tgz").exists()
+
+
+def test_a_profile_key_typo_is_an_error_naming_the_key_and_file(tmp_path: Path) -> None:
+    shipped = load_profile("raspberry-pi").directory / "profile.toml"
+    board = tmp_path / "my-board"
+    board.mkdir()
+    (board / "profile.toml").write_text(shipped.read_text().replace("threads =", "thread ="))
+    with pytest.raises(DeliveryError, match=r"my-board/profile.toml: unknown key 'thread'"):
+        load_profile(board)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 from bundles import make_test_bundle
@@ -11,7 +13,7 @@ from conftest import RunningBroker
 
 from edgefl import signing
 from edgefl.cli import main
-from edgefl.delivery.fleet import fleet_view
+from edgefl.delivery.fleet import RETAINED_QUIET_S, fleet_view, wait_for_retained
 from edgefl.delivery.release import DeployReport
 from edgefl.delivery.updater import attach_to_agent
 from edgefl.roles.agent import Agent, AgentConfig
@@ -84,3 +86,12 @@ def test_cli_fleet_lists_online_and_offline_boards(
     assert "no devices" in empty.output
     unreachable = CliRunner().invoke(main, ["fleet", "--broker", "ftp://x", "--fleet", "a"])
     assert unreachable.exit_code == 2 and "mqtt://" in unreachable.output
+
+
+def test_wait_for_retained_counts_quiet_from_the_call_not_from_before_connect() -> None:
+    # A slow connect leaves the last-message time in the past; that is not a quiet broker.
+    lock = threading.Lock()
+    last_message = [time.monotonic() - 10.0]
+    started = time.monotonic()
+    wait_for_retained(last_message, lock, max_wait=3.0)
+    assert time.monotonic() - started >= RETAINED_QUIET_S

@@ -177,6 +177,25 @@ def test_wrong_input_shape_is_a_load_error() -> None:
         split_model(load_model("digits-cnn"), None, torch.zeros(2, 64))
 
 
+class _Silent(nn.Module):
+    """A backbone that rejects its input with a RuntimeError without a message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError()
+
+
+def test_input_rejected_without_a_message_is_still_a_load_error() -> None:
+    # An empty message once crashed the split with an IndexError instead.
+    with pytest.raises(
+        ModelLoadError, match=r"does not accept inputs of shape \[4\]: RuntimeError"
+    ):
+        split_model(_Silent(), "fc", torch.zeros(1, 4))
+
+
 def test_new_head_trains_on_frozen_backbone() -> None:
     model = load_model("digits-mlp")
     (X, y), _, (Xt, yt) = fl_digits_split()

@@ -88,6 +88,14 @@ def test_unknown_key_inside_an_artifact(tmp_path: Path) -> None:
         (MINIMAL + "[verify]\ntolerance = { int4 = 0.1 }\n", "is not a precision"),
         ("max_accuracy_drop = 'one'\n" + MINIMAL, "'max_accuracy_drop' must be a number"),
         ("this is = not toml ==", "not valid TOML"),
+        # Once silently replaced by the default, or crashing with a TypeError/AttributeError.
+        ("latency_threads = 0\n" + MINIMAL, "'latency_threads' must be an integer >= 1, got 0"),
+        ("latency_threads = 1.5\n" + MINIMAL, "'latency_threads' must be an integer >= 1"),
+        ("head_epochs = 0\n" + MINIMAL, "'head_epochs' must be an integer >= 1, got 0"),
+        (MINIMAL + "[verify]\nsamples = 0\n", "'verify.samples' must be an integer >= 1"),
+        (MINIMAL + "[verify]\nmin_top1_agreement = 'high'\n", "'verify.min_top1_agreement'"),
+        (MINIMAL + "[verify]\ntolerance = 0.1\n", "'verify.tolerance' must be a table"),
+        (MINIMAL + "[prune]\niterative_steps = true\n", "'prune.iterative_steps' must be"),
     ],
 )
 def test_bad_values_are_errors(tmp_path: Path, text: str, message: str) -> None:

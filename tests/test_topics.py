@@ -39,7 +39,6 @@ def test_matches(topic_filter: str, topic: str, expected: bool) -> None:
 def test_builders_follow_the_versioned_scheme() -> None:
     assert topics.device_status("lab", "pi-01") == "edgefl/v1/lab/devices/pi-01/status"
     assert topics.model_current("lab") == "edgefl/v1/lab/models/current"
-    assert topics.model_chunk("lab", 7, 3) == "edgefl/v1/lab/models/7/chunk/3"
     assert topics.round_task("lab", 2) == "edgefl/v1/lab/rounds/2/task"
     assert topics.round_update("lab", 2, "pi-01") == "edgefl/v1/lab/rounds/2/update/pi-01"
     assert topics.round_result("lab", 2) == "edgefl/v1/lab/rounds/2/result"
@@ -59,10 +58,7 @@ def test_names_that_would_break_topics_are_refused(bad: str) -> None:
     [
         ("edgefl/v1/lab/devices/pi/status", topics.ParsedTopic("lab", "status", device_id="pi")),
         ("edgefl/v1/lab/models/current", topics.ParsedTopic("lab", "model_current")),
-        (
-            "edgefl/v1/lab/models/4/chunk/12",
-            topics.ParsedTopic("lab", "model_chunk", model_version=4, chunk=12),
-        ),
+        ("edgefl/v1/lab/models/4/backbone.onnx/chunk/12", None),  # edgefl.delivery.topics
         ("edgefl/v1/lab/rounds/5/task", topics.ParsedTopic("lab", "task", round_number=5)),
         ("edgefl/v1/lab/rounds/5/result", topics.ParsedTopic("lab", "result", round_number=5)),
         (

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgefl.compression.files import first_line, staged_file
-from edgefl.errors import ExportError
+from edgefl.compression.files import staged_file
+from edgefl.errors import ExportError, first_line
 
 log = logging.getLogger(__name__)
 

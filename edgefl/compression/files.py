@@ -23,9 +23,3 @@ def staged_file(path: Path) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def first_line(exc: BaseException) -> str:
-    """Return the first line of an exception's message (its type name when empty), capped."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -338,7 +338,7 @@ def _prune_and_distill(
         if step.epochs > 0:
             tries.append((tries[0][0], step.epochs * 2))
         if prune is not None:
-            tries.append((prune.ratio / 2, max(step.epochs * 2, step.epochs)))
+            tries.append((prune.ratio / 2, step.epochs * 2))
     for ratio, epochs in tries:
         student = copy.deepcopy(teacher)
         stages: list[StageReport] = []
@@ -395,10 +395,9 @@ def _export_all(
     for index, artifact in enumerate(recipe.artifacts):
         calibration = train.X[: artifact.calibration_samples]
         path = work / artifact.file
-        if artifact.format == "onnx" and fp32_onnx is None:
-            fp32_onnx = export_onnx(backbone, one, work / "fp32-base.onnx")
         if artifact.format == "onnx":
-            assert fp32_onnx is not None
+            # Every ONNX precision starts from one fp32 export, made once.
+            fp32_onnx = fp32_onnx or export_onnx(backbone, one, work / "fp32-base.onnx")
             _make_onnx(artifact, fp32_onnx, path, calibration, ())
         elif artifact.precision == "int8":
             export_tflite(backbone, one, path, calibration=calibration)

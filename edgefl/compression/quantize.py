@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.compression.files import first_line, staged_file
-from edgefl.errors import DataError, ExportError
+from edgefl.compression.files import staged_file
+from edgefl.errors import DataError, ExportError, first_line
 
 log = logging.getLogger(__name__)
 

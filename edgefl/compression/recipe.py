@@ -62,8 +62,9 @@ class ArtifactStep:
 
 @dataclass
 class VerifyStep:
-    """How close each artifact must stay to PyTorch: max abs feature error per precision, and
-    top-1 agreement of head(features) for classifiers."""
+    """How close each artifact must stay to PyTorch: per precision, the max feature error relative
+    to the features' max magnitude (see `edgefl.compression.verify`), and top-1 agreement of
+    head(features) for classifiers, on the first `samples` held-out samples."""
 
     tolerance: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     min_top1_agreement: float = 0.95
@@ -162,9 +163,10 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
         distill=distill,
         artifacts=[a for a in artifacts if a is not None],
         verify=verify or VerifyStep(),
-        max_accuracy_drop=_number(data, "max_accuracy_drop", path, allow_none=True),
-        latency_threads=int(_number(data, "latency_threads", path, default=1) or 1),
-        head_epochs=int(_number(data, "head_epochs", path, default=20) or 20),
+        max_accuracy_drop=_optional_number(data, "max_accuracy_drop", path),
+        # Checked in _validate: a cast here would turn 0 or 1.5 into a silent default.
+        latency_threads=data.get("latency_threads", 1),
+        head_epochs=data.get("head_epochs", 20),
     )
     _validate(recipe, path)
     return recipe
@@ -192,15 +194,9 @@ def _section(cls: Any, raw: Any, section: str, path: Path) -> Any:
         raise RecipeError(f"recipe {path}: [{section}] {exc}") from exc
 
 
-def _number(
-    data: dict[str, Any],
-    key: str,
-    path: Path,
-    default: float | None = None,
-    allow_none: bool = False,
-) -> float | None:
-    value = data.get(key, default)
-    if value is None and allow_none:
+def _optional_number(data: dict[str, Any], key: str, path: Path) -> float | None:
+    value = data.get(key)
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecipeError(f"recipe {path}: {key!r} must be a number, not {value!r}")
@@ -219,7 +215,7 @@ def _validate(recipe: Recipe, path: Path) -> None:
             fail(
                 "prune.importance", f"must be one of {', '.join(IMPORTANCES)}, got {p.importance!r}"
             )
-        if not isinstance(p.iterative_steps, int) or p.iterative_steps < 1:
+        if not _is_count(p.iterative_steps):
             fail("prune.iterative_steps", f"must be an integer >= 1, got {p.iterative_steps!r}")
         if not isinstance(p.ignore_layers, list) or not all(
             isinstance(n, str) for n in p.ignore_layers
@@ -227,7 +223,7 @@ def _validate(recipe: Recipe, path: Path) -> None:
             fail("prune.ignore_layers", "must be a list of module names")
         if not isinstance(p.keep_features, bool):
             fail("prune.keep_features", f"must be true or false, got {p.keep_features!r}")
-        if p.round_to is not None and (not isinstance(p.round_to, int) or p.round_to < 1):
+        if p.round_to is not None and not _is_count(p.round_to):
             fail("prune.round_to", f"must be an integer >= 1, got {p.round_to!r}")
     if recipe.distill is not None:
         d = recipe.distill
@@ -239,7 +235,7 @@ def _validate(recipe: Recipe, path: Path) -> None:
             fail("distill.epochs", f"must be an integer >= 0, got {d.epochs!r}")
         if not isinstance(d.lr, int | float) or d.lr <= 0:
             fail("distill.lr", f"must be > 0, got {d.lr!r}")
-        if not isinstance(d.batch_size, int) or d.batch_size < 1:
+        if not _is_count(d.batch_size):
             fail("distill.batch_size", f"must be an integer >= 1, got {d.batch_size!r}")
     if not recipe.artifacts:
         fail("artifacts", "must list at least one artifact ([[artifacts]] format = ...)")
@@ -255,11 +251,13 @@ def _validate(recipe: Recipe, path: Path) -> None:
                 f"must be one of {', '.join(allowed)} for {artifact.format}, "
                 f"got {artifact.precision!r}",
             )
-        if not isinstance(artifact.calibration_samples, int) or artifact.calibration_samples < 1:
+        if not _is_count(artifact.calibration_samples):
             fail(f"{key}.calibration_samples", "must be an integer >= 1")
         if artifact.file in seen:
             fail(key, f"repeats {artifact.format}/{artifact.precision}")
         seen.add(artifact.file)
+    if not isinstance(recipe.verify.tolerance, dict):
+        fail("verify.tolerance", "must be a table of precision = number, e.g. { int8 = 0.5 }")
     for precision, value in recipe.verify.tolerance.items():
         if precision not in DEFAULT_TOLERANCE:
             fail(
@@ -268,9 +266,19 @@ def _validate(recipe: Recipe, path: Path) -> None:
             )
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             fail(f"verify.tolerance.{precision}", f"must be a number >= 0, got {value!r}")
-    if not 0.0 <= recipe.verify.min_top1_agreement <= 1.0:
-        fail("verify.min_top1_agreement", "must be in [0, 1]")
+    top1 = recipe.verify.min_top1_agreement
+    if isinstance(top1, bool) or not isinstance(top1, int | float) or not 0.0 <= top1 <= 1.0:
+        fail("verify.min_top1_agreement", f"must be in [0, 1], got {top1!r}")
+    # Zero samples would make every artifact "agree" without running it.
+    if not _is_count(recipe.verify.samples):
+        fail("verify.samples", f"must be an integer >= 1, got {recipe.verify.samples!r}")
     if recipe.max_accuracy_drop is not None and recipe.max_accuracy_drop < 0:
         fail("max_accuracy_drop", "must be >= 0 (accuracy points)")
-    if recipe.latency_threads < 1:
-        fail("latency_threads", "must be >= 1")
+    for key in ("latency_threads", "head_epochs"):
+        if not _is_count(getattr(recipe, key)):
+            fail(key, f"must be an integer >= 1, got {getattr(recipe, key)!r}")
+
+
+def _is_count(value: Any) -> bool:
+    """Whether `value` is an integer >= 1 (TOML booleans are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -6,18 +6,15 @@ as on a board. `--finetune all` or `--finetune N` also unfreezes all or the last
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from edgefl.compression.distill import predict
+from edgefl.compression.distill import Progress, predict
 from edgefl.data import Dataset
 from edgefl.errors import EdgeflError
 from edgefl.models.split import SplitModel, backbone_blocks
 
 Finetune = str | int | None
-Progress = Callable[[int, int], None]
 
 
 def parse_finetune(value: str | None) -> Finetune:

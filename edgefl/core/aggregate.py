@@ -138,6 +138,13 @@ def krum_scores(updates: Sequence[Update], num_byzantine: int) -> np.ndarray:
     The neighbourhood is the `n - num_byzantine - 2` closest other updates (at least one), as in
     Blanchard et al. 2017; the Byzantine-resilience guarantee needs `n >= 2 * num_byzantine + 3`.
 
+    Args:
+        updates: (weights, sample count) pairs with identical keys and shapes.
+        num_byzantine: how many updates may be arbitrary, >= 0.
+
+    Returns:
+        (n,) float64 scores, lower is more central; a single update scores 0.
+
     Raises:
         ValueError: see `check_updates`, or `num_byzantine` is negative.
     """

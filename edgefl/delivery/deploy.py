@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefl.bundle import load_bundle
 from edgefl.delivery import topics
 from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
+from edgefl.delivery.fleet import wait_for_retained
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.errors import DeliveryError, EdgeflError, TransportError
 from edgefl.transport import topics as wire_topics
@@ -27,8 +28,7 @@ UPDATED = "updated"
 FAILED = "failed"
 OFFLINE = "offline"
 
-# Retained statuses arrive right after SUBSCRIBE with no end marker: wait until quiet this long.
-_RETAINED_QUIET_S = 0.3
+# The longest to wait for the retained statuses and releases before planning the targets.
 _RETAINED_MAX_S = 3.0
 
 
@@ -149,14 +149,17 @@ def stale_chunk_topics(
     return sorted(chunk_topics(previous) - keep)
 
 
-def _release_topic(fleet: str, targets: Targets) -> str:
+def _release_topics(fleet: str, targets: Targets) -> list[str]:
+    """Return the topics a release for `targets` is retained on (one per device when listed).
+
+    Raises:
+        ValueError: the fleet, group or a device ID is not a valid topic level.
+    """
     if targets.devices is not None:
-        if len(targets.devices) != 1:
-            raise ValueError("one release topic per device")
-        return topics.device_release(fleet, targets.devices[0])
+        return [topics.device_release(fleet, device) for device in targets.devices]
     if targets.group is not None:
-        return topics.group_release(fleet, targets.group)
-    return topics.fleet_release(fleet)
+        return [topics.group_release(fleet, targets.group)]
+    return [topics.fleet_release(fleet)]
 
 
 def deploy(
@@ -203,11 +206,7 @@ def deploy(
     if targets.devices == []:
         raise DeliveryError("--devices names no device")
     try:
-        release_topics = (
-            [topics.device_release(fleet, d) for d in targets.devices]
-            if targets.devices is not None
-            else [_release_topic(fleet, targets)]
-        )
+        release_topics = _release_topics(fleet, targets)
     except ValueError as exc:
         raise DeliveryError(str(exc)) from exc
     bundle = load_bundle(bundle_path)
@@ -220,6 +219,9 @@ def deploy(
     reports: dict[str, DeployReport] = {}
     retained: dict[str, Release] = {}
     last_seen = [time.monotonic()]
+    # `waiting` is filled only once the targets are known (`ready`): a board that reports before
+    # then must not end the wait early.
+    ready = threading.Event()
     done = threading.Event()
     waiting: set[str] = set()
 
@@ -259,7 +261,6 @@ def deploy(
             retained[message.topic] = release_seen
             last_seen[0] = time.monotonic()
 
-    ready = threading.Event()
     client = MqttClient(broker_url, client_id=f"edgefl-deploy-{fleet}-{time.time_ns() % 10**9}")
     client.subscribe(wire_topics.all_statuses(fleet), on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_deploy_report)
@@ -267,7 +268,7 @@ def deploy(
         client.subscribe(topic_filter, on_release)
     client.connect(timeout=10.0)
     try:
-        _wait_quiet(last_seen, lock)
+        wait_for_retained(last_seen, lock, _RETAINED_MAX_S)
         with lock:
             online, offline = plan_targets(statuses, targets)
             old_releases = dict(retained)
@@ -296,16 +297,6 @@ def deploy(
         seconds=time.monotonic() - started,
         devices=outcomes,
     )
-
-
-def _wait_quiet(last_seen: list[float], lock: threading.Lock) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < _RETAINED_MAX_S:
-        with lock:
-            quiet = time.monotonic() - last_seen[0]
-        if quiet >= _RETAINED_QUIET_S:
-            return
-        time.sleep(0.05)
 
 
 def _publish_release(

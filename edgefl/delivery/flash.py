@@ -86,6 +86,36 @@ def _env_values(profile: DeviceProfile, settings: BoardSettings) -> dict[str, st
     return values
 
 
+def default_device_id(profile: DeviceProfile, host: str | None) -> str:
+    """Return the device ID a board gets when none is given.
+
+    Args:
+        profile: the board profile; its agent.env template names an example device.
+        host: USER@HOST being flashed, or None for an offline bundle.
+
+    Returns:
+        The host's short name (`pi@kitchen.local` gives `kitchen`), else the template's
+        EDGEFL_DEVICE_ID.
+
+    Raises:
+        DeliveryError: the profile has no agent.env, or it names no device and there is no host.
+    """
+    if host is not None:
+        return host.rpartition("@")[2].split(".")[0]
+    template = _env_template(profile)
+    for line in template.splitlines():
+        if line.startswith("EDGEFL_DEVICE_ID=") and line.partition("=")[2]:
+            return line.partition("=")[2]
+    raise DeliveryError("pass --device-id")
+
+
+def _env_template(profile: DeviceProfile) -> str:
+    path = profile.file(ENV_FILE)
+    if not path.is_file():
+        raise DeliveryError(f"profile {profile.name} has no {ENV_FILE} in {profile.directory}")
+    return path.read_text()
+
+
 def install_guide(profile: DeviceProfile, settings: BoardSettings, wheel: str | None) -> str:
     """Return INSTALL.md: how to install the offline bundle on a board."""
     package = f"the bundled wheel `{wheel}`" if wheel else "`edgefl[agent]` from the package index"
@@ -150,10 +180,7 @@ def build_install_files(
             files[name] = InstallFile(path.read_bytes(), mode)
         elif name != "Dockerfile":
             raise DeliveryError(f"profile {profile.name} has no {name} in {profile.directory}")
-    template = profile.file(ENV_FILE)
-    if not template.is_file():
-        raise DeliveryError(f"profile {profile.name} has no {ENV_FILE} in {profile.directory}")
-    env = render_agent_env(template.read_text(), _env_values(profile, settings))
+    env = render_agent_env(_env_template(profile), _env_values(profile, settings))
     files[ENV_FILE] = InstallFile(env.encode(), 0o644)
     try:
         files[PUBLIC_KEY_NAME] = InstallFile(Path(trust_key).expanduser().read_bytes(), 0o644)

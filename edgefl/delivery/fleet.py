@@ -18,7 +18,9 @@ from edgefl.transport import topics as wire_topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
 
-_QUIET_S = 0.3
+# Retained messages arrive right after SUBSCRIBE with no end marker: once none has come for this
+# long, the broker has sent them all.
+RETAINED_QUIET_S = 0.3
 
 
 @dataclass
@@ -74,6 +76,28 @@ def fleet_view(
     return rows
 
 
+def wait_for_retained(last_message: list[float], lock: threading.Lock, max_wait: float) -> None:
+    """Wait until no message has arrived for RETAINED_QUIET_S, or at most `max_wait` seconds.
+
+    Call right after connecting: the quiet time counts from the call, so a slow connect does not
+    look like a quiet broker.
+
+    Args:
+        last_message: one-element list holding the `time.monotonic()` of the latest message;
+            the message callbacks update it under `lock`.
+        lock: guards `last_message`.
+        max_wait: the longest to wait, in seconds.
+    """
+    start = time.monotonic()
+    with lock:
+        last_message[0] = max(last_message[0], start)
+    while time.monotonic() - start < max_wait:
+        with lock:
+            if time.monotonic() - last_message[0] >= RETAINED_QUIET_S:
+                return
+        time.sleep(0.05)
+
+
 def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[FleetDevice]:
     """Collect the fleet's retained statuses and deploy reports and return the fleet view.
 
@@ -115,13 +139,7 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
     client.subscribe(topics.all_deploy_reports(fleet), on_report)
     client.connect(timeout=10.0)
     try:
-        start = time.monotonic()
-        last[0] = start
-        while time.monotonic() - start < max_wait:
-            with lock:
-                if time.monotonic() - last[0] >= _QUIET_S:
-                    break
-            time.sleep(0.05)
+        wait_for_retained(last, lock, max_wait)
     finally:
         client.close()
     with lock:

@@ -56,8 +56,12 @@ Report = Callable[[DeployReport], None]
 Installed = Callable[[ModelBundle], None]
 SmokeTest = Callable[[ModelBundle, Artifact], None]
 
-# Progress is reported at these fractions, so 50 boards do not flood the broker.
+DEFAULT_MODELS_DIR = Path("~/.local/share/edgefl/models")
+# Progress is reported every tenth of the download, so 50 boards do not flood the broker.
 _PROGRESS_STEPS = 10
+# Refusals remembered in state.json: enough that a retained bad release is not retried on every
+# reconnect, few enough that the file stays small.
+_REMEMBERED_REFUSALS = 20
 
 
 class SmokeTestError(EdgeflError):
@@ -345,8 +349,7 @@ class Updater:
     def _reject(self, name: str, reason: str) -> None:
         state = self.store.state()
         state.rejected[name] = reason
-        # Keep the memory small: only the latest few refusals matter for retries.
-        state.rejected = dict(list(state.rejected.items())[-20:])
+        state.rejected = dict(list(state.rejected.items())[-_REMEMBERED_REFUSALS:])
         self.store.save_state(state)
 
     def _send(
@@ -424,8 +427,11 @@ class Updater:
                 except Exception:
                     log.exception("%s: reloading the previous bundle failed", self.device_id)
             reason = str(exc) if isinstance(exc, EdgeflError) else f"{type(exc).__name__}: {exc}"
-            back = "none" if restored is None else load_bundle(restored, verify=False).manifest
-            label = back if isinstance(back, str) else f"v{back.version}"
+            label = (
+                "none"
+                if restored is None
+                else f"v{load_bundle(restored, verify=False).manifest.version}"
+            )
             return ROLLED_BACK, f"{reason}; rolled back to {label}"
         state = self.store.state()
         state.highest_version = max(state.highest_version, manifest.version)
@@ -462,10 +468,9 @@ def bind_updater(
     """
     register = add_handler or client.subscribe
     report_topic = topics.deploy_report(fleet, device_id)
-    holder: list[Updater] = []
 
     def on_chunk(message: Message) -> None:
-        holder[0].on_chunk(message.topic, message.payload)
+        updater.on_chunk(message.topic, message.payload)
 
     def report(message: DeployReport) -> None:
         client.publish(report_topic, message.to_bytes(), qos=1, retain=True)
@@ -480,7 +485,6 @@ def bind_updater(
         unsubscribe=client.unsubscribe,
         **options,
     )
-    holder.append(updater)
     for topic in updater.release_topics():
         register(topic, lambda message: updater.on_release(message.payload))
     return updater
@@ -528,9 +532,6 @@ def attach_to_agent(
         on_installed=agent._install_bundle,
         executor=executor,
     )
-
-
-DEFAULT_MODELS_DIR = Path("~/.local/share/edgefl/models")
 
 
 def enable_updates(

@@ -10,17 +10,18 @@ architectures with random weights unless the user passes weights.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgefl.bundle import Preprocess
+from edgefl.compression.files import staged_file
 from edgefl.data import DIGITS_IMAGE_PREPROCESS, fl_digits_split, holdout_split, load_digits
 
 IMAGENET_PREPROCESS = Preprocess(
@@ -225,7 +226,7 @@ def pretrained_digits_cnn() -> nn.Module:
         try:
             model.load_state_dict(load_file(path))
             return model.eval()
-        except Exception:  # a corrupt or stale cache is retrained, not fatal
+        except (OSError, RuntimeError, SafetensorError):  # corrupt or stale: retrain
             path.unlink(missing_ok=True)
     train, _ = holdout_split(load_digits())
     with _seeded(0):
@@ -240,12 +241,10 @@ def pretrained_digits_cnn() -> nn.Module:
                 nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
                 optimizer.step()
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside, then rename: concurrent first uses must never read half a file.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
     return model
 
 

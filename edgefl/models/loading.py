@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from edgefl.bundle import Preprocess
-from edgefl.errors import ModelLoadError
+from edgefl.errors import ModelLoadError, first_line
 from edgefl.models.builtin import BUILTINS, find_builtin
 
 
@@ -97,9 +97,8 @@ def load_weights(module: nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load raise many types for bad files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(
-            f"weights file {path} is corrupt or not a state dict: {reason}"
+            f"weights file {path} is corrupt or not a state dict: {first_line(exc)}"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} checkpoint

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgefl.bundle import HeadSpec
-from edgefl.errors import ModelLoadError
+from edgefl.errors import ModelLoadError, first_line
 
 
 class SplitModel(nn.Module):
@@ -95,9 +95,9 @@ def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> Sp
         with torch.no_grad():
             features = split.backbone(example)
     except RuntimeError as exc:
-        reason = str(exc).splitlines()[0]
         raise ModelLoadError(
-            f"the model does not accept inputs of shape {list(example.shape[1:])}: {reason}"
+            f"the model does not accept inputs of shape {list(example.shape[1:])}: "
+            f"{first_line(exc)}"
         ) from exc
     if features.dim() != 2 or features.shape[1] != split.feature_size:
         raise ModelLoadError(

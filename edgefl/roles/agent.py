@@ -39,12 +39,21 @@ from edgefl.head import Weights, head_accuracy, head_forward
 from edgefl.profiles import load_profile
 from edgefl.roles.features import (
     FeatureCache,
+    Runner,
     batch_size_for,
+    run_backbone,
     run_backbone_batches,
     shared_backbone,
 )
 from edgefl.transport import topics
-from edgefl.transport.client import Message, MessageHandler, MqttClient, NetworkLoop, Will
+from edgefl.transport.client import (
+    Message,
+    MessageHandler,
+    MqttClient,
+    NetworkLoop,
+    TimerHandle,
+    Will,
+)
 from edgefl.transport.messages import (
     DeviceStatus,
     RoundTask,
@@ -62,6 +71,11 @@ ReplyHook = Callable[[int], float | None]
 # Tasks carry the global heads; a 1280x10 head is 51 KB, so this leaves room for big heads.
 AGENT_MAX_PAYLOAD = 64 * 1024 * 1024
 RUNTIME_FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "tflite": "tflite", "litert": "tflite"}
+# Re-sends only happen for the round in flight (a restart re-publishes its task); a few recent
+# rounds cover a task seen again late without the agent holding every update it ever sent.
+RESENT_ROUNDS = 4
+# An error update's reason is one line for a log, not a traceback (docs/protocol.md).
+MAX_REASON_CHARS = 500
 
 
 @dataclass
@@ -200,10 +214,9 @@ class Agent:
         # Updates sent for recent rounds, re-sent as they are when a task is seen again (after a
         # broker or aggregator restart): the aggregator treats identical bytes as a re-delivery.
         self._sent: OrderedDict[int, bytes] = OrderedDict()
-        self._extra_handlers: list[tuple[str, MessageHandler]] = []
         self._lock = threading.RLock()
         self._stopped = threading.Event()
-        self._heartbeat: Any = None
+        self._heartbeat: TimerHandle | None = None
         cache_dir = config.state_dir / "features" if config.state_dir else None
         self.features_cache = feature_cache or FeatureCache(cache_dir)
         self._reply_hook = reply_hook
@@ -240,7 +253,6 @@ class Agent:
 
         The delivery role registers its deploy and chunk handlers here.
         """
-        self._extra_handlers.append((topic_filter, handler))
         self.client.subscribe(topic_filter, handler)
 
     def start(self) -> None:
@@ -360,21 +372,23 @@ class Agent:
             return None
         return self.bundle.manifest.select_backbone(self._preferences())
 
-    def _compute_features(self, x: np.ndarray, cache: bool = True) -> np.ndarray:
-        assert self.bundle is not None
-        artifact = self.bundle.manifest.select_backbone(self._preferences())
+    def _backbone_runner(self) -> tuple[Artifact, Runner, threading.Lock]:
+        """Return the backbone artifact this agent runs, its shared runner and the runner's lock."""
+        artifact = self.backbone
+        assert self.bundle is not None and artifact is not None
         runner, lock = shared_backbone(self.bundle.file(artifact), artifact.sha256, self.threads)
-        if not cache:
-            from edgefl.roles.features import run_backbone
+        return artifact, runner, lock
 
+    def _compute_features(self, x: np.ndarray, cache: bool = True) -> np.ndarray:
+        artifact, runner, lock = self._backbone_runner()
+        if not cache:
             return run_backbone(runner, x, lock)
         return self.features_cache.features(artifact.sha256, x, runner, lock)
 
     def _source_features(self, source: DataSource) -> np.ndarray:
         """Return the features of the data on disk, reading it in batches only on a miss."""
+        artifact, runner, lock = self._backbone_runner()
         assert self.bundle is not None
-        artifact = self.bundle.manifest.select_backbone(self._preferences())
-        runner, lock = shared_backbone(self.bundle.file(artifact), artifact.sha256, self.threads)
         spec = self.bundle.manifest.input
         # The bundle's preprocessing: it is what the backbone was trained and exported with.
         preprocess = spec.preprocess
@@ -447,14 +461,14 @@ class Agent:
             return
         if self.config.device_id not in task.selected:
             return
-        # --- added by simulation: simulated dropout and slow devices ---
+        # The simulation's hook decides here, before training, so a simulated dropout costs
+        # nothing and a slow device's update is the one it would have sent on time.
         delay = 0.0
         if self._reply_hook is not None:
             decision = self._reply_hook(task.round)
             if decision is None:
                 return
             delay = decision
-        # --- end of simulation's addition ---
         with self._lock:
             sent = self._sent.get(task.round)
             if sent is not None:
@@ -462,7 +476,7 @@ class Agent:
                 return
             payload, outcome = self._answer(task, heads)
             self._sent[task.round] = payload
-            while len(self._sent) > 4:
+            while len(self._sent) > RESENT_ROUNDS:
                 self._sent.popitem(last=False)
             self.outcomes.append(outcome)
         if delay > 0:  # simulation: the network thread must not sleep, so publish later
@@ -485,7 +499,7 @@ class Agent:
             model_version=self.model_version,
             status="error",
             error_code=code,
-            reason=reason[:500],
+            reason=reason[:MAX_REASON_CHARS],
         )
         payload = encode_update_error(header)
         return payload, RoundOutcome(task.round, "error", code, {}, len(payload))

@@ -46,6 +46,10 @@ from edgefl.transport.messages import (
 
 log = logging.getLogger(__name__)
 
+# Seconds run() waits for the broker before failing: long enough for a broker still starting
+# beside it (systemd, docker compose), short enough that a wrong URL fails while someone watches.
+CONNECT_TIMEOUT_S = 30.0
+
 
 @dataclass
 class AggregatorConfig:
@@ -324,7 +328,7 @@ class Aggregator:
         self.client.subscribe(topics.all_statuses(self.config.fleet), self._on_status)
         self.client.subscribe(topics.all_updates(self.config.fleet), self._on_update)
         self.client.on_connect(self._on_connect)
-        self.client.connect(timeout=30.0)
+        self.client.connect(timeout=CONNECT_TIMEOUT_S)
         try:
             resumed = self._resume()
             first = resumed.number if resumed else self.state.last_round() + 1
@@ -385,11 +389,11 @@ class Aggregator:
         if self.config.clip_norm is not None:
             config["clip_norm"] = self.config.clip_norm
             config["noise_multiplier"] = self.config.noise_multiplier
-        for strategy in self.strategies.values():
+        # Every task runs the same strategy with the same parameters, so any one instance says
+        # what devices need (its per-task optimizer state does not go on the wire).
+        strategy = next(iter(self.strategies.values()), None)
+        if strategy is not None:
             config.update(strategy.client_config())
-            break
-        if "mu" in config and "proximal_mu" not in config:
-            config["proximal_mu"] = config["mu"]
         return config
 
     def _task_message(

@@ -1,7 +1,8 @@
 """The aggregator's durable record in SQLite: rounds, participants, updates, metrics, head versions.
 
-One file, WAL mode, a commit per update so an aggregator killed mid-round loses nothing it had
-accepted. Heads and strategy state are stored as safetensors blobs (no pickle).
+One file, WAL mode. Round changes and heads commit at once; update records are committed in
+small batches (see `AggregatorState.record_update`), and an aggregator killed mid-round resumes
+from what was committed. Heads and strategy state are stored as safetensors blobs (no pickle).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 from edgefl.bundle import decode_head, encode_head
 from edgefl.head import Weights
 
+# Buffered update records are committed when this old or this many, whichever comes first.
 FLUSH_EVERY_S = 0.25
+FLUSH_EVERY_ROWS = 512
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -195,7 +198,8 @@ class AggregatorState:
     ) -> None:
         """Record an incoming update: accepted (with payload), rejected or late (with a code).
 
-        Records are written in batches (at most `FLUSH_EVERY_S` late, or on any read): one
+        Records are written in batches (at most `FLUSH_EVERY_S` late or `FLUSH_EVERY_ROWS`
+        long, or on any read): one
         commit per update would cap ingest near 4,000/s. A crash can lose the last batch; the
         protocol covers that, since devices re-send their update when they see the task again.
         """
@@ -205,7 +209,10 @@ class AggregatorState:
         )  # fmt: skip
         with self._lock:
             self._pending.append(row)
-            if len(self._pending) >= 512 or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+            if (
+                len(self._pending) >= FLUSH_EVERY_ROWS
+                or time.monotonic() - self._last_flush > FLUSH_EVERY_S
+            ):
                 self._flush_locked()
 
     def accepted_updates(self, round_number: int) -> list[StoredUpdate]:

@@ -25,7 +25,8 @@ def _size(count: float) -> str:
     return f"{count:.0f} B"
 
 
-def _pct(value: float) -> str:
+def _accuracy(value: float) -> str:
+    """An accuracy as a fraction with three decimals, "-" when unknown (NaN)."""
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
@@ -68,7 +69,7 @@ class LiveProgress:
     def on_round(self, record: RoundRecord) -> None:
         """Advance the bar with a round's numbers."""
         stats = (
-            f"devices {record.reported}/{record.selected}  acc {_pct(record.accuracy)}  "
+            f"devices {record.reported}/{record.selected}  acc {_accuracy(record.accuracy)}  "
             f"up {_kib(record.bytes_up)} KiB  {record.seconds:.2f} s"
         )
         self.progress.update(self.task, advance=1, stats=stats)
@@ -88,7 +89,7 @@ def round_table(metrics: SimulationMetrics, title: str = "rounds") -> Table:
     for r in metrics.rounds:
         table.add_row(
             str(r.round), str(r.online), f"{r.reported}/{r.selected}", str(r.dropped),
-            _pct(r.accuracy), _pct(r.device_accuracy), _pct(r.personal_accuracy),
+            _accuracy(r.accuracy), _accuracy(r.device_accuracy), _accuracy(r.personal_accuracy),
             _size(r.bytes_up), _size(r.bytes_down), f"{r.seconds:.2f}",
         )  # fmt: skip
     return table
@@ -97,8 +98,9 @@ def round_table(metrics: SimulationMetrics, title: str = "rounds") -> Table:
 def summary_line(metrics: SimulationMetrics) -> str:
     """Return one line with the run's headline numbers."""
     s = metrics.summary
+    accuracy = _accuracy(metrics.final_accuracy)
     return (
-        f"final accuracy {_pct(metrics.final_accuracy)}; federated part {s.get('wall_s', 0):.2f} s "
+        f"final accuracy {accuracy}; federated part {s.get('wall_s', 0):.2f} s "
         f"(start-up {s.get('startup_s', 0):.2f} s); {s.get('bytes_per_device_per_round', 0):,.0f} "
         f"B per device per round; peak RSS {s.get('peak_rss_mb', 0):,.0f} MiB"
     )

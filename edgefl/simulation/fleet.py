@@ -179,7 +179,7 @@ def parse_churn(text: str) -> list[ChurnEvent]:
 
 
 @dataclass(eq=False)
-class DeviceProfile:
+class SimulatedDevice:
     """One simulated device: its data, how slow it is and when it is around.
 
     Attributes:
@@ -219,12 +219,12 @@ class DeviceProfile:
 class FleetPlan:
     """The whole simulated fleet, as the runner builds it."""
 
-    devices: list[DeviceProfile]
+    devices: list[SimulatedDevice]
     partition: PartitionSpec
     churn: list[ChurnEvent] = field(default_factory=list)
     seed: int = 0
 
-    def online_in(self, round_: int) -> list[DeviceProfile]:
+    def online_in(self, round_: int) -> list[SimulatedDevice]:
         """Return the devices online during a round."""
         return [device for device in self.devices if device.online_in(round_)]
 
@@ -275,7 +275,7 @@ def plan_fleet(
     speeds = np.exp(rng.uniform(0.0, math.log(speed_spread), num_devices))
     width = max(4, len(str(num_devices - 1)))
     devices = [
-        DeviceProfile(f"{id_prefix}-{i:0{width}d}", part, float(speed), dropout)
+        SimulatedDevice(f"{id_prefix}-{i:0{width}d}", part, float(speed), dropout)
         for i, (part, speed) in enumerate(zip(parts, speeds, strict=True))
     ]
     # Devices for each event come from one permutation, so join and leave sets never overlap.

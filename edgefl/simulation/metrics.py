@@ -71,7 +71,7 @@ class SimulationMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """Return plain JSON-able data; NaN becomes null so any JSON reader accepts it."""
-        rows = [dict(asdict(r), bytes_per_device=r.bytes_per_device) for r in self.rounds]
+        rows = [_row(r) for r in self.rounds]
         data = {
             "schema_version": self.schema_version,
             "config": self.config,
@@ -102,9 +102,13 @@ def write_metrics(metrics: SimulationMetrics, out: str | Path) -> tuple[Path, Pa
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for record in metrics.rounds:
-            row = dict(asdict(record), bytes_per_device=record.bytes_per_device)
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+            writer.writerow({k: _csv_value(v) for k, v in _row(record).items()})
     return json_path, csv_path
+
+
+def _row(record: RoundRecord) -> dict[str, Any]:
+    """One round as the files show it: the record's fields and the derived bytes per device."""
+    return dict(asdict(record), bytes_per_device=record.bytes_per_device)
 
 
 def _csv_value(value: Any) -> Any:

@@ -24,7 +24,7 @@ from edgefl.bundle import ModelBundle
 from edgefl.errors import SimulationError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
-from edgefl.simulation.fleet import DeviceProfile, FleetPlan, plan_fleet
+from edgefl.simulation.fleet import FleetPlan, SimulatedDevice, plan_fleet
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
@@ -102,15 +102,15 @@ class SimulationConfig:
 class _DeviceBehaviour:
     """The reply hook of one simulated device: dropouts and delays, counted per round."""
 
-    def __init__(self, profile: DeviceProfile, index: int, seed: int, unit_s: float) -> None:
-        self.profile = profile
+    def __init__(self, device: SimulatedDevice, index: int, seed: int, unit_s: float) -> None:
+        self.device = device
         self.index = index
         self.seed = seed
-        self.delay_s = (profile.speed - 1.0) * unit_s
+        self.delay_s = (device.speed - 1.0) * unit_s
         self.dropped: set[int] = set()
 
     def __call__(self, round_number: int) -> float | None:
-        if self.profile.drops(round_number, self.seed, self.index):
+        if self.device.drops(round_number, self.seed, self.index):
             self.dropped.add(round_number)
             return None
         return self.delay_s
@@ -190,8 +190,8 @@ class Simulation:
             seed=config.seed,
         )
         self.behaviours = [
-            _DeviceBehaviour(profile, i, config.seed, config.speed_unit_s)
-            for i, profile in enumerate(self.plan.devices)
+            _DeviceBehaviour(device, i, config.seed, config.speed_unit_s)
+            for i, device in enumerate(self.plan.devices)
         ]
         self.records: list[RoundRecord] = []
         self.agents: dict[str, Agent] = {}
@@ -270,7 +270,7 @@ class Simulation:
             wall_s = self.records[-1].elapsed if self.records else 0.0
         finally:
             self._say("stopping devices")
-            self._teardown(url if config.broker_url is not None else None)
+            self._teardown(clear_retained=config.broker_url is not None)
             network.stop()
             if broker is not None:
                 broker.wait_idle()
@@ -283,40 +283,40 @@ class Simulation:
 
     # -- devices --
 
-    def _start_agents(self, url: str, profiles: list[DeviceProfile]) -> None:
+    def _start_agents(self, url: str, devices: list[SimulatedDevice]) -> None:
         """Start agents without waiting on each connection, then wait for all of them."""
         assert self._network is not None
         started: list[Agent] = []
         index = {p.device_id: i for i, p in enumerate(self.plan.devices)}
-        for profile in profiles:
+        for device in devices:
             agent = Agent(
                 AgentConfig(
                     broker_url=url,
                     fleet=self.config.fleet,
-                    device_id=profile.device_id,
+                    device_id=device.device_id,
                     bundle_dir=self.bundle.path if self.config.preinstalled else None,
                     personalize=self.config.personalize,
                     connect_timeout_s=None,
                     # Heartbeats only refresh the status; in a short run they are noise.
                     heartbeat_s=300.0,
                 ),
-                dataset=self.data.pool.subset(profile.indices),
+                dataset=self.data.pool.subset(device.indices),
                 network=self._network,
-                reply_hook=self.behaviours[index[profile.device_id]],
+                reply_hook=self.behaviours[index[device.device_id]],
             )
             if self.prepare_agent is not None:
                 self.prepare_agent(agent)
             agent.start()
-            self.agents[profile.device_id] = agent
+            self.agents[device.device_id] = agent
             started.append(agent)
         deadline = time.monotonic() + 60.0
         for agent in started:
             if not agent.client.wait_connected(max(0.0, deadline - time.monotonic())):
                 raise SimulationError(f"device {agent.device_id} could not connect to {url}")
 
-    def _stop_agents(self, profiles: list[DeviceProfile]) -> None:
-        for profile in profiles:
-            agent = self.agents.pop(profile.device_id, None)
+    def _stop_agents(self, devices: list[SimulatedDevice]) -> None:
+        for device in devices:
+            agent = self.agents.pop(device.device_id, None)
             if agent is not None:
                 agent.stop()
 
@@ -339,8 +339,9 @@ class Simulation:
         while set(self._aggregator.online_devices()) != expected and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def _teardown(self, external_broker: str | None) -> None:
-        """Stop every agent; clean up retained state we left on a broker we do not own."""
+    def _teardown(self, clear_retained: bool) -> None:
+        """Stop every agent; with `clear_retained` (a broker we do not own, which keeps retained
+        messages), clear the statuses our devices left on it."""
         agents = list(self.agents.values())
         self.agents.clear()
         # Agent.stop() waits for its "offline" status to be acknowledged before disconnecting
@@ -352,8 +353,7 @@ class Simulation:
                     log.warning("stopping %s: %s", agent.device_id, error)
         observer = self._observer
         if observer is not None:
-            if external_broker is not None:
-                # A broker we do not own keeps retained messages: clear our devices' statuses.
+            if clear_retained:
                 handles = [
                     observer.client.publish(
                         topics.device_status(self.config.fleet, d.device_id), b"", 1, retain=True

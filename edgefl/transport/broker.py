@@ -138,7 +138,6 @@ class EmbeddedBroker:
             )
         log.info("embedded broker listening on %s", self.url)
 
-    # --- added by simulation: let client disconnects finish before shutting down ---
     @property
     def connection_count(self) -> int:
         """How many client connections the broker holds now (0 when not running)."""
@@ -149,16 +148,18 @@ class EmbeddedBroker:
         return sum(int(getattr(server, "conn_count", 0)) for server in broker._servers.values())
 
     def wait_idle(self, timeout: float = 2.0) -> bool:
-        """Wait until no client is connected; stopping before that leaves amqtt's transports
-        unclosed (ResourceWarning). Returns False on timeout."""
+        """Wait until no client is connected; returns False on timeout.
+
+        Call it before stop() after closing many clients at once (a simulation): stopping while
+        disconnects are still in flight leaves amqtt's transports unclosed (ResourceWarning,
+        an error under pytest's warnings-as-errors).
+        """
         deadline = time.monotonic() + timeout
         while self.connection_count > 0:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
         return True
-
-    # --- end of simulation's addition ---
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the broker down and join its thread; safe to call twice."""

@@ -300,7 +300,10 @@ class MqttClient:
             keepalive: seconds between pings.
             max_payload_bytes: larger messages are dropped on receive and reported to
                 `on_oversized(topic, size)` instead of reaching a handler.
+            on_oversized: see `max_payload_bytes`; None only logs the drop.
+            ca_certs: a CA bundle file for `mqtts://` (None: the system CAs).
             backoff_min_s: first reconnect delay; doubles up to `backoff_max_s`.
+            backoff_max_s: the longest reconnect delay (before ±50 % jitter).
 
         Raises:
             TransportError: the URL is invalid.
@@ -371,11 +374,12 @@ class MqttClient:
 
             self.network.call_soon(renew)
 
-    # --- added by delivery: boards drop a release's chunk topics once it is installed ---
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop delivering `topic_filter` (every handler registered for it); thread-safe.
 
-        It is not renewed after a reconnect, so retained messages on it are not sent again.
+        It is not renewed after a reconnect, so retained messages on it are not sent again: a
+        board drops a release's chunk topics once it is installed, and must not receive
+        megabytes of retained chunks again on every reconnect.
         """
         self._handlers = [h for h in self._handlers if h[0] != topic_filter]
         if self.connected:
@@ -384,8 +388,6 @@ class MqttClient:
                 self._paho.unsubscribe(topic_filter)
 
             self.network.call_soon(drop)
-
-    # --- end of delivery's addition ---
 
     def connect(self, timeout: float | None = 10.0) -> None:
         """Start connecting (retrying with backoff) and wait for the broker to accept.

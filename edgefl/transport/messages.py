@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, TypeVar, Union
+from typing import Any, Self, TypeVar, Union
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors_bytes
@@ -147,8 +147,27 @@ def _dumps(message: Any) -> str:
     return json.dumps(asdict(message), separators=(",", ":"), allow_nan=False)
 
 
+class _JsonMessage:
+    """encode/decode for a control message dataclass sent as UTF-8 JSON."""
+
+    KIND: typing.ClassVar[str]
+
+    def encode(self) -> bytes:
+        """Return the message as UTF-8 JSON."""
+        return _dumps(self).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse and validate a message of this kind.
+
+        Raises:
+            MessageError: not JSON, or not a valid message of this kind (see `from_fields`).
+        """
+        return from_fields(cls, _json_object(payload, cls.KIND))
+
+
 @dataclass
-class DeviceStatus:
+class DeviceStatus(_JsonMessage):
     """A device's retained status: who it is, what it can run, whether it is online."""
 
     KIND: typing.ClassVar[str] = "status"
@@ -163,11 +182,11 @@ class DeviceStatus:
     model_version: int = 0
     heartbeat_s: float = 0.0  # re-published this often; 0: no heartbeat (never judged stale)
     time: float = 0.0  # Unix time of publication (the device's clock)
-    # --- added by delivery: deploy targets groups; the fleet view shows profile and last round ---
+    # For the operator, not the protocol: `deploy --group` targets groups, and `edgefl fleet`
+    # shows which board profile each device runs and the last round it trained in.
     group: str = ""
     profile: str = ""
     last_round: int = 0
-    # --- end of delivery's addition ---
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
@@ -179,22 +198,9 @@ class DeviceStatus:
         if self.heartbeat_s < 0:
             raise MessageError("status.heartbeat_s must not be negative")
 
-    def encode(self) -> bytes:
-        """Return the message as UTF-8 JSON."""
-        return _dumps(self).encode()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> DeviceStatus:
-        """Parse and validate a status message.
-
-        Raises:
-            MessageError: not a valid status message.
-        """
-        return from_fields(cls, _json_object(payload, cls.KIND))
-
 
 @dataclass
-class RoundResult:
+class RoundResult(_JsonMessage):
     """What a round produced: the new head version, counts, metrics; retained per round."""
 
     KIND: typing.ClassVar[str] = "result"
@@ -216,19 +222,6 @@ class RoundResult:
         """Raise MessageError when a field holds an impossible value."""
         if self.status not in ("closed", "failed"):
             raise MessageError(f"result.status must be 'closed' or 'failed', not {self.status!r}")
-
-    def encode(self) -> bytes:
-        """Return the message as UTF-8 JSON."""
-        return _dumps(self).encode()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> RoundResult:
-        """Parse and validate a result message.
-
-        Raises:
-            MessageError: not a valid result message.
-        """
-        return from_fields(cls, _json_object(payload, cls.KIND))
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""The versioned MQTT topic scheme under `edgefl/v1/{fleet}/` and a pure topic-filter matcher."""
+"""The versioned MQTT topic scheme under `edgefl/v1/{fleet}/` and a pure topic-filter matcher.
+
+Delivery's topics (releases per target, artifact chunks, deploy reports) are built on
+`fleet_root` in `edgefl.delivery.topics`.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +41,6 @@ def model_current(fleet: str) -> str:
     return f"{fleet_root(fleet)}/models/current"
 
 
-def model_chunk(fleet: str, version: int, index: int) -> str:
-    """Return the topic of chunk `index` of bundle `version`."""
-    return f"{fleet_root(fleet)}/models/{int(version)}/chunk/{int(index)}"
-
-
 def round_task(fleet: str, round_number: int) -> str:
     """Return the topic of round `round_number`'s task (retained while the round is open)."""
     return f"{fleet_root(fleet)}/rounds/{int(round_number)}/task"
@@ -73,11 +72,6 @@ def all_updates(fleet: str) -> str:
     return f"{fleet_root(fleet)}/rounds/+/update/+"
 
 
-def all_results(fleet: str) -> str:
-    """Return the filter matching every round's result topic."""
-    return f"{fleet_root(fleet)}/rounds/+/result"
-
-
 def matches(topic_filter: str, topic: str) -> bool:
     """Return whether `topic` matches the MQTT filter `topic_filter` (`+` one level, `#` rest).
 
@@ -103,14 +97,13 @@ class ParsedTopic:
     """What an edgefl topic names. Fields that the kind does not use are None."""
 
     fleet: str
-    kind: str  # "status", "model_current", "model_chunk", "task", "update", "result"
+    kind: str  # "status", "model_current", "task", "update", "result"
     device_id: str | None = None
     round_number: int | None = None
-    model_version: int | None = None
-    chunk: int | None = None
 
 
 def _int_level(text: str) -> int | None:
+    # 18 digits always fit an int64 (SQLite's INTEGER): a longer "round" is noise, not a round.
     return int(text) if text.isdigit() and len(text) < 19 else None
 
 
@@ -127,13 +120,6 @@ def parse(topic: str) -> ParsedTopic | None:
             return ParsedTopic(fleet, "status", device_id=device)
         case ["models", "current"]:
             return ParsedTopic(fleet, "model_current")
-        case ["models", version, "chunk", index]:
-            v, i = _int_level(version), _int_level(index)
-            return (
-                None
-                if v is None or i is None
-                else ParsedTopic(fleet, "model_chunk", model_version=v, chunk=i)
-            )
         case ["rounds", number, "task"]:
             n = _int_level(number)
             return None if n is None else ParsedTopic(fleet, "task", round_number=n)
