@@ -15,8 +15,6 @@ import argparse
 import json
 import platform
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from edgefl.delivery.deploy import FAILED, UPDATED, deploy
 from edgefl.delivery.updater import attach_to_agent
 from edgefl.head import init_head
 from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.transport.broker import LocalMosquitto
 from edgefl.transport.client import NetworkLoop
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -58,28 +57,6 @@ def backbone_of_size(size_mb: float, features: int = 64) -> bytes:
     return model.SerializeToString()
 
 
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start Mosquitto on a free loopback port with deep queues; return it and its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = workdir / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 100000\nmax_inflight_messages 0\n"
-    )
-    process = subprocess.Popen(
-        ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"mqtt://127.0.0.1:{port}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=50)
@@ -88,7 +65,9 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=4, help="Network threads the agents share.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgefl-deploy-bench-"))
-    broker, url = start_mosquitto(work)
+    broker = LocalMosquitto(work, max_queued_messages=100_000)
+    broker.start()
+    url = broker.url
     networks = [NetworkLoop(name=f"bench-network-{i}") for i in range(args.loops)]
     agents: list[Agent] = []
     try:
@@ -124,8 +103,7 @@ def main() -> None:
             agent.stop()
         for network in networks:
             network.stop()
-        broker.terminate()
-        broker.wait()
+        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
     row = {
         "agents": args.agents,

@@ -16,9 +16,7 @@ import argparse
 import json
 import multiprocessing as mp
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,31 +30,12 @@ from edgefl.core.codecs import ErrorFeedback, encode_delta
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.transport import topics
+from edgefl.transport.broker import LocalMosquitto
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus, UpdateHeader, decode_round_task, update_metadata
 
 FLEET = "bench"
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start Mosquitto on a free loopback port; returns the process and its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = workdir / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 1000000\nmax_inflight_messages 0\n"
-    )
-    process = subprocess.Popen(["mosquitto", "-c", str(config)], stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"mqtt://127.0.0.1:{port}"
 
 
 def make_bundle(out: Path, features: int) -> Path:
@@ -197,12 +176,13 @@ def main() -> None:
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto is not installed (apt-get install mosquitto)")
     workdir = Path(tempfile.mkdtemp(prefix="edgefl-bench-"))
-    broker, url = start_mosquitto(workdir)
+    broker = LocalMosquitto(workdir, max_queued_messages=1_000_000)
+    broker.start()
+    url = broker.url
     try:
         ingest_rows = [ingest(url, workdir, args.devices, f, args.rounds) for f in (64, 1280)]
     finally:
-        broker.terminate()
-        broker.wait()
+        broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     size_rows = codec_sizes(64) + codec_sizes(1280)
     print(f"\nAggregator ingest through Mosquitto ({args.devices} devices, {args.rounds} rounds)")

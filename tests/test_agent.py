@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from bundles import digits_devices, make_test_bundle, write_npz
-from conftest import RunningBroker
+from conftest import RunningBroker, wait_for
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import decode_delta
@@ -28,15 +27,6 @@ from edgefl.transport.messages import (
 )
 
 FLEET = "lab"
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def test_status_is_retained_with_capabilities_and_the_will_says_offline(
     )
     watcher.connect()
     try:
-        assert _wait_for(lambda: bool(statuses))
+        assert wait_for(lambda: bool(statuses))
         status = statuses[-1]
         assert (status.state, status.samples, status.model_version) == (
             "online",
@@ -69,7 +59,7 @@ def test_status_is_retained_with_capabilities_and_the_will_says_offline(
         )
         assert "onnx" in status.runtimes and status.arch and status.memory_mb > 0
         agent.stop()
-        assert _wait_for(lambda: statuses[-1].state == "offline")
+        assert wait_for(lambda: statuses[-1].state == "offline")
     finally:
         agent.stop()
         watcher.close()
@@ -110,7 +100,7 @@ def test_a_task_the_agent_cannot_do_is_answered_with_an_error_code(
     try:
         task = RoundTask(7, ["pi-old"], ["default"], 0, model_version=99, deadline=time.time() + 60)
         client.publish(topics.round_task(FLEET, 7), encode_round_task(task, {})).wait(5)
-        assert _wait_for(lambda: bool(answers))
+        assert wait_for(lambda: bool(answers))
         header = read_update_header(answers[0].payload)
         assert (header.status, header.error_code) == ("error", "model-version")
         assert "device runs v1" in header.reason
@@ -258,7 +248,7 @@ def test_an_agent_reading_from_disk_holds_features_not_samples_and_recomputes_pe
         assert [(n, size) for n, size in _arrays_held(agent) if size >= raw_size] == []
 
         newer = make_test_bundle(tmp_path / "v2", version=2, feature_size=16, seed=5)
-        agent._install_bundle(newer)  # what an over-the-air deploy calls
+        agent.install_bundle(newer)  # what an over-the-air deploy calls
         assert agent.model_version == 2 and agent.features_cache.misses == 2
         assert [(n, size) for n, size in _arrays_held(agent) if size >= raw_size] == []
         for installed in (bundle, newer):
@@ -298,7 +288,7 @@ def _published_delta(
         )
         heads = {"default": bundle.head_weights()}
         client.publish(topics.round_task(FLEET, 1), encode_round_task(task, heads)).wait(5)
-        assert _wait_for(lambda: bool(answers))
+        assert wait_for(lambda: bool(answers))
     finally:
         client.close()
         agent.stop()
@@ -360,7 +350,7 @@ def test_noise_without_a_clip_bound_is_reported_not_sent(
         client.publish(
             topics.round_task(FLEET, 1), encode_round_task(task, {"default": bundle.head_weights()})
         ).wait(5)
-        assert _wait_for(lambda: bool(answers))
+        assert wait_for(lambda: bool(answers))
         header = read_update_header(answers[0].payload)
         assert (header.status, header.error_code) == ("error", "train-failed")
         assert "clip_norm" in header.reason

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundles import digits_devices, make_test_bundle
-from conftest import RunningBroker
+from conftest import RunningBroker, wait_for
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import encode_delta
@@ -30,15 +30,6 @@ from edgefl.transport.messages import (
 )
 
 FLEET = "lab"
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def _update(round_number: int, device: str, head_version: int, delta: dict[str, np.ndarray],
@@ -242,7 +233,7 @@ def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
     try:
         with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
             try:
-                assert _wait_for(lambda: state_path.exists() and _accepted(state_path) == 1, 60)
+                assert wait_for(lambda: state_path.exists() and _accepted(state_path) == 1, 60)
             finally:
                 p.kill()
         state = AggregatorState(state_path)
@@ -318,7 +309,7 @@ def test_privacy_settings_are_checked_and_sent_to_devices_in_the_task(
             noise_multiplier=1.2,
         )
         Aggregator(config).run()
-        assert _wait_for(lambda: bool(configs))
+        assert wait_for(lambda: bool(configs))
     finally:
         devices.stop()
         watcher.close()
@@ -373,7 +364,7 @@ def test_stale_devices_are_not_selected_until_they_heartbeat_again(
     def between_rounds(summary: RoundSummary) -> None:
         if summary.round == 1:
             ghost.announce()  # the ghost comes back: a fresh status
-            assert _wait_for(lambda: "ghost" in aggregator.online_devices(), 5)
+            assert wait_for(lambda: "ghost" in aggregator.online_devices(), 5)
         elif summary.round == 2:
             time.sleep(1.5)  # the ghost stays silent past its window; the agent keeps beating
 

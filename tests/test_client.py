@@ -7,19 +7,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import RunningBroker, free_port
+from conftest import RunningBroker, free_port, wait_for
 
 from edgefl.errors import TransportError
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def test_publish_subscribe_and_wait(mosquitto: RunningBroker) -> None:
@@ -32,7 +23,7 @@ def test_publish_subscribe_and_wait(mosquitto: RunningBroker) -> None:
     try:
         assert pub.publish("t/a/x", b"hello", qos=1).wait(5)
         pub.publish("t/a/y", b"not for me", qos=1).wait(5)
-        assert _wait_for(lambda: len(received) == 1)
+        assert wait_for(lambda: len(received) == 1)
         time.sleep(0.1)
         assert [(m.topic, m.payload) for m in received] == [("t/a/x", b"hello")]
     finally:
@@ -60,11 +51,11 @@ def test_many_clients_share_one_network_thread(mosquitto: RunningBroker) -> None
         client.connect(timeout=None)
         clients.append(client)
     try:
-        assert _wait_for(lambda: all(c.connected for c in clients), 30)
+        assert wait_for(lambda: all(c.connected for c in clients), 30)
         # 200 connections, one extra thread (the loop), not 200.
         assert threading.active_count() <= threads_before + 1
         clients[0].publish("broadcast", b"x", qos=1)
-        assert _wait_for(lambda: len(counts) == 200, 15), f"{len(counts)} of 200 got it"
+        assert wait_for(lambda: len(counts) == 200, 15), f"{len(counts)} of 200 got it"
     finally:
         for client in clients:
             client.close()
@@ -87,7 +78,7 @@ def test_oversized_messages_are_dropped_and_reported(mosquitto: RunningBroker) -
     try:
         pub.publish("big/1", b"x" * 5000).wait(5)
         pub.publish("big/2", b"y" * 10).wait(5)
-        assert _wait_for(lambda: len(received) == 1)
+        assert wait_for(lambda: len(received) == 1)
         assert oversized == [("big/1", 5000)]
         assert received[0].payload == b"y" * 10
     finally:
@@ -109,7 +100,7 @@ def test_a_failing_handler_does_not_stop_delivery(mosquitto: RunningBroker) -> N
     try:
         sub.publish("flaky", b"boom").wait(5)
         sub.publish("flaky", b"fine").wait(5)
-        assert _wait_for(lambda: received == [b"fine"])
+        assert wait_for(lambda: received == [b"fine"])
     finally:
         sub.close()
 
@@ -125,15 +116,15 @@ def test_reconnects_resubscribes_and_flushes_queued_messages(
     pub.connect()
     try:
         fresh_mosquitto.stop()
-        assert _wait_for(lambda: not sub.connected and not pub.connected)
+        assert wait_for(lambda: not sub.connected and not pub.connected)
         handle = pub.publish("after", b"sent while the broker was down", qos=1)
         fresh_mosquitto.start()
-        assert _wait_for(lambda: sub.connected and pub.connected, 15)
+        assert wait_for(lambda: sub.connected and pub.connected, 15)
         assert handle.wait(10)
         # Whether it lands depends on the subscriber resubscribing first; publish once more
         # to check the subscription itself came back.
         pub.publish("after", b"after reconnect", qos=1).wait(5)
-        assert _wait_for(lambda: b"after reconnect" in received)
+        assert wait_for(lambda: b"after reconnect" in received)
     finally:
         pub.close()
         sub.close()
@@ -160,7 +151,7 @@ def test_call_later_runs_on_the_loop_thread() -> None:
         loop.call_later(0.05, lambda: ran.append(loop.in_loop_thread()))
         cancelled = loop.call_later(0.05, lambda: ran.append(False))
         cancelled.cancel()
-        assert _wait_for(lambda: ran == [True], 2)
+        assert wait_for(lambda: ran == [True], 2)
         time.sleep(0.1)
         assert ran == [True]
     finally:

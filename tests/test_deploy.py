@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bundles import make_test_bundle
 from click.testing import CliRunner, Result
-from conftest import RunningBroker
+from conftest import RunningBroker, wait_for
 
 from edgefl import signing
 from edgefl.cli import main
@@ -66,15 +65,6 @@ def fleet(mosquitto: RunningBroker, tmp_path: Path) -> Iterator[Fleet]:
     yield group
     for device in list(group.agents):
         group.stop(device)
-
-
-def wait_for(condition: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_deploy_updates_every_agent(fleet: Fleet, tmp_path: Path) -> None:

@@ -529,7 +529,7 @@ def attach_to_agent(
         preferences=preferences,
         threads=agent.threads,
         add_handler=agent.add_handler,
-        on_installed=agent._install_bundle,
+        on_installed=agent.install_bundle,
         executor=executor,
     )
 

@@ -13,7 +13,7 @@ import os
 import platform
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,9 @@ from edgefl.transport.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+# Round outcomes an agent keeps in memory (`Agent.outcomes`), newest last.
+KEPT_OUTCOMES = 100
 
 # Simulation hook: round number -> None (skip the round) or seconds to delay the update.
 ReplyHook = Callable[[int], float | None]
@@ -204,7 +207,8 @@ class Agent:
         self.dataset = dataset
         # Data on disk: only labels are held; features are computed from batches read from it.
         self.source: DataSource | None = None
-        self.outcomes: list[RoundOutcome] = []
+        # The latest rounds only: an agent runs for months, and the status needs just the last.
+        self.outcomes: deque[RoundOutcome] = deque(maxlen=KEPT_OUTCOMES)
         self.bundle: ModelBundle | None = None
         self._features: np.ndarray | None = None
         self._labels: np.ndarray | None = None
@@ -269,7 +273,7 @@ class Agent:
                 self.source = open_source(self.config.data)
         self._load_personal()
         if self.config.bundle_dir is not None:
-            self._install_bundle(load_bundle(self.config.bundle_dir))
+            self.install_bundle(load_bundle(self.config.bundle_dir))
         self.client.subscribe(topics.all_tasks(self.config.fleet), self._on_task)
         self.client.on_connect(lambda _session: self._announce())
         self.client.connect(timeout=self.config.connect_timeout_s)
@@ -326,7 +330,7 @@ class Agent:
 
     # -- the bundle hook (delivery plugs signed, chunked deploys in here) --
 
-    def _install_bundle(self, bundle: ModelBundle) -> None:
+    def install_bundle(self, bundle: ModelBundle) -> None:
         """Make `bundle` the one this agent runs: pick the backbone, compute or load features.
 
         Raises:
