@@ -159,3 +159,18 @@ def test_deploy_input_errors_are_one_line(fleet: Fleet, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "edgefl keys init" in result.output
     result = fleet.deploy(bundle, "--chunk-size", "10")
     assert result.exit_code == 2 and "chunk size 10 is out of range" in result.output
+
+
+def test_a_stale_board_is_planned_offline_and_not_waited_for() -> None:
+    from edgefl.delivery.deploy import plan_targets
+    from edgefl.transport.messages import DeviceStatus
+
+    now = 10_000.0
+    statuses = {
+        "live": DeviceStatus("live", "online", heartbeat_s=5),
+        "hung": DeviceStatus("hung", "online", heartbeat_s=5),
+        "gone": DeviceStatus("gone", "offline", heartbeat_s=5),
+    }
+    seen = {"live": now - 2, "hung": now - 60, "gone": now - 1}
+    online, offline = plan_targets(statuses, Targets(), seen, now)
+    assert (online, offline) == ({"live"}, {"hung", "gone"})

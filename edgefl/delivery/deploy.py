@@ -19,6 +19,7 @@ from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
 from edgefl.delivery.fleet import wait_for_retained
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.errors import DeliveryError, EdgeflError, TransportError
+from edgefl.transport import presence
 from edgefl.transport import topics as wire_topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
@@ -68,17 +69,29 @@ class DeployResult:
 ProgressCallback = Callable[[DeployReport], None]
 
 
-def plan_targets(statuses: dict[str, DeviceStatus], targets: Targets) -> tuple[set[str], set[str]]:
+def plan_targets(
+    statuses: dict[str, DeviceStatus],
+    targets: Targets,
+    seen: dict[str, float] | None = None,
+    now: float | None = None,
+) -> tuple[set[str], set[str]]:
     """Split the boards a release targets into online and offline.
+
+    A board whose status says online but was not heard within its staleness window
+    (`edgefl.transport.presence`) counts as offline: deploy does not wait for it, and it installs
+    the retained release when it comes back.
 
     Args:
         statuses: the retained status of every board known to the fleet.
         targets: the release's targets.
+        seen: when each status counts from (`presence.seen_at`); None trusts the stated state.
+        now: the current Unix time (default: now).
 
     Returns:
         (online, offline) device IDs. Devices named in `targets.devices` that never reported a
         status count as offline.
     """
+    now = time.time() if now is None else now
     online: set[str] = set()
     offline: set[str] = set()
     known = dict(statuses)
@@ -86,7 +99,9 @@ def plan_targets(statuses: dict[str, DeviceStatus], targets: Targets) -> tuple[s
         known.setdefault(device, DeviceStatus(device_id=device, state="offline"))
     for device, status in known.items():
         if targets.includes(device, status.group or None):
-            (online if status.state == "online" else offline).add(device)
+            last_seen = now if seen is None else seen.get(device, now)
+            state = presence.presence(status, last_seen, now)
+            (online if state == presence.ONLINE else offline).add(device)
     return online, offline
 
 
@@ -218,6 +233,7 @@ def deploy(
     statuses: dict[str, DeviceStatus] = {}
     reports: dict[str, DeployReport] = {}
     retained: dict[str, Release] = {}
+    seen: dict[str, float] = {}
     last_seen = [time.monotonic()]
     # `waiting` is filled only once the targets are known (`ready`): a board that reports before
     # then must not end the wait early.
@@ -232,6 +248,7 @@ def deploy(
             return
         with lock:
             statuses[status.device_id] = status
+            seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
             last_seen[0] = time.monotonic()
 
     def on_deploy_report(message: Message) -> None:
@@ -270,7 +287,7 @@ def deploy(
     try:
         wait_for_retained(last_seen, lock, _RETAINED_MAX_S)
         with lock:
-            online, offline = plan_targets(statuses, targets)
+            online, offline = plan_targets(statuses, targets, seen)
             old_releases = dict(retained)
         if on_targets is not None:
             on_targets(online, offline)
