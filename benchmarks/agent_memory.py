@@ -32,6 +32,7 @@ import numpy as np
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.transport.broker import LocalMosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"
@@ -152,15 +153,14 @@ class MemorySampler:
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
     """Run the agent and the rounds; returns the memory numbers."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from fl import start_mosquitto  # the benchmark next door starts Mosquitto the same way
-
     work = OUT / "agent-memory"
     bundle = build_bundle(work / "bundle")
     edgefl = board_venv(Path(args.venv))
     tmp = Path(tempfile.mkdtemp(prefix="edgefl-mem-"))
     data = write_images(tmp / "images.npz", args.samples)
-    broker, url = start_mosquitto(tmp)
+    broker = LocalMosquitto(tmp)
+    broker.start()
+    url = broker.url
     command = [
         str(edgefl), "agent", "--broker", url, "--fleet", FLEET, "--device-id", "board-1",
         "--data", str(data), "--bundle", str(bundle), "--state-dir", str(tmp / "state"),
@@ -198,8 +198,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             agent.kill()
             _, stderr = agent.communicate()
         sampler.stop()
-        broker.terminate()
-        broker.wait()
+        broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     rounds = [(r.status, r.accepted) for r in summary.rounds]
     if any(r != ("closed", 1) for r in rounds):
