@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ from edgefl.transport.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+_TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig))
 
 # Round outcomes an agent keeps in memory (`Agent.outcomes`), newest last.
 KEPT_OUTCOMES = 100
@@ -531,14 +533,11 @@ class Agent:
         assert self.bundle is not None and self._features is not None and self._labels is not None
         layers = self.bundle.head_spec(self.config.task).layers
         config = task.config
-        train_config = TrainConfig(
-            epochs=int(config.get("epochs", 1)),
-            lr=float(config.get("lr", 0.1)),
-            batch_size=int(config.get("batch_size", 16)),
-            proximal_mu=float(config.get("proximal_mu", config.get("mu", 0.0))),
-            seed=int(config.get("seed", 0)) + task.round,
-            weight_decay=float(config.get("weight_decay", 0.0)),
-        )
+        # The task's training settings, checked; the seed moves with the round so that minibatch
+        # orders differ between rounds but replay identically when a round is resent.
+        settings = {name: config[name] for name in _TRAIN_SETTINGS if name in config}
+        settings["seed"] = int(config.get("seed", 0)) + task.round
+        train_config = TrainConfig.from_dict(settings)
         started = time.perf_counter()
         global_accuracy = head_accuracy(layers, global_head, self._features, self._labels)
         result = train_head(
