@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,28 @@ def _quantize_static_file(
     )
 
 
+def _write_quantized(
+    src: Path, dst: Path, what: str, quantize: Callable[[Path, Path], object]
+) -> Path:
+    """Pre-process `src`, run `quantize(graph, out)` and move `out` to `dst` atomically.
+
+    Raises:
+        ExportError: the quantizer fails (its message names `what`); DataError and ExportError
+            from `quantize` pass through unchanged.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, staged_file(dst) as tmp:
+        # Pre-processing re-infers shapes; the dynamo exporter's value_info trips the quantizer.
+        graph = _preprocess(src, Path(tmpdir) / "pre.onnx")
+        try:
+            quantize(graph, tmp)
+        except (DataError, ExportError):
+            raise
+        except Exception as exc:  # the quantizer raises assertion, value and runtime errors
+            raise ExportError(f"{what} of {src.name} failed: {first_line(exc)}") from exc
+        os.replace(tmp, dst)
+    return dst
+
+
 def quantize_onnx_static(
     src: Path,
     dst: Path,
@@ -186,18 +208,15 @@ def quantize_onnx_static(
     batches = _batches(data, batch)
     if not batches:
         raise DataError(f"calibration needs at least {batch} samples for this model's fixed batch")
-    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, staged_file(dst) as tmp:
-        graph = _preprocess(src, Path(tmpdir) / "pre.onnx")
-        try:
-            _quantize_static_file(
-                graph, tmp, _ArrayReader(name, batches), per_channel, activation_type, exclude_nodes
-            )
-        except (DataError, ExportError):
-            raise
-        except Exception as exc:  # the quantizer raises assertion, value and runtime errors
-            raise ExportError(f"int8 quantization of {src.name} failed: {first_line(exc)}") from exc
-        os.replace(tmp, dst)
-    return dst
+    reader = _ArrayReader(name, batches)
+    return _write_quantized(
+        src,
+        dst,
+        "int8 quantization",
+        lambda graph, out: _quantize_static_file(
+            graph, out, reader, per_channel, activation_type, exclude_nodes
+        ),
+    )
 
 
 def quantize_onnx_dynamic(src: Path, dst: Path) -> Path:
@@ -219,17 +238,12 @@ def quantize_onnx_dynamic(src: Path, dst: Path) -> Path:
 
     src, dst = Path(src), Path(dst)
     _load_graph(src)
-    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, staged_file(dst) as tmp:
-        # Pre-processing re-infers shapes; the dynamo exporter's value_info trips the quantizer.
-        graph = _preprocess(src, Path(tmpdir) / "pre.onnx")
-        try:
-            quantize_dynamic(str(graph), str(tmp), weight_type=QuantType.QInt8)
-        except Exception as exc:  # the quantizer raises assertion, value and runtime errors
-            raise ExportError(
-                f"dynamic int8 quantization of {src.name} failed: {first_line(exc)}"
-            ) from exc
-        os.replace(tmp, dst)
-    return dst
+    return _write_quantized(
+        src,
+        dst,
+        "dynamic int8 quantization",
+        lambda graph, out: quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8),
+    )
 
 
 def convert_onnx_fp16(src: Path, dst: Path) -> Path:
