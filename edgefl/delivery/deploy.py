@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefl.bundle import load_bundle
 from edgefl.delivery import topics
 from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
-from edgefl.delivery.fleet import wait_for_retained
+from edgefl.delivery.fleet import StatusCollector, wait_for_retained
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.errors import DeliveryError, EdgeflError, TransportError
 from edgefl.transport import presence
@@ -229,27 +229,15 @@ def deploy(
     version = bundle.manifest.version
     started = time.monotonic()
 
-    lock = threading.Lock()
-    statuses: dict[str, DeviceStatus] = {}
+    collector = StatusCollector()
+    lock = collector.lock
     reports: dict[str, DeployReport] = {}
     retained: dict[str, Release] = {}
-    seen: dict[str, float] = {}
-    last_seen = [time.monotonic()]
     # `waiting` is filled only once the targets are known (`ready`): a board that reports before
     # then must not end the wait early.
     ready = threading.Event()
     done = threading.Event()
     waiting: set[str] = set()
-
-    def on_status(message: Message) -> None:
-        try:
-            status = DeviceStatus.decode(message.payload)
-        except EdgeflError:
-            return
-        with lock:
-            statuses[status.device_id] = status
-            seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
-            last_seen[0] = time.monotonic()
 
     def on_deploy_report(message: Message) -> None:
         try:
@@ -276,18 +264,18 @@ def deploy(
             return
         with lock:
             retained[message.topic] = release_seen
-            last_seen[0] = time.monotonic()
+            collector.last_message[0] = time.monotonic()
 
     client = MqttClient(broker_url, client_id=f"edgefl-deploy-{fleet}-{time.time_ns() % 10**9}")
-    client.subscribe(wire_topics.all_statuses(fleet), on_status)
+    client.subscribe(wire_topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_deploy_report)
     for topic_filter in topics.all_release_topics(fleet):
         client.subscribe(topic_filter, on_release)
     client.connect(timeout=10.0)
     try:
-        wait_for_retained(last_seen, lock, _RETAINED_MAX_S)
+        wait_for_retained(collector.last_message, lock, _RETAINED_MAX_S)
         with lock:
-            online, offline = plan_targets(statuses, targets, seen)
+            online, offline = plan_targets(collector.statuses, targets, collector.seen)
             old_releases = dict(retained)
         if on_targets is not None:
             on_targets(online, offline)

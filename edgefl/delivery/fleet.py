@@ -98,6 +98,32 @@ def wait_for_retained(last_message: list[float], lock: threading.Lock, max_wait:
         time.sleep(0.05)
 
 
+class StatusCollector:
+    """The device statuses a client receives, each with when it counts from.
+
+    Every reader of a fleet's statuses (the fleet view, deploy) records them through this, so the
+    freshness rule (`edgefl.transport.presence`) is applied the same way. `lock` and
+    `last_message` are what `wait_for_retained` watches; the client's other callbacks share them.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.statuses: dict[str, DeviceStatus] = {}
+        self.seen: dict[str, float] = {}
+        self.last_message = [time.monotonic()]
+
+    def on_status(self, message: Message) -> None:
+        """Record one status message (a malformed one is the sender's bug and is skipped)."""
+        try:
+            status = DeviceStatus.decode(message.payload)
+        except EdgeflError:
+            return
+        with self.lock:
+            self.statuses[status.device_id] = status
+            self.seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
+            self.last_message[0] = time.monotonic()
+
+
 def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[FleetDevice]:
     """Collect the fleet's retained statuses and deploy reports and return the fleet view.
 
@@ -109,38 +135,25 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
     Raises:
         TransportError: the broker cannot be reached.
     """
-    lock = threading.Lock()
-    statuses: dict[str, DeviceStatus] = {}
-    seen: dict[str, float] = {}
+    collector = StatusCollector()
     reports: dict[str, DeployReport] = {}
-    last = [time.monotonic()]
-
-    def on_status(message: Message) -> None:
-        try:
-            status = DeviceStatus.decode(message.payload)
-        except EdgeflError:
-            return  # a malformed status is someone else's bug; show the rest of the fleet
-        with lock:
-            statuses[status.device_id] = status
-            seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
-            last[0] = time.monotonic()
 
     def on_report(message: Message) -> None:
         try:
             report = DeployReport.from_bytes(message.payload)
         except EdgeflError:
             return
-        with lock:
+        with collector.lock:
             reports[report.device_id] = report
-            last[0] = time.monotonic()
+            collector.last_message[0] = time.monotonic()
 
     client = MqttClient(broker_url, client_id=f"edgefl-fleet-{fleet}-{time.time_ns() % 10**9}")
-    client.subscribe(wire_topics.all_statuses(fleet), on_status)
+    client.subscribe(wire_topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_report)
     client.connect(timeout=10.0)
     try:
-        wait_for_retained(last, lock, max_wait)
+        wait_for_retained(collector.last_message, collector.lock, max_wait)
     finally:
         client.close()
-    with lock:
-        return fleet_view(dict(statuses), dict(reports), dict(seen))
+    with collector.lock:
+        return fleet_view(dict(collector.statuses), dict(reports), dict(collector.seen))
