@@ -32,7 +32,10 @@ import numpy as np
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
-from edgefl.transport.broker import LocalMosquitto
+
+# The tests' Mosquitto launcher: a broker for one run, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from local_mosquitto import LocalMosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"

@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +30,11 @@ from edgefl.delivery.deploy import FAILED, UPDATED, deploy
 from edgefl.delivery.updater import attach_to_agent
 from edgefl.head import init_head
 from edgefl.roles.agent import Agent, AgentConfig
-from edgefl.transport.broker import LocalMosquitto
 from edgefl.transport.client import NetworkLoop
+
+# The tests' Mosquitto launcher: a broker for one run, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from local_mosquitto import LocalMosquitto
 
 OUT = Path(__file__).resolve().parent / "out"
 

@@ -30,9 +30,12 @@ from edgefl.core.codecs import ErrorFeedback, encode_delta
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.transport import topics
-from edgefl.transport.broker import LocalMosquitto
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus, UpdateHeader, decode_round_task, update_metadata
+
+# The tests' Mosquitto launcher: a broker for one run, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from local_mosquitto import LocalMosquitto
 
 FLEET = "bench"
 OUT = Path(__file__).resolve().parent / "out"

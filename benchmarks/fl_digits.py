@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.simulation.fleet import plan_fleet
+from edgefl.simulation.plan import plan_fleet
 from edgefl.simulation.runner import SimulationConfig, run_simulation
 from edgefl.simulation.workload import fl_digits_bundle, load_federated_data
 

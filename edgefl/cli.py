@@ -522,7 +522,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgefl.delivery.fleet import read_fleet
+    from edgefl.delivery.fleet_view import read_fleet
 
     rows = read_fleet(broker_url, fleet)
     if as_json:
@@ -670,7 +670,7 @@ def simulate(
 
     from edgefl.bundle import load_bundle
     from edgefl.simulation.display import LiveProgress, round_table, summary_line
-    from edgefl.simulation.fleet import parse_churn, parse_partition
+    from edgefl.simulation.plan import parse_churn, parse_partition
     from edgefl.simulation.runner import Simulation, SimulationConfig, save_results
     from edgefl.simulation.workload import fl_digits_bundle, load_federated_data, repeat_pool
 

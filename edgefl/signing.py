@@ -19,7 +19,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgefl.bundle import Manifest
 from edgefl.errors import KeyFileError, SignatureError
 
 PRIVATE_KEY_FILE = "signing.key"
@@ -140,20 +139,6 @@ def verify(key: Ed25519PublicKey, payload: bytes, signature: str) -> None:
         raise SignatureError(
             f"signature does not match (not signed by trusted key {key_id(key)}, or altered)"
         ) from None
-
-
-def sign_manifest(key: Ed25519PrivateKey, manifest: Manifest) -> str:
-    """Sign a manifest's canonical JSON; return base64 text."""
-    return sign(key, manifest.to_json().encode("utf-8"))
-
-
-def verify_manifest(key: Ed25519PublicKey, manifest: Manifest, signature: str) -> None:
-    """Check a signature over a manifest's canonical JSON.
-
-    Raises:
-        SignatureError: the signature is missing or does not match.
-    """
-    verify(key, manifest.to_json().encode("utf-8"), signature)
 
 
 def _read_key_file(path: str | Path) -> bytes:

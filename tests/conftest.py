@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from local_mosquitto import LocalMosquitto
 
-from edgefl.transport.broker import LocalMosquitto, free_port
+from edgefl.transport.broker import free_port
 
 # Tests annotate the fixtures with this name; it is the package's own launcher.
 RunningBroker = LocalMosquitto

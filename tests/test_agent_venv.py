@@ -16,7 +16,7 @@ from conftest import RunningBroker
 
 from edgefl import signing
 from edgefl.delivery.deploy import UPDATED, deploy
-from edgefl.delivery.fleet import read_fleet
+from edgefl.delivery.fleet_view import read_fleet
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 
 REPO = Path(__file__).resolve().parents[1]

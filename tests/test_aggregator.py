@@ -19,7 +19,7 @@ from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import encode_delta
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSummary, RoundSummary
-from edgefl.roles.state import AggregatorState
+from edgefl.roles.record import AggregatorRecord
 from edgefl.transport import topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import (
@@ -129,7 +129,7 @@ def test_bad_updates_are_rejected_with_reasons_and_the_run_completes(
     }  # fmt: skip
     assert second.rejected == {"round-mismatch": 1}
     assert second.late == 1
-    state = AggregatorState(tmp_path / "state.sqlite")
+    state = AggregatorRecord(tmp_path / "state.sqlite")
     reasons = {code: reason for _, _, code, reason in state.rejections()}
     assert "exceeds the limit" in reasons["oversized"]
     assert "NaN or Inf" in reasons["non-finite"]
@@ -236,7 +236,7 @@ def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
                 assert wait_for(lambda: state_path.exists() and _accepted(state_path) == 1, 60)
             finally:
                 p.kill()
-        state = AggregatorState(state_path)
+        state = AggregatorRecord(state_path)
         assert state.open_round_record() is not None
         state.close()
         answer_now.set()
@@ -253,7 +253,7 @@ def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
 
 
 def _accepted(path: Path) -> int:
-    state = AggregatorState(path)
+    state = AggregatorRecord(path)
     try:
         return len(state.accepted_updates(1))
     finally:

@@ -24,7 +24,7 @@ from edgefl.bundle import ModelBundle
 from edgefl.cli import main
 from edgefl.compression.pipeline import CompressRequest, compress
 from edgefl.data import Dataset
-from edgefl.delivery.fleet import read_fleet
+from edgefl.delivery.fleet_view import read_fleet
 from edgefl.delivery.updater import Updater, enable_updates
 from edgefl.head import head_accuracy
 from edgefl.roles.agent import Agent, AgentConfig

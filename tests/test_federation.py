@@ -12,7 +12,7 @@ import pytest
 from bundles import digits_devices, make_test_bundle, write_npz
 from conftest import RunningBroker
 
-from edgefl.roles.state import AggregatorState
+from edgefl.roles.record import AggregatorRecord
 
 EDGEFL = str(Path(sys.executable).parent / "edgefl")
 
@@ -58,7 +58,7 @@ def test_agents_and_aggregator_as_processes_raise_accuracy_and_persist_state(
     assert accuracy[-1] > 0.6, accuracy
     assert rows[0]["bytes_per_update"] > 0
     assert (out / "head.safetensors").is_file()
-    state = AggregatorState(out / "state.sqlite")
+    state = AggregatorRecord(out / "state.sqlite")
     try:
         assert [(r.round, r.status, sorted(r.selected)) for r in state.rounds()] == [
             (n, "closed", ["pi-0", "pi-1"]) for n in range(1, 5)

@@ -14,14 +14,14 @@ from conftest import RunningBroker
 
 from edgefl.bundle import ModelBundle
 from edgefl.errors import SimulationError
-from edgefl.simulation.fleet import (
+from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
+from edgefl.simulation.plan import (
     ChurnEvent,
     PartitionSpec,
     parse_churn,
     parse_partition,
     plan_fleet,
 )
-from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plot import plot_metrics
 from edgefl.simulation.runner import SimulationConfig, run_simulation, save_results
 from edgefl.simulation.workload import FederatedData, load_federated_data

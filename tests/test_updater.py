@@ -14,11 +14,11 @@ from bundles import make_test_bundle
 
 from edgefl import signing
 from edgefl.bundle import ModelBundle
-from edgefl.delivery import topics
 from edgefl.delivery.chunks import split
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.delivery.store import BundleStore
 from edgefl.delivery.updater import Updater
+from edgefl.transport import topics
 
 FLEET = "lab"
 

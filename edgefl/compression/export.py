@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import tempfile
 import traceback
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgefl.compression.files import staged_file
+from edgefl.atomic import replacing
 from edgefl.errors import ExportError, first_line
 
 log = logging.getLogger(__name__)
@@ -145,9 +144,8 @@ def export_onnx(
             raise ExportError(
                 f"the model is too large for a single ONNX file ({proto.ByteSize()} bytes > 2 GiB)"
             )
-        with staged_file(path) as tmp:
+        with replacing(path) as tmp:
             onnx.save_model(proto, str(tmp), save_as_external_data=False)
-            os.replace(tmp, path)
     return path
 
 
@@ -266,9 +264,8 @@ def export_tflite(
             "(a recipe with ONNX artifacts only)"
         ) from exc
     else:
-        with staged_file(path) as tmp:
+        with replacing(path) as tmp:
             edge_model.export(str(tmp))
-            os.replace(tmp, path)
     finally:
         litert_torch.config.show_progress = saved_progress
     return path

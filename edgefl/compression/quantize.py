@@ -7,7 +7,6 @@ All functions take and write files; each output appears atomically. Node names u
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.compression.files import staged_file
+from edgefl.atomic import replacing
 from edgefl.errors import DataError, ExportError, first_line
 
 log = logging.getLogger(__name__)
@@ -157,7 +156,7 @@ def _write_quantized(
         ExportError: the quantizer fails (its message names `what`); DataError and ExportError
             from `quantize` pass through unchanged.
     """
-    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, staged_file(dst) as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgefl-quant-") as tmpdir, replacing(dst) as tmp:
         # Pre-processing re-infers shapes; the dynamo exporter's value_info trips the quantizer.
         graph = _preprocess(src, Path(tmpdir) / "pre.onnx")
         try:
@@ -166,7 +165,6 @@ def _write_quantized(
             raise
         except Exception as exc:  # the quantizer raises assertion, value and runtime errors
             raise ExportError(f"{what} of {src.name} failed: {first_line(exc)}") from exc
-        os.replace(tmp, dst)
     return dst
 
 
@@ -270,9 +268,8 @@ def convert_onnx_fp16(src: Path, dst: Path) -> Path:
         converted = convert_float_to_float16(model, keep_io_types=True)
     except Exception as exc:  # the converter raises on unsupported graph patterns
         raise ExportError(f"fp16 conversion of {src.name} failed: {first_line(exc)}") from exc
-    with staged_file(dst) as tmp:
+    with replacing(dst) as tmp:
         onnx.save_model(converted, str(tmp))
-        os.replace(tmp, dst)
     return dst
 
 

@@ -11,72 +11,16 @@ seeded numpy generator, so a run is reproducible and backend-independent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from edgefl.core.settings import TrainConfig
 from edgefl.head import Weights, head_forward
 
 BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch")
 Layers = Sequence[Mapping[str, Any]]
-
-
-@dataclass
-class TrainConfig:
-    """What a round's task asks a device to do; FedProx is on when proximal_mu > 0."""
-
-    epochs: int = 1
-    lr: float = 0.1
-    batch_size: int = 16
-    proximal_mu: float = 0.0
-    seed: int = 0
-    weight_decay: float = 0.0
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Build a config from a round task's JSON settings, checked.
-
-        Args:
-            data: any subset of the fields; numbers may be given as int or float.
-
-        Returns:
-            The config, with defaults for fields not given.
-
-        Raises:
-            ValueError: an unknown field, a value of the wrong type, or a value out of range.
-        """
-        kinds = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(kinds))
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; valid: {', '.join(kinds)}")
-        values: dict[str, Any] = {}
-        for name, value in data.items():
-            integral = kinds[name] in ("int", int)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or (integral and not float(value).is_integer())
-            ):
-                expected = "an integer" if integral else "a number"
-                raise ValueError(f"training setting {name} must be {expected}, got {value!r}")
-            values[name] = int(value) if integral else float(value)
-        config = cls(**values)
-        config.check()
-        return config
-
-    def check(self) -> None:
-        """Raise ValueError naming the first setting out of range."""
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass

@@ -14,13 +14,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefl.bundle import load_bundle
-from edgefl.delivery import topics
 from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
-from edgefl.delivery.fleet import StatusCollector, wait_for_retained
+from edgefl.delivery.fleet_view import StatusCollector, wait_for_retained
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.errors import DeliveryError, EdgeflError, TransportError
-from edgefl.transport import presence
-from edgefl.transport import topics as wire_topics
+from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
 
@@ -267,7 +265,7 @@ def deploy(
             collector.last_message[0] = time.monotonic()
 
     client = MqttClient(broker_url, client_id=f"edgefl-deploy-{fleet}-{time.time_ns() % 10**9}")
-    client.subscribe(wire_topics.all_statuses(fleet), collector.on_status)
+    client.subscribe(topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_deploy_report)
     for topic_filter in topics.all_release_topics(fleet):
         client.subscribe(topic_filter, on_release)

@@ -8,7 +8,6 @@ board; `flash_over_ssh` only runs them.
 from __future__ import annotations
 
 import io
-import os
 import shlex
 import subprocess
 import sys
@@ -18,9 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefl.atomic import replacing
 from edgefl.errors import DeliveryError
 from edgefl.profiles import DeviceProfile
-from edgefl.transport import topics as wire_topics
+from edgefl.transport import topics
 
 INSTALL_SCRIPT = "install.sh"
 UNIT_FILE = "edgefl-agent.service"
@@ -68,7 +68,7 @@ def render_agent_env(template: str, values: Mapping[str, str]) -> str:
 def _env_values(profile: DeviceProfile, settings: BoardSettings) -> dict[str, str]:
     for value, what in ((settings.fleet, "fleet"), (settings.device_id, "device ID")):
         try:
-            wire_topics.check_name(value, what)
+            topics.check_name(value, what)
         except ValueError as exc:
             raise DeliveryError(str(exc)) from None
     values = {
@@ -242,15 +242,16 @@ def write_offline_bundle(files: Mapping[str, InstallFile], output: Path) -> Path
     """
     output = Path(output)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-        with os.fdopen(fd, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
+        with (
+            replacing(output) as tmp,
+            tmp.open("wb") as handle,
+            tarfile.open(fileobj=handle, mode="w:gz") as tar,
+        ):
             for name, item in sorted(files.items()):
                 info = tarfile.TarInfo(f"{TARBALL_ROOT}/{name}")
                 info.size = len(item.data)
                 info.mode = item.mode
                 tar.addfile(info, io.BytesIO(item.data))
-        os.replace(tmp_name, output)
     except OSError as exc:
         raise DeliveryError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return output

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgefl.atomic import fsync_dir, write_atomic
 from edgefl.bundle import MANIFEST_FILE, ModelBundle, load_bundle
 from edgefl.errors import BundleError
 
@@ -37,15 +38,6 @@ class StoreState:
     highest_version: int = 0
     # version -> reason, for releases refused or rolled back (not retried on every reconnect)
     rejected: dict[str, str] = field(default_factory=dict)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class BundleStore:
@@ -78,7 +70,7 @@ class BundleStore:
 
     def save_state(self, state: StoreState) -> None:
         """Write the state atomically."""
-        self._write_atomic(self.root / STATE_FILE, json.dumps(asdict(state)).encode())
+        write_atomic(self.root / STATE_FILE, json.dumps(asdict(state)).encode())
 
     # -- bundles --
 
@@ -131,11 +123,11 @@ class BundleStore:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-            _fsync_dir(staging)
+            fsync_dir(staging)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise BundleError(f"cannot write the new bundle to {target}: {exc}") from exc
@@ -180,12 +172,4 @@ class BundleStore:
         # Relative, so the models directory can be moved or mounted elsewhere.
         os.symlink(os.path.relpath(target.resolve(), self.root.resolve()), tmp)
         os.replace(tmp, link)
-        _fsync_dir(self.root)
-
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        fsync_dir(self.root)

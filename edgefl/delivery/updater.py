@@ -30,7 +30,6 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgefl.bundle import Artifact, Manifest, ModelBundle, load_bundle
-from edgefl.delivery import topics
 from edgefl.delivery.chunks import ChunkAssembler
 from edgefl.delivery.release import (
     CURRENT,
@@ -45,6 +44,7 @@ from edgefl.delivery.release import (
 from edgefl.delivery.store import BundleStore
 from edgefl.errors import DeliveryError, EdgeflError, SignatureError
 from edgefl.head import head_forward
+from edgefl.transport import topics
 from edgefl.transport.client import Message, MessageHandler, MqttClient
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from edgefl.atomic import replacing
 from edgefl.bundle import Preprocess
-from edgefl.compression.files import staged_file
 from edgefl.data import DIGITS_IMAGE_PREPROCESS, fl_digits_split, holdout_split, load_digits
 
 IMAGENET_PREPROCESS = Preprocess(
@@ -242,9 +242,8 @@ def pretrained_digits_cnn() -> nn.Module:
                 optimizer.step()
     model.eval()
     # Write beside, then rename: concurrent first uses must never read half a file.
-    with staged_file(path) as tmp:
+    with replacing(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
     return model
 
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from edgefl.atomic import write_atomic
 from edgefl.bundle import Artifact, ModelBundle, decode_head, encode_head, load_bundle
 from edgefl.core.codecs import CODEC_NAMES, ErrorFeedback, encode_delta
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
-from edgefl.core.training import TrainConfig, train_head
+from edgefl.core.settings import TrainConfig
+from edgefl.core.training import train_head
 from edgefl.data import (
     DIGITS,
     Dataset,
@@ -609,10 +611,7 @@ class Agent:
         path = self._personal_path()
         if path is None or self._personal is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(encode_head(self._personal))
-        os.replace(tmp, path)
+        write_atomic(path, encode_head(self._personal))
 
     def _load_personal(self) -> None:
         path = self._personal_path()

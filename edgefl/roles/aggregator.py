@@ -33,7 +33,7 @@ from edgefl.data import Dataset, conform
 from edgefl.errors import FederationError, MessageError
 from edgefl.head import Weights, head_accuracy
 from edgefl.roles.features import FeatureCache, shared_backbone
-from edgefl.roles.state import AggregatorState
+from edgefl.roles.record import AggregatorRecord
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
 from edgefl.transport.messages import (
@@ -241,7 +241,7 @@ class Aggregator:
         self.config = config
         self.on_round = on_round
         self.bundle: ModelBundle = load_bundle(config.bundle_dir)
-        self.state = AggregatorState(config.state_path or ":memory:")
+        self.state = AggregatorRecord(config.state_path or ":memory:")
         self._check_state_identity()
         self.head_version, self.heads = self._initial_heads()
         self.strategies: dict[str, Strategy] = {}

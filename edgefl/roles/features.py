@@ -8,13 +8,14 @@ per backbone file within a process so a thousand simulated agents load one sessi
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from edgefl.atomic import replacing
 
 
 class Runner(Protocol):
@@ -172,10 +173,7 @@ class FeatureCache:
         self.misses += 1
         features = compute()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with tmp.open("wb") as handle:
+            with replacing(path) as tmp, tmp.open("wb") as handle:
                 np.save(handle, features, allow_pickle=False)
-            os.replace(tmp, path)
         self._memory[key] = features
         return features

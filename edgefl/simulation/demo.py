@@ -42,7 +42,7 @@ class DemoConfig:
         rounds: federated rounds.
         recipe: compression recipe (a name from `edgefl recipes` or a .toml file).
         profile: the device profile of the simulated boards (which artifact they download).
-        partition: how the devices' data is split (see edgefl.simulation.fleet).
+        partition: how the devices' data is split (see edgefl.simulation.plan).
         seed: seeds the split and the training.
         fresh_head: federate a freshly initialised head instead of the pretrained one.
     """

@@ -24,8 +24,8 @@ from edgefl.bundle import ModelBundle
 from edgefl.errors import SimulationError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
-from edgefl.simulation.fleet import FleetPlan, SimulatedDevice, plan_fleet
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
+from edgefl.simulation.plan import FleetPlan, SimulatedDevice, plan_fleet
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.broker import EmbeddedBroker
@@ -44,7 +44,7 @@ class SimulationConfig:
     Attributes:
         devices: how many simulated devices.
         rounds: how many rounds.
-        partition: "iid", "dirichlet:ALPHA" or "shards:K" (see edgefl.simulation.fleet).
+        partition: "iid", "dirichlet:ALPHA" or "shards:K" (see edgefl.simulation.plan).
         strategy: an aggregation strategy name (edgefl.core.strategies); `strategy_params` its
             arguments.
         codec: the update codec devices use: "float32", "int8" or "topk".

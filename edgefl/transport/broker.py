@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -194,87 +191,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-class LocalMosquitto:
-    """The system's Mosquitto on a loopback port, with a config of its own.
-
-    What the test suite and the benchmarks run as the real broker (`apt-get install mosquitto`).
-    The config is anonymous and in memory, with deep queues: a local broker for one run, not a
-    production setup (the README shows one).
-    """
-
-    def __init__(
-        self,
-        workdir: Path,
-        port: int = 0,
-        max_packet_size: int = 64 * 1024 * 1024,
-        max_queued_messages: int = 100_000,
-    ) -> None:
-        """Configure the broker; nothing runs until start().
-
-        Args:
-            workdir: where its config file goes.
-            port: the loopback port; 0 picks a free one on the first start().
-            max_packet_size: larger packets are refused by the broker itself.
-            max_queued_messages: per-client queue depth (fan-out benchmarks need deep queues).
-        """
-        self.workdir = Path(workdir)
-        self.host = "127.0.0.1"
-        self.port = port
-        self.max_packet_size = max_packet_size
-        self.max_queued_messages = max_queued_messages
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """Return the URL clients connect to."""
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start Mosquitto (again, on the same port after stop()); returns once it listens.
-
-        Raises:
-            TransportError: mosquitto is not installed, exited, or did not listen in time.
-        """
-        if shutil.which("mosquitto") is None:
-            raise TransportError("mosquitto is not installed (apt-get install mosquitto)")
-        self.stop()
-        self.port = self.port or free_port(self.host)
-        config = self.workdir / "mosquitto.conf"
-        config.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            f"max_packet_size {self.max_packet_size}\n"
-            f"max_queued_messages {self.max_queued_messages}\n"
-            "max_inflight_messages 0\n"
-        )
-        self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TransportError(f"mosquitto exited with {self.process.returncode}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TransportError(f"mosquitto did not listen on {self.host}:{self.port}")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the broker if it runs (clients see the connection drop)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=timeout)
-        self.process = None
-
-    def __enter__(self) -> LocalMosquitto:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

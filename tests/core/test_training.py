@@ -9,7 +9,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from edgefl.core.training import TrainConfig, head_gradients, train_head
+from edgefl.core.settings import TrainConfig
+from edgefl.core.training import head_gradients, train_head
 from edgefl.head import init_head
 
 MLP: list[dict[str, Any]] = [

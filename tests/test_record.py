@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefl.roles.state import AggregatorState
+from edgefl.roles.record import AggregatorRecord
 
 
 def test_state_round_trip_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
-    state = AggregatorState(path)
+    state = AggregatorRecord(path)
     head = {
         "0.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
         "0.bias": np.ones(2, np.float32),
@@ -25,7 +25,7 @@ def test_state_round_trip_survives_reopening(tmp_path: Path) -> None:
     state.save_strategy_state("default", {"m.0.weight": np.zeros((2, 3), np.float32)})
     state.close()
 
-    state = AggregatorState(path)
+    state = AggregatorRecord(path)
     open_round = state.open_round_record()
     assert open_round is not None
     assert (open_round.round, open_round.selected, open_round.config) == (

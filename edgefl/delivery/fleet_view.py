@@ -10,11 +10,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from edgefl.delivery import topics
 from edgefl.delivery.release import DeployReport
 from edgefl.errors import EdgeflError
-from edgefl.transport import presence
-from edgefl.transport import topics as wire_topics
+from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
 
@@ -148,7 +146,7 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
             collector.last_message[0] = time.monotonic()
 
     client = MqttClient(broker_url, client_id=f"edgefl-fleet-{fleet}-{time.time_ns() % 10**9}")
-    client.subscribe(wire_topics.all_statuses(fleet), collector.on_status)
+    client.subscribe(topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_report)
     client.connect(timeout=10.0)
     try:

@@ -1,7 +1,7 @@
 """The aggregator's durable record in SQLite: rounds, participants, updates, metrics, head versions.
 
 One file, WAL mode. Round changes and heads commit at once; update records are committed in
-small batches (see `AggregatorState.record_update`), and an aggregator killed mid-round resumes
+small batches (see `AggregatorRecord.record_update`), and an aggregator killed mid-round resumes
 from what was committed. Heads and strategy state are stored as safetensors blobs (no pickle).
 """
 
@@ -99,7 +99,7 @@ class StoredUpdate:
     metrics: dict[str, float]
 
 
-class AggregatorState:
+class AggregatorRecord:
     """The SQLite store. Thread-safe: updates are recorded from the network thread."""
 
     def __init__(self, path: str | Path) -> None:
