@@ -3,8 +3,9 @@
 Control messages (device status, round result) are UTF-8 JSON objects. Messages that carry
 tensors (round task, update) are one safetensors file whose `__metadata__["edgefl"]` holds the
 message's JSON fields; see docs/protocol.md for the byte layout. Decoding never trusts the
-sender: unknown or missing fields, wrong types and a newer schema raise `MessageError`.
-No pickle anywhere.
+sender: missing required fields, wrong types and a newer schema raise `MessageError`. Readers are
+tolerant of what is only new: fields they do not know are ignored, so boards and servers of two
+versions can share a fleet while it is upgraded one machine at a time. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -106,25 +107,29 @@ def _type_hints(cls: type) -> dict[str, Any]:
 def from_fields(cls: type[T], data: Any) -> T:
     """Build the dataclass `cls` from parsed JSON, checking every field strictly.
 
+    Fields the dataclass does not know are ignored (a newer peer's additions); the schema
+    version must be an integer from 1 to `SCHEMA_VERSION`.
+
     Raises:
-        MessageError: not an object, a newer or missing schema version, a missing or unknown
+        MessageError: not an object, a newer or missing schema version, a missing required
             field, or a field of the wrong type.
     """
     name = getattr(cls, "KIND", cls.__name__)
     if not isinstance(data, dict):
         raise MessageError(f"{name} message is not a JSON object")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version:
+        raise MessageError(f"{name} message has no valid schema_version ({version!r})")
+    if version > SCHEMA_VERSION:
         raise MessageError(
-            f"{name} message has schema_version {version!r}; this edgefl reads {SCHEMA_VERSION}"
+            f"{name} message has schema_version {version}; this edgefl reads up to "
+            f"{SCHEMA_VERSION} (upgrade it)"
         )
     hints = _type_hints(cls)  # type: ignore[arg-type]
-    known = hints.keys()
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise MessageError(f"{name} message has unknown fields: {', '.join(unknown)}")
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
+        if f.name == "schema_version":
+            continue  # checked above; the decoded message is in this edgefl's schema
         if f.name in data:
             values[f.name] = _check_value(data[f.name], hints[f.name], f"{name}.{f.name}")
         elif f.default is MISSING and f.default_factory is MISSING:
