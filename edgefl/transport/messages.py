@@ -118,7 +118,7 @@ def from_fields(cls: type[T], data: Any) -> T:
     if not isinstance(data, dict):
         raise MessageError(f"{name} message is not a JSON object")
     version = data.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise MessageError(f"{name} message has no valid schema_version ({version!r})")
     if version > SCHEMA_VERSION:
         raise MessageError(
