@@ -332,7 +332,7 @@ def write_bundle(
     """
     target = Path(out)
     if target.exists() and not force:
-        raise BundleError(f"{target} already exists; pass --force to replace it")
+        raise BundleError(f"{target} already exists; give `force` to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -331,8 +331,7 @@ def apply_preprocess(
 def _different_sizes(first: tuple[int, ...], second: tuple[int, ...]) -> str:
     sizes = " and ".join(f"{shape[0]}x{shape[1]}" for shape in (first, second))
     return (
-        f"images have different sizes ({sizes}); set a resize in the preprocessing "
-        "(edgefl compress --resize HxW)"
+        f"images have different sizes ({sizes}); set a resize in the preprocessing (`resize` HxW)"
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefl.errors import DeliveryError
+from edgefl.errors import ProfileError
 from edgefl.resources import shipped_dir
 
 if sys.version_info >= (3, 11):
@@ -51,7 +51,7 @@ class DeviceProfile:
 def _parse_preference(text: str, source: Path) -> tuple[str, str]:
     fmt, sep, precision = str(text).partition("/")
     if not sep or not fmt or not precision:
-        raise DeliveryError(f"{source}: preference {text!r} must look like 'format/precision'")
+        raise ProfileError(f"{source}: preference {text!r} must look like 'format/precision'")
     return fmt, precision
 
 
@@ -63,7 +63,7 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
     """Build a profile from parsed TOML.
 
     Raises:
-        DeliveryError: a key is unknown (a typo would otherwise be ignored silently), a required
+        ProfileError: a key is unknown (a typo would otherwise be ignored silently), a required
             key is missing, or a value has the wrong type.
     """
     source = directory / PROFILE_FILE
@@ -71,7 +71,7 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
         f"install.{key}" for key in set(data.get("install", {})) - _INSTALL_KEYS
     )
     if unknown:
-        raise DeliveryError(f"{source}: unknown key {unknown[0]!r}")
+        raise ProfileError(f"{source}: unknown key {unknown[0]!r}")
     try:
         install = dict(data.get("install", {}))
         threads = int(data.get("threads", 1))
@@ -91,7 +91,7 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
             directory=directory,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise DeliveryError(f"{source} is invalid: {exc}") from exc
+        raise ProfileError(f"{source} is invalid: {exc}") from exc
 
 
 def available_profiles() -> list[str]:
@@ -107,7 +107,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     """Load a shipped profile by name, or a profile folder / profile.toml by path.
 
     Raises:
-        DeliveryError: no such profile, or its profile.toml is unreadable or invalid.
+        ProfileError: no such profile, or its profile.toml is unreadable or invalid.
     """
     candidate = Path(name_or_path).expanduser()
     if candidate.name == PROFILE_FILE:
@@ -116,11 +116,11 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         shipped = available_profiles()
         if str(name_or_path) not in shipped:
             names = ", ".join(shipped) or "none shipped"
-            raise DeliveryError(f"unknown device profile {str(name_or_path)!r} (known: {names})")
+            raise ProfileError(f"unknown device profile {str(name_or_path)!r} (known: {names})")
         candidate = shipped_dir("devices") / str(name_or_path)
     path = candidate / PROFILE_FILE
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise DeliveryError(f"cannot read {path}: {exc}") from exc
+        raise ProfileError(f"cannot read {path}: {exc}") from exc
     return parse_profile(data, candidate)

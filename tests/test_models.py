@@ -124,7 +124,7 @@ def test_load_errors_name_the_problem(factory_module: str, tmp_path: Path) -> No
             ("edgefl_missing_pkg.models:make", None),
             "cannot import module 'edgefl_missing_pkg.models'",
         ),
-        ((f"{factory_module}:nope", None), "has no factory 'nope'"),
+        ((f"{factory_module}:nope", None), "has no 'nope'"),
         ((f"{factory_module}:broken", None), "failed: ValueError: no GPU here"),
         ((f"{factory_module}:not_a_model", None), "returned int, not a torch nn.Module"),
         ((f"{factory_module}:make", tmp_path / "missing.pt"), "not found"),
@@ -226,7 +226,7 @@ def test_finetune_last_block_changes_only_that_block() -> None:
     assert features.shape == (4, 64) and np.isfinite(features).all()
     with pytest.raises(EdgeflError, match="'all' or a positive number"):
         parse_finetune("last")
-    with pytest.raises(EdgeflError, match="has 10 outputs; pass --num-classes"):
+    with pytest.raises(EdgeflError, match="has 10 outputs; give `num_classes`"):
         train_head(split, Dataset(X[:3], np.array([0, 1, 12]), []), epochs=1)
 
 

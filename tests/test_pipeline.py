@@ -109,7 +109,7 @@ def test_existing_bundle_needs_force_and_force_bumps_the_version(tmp_path: Path)
     compress(request)
     assert load_bundle(out).manifest.version == 1
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(BundleError, match="already exists; pass --force"):
+    with pytest.raises(BundleError, match="already exists; give `force`"):
         compress(request)
     assert (out / "manifest.json").read_bytes() == before
     request.force = True
@@ -249,10 +249,10 @@ def test_head_labels_must_match_the_data_classes(tmp_path: Path) -> None:
     photos = color_photos(tmp_path / "photos", per_class=2)
     grey = PreprocessOverrides(resize=[8, 8], grayscale=True)
     out = tmp_path / "bundle"
-    mismatch = r"3 classes \(blue, green, red\) but the model's head has 10 outputs; pass"
-    with pytest.raises(DataError, match=mismatch + " --num-classes 3 to train a new head"):
+    mismatch = r"3 classes \(blue, green, red\) but the model's head has 10 outputs; give"
+    with pytest.raises(DataError, match=mismatch + " `num_classes` 3 to train a new head"):
         compress(CompressRequest("digits-cnn", "generic", photos, out, preprocess=grey))
-    with pytest.raises(DataError, match="--num-classes 4 but the data has 3 classes"):
+    with pytest.raises(DataError, match="`num_classes` 4 but the data has 3 classes"):
         compress(
             CompressRequest("digits-cnn", "generic", photos, out, num_classes=4, preprocess=grey)
         )

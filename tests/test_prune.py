@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -76,3 +78,73 @@ def test_importances_prune_to_the_same_width(split, digits, importance: str) -> 
 def test_taylor_without_data_is_an_error(split, digits) -> None:
     with pytest.raises(RecipeError, match="taylor' needs data"):
         plan_pruning(split, torch.from_numpy(digits[0].X[:2]), PruneStep(importance="taylor"))
+
+
+USER_IMPORTANCE = """
+import torch
+import torch_pruning as tp
+
+class Last(tp.importance.Importance):
+    # Ranks later channels as more important, so the first ones are cut.
+    def __call__(self, group, **kwargs):
+        _, idxs = group[0]
+        return torch.arange(len(idxs), dtype=torch.float32)
+
+def make():
+    return Last()
+
+instance = Last()
+
+def not_an_importance():
+    return 7
+"""
+
+
+@pytest.fixture
+def importance_module(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    name = f"edgefl_test_importance_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(
+        USER_IMPORTANCE.replace("tp.utils.torch", "__import__('torch')")
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("attr", ["make", "instance", "Last"])
+def test_a_users_importance_from_a_module_decides_what_is_cut(
+    split, digits, importance_module: str, attr: str
+) -> None:
+    example = torch.from_numpy(digits[0].X[:2])
+    first = split.backbone.features[0].weight.detach().clone()
+    plan = apply_pruning(
+        split, example, PruneStep(ratio=0.5, importance=f"{importance_module}:{attr}")
+    )
+    assert plan.importance == f"{importance_module}:{attr}"
+    assert [c.after for c in plan.layers] == [16, 32, 32]
+    # "Last" keeps the later half of the channels: the first kept filter was filter 16.
+    assert torch.equal(split.backbone.features[0].weight[0], first[16])
+
+
+def test_an_importance_object_is_used_as_given(split, digits, importance_module: str) -> None:
+    import importlib
+
+    module = importlib.import_module(importance_module)
+    example = torch.from_numpy(digits[0].X[:2])
+    plan = plan_pruning(split, example, PruneStep(ratio=0.5, importance=module.Last()))
+    assert plan.importance == "Last" and [c.after for c in plan.layers] == [16, 32, 32]
+
+
+def test_bad_importances_are_one_line_recipe_errors(split, digits, importance_module: str) -> None:
+    example = torch.from_numpy(digits[0].X[:2])
+    cases = [
+        (f"{importance_module}:not_an_importance", "returned int, not a tp.importance.Importance"),
+        (f"{importance_module}:nope", "has no 'nope'"),
+        ("edgefl_no_such_module:make", "cannot import module 'edgefl_no_such_module'"),
+        ("l3", "unknown pruning importance 'l3'"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            plan_pruning(split, example, PruneStep(ratio=0.5, importance=spec))
+    with pytest.raises(RecipeError, match=r"int is not a tp\.importance\.Importance"):
+        plan_pruning(split, example, PruneStep(ratio=0.5, importance=3))

@@ -180,7 +180,7 @@ def test_group_target_and_missing_trust_key(tmp_path: Path, keys: Any) -> None:
     assert board.last.state == "installed"
     untrusting = make_board(tmp_path / "x", keys, trust_key=None)
     untrusting.send(release_of(bundle, keys), bundle)
-    assert untrusting.last.state == "refused" and "--trust-key" in untrusting.last.reason
+    assert untrusting.last.state == "refused" and "trusted key" in untrusting.last.reason
 
 
 def test_rollback_protection_survives_a_restart(tmp_path: Path, keys: Any) -> None:

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import click
 
-from edgefl.cli.options import parse_params
+from edgefl.cli.options import (
+    build_settings,
+    check_settings,
+    options_label,
+    resolve_strategy,
+    settings_options,
+    strategy_options,
+)
 from edgefl.cli.shell import setup_logging, stop_on_sigterm, user_errors
+from edgefl.core.codecs import CODEC_NAMES
+from edgefl.core.settings import (
+    AcceptancePolicy,
+    CodecSettings,
+    PrivacySettings,
+    RoundPolicy,
+    RoundSettings,
+    TrainConfig,
+)
 
 
 @click.command()
@@ -44,16 +62,11 @@ def broker(host: str, port: int) -> None:
     "--runtime", type=click.Choice(["auto", "onnx", "tflite"]), default="auto", show_default=True
 )
 @click.option("--threads", type=int, help="Runtime threads (default: the profile's, else 1).")
-@click.option("--heartbeat", default=30.0, show_default=True, type=float, help="Seconds.")
-@click.option(
-    "--codec", type=click.Choice(["float32", "int8", "topk"]), help="Override the task's."
-)
+@click.option("--heartbeat", "heartbeat_s", default=30.0, show_default=True, type=float,
+              help="Seconds between status messages.")  # fmt: skip
+@click.option("--codec", type=click.Choice(CODEC_NAMES), help="Override the task's codec.")
 @click.option("--no-personalize", is_flag=True, help="Do not keep a personal head.")
-@click.option("--clip-norm", type=float, help="Clip every update to this L2 norm (own bound).")
-@click.option(
-    "--noise-multiplier", default=0.0, show_default=True, type=float,
-    help="Add Gaussian noise of std MULTIPLIER x clip norm to every update.",
-)  # fmt: skip
+@settings_options(PrivacySettings)
 @click.option("--connect-timeout", default=30.0, show_default=True, type=float, help="Seconds.")
 @click.option("--log-level", default="info", show_default=True)
 # Over-the-air updates and the board's identity in the fleet.
@@ -65,52 +78,35 @@ def broker(host: str, port: int) -> None:
               help="Board profile (raspberry-pi, jetson, a profile.toml).")  # fmt: skip
 @click.option("--group", default="", help="Group of this device, for `deploy --group`.")
 @user_errors
-def agent(
-    broker_url: str,
-    fleet: str,
-    device_id: str,
-    data: str,
-    bundle_dir: Path | None,
-    state_dir: Path | None,
-    task: str,
-    runtime: str,
-    threads: int | None,
-    heartbeat: float,
-    codec: str | None,
-    no_personalize: bool,
-    clip_norm: float | None,
-    noise_multiplier: float,
-    connect_timeout: float,
-    log_level: str,
-    models_dir: Path | None,
-    trust_key: Path | None,
-    device_profile: str,
-    group: str,
-) -> None:
+def agent(**options: Any) -> None:
     """Run a device agent: train the head on local data when a round selects this device."""
     from edgefl.roles.agent import Agent, AgentConfig
 
-    setup_logging(log_level)
-    try:
-        device = Agent(
-            AgentConfig(
-                broker_url=broker_url, fleet=fleet, device_id=device_id, data=data,
-                bundle_dir=bundle_dir, state_dir=state_dir, task=task, runtime=runtime,
-                threads=threads, heartbeat_s=heartbeat, codec=codec,
-                personalize=not no_personalize, connect_timeout_s=connect_timeout,
-                clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                group=group, profile=device_profile,
-            )
-        )  # fmt: skip
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    # A board's own bound needs no clip of its own for noise: the round's clip may apply.
+    privacy = build_settings(PrivacySettings, options, check=False)
+    models_dir, trust_key = options.pop("models_dir"), options.pop("trust_key")
+    config = AgentConfig(
+        broker_url=options["broker_url"], fleet=options["fleet"], device_id=options["device_id"],
+        data=options["data"], bundle_dir=options["bundle_dir"], state_dir=options["state_dir"],
+        task=options["task"], runtime=options["runtime"], threads=options["threads"],
+        heartbeat_s=options["heartbeat_s"], codec=options["codec"],
+        personalize=not options["no_personalize"],
+        connect_timeout_s=options["connect_timeout"], privacy=privacy,
+        group=options["group"], profile=options["device_profile"],
+    )  # fmt: skip
+    check_settings(
+        config, [f.name for f in fields(AgentConfig)] + ["clip_norm", "noise_multiplier"]
+    )
+    setup_logging(options["log_level"])
+    device = Agent(config)
     # Over-the-air updates go into --models-dir, checked against --trust-key.
     if models_dir is not None or trust_key is not None:
         from edgefl.delivery.updater import enable_updates
 
         enable_updates(device, models_dir, trust_key)
     stop_on_sigterm(device.stop)
-    click.echo(f"agent {device_id} joining fleet {fleet} at {broker_url}", err=True)
+    click.echo(f"agent {config.device_id} joining fleet {config.fleet} at {config.broker_url}",
+               err=True)  # fmt: skip
     device.run_forever()
 
 
@@ -118,78 +114,46 @@ def agent(
 @click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT] or mqtts://...")
 @click.option("--fleet", required=True, help="Fleet name.")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--rounds", default=10, show_default=True, type=int)
-@click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam...")
-@click.option("--param", "params", multiple=True, help="Strategy parameter NAME=VALUE (repeat).")
-@click.option("--fraction", default=1.0, show_default=True, type=float, help="Share selected.")
-@click.option("--min-devices", default=1, show_default=True, type=int)
-@click.option("--deadline", default=60.0, show_default=True, type=float, help="Seconds per round.")
-@click.option(
-    "--quorum", default=0.5, show_default=True, type=float, help="Share that must report."
-)
-@click.option("--wait-devices", default=60.0, show_default=True, type=float, help="Seconds.")
-@click.option(
-    "--stale-after", type=float,
-    help="Seconds without a status before a device counts as stale and is not selected "
-    "[default: 3 x the heartbeat interval each device announces].",
-)  # fmt: skip
-@click.option("--epochs", default=1, show_default=True, type=int)
-@click.option("--lr", default=0.1, show_default=True, type=float)
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option(
-    "--codec", type=click.Choice(["float32", "int8", "topk"]), default="float32", show_default=True
-)
-@click.option("--topk-fraction", default=0.01, show_default=True, type=float)
-@click.option("--max-update-bytes", default=16 * 1024 * 1024, show_default=True, type=int)
-@click.option("--max-norm", type=float, help="Reject updates with a larger L2 norm.")
-@click.option("--clip-norm", type=float, help="Devices clip their update to this L2 norm.")
-@click.option(
-    "--noise-multiplier", default=0.0, show_default=True, type=float,
-    help="Devices add Gaussian noise of std MULTIPLIER x clip norm (DP-FedAvg).",
-)  # fmt: skip
-@click.option("--allow", help="Comma-separated device IDs allowed in the fleet.")
+@strategy_options
+@settings_options(RoundPolicy)
+@settings_options(TrainConfig)
+@settings_options(CodecSettings)
+@settings_options(PrivacySettings)
+@settings_options(AcceptancePolicy)
 @click.option("--eval", "eval_source", help="Server-side eval set: 'digits' or a .npz/folder.")
-@click.option("--state", "state_path", type=click.Path(path_type=Path), help="SQLite state file.")
+@click.option("--state", "state_path", type=click.Path(path_type=Path),
+              help="SQLite state file [OUT/state.sqlite with --out, else in memory].")  # fmt: skip
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Metrics and final heads.")
 @click.option("--log-level", default="warning", show_default=True)
 @user_errors
-def aggregate(
-    broker_url: str,
-    fleet: str,
-    bundle_dir: Path,
-    rounds: int,
-    strategy: str,
-    params: tuple[str, ...],
-    fraction: float,
-    min_devices: int,
-    deadline: float,
-    quorum: float,
-    wait_devices: float,
-    stale_after: float | None,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    codec: str,
-    topk_fraction: float,
-    max_update_bytes: int,
-    max_norm: float | None,
-    clip_norm: float | None,
-    noise_multiplier: float,
-    allow: str | None,
-    eval_source: str | None,
-    state_path: Path | None,
-    out_dir: Path | None,
-    log_level: str,
-) -> None:
+def aggregate(**options: Any) -> None:
     """Run federated rounds over the fleet's devices and keep the record in SQLite."""
     from rich.console import Console
 
     from edgefl.data import DIGITS, Dataset, fl_digits_split, load_dataset
     from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
 
-    setup_logging(log_level)
+    strategy, strategy_params = resolve_strategy(options.pop("strategy"), options.pop("params"))
+    policy = build_settings(RoundPolicy, options)
+    settings = RoundSettings(
+        train=build_settings(TrainConfig, options),
+        privacy=build_settings(PrivacySettings, options),
+        codec=build_settings(CodecSettings, options),
+    )
+    acceptance = build_settings(AcceptancePolicy, options)
+    out_dir: Path | None = options["out_dir"]
+    config = AggregatorConfig(
+        broker_url=options["broker_url"], fleet=options["fleet"],
+        bundle_dir=options["bundle_dir"], policy=policy, settings=settings,
+        acceptance=acceptance, strategy=strategy, strategy_params=strategy_params,
+        state_path=options["state_path"] or (out_dir / "state.sqlite" if out_dir else None),
+        out_dir=out_dir,
+    )  # fmt: skip
+    check_settings(config, ["fleet"])
+    setup_logging(options["log_level"])
     console = Console(stderr=False)
     eval_dataset = None
+    eval_source = options["eval_source"]
     if eval_source == DIGITS:
         _, _, (x_test, y_test) = fl_digits_split()
         eval_dataset = Dataset(x_test, y_test, [str(i) for i in range(10)])
@@ -211,23 +175,11 @@ def aggregate(
             markup=False,
         )
 
-    try:
-        config = AggregatorConfig(
-            broker_url=broker_url, fleet=fleet, bundle_dir=bundle_dir, rounds=rounds,
-            strategy=strategy, strategy_params=parse_params(params), fraction=fraction,
-            min_devices=min_devices, stale_after_s=stale_after, deadline_s=deadline, quorum=quorum,
-            wait_devices_s=wait_devices, epochs=epochs, lr=lr, batch_size=batch_size,
-            codec=codec, topk_fraction=topk_fraction, max_update_bytes=max_update_bytes,
-            max_norm=max_norm, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-            allow=[a for a in allow.split(",") if a] if allow else None,
-            state_path=state_path or (out_dir / "state.sqlite" if out_dir else None),
-            out_dir=out_dir,
-        )  # fmt: skip
-        server = Aggregator(config, eval_dataset=eval_dataset, on_round=progress)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    server = Aggregator(config, eval_dataset=eval_dataset, on_round=progress)
     stop_on_sigterm(server.stop)
-    console.print(f"aggregating fleet {fleet} at {broker_url}: {rounds} rounds of {strategy}")
+    label = options_label(strategy)
+    console.print(f"aggregating fleet {config.fleet} at {config.broker_url}: "
+                  f"{policy.rounds} rounds of {label}")  # fmt: skip
     summary = server.run()
     final = f"accuracy {summary.accuracy:.4f}, " if summary.accuracy is not None else ""
     console.print(

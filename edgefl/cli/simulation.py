@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import click
 
-from edgefl.cli.options import parse_params
+from edgefl.cli.options import (
+    build_settings,
+    check_settings,
+    resolve_strategy,
+    settings_options,
+    strategy_options,
+)
 from edgefl.cli.shell import setup_logging, user_errors
+from edgefl.core.settings import (
+    CodecSettings,
+    PrivacySettings,
+    RoundPolicy,
+    RoundSettings,
+    TrainConfig,
+)
 
 
 def _quiet_simulation_logs() -> None:
@@ -20,7 +35,6 @@ def _quiet_simulation_logs() -> None:
 
 @click.command()
 @click.option("--devices", default=10, show_default=True, type=int, help="Simulated devices.")
-@click.option("--rounds", default=5, show_default=True, type=int)
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
               help="Bundle to federate (default: FL-digits, built once and cached).")  # fmt: skip
 @click.option("--dataset", default="digits", show_default=True,
@@ -29,44 +43,24 @@ def _quiet_simulation_logs() -> None:
               help="iid, dirichlet:ALPHA or shards:K.")  # fmt: skip
 @click.option("--broker", "broker_url", default=None,
               help="mqtt://HOST[:PORT] to use (default: start the embedded broker).")  # fmt: skip
-@click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam...")
-@click.option("--param", "params", multiple=True, help="Strategy parameter NAME=VALUE (repeat).")
-@click.option("--codec", type=click.Choice(["float32", "int8", "topk"]), default="float32",
-              show_default=True, help="How devices encode their updates.")  # fmt: skip
-@click.option("--fraction", default=1.0, show_default=True, type=float,
-              help="Share of online devices selected per round.")  # fmt: skip
+@strategy_options
+@settings_options(RoundPolicy, defaults={"rounds": 5, "deadline_s": 10.0})
+@settings_options(TrainConfig, exclude=("seed",))
+@settings_options(CodecSettings)
+@settings_options(PrivacySettings)
 @click.option("--speed-spread", default=1.0, show_default=True, type=float,
               help="Slowest/fastest device ratio (1: all equally fast).")  # fmt: skip
 @click.option("--dropout", default=0.0, show_default=True, type=float,
               help="Probability that a selected device skips a round.")  # fmt: skip
 @click.option("--churn", default="", help="Devices joining/leaving, e.g. join:0.2@3,leave:0.1@5.")
-@click.option("--deadline", default=10.0, show_default=True, type=float, help="Seconds per round.")
 @click.option("--oversample", default=0, type=int,
               help="Repeat the data until devices hold this many samples on average.")  # fmt: skip
 @click.option("--no-personalize", is_flag=True, help="Devices keep no personal head.")
 @click.option("--out", default="build/simulate", show_default=True, type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds the partition, speeds, drops, selection and training.")  # fmt: skip
 @user_errors
-def simulate(
-    devices: int,
-    rounds: int,
-    bundle_dir: Path | None,
-    dataset: str,
-    partition: str,
-    broker_url: str | None,
-    strategy: str,
-    params: tuple[str, ...],
-    codec: str,
-    fraction: float,
-    speed_spread: float,
-    dropout: float,
-    churn: str,
-    deadline: float,
-    oversample: int,
-    no_personalize: bool,
-    out: Path,
-    seed: int,
-) -> None:
+def simulate(**options: Any) -> None:
     """Simulate a fleet on this machine: real agents and aggregator over a real broker."""
     from rich.console import Console
 
@@ -76,31 +70,43 @@ def simulate(
     from edgefl.simulation.runner import Simulation, SimulationConfig, save_results
     from edgefl.simulation.workload import fl_digits_bundle, load_federated_data, repeat_pool
 
+    # Every setting is checked before a bundle is built or a broker started: a refusal is a
+    # usage error (exit 2); what fails later is the run's, and a bug keeps its traceback.
+    strategy, strategy_params = resolve_strategy(options.pop("strategy"), options.pop("params"))
+    seed: int = options["seed"]
+    policy = build_settings(RoundPolicy, options)
+    settings = RoundSettings(
+        train=build_settings(TrainConfig, options, seed=seed),
+        privacy=build_settings(PrivacySettings, options),
+        codec=build_settings(CodecSettings, options),
+    )
+    devices: int = options["devices"]
+    partition: str = options["partition"]
+    config = SimulationConfig(
+        devices=devices, partition=partition, speed_spread=options["speed_spread"],
+        dropout=options["dropout"], churn=options["churn"],
+        personalize=not options["no_personalize"], seed=seed, broker_url=options["broker_url"],
+        policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
+    )  # fmt: skip
+    check_settings(config, [f.name for f in fields(SimulationConfig)])
+    parse_partition(partition)
+    parse_churn(config.churn)
     _quiet_simulation_logs()
     console = Console()
-    config = SimulationConfig(
-        devices=devices, rounds=rounds, partition=partition, strategy=strategy,
-        strategy_params=parse_params(params), codec=codec, fraction=fraction,
-        speed_spread=speed_spread, dropout=dropout, churn=churn, deadline_s=deadline,
-        personalize=not no_personalize, seed=seed, broker_url=broker_url,
-    )  # fmt: skip
-    # Fail on a bad spec before building a bundle or starting a broker.
-    parse_partition(partition)
-    parse_churn(churn)
+    bundle_dir: Path | None = options["bundle_dir"]
     if bundle_dir is not None:
         bundle = load_bundle(bundle_dir)
     else:
         console.print("[dim]FL-digits bundle: digits-mlp backbone as fp32 ONNX, built once[/dim]")
         bundle = fl_digits_bundle()
-    data = load_federated_data(dataset)
-    if oversample > 0:
-        data = repeat_pool(data, oversample, devices)
-    try:
-        with LiveProgress(console, rounds) as live:
-            simulation = Simulation(config, bundle, data, live.on_round, live.on_status)
-            metrics = simulation.run()
-    except ValueError as exc:  # an invalid aggregator setting (strategy, fraction, ...)
-        raise click.UsageError(str(exc)) from None
+    data = load_federated_data(options["dataset"])
+    if options["oversample"] > 0:
+        data = repeat_pool(data, options["oversample"], devices)
+    with LiveProgress(console, policy.rounds) as live:
+        simulation = Simulation(config, bundle, data, live.on_round, live.on_status)
+        metrics = simulation.run()
+    rounds = policy.rounds
+    out: Path = options["out"]
     console.print(round_table(metrics, f"{devices} devices, {rounds} rounds, {partition}"))
     console.print(summary_line(metrics))
     for path in save_results(metrics, out):

@@ -132,7 +132,7 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
     if request.preprocess:
         if str(request.data) == DIGITS:
             raise DataError(
-                "--resize, --mean, --std and --grayscale preprocess images; the built-in digits "
+                "`resize`, `mean`, `std` and `grayscale` preprocess images; the built-in digits "
                 "are model inputs already"
             )
         preprocess = apply_overrides(preprocess, request.preprocess)
@@ -228,7 +228,7 @@ def _check_out(out: Path, force: bool) -> None:
     if not out.exists():
         return
     if not force:
-        raise BundleError(f"{out} already exists; pass --force to replace it")
+        raise BundleError(f"{out} already exists; give `force` to replace it")
     if out.is_dir() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
         raise BundleError(f"{out} is a non-empty directory that is not a bundle; not replacing it")
     if not out.is_dir():
@@ -255,13 +255,13 @@ def _labels(
     classes = len(dataset.labels)
     if num_classes is not None and classes != outputs:
         raise DataError(
-            f"--num-classes {outputs} but the data has {classes} classes "
-            f"({_few(dataset.labels)}); pass --num-classes {classes}"
+            f"`num_classes` {outputs} but the data has {classes} classes "
+            f"({_few(dataset.labels)}); give `num_classes` {classes}"
         )
     if classes != outputs:
         raise DataError(
             f"the data has {classes} classes ({_few(dataset.labels)}) but the model's head has "
-            f"{outputs} outputs; pass --num-classes {classes} to train a new head for them"
+            f"{outputs} outputs; give `num_classes` {classes} to train a new head for them"
         )
     if num_classes is None and loaded.labels is not None and len(loaded.labels) == outputs:
         return list(loaded.labels)

@@ -51,7 +51,7 @@ def parse_resize(text: str) -> list[int]:
     match = _RESIZE.match(text)
     sizes = [int(g) for g in match.groups() if g is not None] if match else []
     if not sizes or min(sizes) < 1:
-        raise DataError(f"--resize takes HxW or N with positive sizes (e.g. 224x224), not {text!r}")
+        raise DataError(f"`resize` takes HxW or N with positive sizes (e.g. 224x224), not {text!r}")
     return [sizes[0], sizes[-1]]
 
 
@@ -91,9 +91,9 @@ def apply_overrides(base: Preprocess, overrides: PreprocessOverrides) -> Preproc
         grayscale=overrides.grayscale or base.grayscale,
     )
     if result.std is not None and min(result.std) <= 0:
-        raise DataError(f"--std values must be positive, not {result.std}")
+        raise DataError(f"`std` values must be positive, not {result.std}")
     channels = 1 if result.grayscale else 3
-    for flag, values in (("--mean", result.mean), ("--std", result.std)):
+    for flag, values in (("`mean`", result.mean), ("`std`", result.std)):
         if values is not None and len(values) not in (1, channels):
             raise DataError(
                 f"{flag} has {len(values)} values but grayscale images have 1 channel; "

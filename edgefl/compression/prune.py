@@ -1,4 +1,4 @@
-"""Structured pruning with Torch-Pruning: plan on a copy (for --dry-run), then apply.
+"""Structured pruning with Torch-Pruning: plan on a copy (for a dry run), then apply.
 
 Channels are really removed, so the exported backbone is smaller and faster. The head is never
 pruned, and neither are the channels that feed it: the feature size stays what the head (and
@@ -20,6 +20,7 @@ from torch import nn
 from edgefl.compression.recipe import PruneStep
 from edgefl.errors import RecipeError
 from edgefl.models.split import SplitModel
+from edgefl.plugins import build_plugin, is_plugin_spec
 
 Importance = Any  # tp.importance.Importance; Torch-Pruning ships no type hints
 
@@ -70,21 +71,51 @@ def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int
     return int(macs), int(params)
 
 
-def make_importance(name: str) -> Importance:
-    """Return the Torch-Pruning group importance for a recipe name (l1, l2, taylor, random).
+BUILTIN_IMPORTANCES: dict[str, Callable[[], Importance]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "taylor": tp.importance.GroupTaylorImportance,
+    "random": tp.importance.RandomImportance,
+}
+
+
+def make_importance(spec: str | Importance) -> Importance:
+    """Return the Torch-Pruning importance a recipe asks for.
+
+    Args:
+        spec: a built-in name (l1, l2, taylor, random), `package.module:factory` (the attribute
+            is a `tp.importance.Importance` instance, or a class or factory returning one), or
+            an importance object.
+
+    Returns:
+        A `tp.importance.Importance`.
 
     Raises:
-        RecipeError: the name is unknown.
+        RecipeError: an unknown name, a factory that cannot be loaded or returns something
+            else, or an object that is not an importance.
     """
-    factories: dict[str, Callable[[], Importance]] = {
-        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "taylor": tp.importance.GroupTaylorImportance,
-        "random": tp.importance.RandomImportance,
-    }
-    if name not in factories:
-        raise RecipeError(f"unknown pruning importance {name!r} ({', '.join(factories)})")
-    return factories[name]()
+    if not isinstance(spec, str):
+        if not isinstance(spec, tp.importance.Importance):
+            raise RecipeError(
+                f"prune importance {type(spec).__name__} is not a tp.importance.Importance"
+            )
+        return spec
+    if is_plugin_spec(spec):
+        return build_plugin(
+            spec, tp.importance.Importance, "pruning importance", RecipeError,
+            kind="tp.importance.Importance",
+        )  # fmt: skip
+    if spec not in BUILTIN_IMPORTANCES:
+        raise RecipeError(
+            f"unknown pruning importance {spec!r} ({', '.join(BUILTIN_IMPORTANCES)}, "
+            "or package.module:factory)"
+        )
+    return BUILTIN_IMPORTANCES[spec]()
+
+
+def importance_name(spec: str | Importance) -> str:
+    """Return how a plan or manifest names an importance: its spec, or its object's class."""
+    return spec if isinstance(spec, str) else type(spec).__name__
 
 
 def plan_pruning(
@@ -113,22 +144,26 @@ def apply_pruning(
         example: an input batch for tracing and for counting MACs.
         step: ratio, importance, iterative steps, ignored layers (module names in the
             backbone), round_to.
-        data: (X, y) samples for the gradient-based "taylor" importance (needed for it only).
+        data: (X, y) samples for gradient-based importances ("taylor", or a user's subclass of
+            `tp.importance.GroupTaylorImportance`; needed for those only).
 
     Returns:
         The plan that was applied.
 
     Raises:
-        RecipeError: an ignored layer name is not a module of the backbone, or "taylor"
-            importance without data.
+        RecipeError: an ignored layer name is not a module of the backbone, the importance
+            cannot be made (see `make_importance`), or a gradient-based one has no data.
     """
     split.eval()
     macs_before, params_before = count_macs_params(split, example[:1])
     widths_before = _widths(split.backbone)
     ignored = _ignored_modules(split, example, step.ignore_layers, step.keep_features)
     importance = make_importance(step.importance)
-    if step.importance == "taylor" and data is None:
-        raise RecipeError("prune.importance 'taylor' needs data to compute gradients")
+    # Taylor-style importances (built-in or a user's subclass) rank channels by gradients.
+    needs_gradients = isinstance(importance, tp.importance.GroupTaylorImportance)
+    if needs_gradients and data is None:
+        name = importance_name(step.importance)
+        raise RecipeError(f"prune.importance {name!r} needs data to compute gradients")
     if step.ratio > 0:
         pruner = tp.pruner.BasePruner(
             split,
@@ -143,7 +178,7 @@ def apply_pruning(
         torch.manual_seed(0)  # random importance and nothing else: a plan is reproducible
         try:
             for _ in range(step.iterative_steps):
-                if step.importance == "taylor" and data is not None:
+                if needs_gradients and data is not None:
                     _accumulate_gradients(split, data)
                 pruner.step()
         finally:
@@ -157,7 +192,13 @@ def apply_pruning(
         if name in widths_after and widths_after[name][1] != before
     ]
     return PruningPlan(
-        step.ratio, step.importance, params_before, params_after, macs_before, macs_after, changes
+        step.ratio,
+        importance_name(step.importance),
+        params_before,
+        params_after,
+        macs_before,
+        macs_after,
+        changes,
     )
 
 

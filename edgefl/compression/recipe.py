@@ -13,6 +13,7 @@ from typing import Any
 import tomllib
 
 from edgefl.errors import RecipeError
+from edgefl.plugins import is_plugin_spec, load_attribute
 from edgefl.resources import shipped_dir
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
@@ -26,7 +27,9 @@ class PruneStep:
     """Structured pruning: remove `ratio` of the channels of each prunable layer."""
 
     ratio: float = 0.5
-    importance: str = "l2"
+    # A built-in name (IMPORTANCES), `package.module:factory`, or (from Python) a
+    # `tp.importance.Importance` object; see `edgefl.compression.prune.make_importance`.
+    importance: Any = "l2"
     iterative_steps: int = 1
     ignore_layers: list[str] = field(default_factory=list)
     round_to: int | None = None
@@ -94,6 +97,8 @@ class Recipe:
         """Return the recipe as JSON-able data (for the manifest and the report)."""
         data = asdict(self)
         data["path"] = str(self.path)
+        if self.prune is not None and not isinstance(self.prune.importance, str):
+            data["prune"]["importance"] = type(self.prune.importance).__name__
         return data
 
 
@@ -211,9 +216,16 @@ def _validate(recipe: Recipe, path: Path) -> None:
         p = recipe.prune
         if not isinstance(p.ratio, int | float) or not 0.0 <= p.ratio < 1.0:
             fail("prune.ratio", f"must be in [0, 1), got {p.ratio!r}")
-        if p.importance not in IMPORTANCES:
+        if isinstance(p.importance, str) and is_plugin_spec(p.importance):
+            try:  # import now: a broken module fails when the recipe loads, not mid-run
+                load_attribute(p.importance, "pruning importance", RecipeError)
+            except RecipeError as exc:
+                fail("prune.importance", str(exc))
+        elif isinstance(p.importance, str) and p.importance not in IMPORTANCES:
             fail(
-                "prune.importance", f"must be one of {', '.join(IMPORTANCES)}, got {p.importance!r}"
+                "prune.importance",
+                f"must be one of {', '.join(IMPORTANCES)} or package.module:factory, "
+                f"got {p.importance!r}",
             )
         if not _is_count(p.iterative_steps):
             fail("prune.iterative_steps", f"must be an integer >= 1, got {p.iterative_steps!r}")

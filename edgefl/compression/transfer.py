@@ -11,7 +11,7 @@ from torch import nn
 
 from edgefl.compression.distill import Progress, predict
 from edgefl.data import Dataset
-from edgefl.errors import EdgeflError
+from edgefl.errors import InputError
 from edgefl.models.split import SplitModel, backbone_blocks
 
 Finetune = str | int | None
@@ -21,23 +21,23 @@ def parse_finetune(value: str | None) -> Finetune:
     """Parse `--finetune`: None (frozen backbone), "all", or a positive number of blocks.
 
     Raises:
-        EdgeflError: anything else.
+        InputError: anything else.
     """
     if value is None or value == "all":
         return value
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise EdgeflError(f"--finetune takes 'all' or a positive number of blocks, not {value!r}")
+    raise InputError(f"`finetune` takes 'all' or a positive number of blocks, not {value!r}")
 
 
 def replace_head(split: SplitModel, num_classes: int, seed: int = 0) -> None:
     """Give `split` a freshly initialised head with the same layers and `num_classes` outputs.
 
     Raises:
-        EdgeflError: `num_classes` is below 2.
+        InputError: `num_classes` is below 2.
     """
     if num_classes < 2:
-        raise EdgeflError(f"--num-classes must be at least 2, not {num_classes}")
+        raise InputError(f"`num_classes` must be at least 2, not {num_classes}")
     layers = split.head_layers()
     last = max(i for i, layer in enumerate(layers) if layer["kind"] == "linear")
     state = torch.get_rng_state()
@@ -79,13 +79,13 @@ def train_head(
         The mean loss of every epoch.
 
     Raises:
-        EdgeflError: a label is out of range for the head.
+        InputError: a label is out of range for the head.
     """
     outputs = split.head_linears()[-1].out_features
     if len(train) and int(train.y.max()) >= outputs:
-        raise EdgeflError(
+        raise InputError(
             f"the data has label {int(train.y.max())} but the head has {outputs} outputs; "
-            "pass --num-classes"
+            "give `num_classes`"
         )
     blocks = backbone_blocks(split.backbone)
     if finetune == "all":

@@ -217,7 +217,7 @@ def deploy(
         raise DeliveryError("target either a group or a list of devices, not both")
     targets = Targets(group=group, devices=sorted(set(devices)) if devices is not None else None)
     if targets.devices == []:
-        raise DeliveryError("--devices names no device")
+        raise DeliveryError("`devices` names no device")
     try:
         release_topics = _release_topics(fleet, targets)
     except ValueError as exc:

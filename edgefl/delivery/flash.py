@@ -106,7 +106,9 @@ def default_device_id(profile: DeviceProfile, host: str | None) -> str:
     for line in template.splitlines():
         if line.startswith("EDGEFL_DEVICE_ID=") and line.partition("=")[2]:
             return line.partition("=")[2]
-    raise DeliveryError("pass --device-id")
+    raise DeliveryError(
+        "no device ID: the profile names none and there is no host; give `device_id`"
+    )
 
 
 def _env_template(profile: DeviceProfile) -> str:
@@ -187,7 +189,7 @@ def build_install_files(
     except OSError:
         raise DeliveryError(
             f"public key {trust_key} not found (create one with `edgefl keys init`"
-            " or pass --trust-key)"
+            " or give `trust_key`)"
         ) from None
     if wheel is not None:
         files[wheel.name] = InstallFile(wheel.read_bytes(), 0o644)

@@ -263,7 +263,7 @@ class Updater:
             self._send(
                 version,
                 REFUSED,
-                "no trusted key configured (agent needs --trust-key)",
+                "the agent has no trusted key configured (`trust_key`)",
                 release_id=rid,
             )
             return

@@ -7,7 +7,6 @@ so a weights file can never run code.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from edgefl.bundle import Preprocess
 from edgefl.errors import ModelLoadError, first_line
 from edgefl.models.builtin import BUILTINS, find_builtin
+from edgefl.plugins import build_plugin
 
 
 @dataclass
@@ -130,25 +130,7 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def _call_factory(spec: str) -> nn.Module:
-    module_name, _, attr = spec.rpartition(":")
-    try:
-        package = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"cannot import module {module_name!r} of model {spec!r}: {exc}"
-        ) from exc
-    factory = getattr(package, attr, None)
-    if factory is None or not callable(factory):
-        raise ModelLoadError(f"module {module_name!r} has no factory {attr!r}")
-    try:
-        model = factory()
-    except Exception as exc:  # user code: any failure is a load error with its message
-        raise ModelLoadError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelLoadError(
-            f"factory {spec} returned {type(model).__name__}, not a torch nn.Module"
-        )
-    return model
+    return build_plugin(spec, nn.Module, "model", ModelLoadError, kind="torch nn.Module")
 
 
 def _few(keys: list[str], limit: int = 3) -> str:

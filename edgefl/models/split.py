@@ -102,7 +102,7 @@ def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> Sp
     if features.dim() != 2 or features.shape[1] != split.feature_size:
         raise ModelLoadError(
             f"without head {name!r} the model outputs shape {list(features.shape)}, not flat "
-            f"features of size {split.feature_size}; name the head with --head"
+            f"features of size {split.feature_size}; name the head with `head`"
         )
     return split
 
@@ -110,7 +110,7 @@ def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> Sp
 def _last_linear(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        raise ModelLoadError("model has no nn.Linear layer to use as head; name one with --head")
+        raise ModelLoadError("model has no nn.Linear layer to use as head; name one with `head`")
     return names[-1]
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgefl.errors import TransportError
+from edgefl.errors import BrokerUrlError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ def parse_broker_url(url: str) -> BrokerAddress:
         text = f"mqtt://{text}"
     parts = urlsplit(text)
     if parts.scheme not in DEFAULT_PORTS:
-        raise TransportError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        raise BrokerUrlError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
     try:
         port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError:
-        raise TransportError(f"broker URL {url!r} has an invalid port") from None
+        raise BrokerUrlError(f"broker URL {url!r} has an invalid port") from None
     if not parts.hostname:
-        raise TransportError(f"broker URL {url!r} has no host")
+        raise BrokerUrlError(f"broker URL {url!r} has no host")
     return BrokerAddress(
         host=parts.hostname,
         port=port,
