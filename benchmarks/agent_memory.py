@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
+from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 
@@ -174,8 +175,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     sampler.mark("start")
     try:
         config = AggregatorConfig(
-            url, FLEET, bundle, rounds=args.rounds, min_devices=1, deadline_s=300,
-            wait_devices_s=300, epochs=args.epochs, batch_size=args.batch_size,
+            url, FLEET, bundle,
+            RoundPolicy(rounds=args.rounds, min_devices=1, deadline_s=300, wait_devices_s=300),
+            RoundSettings(train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size)),
             state_path=tmp / "state.sqlite",
         )  # fmt: skip
         aggregator = Aggregator(config)

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
 from edgefl.core.codecs import ErrorFeedback, encode_delta
+from edgefl.core.settings import RoundPolicy
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.transport import topics
@@ -125,7 +126,7 @@ def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) ->
     fleet.start()
     ready.wait(120)
     config = AggregatorConfig(
-        url, FLEET, bundle, rounds=rounds, min_devices=devices, deadline_s=120,
+        url, FLEET, bundle, RoundPolicy(rounds=rounds, min_devices=devices, deadline_s=120),
         state_path=workdir / f"state-{features}.sqlite",
     )  # fmt: skip
     # CPU seconds of this process (the aggregator's threads; the devices are another process):

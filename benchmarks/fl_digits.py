@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
 from edgefl.simulation.plan import plan_fleet
 from edgefl.simulation.runner import SimulationConfig, run_simulation
 from edgefl.simulation.workload import fl_digits_bundle, load_federated_data
@@ -86,8 +87,9 @@ def run_edgefl(devices: int, rounds: int, seed: int, broker: str | None) -> dict
     bundle = fl_digits_bundle()
     data = load_federated_data("digits")
     config = SimulationConfig(
-        devices=devices, rounds=rounds, partition="dirichlet:0.5", seed=seed, broker_url=broker,
-        fleet="fl-digits",
+        devices=devices, policy=RoundPolicy(rounds=rounds, deadline_s=10.0),
+        settings=RoundSettings(train=TrainConfig(seed=seed)), partition="dirichlet:0.5", seed=seed,
+        broker_url=broker, fleet="fl-digits",
     )  # fmt: skip
     started = time.perf_counter()
     metrics = run_simulation(config, bundle, data)

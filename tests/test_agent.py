@@ -14,6 +14,7 @@ from conftest import RunningBroker, wait_for
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import decode_delta
+from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
 from edgefl.data import Dataset
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
@@ -121,7 +122,15 @@ def test_personal_head_fits_local_data_better_than_the_global_one(
     )
     agent.start()
     try:
-        Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=2, epochs=2)).run()
+        Aggregator(
+            AggregatorConfig(
+                mosquitto.url,
+                FLEET,
+                bundle.path,
+                RoundPolicy(rounds=2),
+                RoundSettings(train=TrainConfig(epochs=2)),
+            )
+        ).run()
     finally:
         agent.stop()
     first, second = agent.outcomes
@@ -157,7 +166,9 @@ def test_update_is_delivered_across_a_broker_restart(
     agent.start()
     result: list[object] = []
     aggregator = Aggregator(
-        AggregatorConfig(fresh_mosquitto.url, FLEET, bundle.path, rounds=2, deadline_s=30)
+        AggregatorConfig(
+            fresh_mosquitto.url, FLEET, bundle.path, RoundPolicy(rounds=2, deadline_s=30)
+        )
     )
     thread = threading.Thread(target=lambda: result.append(aggregator.run()))
     thread.start()

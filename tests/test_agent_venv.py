@@ -15,6 +15,7 @@ from bundles import digits_devices, make_test_bundle, write_npz
 from conftest import RunningBroker
 
 from edgefl import signing
+from edgefl.core.settings import RoundPolicy
 from edgefl.delivery.deploy import UPDATED, deploy
 from edgefl.delivery.fleet_view import read_fleet
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
@@ -62,8 +63,8 @@ def test_agent_from_a_torch_free_venv_takes_a_deploy_and_a_round(
         assert outcome.outcome == UPDATED, outcome
         aggregator = Aggregator(
             AggregatorConfig(
-                mosquitto.url, "venv", bundle.path, rounds=1, min_devices=1, deadline_s=60,
-                wait_devices_s=30,
+                mosquitto.url, "venv", bundle.path,
+                RoundPolicy(rounds=1, min_devices=1, deadline_s=60, wait_devices_s=30),
             )
         )  # fmt: skip
         summary = aggregator.run()

@@ -17,6 +17,7 @@ from conftest import RunningBroker, wait_for
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import encode_delta
+from edgefl.core.settings import AcceptancePolicy, PrivacySettings, RoundPolicy, RoundSettings
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSummary, RoundSummary
 from edgefl.roles.record import AggregatorRecord
@@ -112,8 +113,9 @@ def test_bad_updates_are_rejected_with_reasons_and_the_run_completes(
     fakes = FakeDevices(mosquitto.url, ["evil", "quiet"], script)
     fakes.start()
     config = AggregatorConfig(
-        mosquitto.url, FLEET, bundle.path, rounds=2, min_devices=2, deadline_s=30,
-        allow=["evil", "quiet"], state_path=tmp_path / "state.sqlite", out_dir=tmp_path / "out",
+        mosquitto.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
+        acceptance=AcceptancePolicy(allow=("evil", "quiet")),
+        state_path=tmp_path / "state.sqlite", out_dir=tmp_path / "out",
     )  # fmt: skip
     try:
         summary = Aggregator(config).run()
@@ -150,8 +152,8 @@ def test_round_waits_for_deadline_then_closes_with_quorum(
 
     fakes = FakeDevices(mosquitto.url, ["fast", "silent"], script)
     fakes.start()
-    config = AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=1, min_devices=2,
-                              deadline_s=1.0, quorum=0.5)  # fmt: skip
+    policy = RoundPolicy(rounds=1, min_devices=2, deadline_s=1.0, quorum=0.5)
+    config = AggregatorConfig(mosquitto.url, FLEET, bundle.path, policy)
     started = time.monotonic()
     try:
         summary = Aggregator(config).run()
@@ -167,8 +169,8 @@ def test_without_quorum_the_round_fails_and_the_head_is_unchanged(
 ) -> None:
     fakes = FakeDevices(mosquitto.url, ["mute-1", "mute-2"], lambda *_: [])
     fakes.start()
-    config = AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=1, min_devices=2,
-                              deadline_s=0.5)  # fmt: skip
+    config = AggregatorConfig(mosquitto.url, FLEET, bundle.path,
+                              RoundPolicy(rounds=1, min_devices=2, deadline_s=0.5))  # fmt: skip
     try:
         summary = Aggregator(config).run()
     finally:
@@ -190,8 +192,9 @@ def test_multi_task_heads_are_aggregated_per_task(mosquitto: RunningBroker, tmp_
     for agent in agents:
         agent.start()
     try:
-        aggregator = Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, rounds=1,
-                                                 min_devices=2, deadline_s=20))  # fmt: skip
+        aggregator = Aggregator(AggregatorConfig(
+            mosquitto.url, FLEET, bundle.path, RoundPolicy(rounds=1, min_devices=2, deadline_s=20)
+        ))  # fmt: skip
         summary = aggregator.run()
     finally:
         for agent in agents:
@@ -241,8 +244,8 @@ def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
         state.close()
         answer_now.set()
         summary: FederationSummary = Aggregator(AggregatorConfig(
-            fresh_mosquitto.url, FLEET, bundle.path, rounds=1, min_devices=2, deadline_s=30,
-            state_path=state_path,
+            fresh_mosquitto.url, FLEET, bundle.path,
+            RoundPolicy(rounds=1, min_devices=2, deadline_s=30), state_path=state_path,
         )).run()  # fmt: skip
     finally:
         fakes.stop()
@@ -303,17 +306,16 @@ def test_privacy_settings_are_checked_and_sent_to_devices_in_the_task(
             mosquitto.url,
             FLEET,
             bundle.path,
-            rounds=1,
-            deadline_s=0.5,
-            clip_norm=0.5,
-            noise_multiplier=1.2,
+            RoundPolicy(rounds=1, deadline_s=0.5),
+            RoundSettings(privacy=PrivacySettings(clip_norm=0.5, noise_multiplier=1.2)),
         )
         Aggregator(config).run()
         assert wait_for(lambda: bool(configs))
     finally:
         devices.stop()
         watcher.close()
-    assert (configs[0]["clip_norm"], configs[0]["noise_multiplier"]) == (0.5, 1.2)
+    sent = RoundSettings.from_wire(configs[0])
+    assert (sent.privacy.clip_norm, sent.privacy.noise_multiplier) == (0.5, 1.2)
 
 
 class Ghost:
@@ -368,8 +370,8 @@ def test_stale_devices_are_not_selected_until_they_heartbeat_again(
         elif summary.round == 2:
             time.sleep(1.5)  # the ghost stays silent past its window; the agent keeps beating
 
-    config = AggregatorConfig(mosquitto.url, fleet, bundle.path, rounds=3, deadline_s=20,
-                              out_dir=tmp_path / "out")  # fmt: skip
+    policy = RoundPolicy(rounds=3, deadline_s=20)
+    config = AggregatorConfig(mosquitto.url, fleet, bundle.path, policy, out_dir=tmp_path / "out")
     aggregator = Aggregator(config, on_round=between_rounds)
     try:
         summary = aggregator.run()

@@ -23,6 +23,7 @@ from edgefl import signing
 from edgefl.bundle import ModelBundle
 from edgefl.cli import main
 from edgefl.compression.pipeline import CompressRequest, compress
+from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
 from edgefl.data import Dataset
 from edgefl.delivery.fleet_view import read_fleet
 from edgefl.delivery.updater import Updater, enable_updates
@@ -183,8 +184,9 @@ def test_litert_board_and_onnx_board_federate_one_head(fleet: Fleet, tmp_path: P
     assert fleet.deploy_exit_code == 0, fleet.deploy_output
     broker_url = fleet.agents["pi-1"].config.broker_url
     config = AggregatorConfig(
-        broker_url, FLEET, fleet.bundle.path, rounds=2, min_devices=2, deadline_s=30,
-        wait_devices_s=20, epochs=1, lr=0.05, out_dir=tmp_path / "out",
+        broker_url, FLEET, fleet.bundle.path,
+        RoundPolicy(rounds=2, min_devices=2, deadline_s=30, wait_devices_s=20),
+        RoundSettings(train=TrainConfig(epochs=1, lr=0.05)), out_dir=tmp_path / "out",
     )  # fmt: skip
     aggregator = Aggregator(config, eval_dataset=fleet.test)
     before = aggregator.evaluate()

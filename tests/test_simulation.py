@@ -13,6 +13,7 @@ from bundles import make_test_bundle
 from conftest import RunningBroker
 
 from edgefl.bundle import ModelBundle
+from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
 from edgefl.errors import SimulationError
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plan import (
@@ -180,7 +181,15 @@ def _run(
 ) -> tuple[SimulationMetrics, list[RoundRecord], list[str]]:
     seen: list[RoundRecord] = []
     statuses: list[str] = []
-    config = SimulationConfig(**options)  # type: ignore[arg-type]
+    # The federation's parts by name, the rest as SimulationConfig fields.
+    rounds = int(options.pop("rounds"))  # type: ignore[call-overload]
+    deadline_s = float(options.pop("deadline_s", 10.0))  # type: ignore[arg-type]
+    seed = int(options.get("seed", 0))  # type: ignore[call-overload]
+    config = SimulationConfig(
+        policy=RoundPolicy(rounds=rounds, deadline_s=deadline_s),
+        settings=RoundSettings(train=TrainConfig(seed=seed)),
+        **options,  # type: ignore[arg-type]
+    )
     metrics = run_simulation(config, bundle, data, seen.append, statuses.append)
     return metrics, seen, statuses
 

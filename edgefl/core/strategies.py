@@ -1,18 +1,25 @@
 """Federation strategies: how the server turns the global head and device deltas into the next head.
 
-A strategy never does I/O. The aggregator asks it what devices must know (`client_config`), hands
-it the accepted deltas of a round (`aggregate`), and persists its optimizer state (`state_dict`)
-so that a restarted aggregator resumes FedAdam or FedYogi exactly. `params` gives what to record
-so that `make_strategy(strategy.name, **strategy.params())` rebuilds it.
+A strategy never does I/O. As in Flower (configure_fit + aggregate_fit), the round engine asks it
+which devices train and with which settings (`configure_round`), hands it the accepted deltas of
+a round (`aggregate`), and persists its optimizer state (`state_dict`) so that a restarted
+aggregator resumes FedAdam or FedYogi exactly. `params` gives what to record so that
+`make_strategy(strategy.name, **strategy.params())` rebuilds it.
 
-A stateful strategy (FedAdam, FedYogi) keeps moments for one head: use one instance per task.
+A user's strategy is any `Strategy` subclass, passed to the aggregator as an instance or a
+factory (see `build_strategies`). A stateful strategy (FedAdam, FedYogi) keeps moments for one
+head, so every task gets its own instance.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +31,40 @@ from edgefl.core.aggregate import (
     check_updates,
     krum,
 )
+from edgefl.core.settings import RoundPolicy, RoundSettings
 from edgefl.head import Weights
+from edgefl.transport.messages import DeviceStatus
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a strategy decided for a round: who trains, and the settings the task carries."""
+
+    selected: tuple[str, ...]
+    settings: RoundSettings
+
+
+def select_fraction(
+    devices: Iterable[str], round_number: int, fraction: float, min_devices: int, seed: int
+) -> tuple[str, ...]:
+    """Pick a seeded random share of devices: the default selection.
+
+    Args:
+        devices: the candidate device IDs (order does not matter).
+        round_number: the round; with `seed` it seeds the draw, so a rerun picks the same.
+        fraction: share of the candidates to pick, in (0, 1].
+        min_devices: pick at least this many (all of them when there are fewer).
+        seed: the federation's seed (`TrainConfig.seed`).
+
+    Returns:
+        The picked IDs, sorted.
+    """
+    ids = sorted(devices)
+    count = max(min_devices, math.ceil(fraction * len(ids)))
+    if count >= len(ids):
+        return tuple(ids)
+    rng = np.random.default_rng([seed, round_number])
+    return tuple(sorted(str(d) for d in rng.choice(ids, size=count, replace=False)))
 
 
 def _apply(global_weights: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> Weights:
@@ -45,13 +85,32 @@ class Strategy(ABC):
 
     name: str = ""
 
-    def client_config(self) -> dict[str, Any]:
-        """Return what devices must know to train for this strategy (JSON-able).
+    def configure_round(
+        self,
+        round_number: int,
+        devices: Mapping[str, DeviceStatus],
+        settings: RoundSettings,
+        policy: RoundPolicy,
+        seed: int,
+    ) -> RoundPlan:
+        """Decide which devices train in a round and the settings their task carries.
 
-        Keys are `edgefl.core.training.TrainConfig` fields, so an agent can merge them into
-        its round's training settings; most strategies need nothing on the device.
+        The default picks a seeded `policy.fraction` of the devices (at least
+        `policy.min_devices`) and sends `settings` unchanged. Override it to select by what
+        devices announce (samples, arch, memory) or to change the training settings per round.
+
+        Args:
+            round_number: the round being opened.
+            devices: the eligible online devices by ID, with the status each last published.
+            settings: the configured round settings (training, privacy, codec).
+            policy: the round policy (fraction, min_devices, ...).
+            seed: the federation's seed.
+
+        Returns:
+            The plan; its devices must be keys of `devices`, at least one.
         """
-        return {}
+        chosen = select_fraction(devices, round_number, policy.fraction, policy.min_devices, seed)
+        return RoundPlan(chosen, settings)
 
     def params(self) -> dict[str, Any]:
         """Return the constructor parameters (JSON-able), for records and `make_strategy`."""
@@ -119,9 +178,18 @@ class FedProx(FedAvg):
             raise ValueError(f"fedprox mu must be >= 0, got {mu}")
         self.mu = float(mu)
 
-    def client_config(self) -> dict[str, Any]:
-        """Return {"proximal_mu": mu}: the agents' training needs it."""
-        return {"proximal_mu": self.mu}
+    def configure_round(
+        self,
+        round_number: int,
+        devices: Mapping[str, DeviceStatus],
+        settings: RoundSettings,
+        policy: RoundPolicy,
+        seed: int,
+    ) -> RoundPlan:
+        """Select as FedAvg does and ask devices for the proximal term (`proximal_mu` = mu)."""
+        plan = super().configure_round(round_number, devices, settings, policy, seed)
+        train = dataclasses.replace(plan.settings.train, proximal_mu=self.mu)
+        return RoundPlan(plan.selected, dataclasses.replace(plan.settings, train=train))
 
     def params(self) -> dict[str, Any]:
         """Return {"mu": mu}."""
@@ -351,3 +419,67 @@ def make_strategy(name: str, **params: Any) -> Strategy:
             f"strategy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}"
         )
     return _STRATEGIES[name](**params)
+
+
+StrategySpec = str | Strategy | Callable[..., Strategy]
+
+
+def check_strategy_spec(spec: StrategySpec, params: Mapping[str, Any]) -> None:
+    """Check a strategy given as a name, an instance or a factory, without building it.
+
+    Raises:
+        ValueError: an unknown name or parameter, an instance given parameters, or something
+            that is none of the three.
+    """
+    if isinstance(spec, str):
+        make_strategy(spec, **params)
+    elif isinstance(spec, Strategy):
+        if params:
+            raise ValueError("strategy parameters apply to a name or a factory, not an instance")
+    elif not callable(spec):
+        raise ValueError(f"a strategy is a name, a Strategy or a factory, not {spec!r}")
+
+
+def build_strategies(
+    spec: StrategySpec, params: Mapping[str, Any], tasks: Iterable[str]
+) -> dict[str, Strategy]:
+    """Build one strategy per task from a name, an instance or a factory.
+
+    A stateful strategy keeps server state for one head, so tasks never share an instance:
+    a name or a factory is called once per task (with `params`); an instance serves the first
+    task itself and the others get deep copies of it.
+
+    Args:
+        spec: a name from `STRATEGY_NAMES`, a `Strategy`, or a callable returning one (a
+            `Strategy` subclass, or a user's `mypkg.mod:factory`).
+        params: keyword arguments for a name or a factory (must be empty for an instance).
+        tasks: the task names, in order.
+
+    Returns:
+        The strategy of each task.
+
+    Raises:
+        ValueError: see `check_strategy_spec`, or a factory that does not return a Strategy.
+    """
+    check_strategy_spec(spec, params)
+    strategies: dict[str, Strategy] = {}
+    for index, task in enumerate(tasks):
+        if isinstance(spec, str):
+            strategy = make_strategy(spec, **params)
+        elif isinstance(spec, Strategy):
+            strategy = spec if index == 0 else copy.deepcopy(spec)
+        else:
+            strategy = spec(**params)
+            if not isinstance(strategy, Strategy):
+                raise ValueError(f"strategy factory {spec!r} returned {strategy!r}, not a Strategy")
+        strategies[task] = strategy
+    return strategies
+
+
+def strategy_label(spec: StrategySpec) -> str:
+    """Return a short name for records and logs: the name, or the strategy's class name."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Strategy):
+        return spec.name or type(spec).__name__
+    return getattr(spec, "__qualname__", repr(spec))

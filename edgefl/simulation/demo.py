@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from edgefl.bundle import ModelBundle, rewrite_heads
+from edgefl.core.settings import RoundPolicy
 from edgefl.data import DIGITS, holdout_split, load_digits
 from edgefl.errors import SimulationError
 from edgefl.head import init_head
@@ -144,9 +145,9 @@ def run_demo(config: DemoConfig, console: Console) -> DemoResult:
 
     console.rule(f"[bold]3. federate {config.rounds} rounds on {config.devices} devices")
     simulation_config = SimulationConfig(
-        devices=config.devices, rounds=config.rounds, partition=config.partition,
-        personalize=True, seed=config.seed, fleet=DEMO_FLEET, preinstalled=False,
-        deadline_s=30.0,
+        devices=config.devices, policy=RoundPolicy(rounds=config.rounds, deadline_s=30.0),
+        partition=config.partition, personalize=True, seed=config.seed, fleet=DEMO_FLEET,
+        preinstalled=False,
     )  # fmt: skip
     data = demo_data(config.seed)
     with LiveProgress(console, config.rounds) as live:

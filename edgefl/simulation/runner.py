@@ -16,11 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgefl.bundle import ModelBundle
+from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
+from edgefl.core.strategies import StrategySpec, strategy_label
 from edgefl.errors import SimulationError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
@@ -41,24 +43,25 @@ RoundRecordCallback = Callable[[RoundRecord], None]
 class SimulationConfig:
     """How a simulation runs; the defaults are the FL-digits workload of DESIGN.md.
 
+    The federation's parts are the aggregator's own (`edgefl.core.settings`); the rest says what
+    the simulated fleet is like.
+
     Attributes:
         devices: how many simulated devices.
-        rounds: how many rounds.
+        policy: how rounds run (rounds, fraction, deadline_s, quorum, ...); `min_devices` is
+            replaced by the number of devices online in round 1.
+        settings: what tasks ask of the devices: training (its seed seeds selection and the
+            devices' minibatch order), privacy, codec.
+        strategy: a strategy name (edgefl.core.strategies), a `Strategy`, or a factory;
+            `strategy_params` its arguments (see `AggregatorConfig`).
         partition: "iid", "dirichlet:ALPHA" or "shards:K" (see edgefl.simulation.plan).
-        strategy: an aggregation strategy name (edgefl.core.strategies); `strategy_params` its
-            arguments.
-        codec: the update codec devices use: "float32", "int8" or "topk".
-        epochs, lr, batch_size: local training per round.
-        fraction: share of online devices selected per round.
         speed_spread: slowest/fastest device ratio; 1 makes all devices equally fast.
         speed_unit_s: what one unit of slowness costs: a device of speed s delays its update by
             (s - 1) * speed_unit_s seconds.
         dropout: probability that a selected device skips a round.
         churn: join/leave schedule, e.g. "join:0.2@3,leave:0.1@5".
-        deadline_s: how long a round waits for updates (dropped devices never answer).
-        quorum: share of selected devices a round needs to aggregate.
         personalize: devices keep a personal head fine-tuned from the global one.
-        seed: seeds the partition, the heterogeneity and the devices' training.
+        seed: seeds the partition and the heterogeneity (speeds, dropouts, churn).
         fleet: the fleet name on the wire.
         broker_url: use this broker; None starts the embedded one for the run.
         preinstalled: devices start with the bundle installed; False starts them empty, to
@@ -66,21 +69,15 @@ class SimulationConfig:
     """
 
     devices: int = 10
-    rounds: int = 5
-    partition: str = "dirichlet:0.5"
-    strategy: str = "fedavg"
+    policy: RoundPolicy = field(default_factory=lambda: RoundPolicy(rounds=5, deadline_s=10.0))
+    settings: RoundSettings = field(default_factory=RoundSettings)
+    strategy: StrategySpec = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
-    codec: str = "float32"
-    epochs: int = 1
-    lr: float = 0.1
-    batch_size: int = 16
-    fraction: float = 1.0
+    partition: str = "dirichlet:0.5"
     speed_spread: float = 1.0
     speed_unit_s: float = 0.1
     dropout: float = 0.0
     churn: str = ""
-    deadline_s: float = 10.0
-    quorum: float = 0.5
     personalize: bool = True
     seed: int = 0
     fleet: str = "sim"
@@ -91,9 +88,9 @@ class SimulationConfig:
         """Raise SimulationError naming the first invalid setting."""
         if self.devices < 1:
             raise SimulationError("--devices must be at least 1")
-        if self.rounds < 1:
+        if self.policy.rounds < 1:
             raise SimulationError("--rounds must be at least 1")
-        if self.deadline_s <= 0:
+        if self.policy.deadline_s <= 0:
             raise SimulationError("--deadline must be positive")
         if self.speed_unit_s < 0:
             raise SimulationError("the speed unit must not be negative")
@@ -244,27 +241,22 @@ class Simulation:
                     broker_url=url,
                     fleet=config.fleet,
                     bundle_dir=self.bundle.path,
-                    rounds=config.rounds,
+                    policy=replace(
+                        config.policy, min_devices=max(1, len(first)), wait_devices_s=60.0
+                    ),
+                    settings=config.settings,
+                    acceptance=AcceptancePolicy(
+                        allow=tuple(d.device_id for d in self.plan.devices)
+                    ),
                     strategy=config.strategy,
                     strategy_params=dict(config.strategy_params),
-                    fraction=config.fraction,
-                    min_devices=max(1, len(first)),
-                    deadline_s=config.deadline_s,
-                    quorum=config.quorum,
-                    wait_devices_s=60.0,
-                    epochs=config.epochs,
-                    lr=config.lr,
-                    batch_size=config.batch_size,
-                    seed=config.seed,
-                    codec=config.codec,
-                    allow=[d.device_id for d in self.plan.devices],
                 ),
                 network=network,
                 eval_dataset=self.data.test,
                 on_round=self._on_round,
             )
             startup_s = time.perf_counter() - setup_started
-            self._say(f"devices up in {startup_s:.1f} s; running {config.rounds} rounds")
+            self._say(f"devices up in {startup_s:.1f} s; running {config.policy.rounds} rounds")
             self._started = self._round_started = time.perf_counter()
             self._aggregator.run()
             wall_s = self.records[-1].elapsed if self.records else 0.0
@@ -392,14 +384,14 @@ class Simulation:
                         summary.selected)  # fmt: skip
         if self.on_round is not None:
             self.on_round(record)
-        if number < self.config.rounds:
+        if number < self.config.policy.rounds:
             self._apply_churn(number + 1)
         self._round_started = time.perf_counter()
 
     # -- results --
 
     def _config_record(self) -> dict[str, Any]:
-        record = asdict(self.config)
+        record = asdict(replace(self.config, strategy=strategy_label(self.config.strategy)))
         record.update(
             bundle=str(self.bundle.path),
             bundle_name=self.bundle.manifest.name,

@@ -1,4 +1,4 @@
-"""Strategies on literal arrays: new global weights, client config, resumable optimizer state."""
+"""Strategies on literal arrays: round plans, new global weights, resumable optimizer state."""
 
 from __future__ import annotations
 
@@ -6,7 +6,19 @@ import numpy as np
 import pytest
 
 from edgefl.bundle import decode_head, encode_head
-from edgefl.core.strategies import STRATEGY_NAMES, FedAdam, FedYogi, make_strategy
+from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
+from edgefl.core.strategies import (
+    STRATEGY_NAMES,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+    RoundPlan,
+    build_strategies,
+    make_strategy,
+    select_fraction,
+)
+from edgefl.transport.messages import DeviceStatus
 
 GLOBAL = {"0.weight": np.array([[1.0, -1.0]], np.float32), "0.bias": np.array([0.5], np.float32)}
 
@@ -25,9 +37,17 @@ def test_fedavg_adds_the_weighted_mean_delta() -> None:
     np.testing.assert_array_equal(GLOBAL["0.bias"], [0.5])  # the input is not modified
 
 
-def test_fedprox_tells_devices_its_mu_and_averages_like_fedavg() -> None:
+def _online(*ids: str) -> dict[str, DeviceStatus]:
+    return {d: DeviceStatus(d, "online", samples=10) for d in ids}
+
+
+def test_fedprox_asks_devices_for_its_mu_and_averages_like_fedavg() -> None:
     strategy = make_strategy("fedprox", mu=0.05)
-    assert strategy.client_config() == {"proximal_mu": 0.05}
+    base = RoundSettings(train=TrainConfig(lr=0.3))
+    plan = strategy.configure_round(1, _online("a", "b"), base, RoundPolicy(), seed=0)
+    assert plan.selected == ("a", "b")
+    assert (plan.settings.train.proximal_mu, plan.settings.train.lr) == (0.05, 0.3)
+    assert base.train.proximal_mu == 0.0  # the configured settings are not modified
     fedavg = make_strategy("fedavg").aggregate(GLOBAL, DELTAS)
     np.testing.assert_array_equal(
         strategy.aggregate(GLOBAL, DELTAS)["0.weight"], fedavg["0.weight"]
@@ -122,6 +142,51 @@ def test_params_rebuild_the_strategy_and_devices_get_only_training_settings() ->
         original = make_strategy(name)
         rebuilt = make_strategy(name, **original.params())
         assert rebuilt.params() == original.params()
-        assert set(original.client_config()) <= {"proximal_mu"}
+        plan = original.configure_round(1, _online("a"), RoundSettings(), RoundPolicy(), 0)
+        changed = {
+            k for k, v in vars(plan.settings.train).items() if v != getattr(TrainConfig(), k)
+        }
+        assert changed <= {"proximal_mu"}, name
     assert make_strategy("fedadam", eta=0.2).params()["eta"] == 0.2
     assert "eta=0.2" in repr(make_strategy("fedyogi", eta=0.2))
+
+
+def test_default_selection_is_a_seeded_fraction_of_at_least_min_devices() -> None:
+    ids = [f"pi-{i}" for i in range(10)]
+    first = select_fraction(ids, 1, 0.3, 1, seed=0)
+    assert len(first) == 3 and set(first) <= set(ids) and list(first) == sorted(first)
+    assert select_fraction(reversed(ids), 1, 0.3, 1, seed=0) == first  # order does not matter
+    draws = {select_fraction(ids, n, 0.3, 1, seed=0) for n in range(1, 9)}
+    assert len(draws) > 1  # the round number changes the draw
+    assert len(select_fraction(ids, 1, 0.1, 4, seed=0)) == 4  # min_devices wins over fraction
+    assert select_fraction(ids[:2], 1, 0.5, 5, seed=0) == ("pi-0", "pi-1")  # fewer: all
+    policy = RoundPolicy(fraction=0.3)
+    plan = FedAvg().configure_round(1, _online(*ids), RoundSettings(), policy, seed=0)
+    assert plan == RoundPlan(first, RoundSettings())
+
+
+class Counting(FedAvg):
+    """A stateful user strategy: counts the rounds it aggregated."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.rounds = start
+
+
+def test_strategies_are_built_per_task_from_a_name_an_instance_or_a_factory() -> None:
+    by_name = build_strategies("fedprox", {"mu": 0.2}, ["a", "b"])
+    assert [type(s) for s in by_name.values()] == [FedProx, FedProx]
+    assert by_name["a"] is not by_name["b"] and by_name["b"].params() == {"mu": 0.2}
+    mine = Counting(5)
+    shared = build_strategies(mine, {}, ["a", "b"])
+    assert shared["a"] is mine and shared["b"] is not mine  # tasks never share state
+    assert isinstance(shared["b"], Counting) and shared["b"].rounds == 5
+    made = build_strategies(Counting, {"start": 2}, ["a", "b"])
+    assert made["a"] is not made["b"] and made["a"].rounds == 2  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="not a Strategy"):
+        build_strategies(lambda: "fedavg", {}, ["a"])
+    with pytest.raises(ValueError, match="not an instance"):
+        build_strategies(mine, {"start": 1}, ["a"])
+    with pytest.raises(ValueError, match="unknown strategy"):
+        build_strategies("fedsomething", {}, ["a"])
+    with pytest.raises(ValueError, match="a name, a Strategy or a factory"):
+        build_strategies(3, {}, ["a"])  # type: ignore[arg-type]
