@@ -14,19 +14,14 @@ import platform
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgefl.atomic import write_atomic
 from edgefl.bundle import Artifact, ModelBundle, decode_head, encode_head, load_bundle
-from edgefl.core.codecs import CODEC_NAMES, ErrorFeedback, encode_delta
-from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
-from edgefl.core.settings import TrainConfig
-from edgefl.core.training import train_head
+from edgefl.core.codecs import ErrorFeedback
+from edgefl.core.local_round import LocalData, RoundOutcome, run_local_round
 from edgefl.data import (
     DIGITS,
     Dataset,
@@ -37,14 +32,15 @@ from edgefl.data import (
     open_source,
 )
 from edgefl.errors import BundleError, MessageError
-from edgefl.head import Weights, head_accuracy, head_forward
+from edgefl.head import Weights, head_forward
 from edgefl.profiles import load_profile
+from edgefl.roles.agent_config import AgentConfig
 from edgefl.roles.features import (
     FeatureCache,
     Runner,
-    batch_size_for,
+    backbone_preferences,
+    installed_runtimes,
     run_backbone,
-    run_backbone_batches,
     shared_backbone,
 )
 from edgefl.transport import topics
@@ -56,110 +52,20 @@ from edgefl.transport.client import (
     TimerHandle,
     Will,
 )
-from edgefl.transport.messages import (
-    DeviceStatus,
-    RoundTask,
-    UpdateHeader,
-    decode_round_task,
-    encode_update_error,
-    update_metadata,
-)
+from edgefl.transport.messages import DeviceStatus, RoundTask, decode_round_task
 
 log = logging.getLogger(__name__)
 
-_TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig))
+__all__ = ["Agent", "AgentConfig", "RoundOutcome"]
 
 # Round outcomes an agent keeps in memory (`Agent.outcomes`), newest last.
 KEPT_OUTCOMES = 100
 
-# Simulation hook: round number -> None (skip the round) or seconds to delay the update.
-ReplyHook = Callable[[int], float | None]
-
 # Tasks carry the global heads; a 1280x10 head is 51 KB, so this leaves room for big heads.
 AGENT_MAX_PAYLOAD = 64 * 1024 * 1024
-RUNTIME_FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "tflite": "tflite", "litert": "tflite"}
 # Re-sends only happen for the round in flight (a restart re-publishes its task); a few recent
 # rounds cover a task seen again late without the agent holding every update it ever sent.
 RESENT_ROUNDS = 4
-# An error update's reason is one line for a log, not a traceback (docs/protocol.md).
-MAX_REASON_CHARS = 500
-
-
-@dataclass
-class AgentConfig:
-    """How a device agent runs.
-
-    Attributes:
-        broker_url: `mqtt://host[:port]` or `mqtts://...`.
-        fleet: the fleet name (a topic level).
-        device_id: this device's ID, unique in the fleet (a topic level).
-        data: local data: "digits", a `.npz` or an ImageFolder directory; None when a dataset
-            is passed to `Agent` directly.
-        bundle_dir: the bundle to run; None waits for one to be installed (delivery).
-        state_dir: feature cache and personal heads; None keeps them in memory.
-        task: which head of the bundle this device trains.
-        runtime: "auto", "onnx" or "tflite": which backbone artifact to run; "auto" follows the
-            board profile's preference, else ONNX before TFLite.
-        threads: runtime threads for feature extraction; None takes the profile's, else 1.
-        heartbeat_s: seconds between status refreshes.
-        codec: force an update codec; None follows the round's task.
-        personalize: keep a personal head (the global head fine-tuned locally) for inference.
-        train_backend: "auto", "numpy" or "torch" (see edgefl.core.training).
-        connect_timeout_s: how long start() waits for the broker; None does not wait.
-        clip_norm: this board's own bound on its delta's L2 norm; the tighter of it and the
-            round's `clip_norm` applies (None: only the round's).
-        noise_multiplier: this board's own Gaussian noise (std = multiplier * clip norm); the
-            larger of it and the round's applies. Needs a clip norm from either side.
-        group: the device's group in the fleet (`edgefl deploy --group`), announced in its status.
-        profile: the board profile, a name from `devices/` or a profile.toml path: which backbone
-            artifact it prefers and how many threads it runs; announced in its status.
-    """
-
-    broker_url: str
-    fleet: str
-    device_id: str
-    data: str | None = None
-    bundle_dir: Path | None = None
-    state_dir: Path | None = None
-    task: str = "default"
-    runtime: str = "auto"
-    threads: int | None = None
-    heartbeat_s: float = 30.0
-    codec: str | None = None
-    personalize: bool = True
-    train_backend: str = "auto"
-    connect_timeout_s: float | None = 30.0
-    clip_norm: float | None = None
-    noise_multiplier: float = 0.0
-    group: str = ""
-    profile: str = ""
-
-    def check(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        topics.check_name(self.fleet, "fleet")
-        topics.check_name(self.device_id, "device ID")
-        topics.check_name(self.task, "task")
-        if self.runtime != "auto" and self.runtime not in RUNTIME_FORMATS:
-            raise ValueError(f"runtime must be auto, onnx or tflite, not {self.runtime!r}")
-        if self.codec is not None and self.codec not in CODEC_NAMES:
-            raise ValueError(f"codec must be one of {', '.join(CODEC_NAMES)}, not {self.codec!r}")
-        if self.heartbeat_s <= 0:
-            raise ValueError("heartbeat_s must be positive")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError("clip_norm must be positive")
-        if self.noise_multiplier < 0:
-            raise ValueError("noise_multiplier must not be negative")
-
-
-@dataclass
-class RoundOutcome:
-    """What the agent did in a round (kept for the caller; the same numbers went on the wire)."""
-
-    round: int
-    status: str  # "ok" | "error"
-    error_code: str
-    metrics: dict[str, float]
-    bytes_sent: int
 
 
 def _memory_mb() -> int:
@@ -167,15 +73,6 @@ def _memory_mb() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20))
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def _runtimes() -> list[str]:
-    try:
-        from edgefl.runtime import available_runtimes
-
-        return list(available_runtimes())
-    except ImportError:
-        return []
 
 
 class Agent:
@@ -187,7 +84,6 @@ class Agent:
         dataset: Dataset | None = None,
         network: NetworkLoop | None = None,
         feature_cache: FeatureCache | None = None,
-        reply_hook: ReplyHook | None = None,
     ) -> None:
         """Configure the agent; nothing loads or connects until start().
 
@@ -197,9 +93,6 @@ class Agent:
                 start(): labels only, the samples in batches whenever features are computed.
             network: a shared network loop (simulation); None gives the agent its own.
             feature_cache: a shared cache; None uses `config.state_dir`/features or memory.
-            reply_hook: simulation only (edgefl.simulation): called with the round number of a
-                task this device was selected for; None means skip the round (a simulated
-                dropout), a number of seconds delays the update (a simulated slow device).
 
         Raises:
             ValueError: an invalid setting.
@@ -219,6 +112,9 @@ class Agent:
         self._global: Weights | None = None
         self._personal: Weights | None = None
         self._feedback = ErrorFeedback()
+        # The runner of the backbone in use, held so the process-wide registry keeps it (and
+        # drops the ones of bundles this agent no longer runs): ((path, sha256), artifact, ...).
+        self._runner: tuple[tuple[Path, str], Artifact, Runner, threading.Lock] | None = None
         # Updates sent for recent rounds, re-sent as they are when a task is seen again (after a
         # broker or aggregator restart): the aggregator treats identical bytes as a re-delivery.
         self._sent: OrderedDict[int, bytes] = OrderedDict()
@@ -227,7 +123,6 @@ class Agent:
         self._heartbeat: TimerHandle | None = None
         cache_dir = config.state_dir / "features" if config.state_dir else None
         self.features_cache = feature_cache or FeatureCache(cache_dir)
-        self._reply_hook = reply_hook
         self.client = MqttClient(
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-{config.device_id}",
@@ -343,7 +238,7 @@ class Agent:
         """
         spec = bundle.head_spec(self.config.task)
         with self._lock:
-            previous = self.bundle
+            previous, previous_runner = self.bundle, self._runner
             self.bundle = bundle
             try:
                 features: np.ndarray | None = None
@@ -351,16 +246,20 @@ class Agent:
                     self.dataset = conform(self.dataset, bundle.manifest.input.shape)
                     features, labels = self._compute_features(self.dataset.X), self.dataset.y
                 elif self.source is not None:
-                    features, labels = self._source_features(self.source), self.source.y
+                    artifact, runner, lock = self._backbone_runner()
+                    features = self.features_cache.source_features(
+                        artifact.sha256, self.source, bundle.manifest.input, runner, lock
+                    )
+                    labels = self.source.y
                 if features is not None:
-                    self._features, self._labels = features, labels
-                    if self._features.shape[1] != spec.in_features:
+                    if features.shape[1] != spec.in_features:
                         raise BundleError(
-                            f"backbone gives {self._features.shape[1]} features but head "
+                            f"backbone gives {features.shape[1]} features but head "
                             f"{self.config.task!r} takes {spec.in_features}"
                         )
+                    self._features, self._labels = features, labels
             except BaseException:
-                self.bundle = previous
+                self.bundle, self._runner = previous, previous_runner
                 raise
             self._global = bundle.head_weights(self.config.task)
             if previous is None or previous.manifest.version != bundle.manifest.version:
@@ -384,8 +283,11 @@ class Agent:
         """Return the backbone artifact this agent runs, its shared runner and the runner's lock."""
         artifact = self.backbone
         assert self.bundle is not None and artifact is not None
-        runner, lock = shared_backbone(self.bundle.file(artifact), artifact.sha256, self.threads)
-        return artifact, runner, lock
+        key = (self.bundle.file(artifact), artifact.sha256)
+        if self._runner is None or self._runner[0] != key:
+            runner, lock = shared_backbone(key[0], artifact.sha256, self.threads)
+            self._runner = (key, artifact, runner, lock)
+        return self._runner[1], self._runner[2], self._runner[3]
 
     def _compute_features(self, x: np.ndarray, cache: bool = True) -> np.ndarray:
         artifact, runner, lock = self._backbone_runner()
@@ -393,32 +295,9 @@ class Agent:
             return run_backbone(runner, x, lock)
         return self.features_cache.features(artifact.sha256, x, runner, lock)
 
-    def _source_features(self, source: DataSource) -> np.ndarray:
-        """Return the features of the data on disk, reading it in batches only on a miss."""
-        artifact, runner, lock = self._backbone_runner()
-        assert self.bundle is not None
-        spec = self.bundle.manifest.input
-        # The bundle's preprocessing: it is what the backbone was trained and exported with.
-        preprocess = spec.preprocess
-
-        def compute() -> np.ndarray:
-            batches = source.batches(preprocess, batch_size_for(spec.shape))
-            conformed = (conform_batch(batch, spec.shape) for batch in batches)
-            return run_backbone_batches(runner, conformed, lock)
-
-        digest = f"{source.digest(preprocess)}-{'x'.join(map(str, spec.shape))}"
-        return self.features_cache.lookup(artifact.sha256, digest, len(source), compute)
-
     def _preferences(self) -> list[tuple[str, str]]:
-        available = {RUNTIME_FORMATS[r] for r in _runtimes() if r in RUNTIME_FORMATS}
-        if self.config.runtime != "auto":
-            return [(RUNTIME_FORMATS[self.config.runtime], "*")]
-        if self.profile is not None:
-            usable = [(f, p) for f, p in self.profile.prefer if f == "*" or f in available]
-            if usable:
-                return usable
-        order = [fmt for fmt in ("onnx", "tflite") if fmt in available] or ["onnx", "tflite"]
-        return [(fmt, "*") for fmt in order]
+        prefer = self.profile.prefer if self.profile is not None else None
+        return backbone_preferences(self.config.runtime, prefer, installed_runtimes())
 
     # -- status --
 
@@ -432,7 +311,7 @@ class Agent:
             state=state,
             task=self.config.task,
             arch=platform.machine(),
-            runtimes=_runtimes(),
+            runtimes=installed_runtimes(),
             memory_mb=_memory_mb(),
             samples=self.samples,
             model_version=self.model_version,
@@ -467,138 +346,62 @@ class Agent:
         except MessageError as exc:
             log.warning("%s: ignoring bad task on %s: %s", self.device_id, message.topic, exc)
             return
-        if self.config.device_id not in task.selected:
-            return
-        # The simulation's hook decides here, before training, so a simulated dropout costs
-        # nothing and a slow device's update is the one it would have sent on time.
-        delay = 0.0
-        if self._reply_hook is not None:
-            decision = self._reply_hook(task.round)
-            if decision is None:
-                return
-            delay = decision
+        if self.config.device_id in task.selected:
+            self.handle_task(task, heads)
+
+    def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
+        """Answer a task this device was selected for: `answer` it, then `publish_update`.
+
+        Runs on the network thread, so it must not block. This is the extension point for code
+        that decides whether or when a device answers: a subclass may skip the round or publish
+        later with `self.client.network.call_later` (the simulation's dropouts and slow devices,
+        `edgefl.simulation.simulated_agent`).
+        """
+        self.publish_update(task.round, self.answer(task, heads))
+
+    def answer(self, task: RoundTask, heads: dict[str, Weights]) -> bytes:
+        """Return the update for `task`: the one already sent for its round, or a new one.
+
+        A new answer comes from `edgefl.core.local_round.run_local_round` (failures are error
+        updates); its outcome is appended to `outcomes`, and the personal head kept and saved.
+        """
         with self._lock:
             sent = self._sent.get(task.round)
             if sent is not None:
-                self._publish_update(task.round, sent)
-                return
-            payload, outcome = self._answer(task, heads)
-            self._sent[task.round] = payload
+                return sent
+            bundle = self.bundle
+            data = None
+            if self._features is not None and self._labels is not None:
+                data = LocalData(self._features, self._labels)
+            result = run_local_round(
+                task,
+                heads,
+                data,
+                bundle.head_spec(self.config.task).layers if bundle is not None else None,
+                self.model_version,
+                self.config.board_settings(),
+                self._feedback,
+                clock=time.perf_counter,
+                noise_rng=np.random.default_rng(),  # fresh OS entropy for each round's noise
+            )
+            if result.outcome.status == "ok":
+                self._global = heads[self.config.task]
+            else:
+                log.warning("%s: round %d failed: %s: %s", self.device_id, task.round,
+                            result.outcome.error_code, result.reason)  # fmt: skip
+            if result.trained is not None:
+                self._personal = result.trained
+                self._save_personal()
+            self._sent[task.round] = result.payload
             while len(self._sent) > RESENT_ROUNDS:
                 self._sent.popitem(last=False)
-            self.outcomes.append(outcome)
-        if delay > 0:  # simulation: the network thread must not sleep, so publish later
-            self.client.network.call_later(delay, lambda: self._publish_update(task.round, payload))
-            return
-        self._publish_update(task.round, payload)
+            self.outcomes.append(result.outcome)
+            return result.payload
 
-    def _publish_update(self, round_number: int, payload: bytes) -> None:
+    def publish_update(self, round_number: int, payload: bytes) -> None:
+        """Publish an update on its round's topic (QoS 1)."""
         topic = topics.round_update(self.config.fleet, round_number, self.config.device_id)
         self.client.publish(topic, payload, qos=1)
-
-    def _error(self, task: RoundTask, code: str, reason: str) -> tuple[bytes, RoundOutcome]:
-        log.warning("%s: round %d failed: %s: %s", self.device_id, task.round, code, reason)
-        header = UpdateHeader(
-            round=task.round,
-            device_id=self.config.device_id,
-            task=self.config.task,
-            samples=0,
-            head_version=task.head_version,
-            model_version=self.model_version,
-            status="error",
-            error_code=code,
-            reason=reason[:MAX_REASON_CHARS],
-        )
-        payload = encode_update_error(header)
-        return payload, RoundOutcome(task.round, "error", code, {}, len(payload))
-
-    def _answer(self, task: RoundTask, heads: dict[str, Weights]) -> tuple[bytes, RoundOutcome]:
-        """Train on the task and return the update payload; failures become error updates."""
-        if self.bundle is None:
-            return self._error(task, "no-bundle", "no bundle is installed on this device")
-        if task.model_version != self.model_version:
-            return self._error(
-                task,
-                "model-version",
-                f"task is for bundle v{task.model_version}, device runs v{self.model_version}",
-            )
-        if self.config.task not in heads:
-            return self._error(task, "no-head", f"task carries no head for {self.config.task!r}")
-        if self._features is None or self._labels is None or len(self._labels) == 0:
-            return self._error(task, "no-data", "the device has no labelled samples")
-        try:
-            return self._train(task, heads[self.config.task])
-        except Exception as exc:  # any training failure is reported, never kills the agent
-            return self._error(task, "train-failed", f"{type(exc).__name__}: {exc}")
-
-    def _train(self, task: RoundTask, global_head: Weights) -> tuple[bytes, RoundOutcome]:
-        assert self.bundle is not None and self._features is not None and self._labels is not None
-        layers = self.bundle.head_spec(self.config.task).layers
-        config = task.config
-        # The task's training settings, checked; the seed moves with the round so that minibatch
-        # orders differ between rounds but replay identically when a round is resent.
-        settings = {name: config[name] for name in _TRAIN_SETTINGS if name in config}
-        settings["seed"] = int(config.get("seed", 0)) + task.round
-        train_config = TrainConfig.from_dict(settings)
-        started = time.perf_counter()
-        global_accuracy = head_accuracy(layers, global_head, self._features, self._labels)
-        result = train_head(
-            layers,
-            global_head,
-            self._features,
-            self._labels,
-            train_config,
-            self.config.train_backend,
-        )
-        self._global = global_head
-        if self.config.personalize:
-            self._personal = result.weights
-            self._save_personal()
-        delta = self._privatize(
-            {key: result.weights[key] - global_head[key] for key in global_head}, config
-        )
-        # Rounded: every digit is sent with every update, and 5 significant digits are plenty.
-        metrics = {
-            "loss": float(f"{result.loss:.5g}"),
-            "global_accuracy": float(f"{global_accuracy:.5g}"),
-            "personal_accuracy": float(f"{result.accuracy:.5g}"),
-            "train_seconds": float(f"{time.perf_counter() - started:.3g}"),
-        }
-        header = UpdateHeader(
-            round=task.round,
-            device_id=self.config.device_id,
-            task=self.config.task,
-            samples=int(result.samples),
-            head_version=task.head_version,
-            model_version=self.model_version,
-            metrics=metrics,
-        )
-        codec = self.config.codec or str(config.get("codec", "float32"))
-        payload = encode_delta(
-            delta,
-            codec,
-            feedback=self._feedback if codec != "float32" else None,
-            topk_fraction=float(config.get("topk_fraction", 0.01)),
-            metadata=update_metadata(header),
-        )
-        return payload, RoundOutcome(task.round, "ok", "", metrics, len(payload))
-
-    def _privatize(self, delta: Weights, task_config: Mapping[str, Any]) -> Weights:
-        """Clip and noise the delta as the stricter of this board's and the round's settings."""
-        bounds = [float(b) for b in (self.config.clip_norm, task_config.get("clip_norm")) if b]
-        multiplier = max(
-            self.config.noise_multiplier, float(task_config.get("noise_multiplier", 0.0))
-        )
-        if not bounds:
-            if multiplier > 0:
-                raise ValueError("noise_multiplier is set but no clip_norm bounds the noise")
-            return delta
-        clip = min(bounds)
-        delta = clip_by_norm(delta, clip)
-        if multiplier > 0:
-            # Fresh OS entropy: noise that a seed could reproduce would protect nothing.
-            delta = add_gaussian_noise(delta, multiplier * clip, np.random.default_rng())
-        return delta
 
     # -- personal head persistence --
 

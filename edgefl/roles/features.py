@@ -2,13 +2,17 @@
 
 The cache key is the backbone file's SHA-256 plus a digest of the input samples, so a new bundle
 (new backbone) or new data computes afresh and nothing stale is ever reused. Runners are shared
-per backbone file within a process so a thousand simulated agents load one session, not 1,000.
+per backbone file within a process so a thousand simulated agents load one session, not 1,000;
+the registry keeps only the runners someone holds (and the latest one), so an agent that installs
+bundle after bundle over the air holds one session, not one per bundle it ever ran.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefl.atomic import replacing
+from edgefl.bundle import InputSpec
+from edgefl.data import DataSource, conform_batch
 
 
 class Runner(Protocol):
@@ -26,12 +32,24 @@ class Runner(Protocol):
         ...
 
 
-_RUNNERS: dict[tuple[str, int], tuple[Any, threading.Lock]] = {}
+_RunnerKey = tuple[str, int]
+
+# Runners nobody holds are kept only if among this many most recently asked for: a caller that
+# does not hold its runner (the aggregator's evaluation) asks again without a reload, and a
+# runner every agent has moved on from is freed.
+KEEP_RECENT_RUNNERS = 1
+
+# Every runner alive, held weakly: while any agent holds one, others asking get the same one.
+_RUNNERS: dict[_RunnerKey, tuple[Callable[[], Any], threading.Lock]] = {}
+_RECENT: OrderedDict[_RunnerKey, tuple[Any, threading.Lock]] = OrderedDict()
 _RUNNERS_LOCK = threading.Lock()
 
 
 def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, threading.Lock]:
     """Return the process-wide runner of a backbone file and the lock that serializes its use.
+
+    The runner lives while a caller holds it (or while it is among the `KEEP_RECENT_RUNNERS`
+    last asked for); a caller that runs a backbone for long, like an agent, keeps the reference.
 
     Args:
         path: the `.onnx` or `.tflite` file.
@@ -45,10 +63,76 @@ def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, 
 
     key = (f"{Path(path).resolve()}:{sha256}", threads)
     with _RUNNERS_LOCK:
-        if key not in _RUNNERS:
+        _forget_dead_runners()
+        entry = _RUNNERS.get(key)
+        runner = entry[0]() if entry is not None else None
+        if entry is None or runner is None:
+            runner = load_backbone(Path(path), threads=threads)
             # A LiteRT interpreter is not thread-safe, hence one lock per runner.
-            _RUNNERS[key] = (load_backbone(Path(path), threads=threads), threading.Lock())
-        return _RUNNERS[key]
+            entry = (_weak(runner), threading.Lock())
+            _RUNNERS[key] = entry
+        _RECENT[key] = (runner, entry[1])
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > KEEP_RECENT_RUNNERS:
+            _RECENT.popitem(last=False)
+        return runner, entry[1]
+
+
+def live_runners() -> int:
+    """Return how many backbone runners are alive in this process (loaded and not yet freed)."""
+    with _RUNNERS_LOCK:
+        _forget_dead_runners()
+        return len(_RUNNERS)
+
+
+def _weak(runner: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(runner)
+    except TypeError:  # a runner type without weak references is kept for the process
+        return lambda: runner
+
+
+def _forget_dead_runners() -> None:
+    for key in [key for key, (ref, _) in _RUNNERS.items() if ref() is None]:
+        del _RUNNERS[key]
+
+
+# What `edgefl.runtime.available_runtimes` names, by the artifact format each one loads.
+RUNTIME_FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "tflite": "tflite", "litert": "tflite"}
+
+
+def installed_runtimes() -> list[str]:
+    """Return the backbone runtimes this Python can load (empty without edgefl.runtime's deps)."""
+    try:
+        from edgefl.runtime import available_runtimes
+
+        return list(available_runtimes())
+    except ImportError:
+        return []
+
+
+def backbone_preferences(
+    runtime: str, profile_prefer: Sequence[tuple[str, str]] | None, runtimes: Iterable[str]
+) -> list[tuple[str, str]]:
+    """Return the (format, precision) preferences to pick a bundle's backbone artifact by.
+
+    Args:
+        runtime: "auto", or a `RUNTIME_FORMATS` name to run that format only.
+        profile_prefer: the board profile's preferences ("*" matches any), or None.
+        runtimes: the runtimes installed (`installed_runtimes()`).
+
+    Returns:
+        The forced format; else the profile's preferences whose format is installed; else ONNX
+        before TFLite among those installed (both when neither is).
+    """
+    available = {RUNTIME_FORMATS[r] for r in runtimes if r in RUNTIME_FORMATS}
+    if runtime != "auto":
+        return [(RUNTIME_FORMATS[runtime], "*")]
+    usable = [(f, p) for f, p in profile_prefer or () if f == "*" or f in available]
+    if usable:
+        return usable
+    order = [fmt for fmt in ("onnx", "tflite") if fmt in available] or ["onnx", "tflite"]
+    return [(fmt, "*") for fmt in order]
 
 
 def data_digest(x: np.ndarray) -> str:
@@ -113,14 +197,27 @@ def run_backbone_batches(
 
 
 class FeatureCache:
-    """Features keyed by (backbone SHA-256, data digest): `.npy` files in a directory, or memory."""
+    """Features keyed by (backbone SHA-256, data digest): `.npy` files in a directory, or memory.
 
-    def __init__(self, directory: Path | None = None) -> None:
+    Memory holds the features of the last `keep_backbones` backbones looked up only (any number
+    of data digests each, so agents sharing a cache share it): the features of a backbone an
+    agent no longer runs are freed when the next one's are looked up (files stay on disk).
+    """
+
+    def __init__(self, directory: Path | None = None, keep_backbones: int = 1) -> None:
         """Use `directory` for `.npy` files; None keeps features in memory only."""
+        if keep_backbones < 1:
+            raise ValueError("keep_backbones must be at least 1")
         self.directory = directory
-        self._memory: dict[str, np.ndarray] = {}
+        self.keep_backbones = keep_backbones
+        # backbone SHA-256 -> data digest -> features, the most recently used backbone last.
+        self._memory: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    def held(self) -> int:
+        """Return how many feature arrays the cache holds in memory."""
+        return sum(len(by_digest) for by_digest in self._memory.values())
 
     def path(self, backbone_sha256: str, digest: str) -> Path | None:
         """Return the file a key is stored in (None for an in-memory cache)."""
@@ -156,17 +253,20 @@ class FeatureCache:
             samples: how many samples the data holds; a stored file of another length is stale.
             compute: returns the (samples, features) array on a miss.
         """
-        key = f"{backbone_sha256}-{digest}"
-        if key in self._memory:
+        memory = self._memory.setdefault(backbone_sha256, {})
+        self._memory.move_to_end(backbone_sha256)
+        while len(self._memory) > self.keep_backbones:
+            self._memory.popitem(last=False)
+        if digest in memory:
             self.hits += 1
-            return self._memory[key]
+            return memory[digest]
         path = self.path(backbone_sha256, digest)
         if path is not None and path.is_file():
             try:
                 features = np.load(path, allow_pickle=False)
                 if len(features) == samples:
                     self.hits += 1
-                    self._memory[key] = features
+                    memory[digest] = features
                     return features
             except (OSError, ValueError):
                 pass  # a torn or foreign file: recompute and overwrite it
@@ -175,5 +275,32 @@ class FeatureCache:
         if path is not None:
             with replacing(path) as tmp, tmp.open("wb") as handle:
                 np.save(handle, features, allow_pickle=False)
-        self._memory[key] = features
+        memory[digest] = features
         return features
+
+    def source_features(
+        self,
+        backbone_sha256: str,
+        source: DataSource,
+        spec: InputSpec,
+        runner: Runner,
+        lock: threading.Lock | None = None,
+    ) -> np.ndarray:
+        """Return the features of data on disk, reading it in batches only on a miss.
+
+        Args:
+            backbone_sha256: the backbone artifact's SHA-256.
+            source: the data on disk (`edgefl.data.open_source`).
+            spec: the bundle's input: its preprocessing (what the backbone was trained and
+                exported with) and the shape each batch is conformed to.
+            runner, lock: the backbone's runner and the lock serializing its use.
+        """
+        preprocess = spec.preprocess
+
+        def compute() -> np.ndarray:
+            batches = source.batches(preprocess, batch_size_for(spec.shape))
+            conformed = (conform_batch(batch, spec.shape) for batch in batches)
+            return run_backbone_batches(runner, conformed, lock)
+
+        digest = f"{source.digest(preprocess)}-{'x'.join(map(str, spec.shape))}"
+        return self.lookup(backbone_sha256, digest, len(source), compute)

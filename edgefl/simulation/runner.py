@@ -28,6 +28,7 @@ from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plan import FleetPlan, SimulatedDevice, plan_fleet
+from edgefl.simulation.simulated_agent import SimulatedAgent
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.broker import EmbeddedBroker
@@ -97,7 +98,7 @@ class SimulationConfig:
 
 
 class _DeviceBehaviour:
-    """The reply hook of one simulated device: dropouts and delays, counted per round."""
+    """When one simulated device answers (`SimulatedAgent`): dropouts and delays, per round."""
 
     def __init__(self, device: SimulatedDevice, index: int, seed: int, unit_s: float) -> None:
         self.device = device
@@ -281,7 +282,7 @@ class Simulation:
         started: list[Agent] = []
         index = {p.device_id: i for i, p in enumerate(self.plan.devices)}
         for device in devices:
-            agent = Agent(
+            agent = SimulatedAgent(
                 AgentConfig(
                     broker_url=url,
                     fleet=self.config.fleet,
@@ -292,9 +293,9 @@ class Simulation:
                     # Heartbeats only refresh the status; in a short run they are noise.
                     heartbeat_s=300.0,
                 ),
+                self.behaviours[index[device.device_id]],
                 dataset=self.data.pool.subset(device.indices),
                 network=self._network,
-                reply_hook=self.behaviours[index[device.device_id]],
             )
             if self.prepare_agent is not None:
                 self.prepare_agent(agent)

@@ -1,0 +1,44 @@
+"""A simulated device: the real `Agent`, answering late or not at all as the fleet plan says."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edgefl.data import Dataset
+from edgefl.head import Weights
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.roles.features import FeatureCache
+from edgefl.transport.client import NetworkLoop
+from edgefl.transport.messages import RoundTask
+
+# Round number -> None (skip the round: a dropout) or seconds to delay the update (a slow board).
+ReplyDecision = Callable[[int], float | None]
+
+
+class SimulatedAgent(Agent):
+    """An `Agent` whose answers a `ReplyDecision` drops or delays; everything else is real."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        reply: ReplyDecision,
+        dataset: Dataset | None = None,
+        network: NetworkLoop | None = None,
+        feature_cache: FeatureCache | None = None,
+    ) -> None:
+        """Configure the agent (see `Agent`); `reply` decides, per round, whether and when."""
+        super().__init__(config, dataset=dataset, network=network, feature_cache=feature_cache)
+        self.reply = reply
+
+    def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
+        """Skip the round, or answer it and publish the update now or after the delay."""
+        # Decided before training, so a simulated dropout costs nothing and a slow device's
+        # update is the one it would have sent on time.
+        delay = self.reply(task.round)
+        if delay is None:
+            return
+        payload = self.answer(task, heads)
+        if delay > 0:  # the network thread must not sleep, so publish later
+            self.client.network.call_later(delay, lambda: self.publish_update(task.round, payload))
+            return
+        self.publish_update(task.round, payload)
