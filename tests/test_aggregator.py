@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from conftest import RunningBroker, wait_for
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import encode_delta
 from edgefl.core.settings import AcceptancePolicy, PrivacySettings, RoundPolicy, RoundSettings
+from edgefl.core.strategies import RoundPlan, Strategy
+from edgefl.head import Weights
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSummary, RoundSummary
 from edgefl.roles.record import AggregatorRecord
@@ -421,3 +424,64 @@ def test_cli_shows_stale_devices_in_progress_errors_and_the_fleet_view(
     finally:
         agent.stop()
         ghost.close()
+
+
+class OnlyPickMe(Strategy):
+    """A user's strategy, defined outside the package: one chosen device trains for 4 epochs,
+    and the new head is the global head plus twice its delta."""
+
+    name = "only-pick-me"
+
+    def configure_round(
+        self,
+        round_number: int,
+        devices: Mapping[str, DeviceStatus],
+        settings: RoundSettings,
+        policy: RoundPolicy,
+        seed: int,
+    ) -> RoundPlan:
+        train = dataclasses.replace(settings.train, epochs=4)
+        return RoundPlan(("pick-me",), dataclasses.replace(settings, train=train))
+
+    def aggregate(
+        self, global_weights: Mapping[str, np.ndarray], deltas: Sequence[tuple[Weights, int]]
+    ) -> Weights:
+        ((only, _),) = deltas
+        return {k: v + 2 * only[k] for k, v in global_weights.items()}
+
+
+def test_a_users_strategy_object_selects_configures_and_aggregates_over_the_wire(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    configs: list[dict] = []
+
+    def script(number: int, version: int, head: dict[str, np.ndarray]) -> list:
+        step = {k: np.full_like(v, 0.25) for k, v in head.items()}
+        return [
+            (topics.round_update(FLEET, number, d), _update(number, d, version, step))
+            for d in ("pick-me", "skip-me")
+        ]
+
+    fakes = FakeDevices(mosquitto.url, ["pick-me", "skip-me"], script)
+    watcher = MqttClient(mosquitto.url, "strategy-watcher")
+    watcher.subscribe(
+        topics.all_tasks(FLEET),
+        lambda m: configs.append(decode_round_task(m.payload)[0].config) if m.payload else None,
+    )
+    watcher.connect()
+    fakes.start()
+    policy = RoundPolicy(rounds=1, min_devices=2, deadline_s=5)
+    aggregator = Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, policy,
+                                             strategy=OnlyPickMe()))  # fmt: skip
+    try:
+        summary = aggregator.run()
+    finally:
+        fakes.stop()
+        watcher.close()
+    (only,) = summary.rounds
+    assert (only.status, only.selected, only.accepted, only.rejected) == (
+        "closed", 1, 1, {"not-selected": 1},
+    )  # fmt: skip
+    assert RoundSettings.from_wire(configs[0]).train.epochs == 4
+    before = bundle.head_weights("default")
+    np.testing.assert_allclose(aggregator.heads["default"]["0.bias"], before["0.bias"] + 0.5)
