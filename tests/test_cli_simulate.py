@@ -88,3 +88,58 @@ def test_simulate_without_a_bundle_builds_the_fl_digits_bundle_once(
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert data["config"]["bundle_name"] == "fl-digits"
     assert data["rounds"][-1]["accuracy"] > 0.3
+
+
+USER_STRATEGY = """
+from edgefl.core.strategies import FedAvg
+
+CALLS = []
+
+class CountingFedAvg(FedAvg):
+    name = "counting-fedavg"
+
+    def aggregate(self, global_weights, deltas):
+        CALLS.append(len(deltas))
+        return super().aggregate(global_weights, deltas)
+
+def make():
+    return CountingFedAvg()
+"""
+
+
+def test_a_strategy_from_a_users_module_runs_in_simulate(
+    bundle: ModelBundle, mosquitto: RunningBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    name = f"edgefl_user_strategy_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(USER_STRATEGY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        result = CliRunner().invoke(
+            main,
+            ["simulate", "--devices", "3", "--rounds", "2", "--bundle", str(bundle.path),
+             "--partition", "iid", "--broker", mosquitto.url, "--strategy", f"{name}:make",
+             "--weight-decay", "0.001", "--out", str(tmp_path / "run")],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert importlib.import_module(name).CALLS == [3, 3]
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_bug_inside_a_run_is_not_a_usage_error(
+    bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefl.simulation.runner import Simulation
+
+    def broken(self: Simulation) -> None:
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(Simulation, "run", broken)
+    result = CliRunner().invoke(
+        main, ["simulate", "--bundle", str(bundle.path), "--out", str(tmp_path), "--devices", "3"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "Usage" not in result.output and "error:" not in result.output

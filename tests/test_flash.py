@@ -130,7 +130,7 @@ def test_cli_ssh_failure_is_one_line(tmp_path: Path, public_key: Path) -> None:
         ["flash", "--profile", "raspberry-pi", "--host", "pi@127.0.0.1", "--port",
          str(free_port()), "--trust-key", str(public_key), "--no-wheel"],
     )  # fmt: skip
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # the world failed: ssh could not connect
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1
     assert "creating the install folder on pi@127.0.0.1 failed (exit 255)" in error[0]

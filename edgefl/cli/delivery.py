@@ -69,6 +69,7 @@ def deploy(
     from rich.table import Table
 
     from edgefl import signing
+    from edgefl.delivery.chunks import ChunkError, check_chunk_size
     from edgefl.delivery.deploy import FAILED, OFFLINE, UPDATED
     from edgefl.delivery.deploy import deploy as run_deploy
     from edgefl.delivery.release import DeployReport
@@ -76,6 +77,10 @@ def deploy(
     device_list = None
     if devices is not None:
         device_list = [d.strip() for d in devices.split(",") if d.strip()]
+    try:  # checked before the key is read or the broker dialled
+        check_chunk_size(chunk_size)
+    except ChunkError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--chunk-size'") from None
     key = signing.load_private_key(key_file or _default_key_file())
     console = Console(stderr=True)
     progress = Progress(

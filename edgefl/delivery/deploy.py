@@ -17,7 +17,7 @@ from edgefl.bundle import load_bundle
 from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
 from edgefl.delivery.fleet_view import StatusCollector, wait_for_retained
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
-from edgefl.errors import DeliveryError, EdgeflError, TransportError
+from edgefl.errors import EdgeflError, InputError, TransportError
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
@@ -210,18 +210,18 @@ def deploy(
 
     Raises:
         BundleError: the bundle is invalid.
-        DeliveryError: both group and devices given, or an ID is not a valid topic level.
+        InputError: both group and devices given, or an ID is not a valid topic level.
         TransportError: the broker cannot be reached or does not acknowledge the release.
     """
     if group is not None and devices is not None:
-        raise DeliveryError("target either a group or a list of devices, not both")
+        raise InputError("target either a group or a list of devices, not both")
     targets = Targets(group=group, devices=sorted(set(devices)) if devices is not None else None)
     if targets.devices == []:
-        raise DeliveryError("`devices` names no device")
+        raise InputError("`devices` names no device")
     try:
         release_topics = _release_topics(fleet, targets)
     except ValueError as exc:
-        raise DeliveryError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     bundle = load_bundle(bundle_path)
     release = build_release(bundle, key, targets, chunk_size)
     version = bundle.manifest.version

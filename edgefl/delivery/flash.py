@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefl.atomic import replacing
-from edgefl.errors import DeliveryError
+from edgefl.errors import DeliveryError, InputError, KeyFileError, ProfileError
 from edgefl.profiles import DeviceProfile
 from edgefl.transport import topics
 
@@ -106,15 +106,13 @@ def default_device_id(profile: DeviceProfile, host: str | None) -> str:
     for line in template.splitlines():
         if line.startswith("EDGEFL_DEVICE_ID=") and line.partition("=")[2]:
             return line.partition("=")[2]
-    raise DeliveryError(
-        "no device ID: the profile names none and there is no host; give `device_id`"
-    )
+    raise InputError("no device ID: the profile names none and there is no host; give `device_id`")
 
 
 def _env_template(profile: DeviceProfile) -> str:
     path = profile.file(ENV_FILE)
     if not path.is_file():
-        raise DeliveryError(f"profile {profile.name} has no {ENV_FILE} in {profile.directory}")
+        raise ProfileError(f"profile {profile.name} has no {ENV_FILE} in {profile.directory}")
     return path.read_text()
 
 
@@ -181,13 +179,13 @@ def build_install_files(
         if path.is_file():
             files[name] = InstallFile(path.read_bytes(), mode)
         elif name != "Dockerfile":
-            raise DeliveryError(f"profile {profile.name} has no {name} in {profile.directory}")
+            raise ProfileError(f"profile {profile.name} has no {name} in {profile.directory}")
     env = render_agent_env(_env_template(profile), _env_values(profile, settings))
     files[ENV_FILE] = InstallFile(env.encode(), 0o644)
     try:
         files[PUBLIC_KEY_NAME] = InstallFile(Path(trust_key).expanduser().read_bytes(), 0o644)
     except OSError:
-        raise DeliveryError(
+        raise KeyFileError(
             f"public key {trust_key} not found (create one with `edgefl keys init`"
             " or give `trust_key`)"
         ) from None
