@@ -1,0 +1,294 @@
+"""The stages of one compression run, each measured against the accuracy budget, with back-off.
+
+`CompressionRun` prunes and distills (distilling longer, then pruning less, while the accuracy drop
+exceeds `max_accuracy_drop`), exports, verifies and measures every artifact, and re-quantizes ONNX
+int8 with its most sensitive nodes in float when it fails. Every try lands in the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress, TaskID
+
+from edgefl.compression.distill import accuracy, distill, predict
+from edgefl.compression.prune import PruningPlan, apply_pruning, count_macs_params
+from edgefl.compression.recipe import ArtifactStep, DistillStep, Recipe
+from edgefl.compression.report import (
+    BackoffAttempt,
+    CompressionReport,
+    StageReport,
+    state_size_bytes,
+    torch_latency_ms,
+)
+from edgefl.data import Dataset
+from edgefl.errors import AccuracyDropError, VerificationError
+from edgefl.head import head_forward
+from edgefl.models.split import SplitModel
+
+# How many of the most sensitive nodes the int8 back-off keeps in float, try by try.
+EXCLUDE_STEPS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What each artifact of one student is checked against: the torch features and head."""
+
+    inputs: np.ndarray
+    features: np.ndarray
+    head: tuple[list[dict[str, Any]], dict[str, np.ndarray]]
+
+
+@dataclass
+class CompressionRun:
+    """What every stage of one compression shares; made once in `compress`, after the head.
+
+    Each stage is a method, so a call names only what differs between stages: the model at hand,
+    the artifact and its files.
+    """
+
+    recipe: Recipe
+    train: Dataset
+    test: Dataset
+    example: torch.Tensor
+    original: float
+    report: CompressionReport
+    progress: Progress
+
+    def drop(self, score: float) -> float:
+        """Accuracy points `score` loses against the original model."""
+        return round(100.0 * (self.original - score), 3)
+
+    def allows(self, drop: float) -> bool:
+        """Whether the recipe's `max_accuracy_drop` allows losing `drop` points."""
+        return self.recipe.max_accuracy_drop is None or drop <= self.recipe.max_accuracy_drop
+
+    def torch_stage(self, name: str, split: SplitModel) -> StageReport:
+        """Measure a torch model (size, latency, MACs, accuracy) as the report's stage `name`."""
+        threads = self.recipe.latency_threads
+        macs, params = count_macs_params(split.backbone, self.example[:1])
+        return StageReport(
+            stage=name,
+            runtime="torch",
+            precision="fp32",
+            threads=threads,
+            size_bytes=state_size_bytes(split.backbone),
+            latency_ms=round(torch_latency_ms(split.backbone, self.test.X, threads), 4),
+            params=params,
+            macs=macs,
+            accuracy=accuracy(split, self.test.X, self.test.y),
+        )
+
+    def prune_and_distill(self, teacher: SplitModel) -> tuple[SplitModel, PruningPlan | None]:
+        """Prune and distill a copy of `teacher`, backing off until the accuracy drop fits."""
+        recipe = self.recipe
+        prune = recipe.prune if recipe.prune is not None and recipe.prune.ratio > 0 else None
+        if prune is None and recipe.distill is None:
+            return teacher, None
+        step = recipe.distill or DistillStep(epochs=0)
+        tries = [(prune.ratio if prune else 0.0, step.epochs)]
+        if recipe.max_accuracy_drop is not None:
+            # Back-off order: distill longer first (cheap, keeps the size), then prune less.
+            if step.epochs > 0:
+                tries.append((tries[0][0], step.epochs * 2))
+            if prune is not None:
+                tries.append((prune.ratio / 2, step.epochs * 2))
+        train = self.train
+        for ratio, epochs in tries:
+            student = copy.deepcopy(teacher)
+            stages: list[StageReport] = []
+            plan = None
+            if prune is not None:
+                plan = apply_pruning(
+                    student,
+                    self.example,
+                    dataclasses.replace(prune, ratio=ratio),
+                    (train.X, train.y),
+                )
+                stages.append(self.torch_stage("pruned", student))
+            if epochs > 0:
+                task = self.progress.add_task(f"distilling (ratio {ratio:g})", total=epochs)
+
+                def advance(done: int, _total: int, task: TaskID = task) -> None:
+                    self.progress.update(task, completed=done)
+
+                distill(student, teacher, train, step, epochs=epochs, progress=advance)
+                stages.append(self.torch_stage("distilled", student))
+            drop = self.drop(accuracy(student, self.test.X, self.test.y))
+            ok = self.allows(drop)
+            setting = f"prune ratio {ratio:g}, distill {epochs} epochs"
+            self.report.backoff.append(BackoffAttempt("prune+distill", setting, drop, kept=ok))
+            if ok:
+                self.report.stages.extend(stages)
+                return student, plan
+        tried = "; ".join(f"{a.setting}: -{a.accuracy_drop} points" for a in self.report.backoff)
+        raise AccuracyDropError(
+            f"pruning and distillation lose more than max_accuracy_drop "
+            f"{recipe.max_accuracy_drop} accuracy points after back-off ({tried})"
+        )
+
+    def export_all(self, student: SplitModel, work: Path) -> dict[str, Path]:
+        """Export, verify and measure every artifact of the recipe into `work`, by file name."""
+        from edgefl.compression.export import export_onnx, export_tflite
+
+        backbone = student.backbone.eval()
+        one = self.example[:1]
+        macs, params = count_macs_params(backbone, one)
+        inputs = self.test.X[: self.recipe.verify.samples]
+        head = (student.head_layers(), student.head_weights())
+        reference = Reference(inputs, predict(backbone, inputs), head)
+        files: dict[str, Path] = {}
+        fp32_onnx: Path | None = None
+        task = self.progress.add_task("exporting artifacts", total=len(self.recipe.artifacts))
+        for index, artifact in enumerate(self.recipe.artifacts):
+            calibration = self.train.X[: artifact.calibration_samples]
+            path = work / artifact.file
+            if artifact.format == "onnx":
+                # Every ONNX precision starts from one fp32 export, made once.
+                fp32_onnx = fp32_onnx or export_onnx(backbone, one, work / "fp32-base.onnx")
+                make_onnx(artifact, fp32_onnx, path, calibration, ())
+            elif artifact.precision == "int8":
+                export_tflite(backbone, one, path, calibration=calibration)
+            else:
+                export_tflite(backbone, one, path)
+            stage = self.measure(artifact, path, reference)
+            if stage is None:
+                assert fp32_onnx is not None
+                stage = self.backoff_int8(artifact, fp32_onnx, path, calibration, reference)
+            stage.params, stage.macs = params, macs
+            self.report.stages.append(stage)
+            files[artifact.file] = path
+            self.progress.update(task, completed=index + 1)
+        return files
+
+    def measure(
+        self,
+        artifact: ArtifactStep,
+        path: Path,
+        reference: Reference,
+        setting: str = "as the recipe says",
+    ) -> StageReport | None:
+        """Verify and measure an artifact; None when ONNX int8 may still back off."""
+        from edgefl.compression.verify import verify_artifact
+        from edgefl.runtime import load_backbone, measure_latency
+
+        recipe = self.recipe
+        can_back_off = artifact.format == "onnx" and artifact.precision == "int8"
+        name = f"{artifact.format} {artifact.precision}"
+        try:
+            agreement = verify_artifact(
+                path,
+                reference.features,
+                reference.inputs,
+                recipe.tolerance(artifact.precision),
+                reference.head,
+                recipe.verify.min_top1_agreement,
+                threads=recipe.latency_threads,
+            )
+        except VerificationError:
+            if can_back_off and recipe.max_accuracy_drop is not None:
+                self.report.backoff.append(
+                    BackoffAttempt(name, f"{setting}: failed verification", None, False)
+                )
+                return None
+            raise
+        runner = load_backbone(path, threads=recipe.latency_threads)
+        features = runner.run(self.test.X)
+        predicted = head_forward(*reference.head, features).argmax(axis=1)
+        score = float((predicted == self.test.y).mean())
+        drop = self.drop(score)
+        ok = self.allows(drop)
+        self.report.backoff.append(BackoffAttempt(name, setting, drop, kept=ok))
+        if not ok:
+            if can_back_off:
+                return None
+            raise AccuracyDropError(
+                f"{artifact.file} loses {drop} accuracy points against the original "
+                f"(max_accuracy_drop {recipe.max_accuracy_drop}); no back-off left for "
+                f"{artifact.format} {artifact.precision}"
+            )
+        return StageReport(
+            stage=name,
+            runtime="onnxruntime" if artifact.format == "onnx" else "litert",
+            precision=artifact.precision,
+            threads=recipe.latency_threads,
+            size_bytes=path.stat().st_size,
+            latency_ms=round(measure_latency(runner, self.test.X[:1]), 4),
+            accuracy=score,
+            max_error=agreement.max_abs_error,
+            relative_error=agreement.relative_max_error,
+            top1_agreement=agreement.top1_agreement,
+            file=artifact.file,
+        )
+
+    def backoff_int8(
+        self,
+        artifact: ArtifactStep,
+        fp32: Path,
+        path: Path,
+        calibration: np.ndarray,
+        reference: Reference,
+    ) -> StageReport:
+        """Re-quantize with the most sensitive nodes kept in float until the artifact passes."""
+        from edgefl.compression.quantize import rank_sensitive_nodes
+
+        ranked = rank_sensitive_nodes(fp32, calibration, limit=max(EXCLUDE_STEPS))
+        for count in EXCLUDE_STEPS:
+            exclude = tuple(ranked[:count])
+            if not exclude:
+                break
+            make_onnx(artifact, fp32, path, calibration, exclude)
+            setting = f"{len(exclude)} sensitive nodes kept in float: {', '.join(exclude)}"
+            stage = self.measure(artifact, path, reference, setting)
+            if stage is not None:
+                return stage
+            if len(exclude) < count:
+                break
+        tried = "; ".join(
+            f"{a.setting}: "
+            + ("failed verification" if a.accuracy_drop is None else f"-{a.accuracy_drop}")
+            for a in self.report.backoff
+            if a.step == "onnx int8"
+        )
+        raise AccuracyDropError(
+            f"{artifact.file} stays beyond max_accuracy_drop {self.recipe.max_accuracy_drop} "
+            f"or its verification tolerance after back-off ({tried})"
+        )
+
+
+def make_onnx(
+    artifact: ArtifactStep,
+    fp32: Path,
+    path: Path,
+    calibration: np.ndarray,
+    exclude: tuple[str, ...],
+) -> None:
+    """Write the ONNX artifact of `artifact.precision` at `path`, made from the fp32 export.
+
+    Args:
+        artifact: the recipe's artifact step (its precision picks the conversion).
+        fp32: the fp32 ONNX export every precision starts from.
+        path: where the artifact goes.
+        calibration: model inputs for static int8 calibration.
+        exclude: node names static int8 keeps in float (the back-off's sensitive nodes).
+    """
+    from edgefl.compression.quantize import (
+        convert_onnx_fp16,
+        quantize_onnx_dynamic,
+        quantize_onnx_static,
+    )
+
+    if artifact.precision == "fp32":
+        path.write_bytes(fp32.read_bytes())
+    elif artifact.precision == "int8":
+        quantize_onnx_static(fp32, path, calibration, per_channel=True, exclude_nodes=exclude)
+    elif artifact.precision == "int8-dynamic":
+        quantize_onnx_dynamic(fp32, path)
+    else:
+        convert_onnx_fp16(fp32, path)
