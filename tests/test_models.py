@@ -241,3 +241,16 @@ def test_imagenet_builtins_record_their_standard_preprocessing() -> None:
         assert preprocess.scale == pytest.approx(1 / 255) and preprocess.layout == "NCHW"
         assert preprocess.mean == [0.485, 0.456, 0.406]
         assert preprocess.std == [0.229, 0.224, 0.225]
+
+
+def test_a_factory_module_that_fails_on_import_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"edgefl_test_broken_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text("raise KeyError('MODEL_HOME')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(f"{name}:make")
+    assert str(caught.value) == (
+        f"importing module '{name}' of model '{name}:make' failed: KeyError: 'MODEL_HOME'"
+    )

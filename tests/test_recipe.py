@@ -101,3 +101,19 @@ def test_unknown_key_inside_an_artifact(tmp_path: Path) -> None:
 def test_bad_values_are_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, text))
+
+
+def test_a_recipe_importance_may_name_a_users_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"edgefl_recipe_importance_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text("def make():\n    return None\n")
+    (tmp_path / f"{name}_broken.py").write_text("import torch_pruning_typo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = load_recipe(write(tmp_path, MINIMAL + f'[prune]\nimportance = "{name}:make"\n'))
+    assert recipe.prune is not None and recipe.prune.importance == f"{name}:make"
+    broken = write(tmp_path, MINIMAL + f'[prune]\nimportance = "{name}_broken:make"\n')
+    with pytest.raises(RecipeError, match=r"'prune\.importance' cannot import module"):
+        load_recipe(broken)
+    with pytest.raises(RecipeError, match=r"or package\.module:factory, got 'l3'"):
+        load_recipe(write(tmp_path, MINIMAL + '[prune]\nimportance = "l3"\n'))
