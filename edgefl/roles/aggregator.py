@@ -11,7 +11,6 @@ sends can crash the aggregator, and every rejection is recorded with its code an
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.bundle import ModelBundle, encode_head, load_bundle
+from edgefl.bundle import ModelBundle, load_bundle
 from edgefl.core.rounds import ACCEPTED, REPEATED, ClosedRound, RoundEngine, Verdict
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import (
@@ -37,9 +36,12 @@ from edgefl.errors import FederationError, MessageError
 from edgefl.head import Weights, head_accuracy
 from edgefl.roles.features import FeatureCache, shared_backbone
 from edgefl.roles.record import AggregatorRecord
+from edgefl.roles.summary import FederationSummary, RoundSummary, write_heads, write_metrics
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
 from edgefl.transport.messages import DeviceStatus, RoundResult, RoundTask, encode_round_task
+
+__all__ = ["Aggregator", "AggregatorConfig", "FederationSummary", "RoundSummary"]
 
 log = logging.getLogger(__name__)
 
@@ -91,52 +93,6 @@ class AggregatorConfig:
         self.settings.codec.check()
         self.acceptance.check()
         check_strategy_spec(self.strategy, self.strategy_params)
-
-
-@dataclass
-class RoundSummary:
-    """What one round did; also the per-round row of metrics.csv."""
-
-    round: int
-    status: str  # "closed" | "failed"
-    head_version: int
-    selected: int
-    accepted: int
-    rejected: dict[str, int]
-    late: int
-    seconds: float
-    metrics: dict[str, float]
-    online: int = 0  # eligible devices with a fresh status when the round selected
-    stale_devices: list[str] = field(default_factory=list)  # said online, not heard in time
-
-    def row(self) -> dict[str, Any]:
-        """Return a flat dict for CSV/JSON: metrics and rejection counts become columns."""
-        flat: dict[str, Any] = {
-            "round": self.round,
-            "status": self.status,
-            "head_version": self.head_version,
-            "selected": self.selected,
-            "online": self.online,
-            "stale": len(self.stale_devices),
-            "accepted": self.accepted,
-            "rejected": sum(self.rejected.values()),
-            "late": self.late,
-            "seconds": round(self.seconds, 4),
-        }
-        flat.update(self.metrics)
-        flat.update({f"rejected_{code}": n for code, n in sorted(self.rejected.items())})
-        return flat
-
-
-@dataclass
-class FederationSummary:
-    """What a whole run did."""
-
-    rounds: list[RoundSummary]
-    head_version: int
-    accuracy: float | None
-    seconds: float
-    state_path: str
 
 
 RoundCallback = Callable[[RoundSummary], None]
@@ -302,10 +258,12 @@ class Aggregator:
                     break
                 summary = self._run_round(number, resumed=number == resumed)
                 self.summaries.append(summary)
-                self._write_metrics()
+                if self.config.out_dir is not None:
+                    write_metrics(self.config.out_dir, self.summaries)
                 if self.on_round is not None:
                     self.on_round(summary)
-            self._write_heads()
+            if self.config.out_dir is not None:
+                write_heads(self.config.out_dir, self.heads)
         finally:
             self.client.close()
         return FederationSummary(
@@ -501,28 +459,3 @@ class Aggregator:
         else:
             self.state.record_update(verdict.round, verdict.device, "", verdict.outcome,
                                      verdict.code, verdict.reason, verdict.size)  # fmt: skip
-
-    # -- outputs --
-
-    def _write_metrics(self) -> None:
-        if self.config.out_dir is None:
-            return
-        out = self.config.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        rows = [s.row() for s in self.summaries]
-        (out / "metrics.json").write_text(json.dumps(rows, indent=2))
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(c for c in row if c not in columns)
-        with (out / "metrics.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def _write_heads(self) -> None:
-        if self.config.out_dir is None:
-            return
-        self.config.out_dir.mkdir(parents=True, exist_ok=True)
-        for task, weights in self.heads.items():
-            name = "head.safetensors" if task == "default" else f"head-{task}.safetensors"
-            (self.config.out_dir / name).write_bytes(encode_head(weights))
