@@ -27,7 +27,7 @@ from edgefl import signing
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
 from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE
 from edgefl.delivery.deploy import FAILED, UPDATED, deploy
-from edgefl.delivery.updater import attach_to_agent
+from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.head import init_head
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.transport.client import NetworkLoop

@@ -17,7 +17,7 @@ from edgefl import signing
 from edgefl.cli import main
 from edgefl.delivery.deploy import _publish_release
 from edgefl.delivery.release import DeployReport, Targets, build_release
-from edgefl.delivery.updater import attach_to_agent
+from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.transport import topics
 from edgefl.transport.client import MqttClient

@@ -26,7 +26,8 @@ from edgefl.compression.pipeline import CompressRequest, compress
 from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
 from edgefl.data import Dataset
 from edgefl.delivery.fleet_view import read_fleet
-from edgefl.delivery.updater import Updater, enable_updates
+from edgefl.delivery.updater import Updater
+from edgefl.delivery.updater_binding import enable_updates
 from edgefl.head import head_accuracy
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig

@@ -15,7 +15,7 @@ from edgefl import signing
 from edgefl.cli import main
 from edgefl.delivery.fleet_view import RETAINED_QUIET_S, fleet_view, wait_for_retained
 from edgefl.delivery.release import DeployReport
-from edgefl.delivery.updater import attach_to_agent
+from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.transport.messages import DeviceStatus
 

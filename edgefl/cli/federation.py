@@ -101,7 +101,7 @@ def agent(**options: Any) -> None:
     device = Agent(config)
     # Over-the-air updates go into --models-dir, checked against --trust-key.
     if models_dir is not None or trust_key is not None:
-        from edgefl.delivery.updater import enable_updates
+        from edgefl.delivery.updater_binding import enable_updates
 
         enable_updates(device, models_dir, trust_key)
     stop_on_sigterm(device.stop)

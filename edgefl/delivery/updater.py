@@ -1,7 +1,8 @@
 """The board side of a deploy: take a signed release, fetch only what this board runs, install it.
 
 `Updater` is the state machine, with its I/O passed in as callables (report, subscribe,
-unsubscribe) so tests drive it with literal messages. `attach_updater` binds it to an MQTT client.
+unsubscribe) so tests drive it with literal messages. `updater_binding` binds it to an MQTT client
+and an agent; `smoke_test` holds the check that a freshly installed bundle runs.
 
 For every release it receives, a board:
   1. checks the Ed25519 signature against its trusted key (unsigned or wrong: refused),
@@ -23,10 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgefl.bundle import Artifact, Manifest, ModelBundle, load_bundle
@@ -41,77 +39,21 @@ from edgefl.delivery.release import (
     DeployReport,
     Release,
 )
+from edgefl.delivery.smoke_test import SmokeTest, smoke_inference
 from edgefl.delivery.store import BundleStore
-from edgefl.errors import DeliveryError, EdgeflError, SignatureError
-from edgefl.head import head_forward
+from edgefl.errors import EdgeflError, SignatureError
 from edgefl.transport import topics
-from edgefl.transport.client import Message, MessageHandler, MqttClient
-
-if TYPE_CHECKING:
-    from edgefl.roles.agent import Agent
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[DeployReport], None]
 Installed = Callable[[ModelBundle], None]
-SmokeTest = Callable[[ModelBundle, Artifact], None]
 
-DEFAULT_MODELS_DIR = Path("~/.local/share/edgefl/models")
 # Progress is reported every tenth of the download, so 50 boards do not flood the broker.
 _PROGRESS_STEPS = 10
 # Refusals remembered in state.json: enough that a retained bad release is not retried on every
 # reconnect, few enough that the file stays small.
 _REMEMBERED_REFUSALS = 20
-
-
-class SmokeTestError(EdgeflError):
-    """A freshly installed bundle does not run: it does not load, or its output does not fit."""
-
-
-def smoke_inference(bundle: ModelBundle, backbone: Artifact, threads: int = 1) -> None:
-    """Run one sample of zeros through the backbone (real runtime) and every head.
-
-    Args:
-        bundle: the installed bundle.
-        backbone: the backbone artifact this board runs.
-        threads: runtime threads.
-
-    Raises:
-        SmokeTestError: the backbone does not load or run, its features do not have the
-            manifest's size or the head's input size, or a head's output is wrong or not finite.
-    """
-    from edgefl.runtime import load_backbone  # imports the runtime only when installing
-
-    manifest = bundle.manifest
-    try:
-        runner = load_backbone(bundle.file(backbone), threads)
-        shape = [d if d > 0 else 1 for d in manifest.input.shape]
-        features = runner.run(np.zeros((1, *shape), dtype=np.float32))
-    except EdgeflError as exc:
-        raise SmokeTestError(f"smoke inference failed: {exc}") from exc
-    except Exception as exc:  # a runtime's own errors: report, never crash the agent
-        raise SmokeTestError(f"smoke inference failed: {type(exc).__name__}: {exc}") from exc
-    width = int(features.shape[1]) if features.ndim == 2 else -1
-    if width != manifest.feature_size:
-        raise SmokeTestError(
-            f"smoke inference failed: backbone {backbone.file} gives {tuple(features.shape)}"
-            f" features, the manifest says {manifest.feature_size}"
-        )
-    for task, spec in manifest.heads.items():
-        if spec.in_features != width:
-            raise SmokeTestError(
-                f"smoke inference failed: head {task!r} takes {spec.in_features} features,"
-                f" the backbone gives {width}"
-            )
-        try:
-            logits = head_forward(spec.layers, bundle.head_weights(task), features)
-        except (EdgeflError, KeyError, ValueError) as exc:
-            raise SmokeTestError(f"smoke inference failed: head {task!r}: {exc}") from exc
-        if logits.shape != (1, spec.num_outputs) or not np.isfinite(logits).all():
-            raise SmokeTestError(
-                f"smoke inference failed: head {task!r} gives {logits.shape}, expected"
-                f" (1, {spec.num_outputs}) finite logits"
-            )
 
 
 @dataclass
@@ -438,127 +380,3 @@ class Updater:
         self.store.save_state(state)
         self.store.prune()
         return INSTALLED, ""
-
-
-def bind_updater(
-    client: MqttClient,
-    store: BundleStore,
-    fleet: str,
-    device_id: str,
-    *,
-    trust_key: Ed25519PublicKey | None,
-    add_handler: Callable[[str, MessageHandler], None] | None = None,
-    **options: Any,
-) -> Updater:
-    """Create an Updater whose messages travel over `client`, and subscribe it.
-
-    Args:
-        client: the board's MQTT client (the agent's own, or a dedicated one).
-        store: where bundles are installed.
-        fleet: the fleet.
-        device_id: this board.
-        trust_key: the publisher's public key (None refuses every release).
-        add_handler: how to register a topic handler; default `client.subscribe`
-            (the agent passes its `add_handler`).
-        **options: the remaining `Updater` arguments (group, preferences, threads,
-            on_installed, smoke_test, executor).
-
-    Returns:
-        The updater, listening on its release topics once the client is connected.
-    """
-    register = add_handler or client.subscribe
-    report_topic = topics.deploy_report(fleet, device_id)
-
-    def on_chunk(message: Message) -> None:
-        updater.on_chunk(message.topic, message.payload)
-
-    def report(message: DeployReport) -> None:
-        client.publish(report_topic, message.to_bytes(), qos=1, retain=True)
-
-    updater = Updater(
-        store,
-        fleet,
-        device_id,
-        trust_key=trust_key,
-        report=report,
-        subscribe=lambda f: client.subscribe(f, on_chunk),
-        unsubscribe=client.unsubscribe,
-        **options,
-    )
-    for topic in updater.release_topics():
-        register(topic, lambda message: updater.on_release(message.payload))
-    return updater
-
-
-def attach_to_agent(
-    agent: Agent,
-    models_dir: str | Path,
-    trust_key: Ed25519PublicKey | None,
-    preferences: list[tuple[str, str]] | None = None,
-    executor: Executor | None = None,
-) -> Updater:
-    """Give an agent over-the-air updates; call before `agent.start()`.
-
-    The agent boots on the bundle installed in `models_dir` (unless it was given one), and every
-    verified release is handed to its bundle hook, which computes features with the new backbone:
-    if that fails too, the install is rolled back.
-
-    Args:
-        agent: the device agent (not started yet).
-        models_dir: where this board keeps its bundles.
-        trust_key: the publisher's public key (None refuses every release).
-        preferences: backbone (format, precision) preferences from the board's profile.
-        executor: where installs run (default: one worker thread per agent).
-
-    Returns:
-        The updater.
-
-    Raises:
-        BundleError: the models directory cannot be created.
-    """
-    store = BundleStore(models_dir)
-    if agent.config.bundle_dir is None and store.current_path is not None:
-        agent.config.bundle_dir = store.current_path
-    return bind_updater(
-        agent.client,
-        store,
-        agent.config.fleet,
-        agent.device_id,
-        trust_key=trust_key,
-        group=agent.config.group or None,
-        preferences=preferences,
-        threads=agent.threads,
-        add_handler=agent.add_handler,
-        on_installed=agent.install_bundle,
-        executor=executor,
-    )
-
-
-def enable_updates(
-    agent: Agent,
-    models_dir: str | Path | None,
-    trust_key_file: str | Path | None,
-) -> Updater:
-    """Turn on over-the-air updates for an agent from its command-line settings.
-
-    The board downloads the backbone its profile (`agent.profile`) prefers; without a profile,
-    the first backbone of each release.
-
-    Args:
-        agent: the device agent (not started yet).
-        models_dir: where bundles are installed; None uses ~/.local/share/edgefl/models.
-        trust_key_file: the publisher's public key file; None refuses every release (and says so
-            in the deploy report).
-
-    Raises:
-        KeyFileError: the key file is unreadable.
-        DeliveryError: the group is not a valid name.
-    """
-    from edgefl import signing
-
-    key = None if trust_key_file is None else signing.load_public_key(trust_key_file)
-    preferences = agent.profile.prefer if agent.profile is not None else None
-    try:
-        return attach_to_agent(agent, models_dir or DEFAULT_MODELS_DIR, key, preferences)
-    except ValueError as exc:
-        raise DeliveryError(str(exc)) from exc

@@ -94,7 +94,7 @@ def run_demo(config: DemoConfig, console: Console) -> DemoResult:
     from edgefl import signing
     from edgefl.compression.pipeline import CompressRequest, compress
     from edgefl.delivery.deploy import UPDATED, deploy
-    from edgefl.delivery.updater import attach_to_agent
+    from edgefl.delivery.updater_binding import attach_to_agent
     from edgefl.profiles import load_profile
 
     out = config.out
