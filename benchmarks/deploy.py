@@ -30,7 +30,7 @@ from edgefl.delivery.deploy import FAILED, UPDATED, deploy
 from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.head import init_head
 from edgefl.roles.agent import Agent, AgentConfig
-from edgefl.transport.client import NetworkLoop
+from edgefl.transport.network_loop import NetworkLoop
 
 # The tests' Mosquitto launcher: a broker for one run, not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

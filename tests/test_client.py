@@ -10,7 +10,8 @@ import pytest
 from conftest import RunningBroker, free_port, wait_for
 
 from edgefl.errors import TransportError
-from edgefl.transport.client import Message, MqttClient, NetworkLoop
+from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.network_loop import NetworkLoop
 
 
 def test_publish_subscribe_and_wait(mosquitto: RunningBroker) -> None:
