@@ -180,7 +180,7 @@ class Aggregator:
         elif stored != identity:
             raise FederationError(
                 f"state {self.state.path} belongs to another federation ({stored}); "
-                "pass a new --state file"
+                "give a new `state_path`"
             )
 
     def _initial_heads(self) -> tuple[int, dict[str, Weights]]:
