@@ -282,7 +282,7 @@ class Simulation:
         started: list[Agent] = []
         index = {p.device_id: i for i, p in enumerate(self.plan.devices)}
         for device in devices:
-            agent = SimulatedAgent(
+            agent: Agent = SimulatedAgent(
                 AgentConfig(
                     broker_url=url,
                     fleet=self.config.fleet,
