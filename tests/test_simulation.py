@@ -255,7 +255,7 @@ def test_simulation_clears_its_retained_statuses_on_a_broker_it_does_not_own(
 def test_simulation_reports_a_bad_config_in_one_line(
     bundle: ModelBundle, digits: FederatedData
 ) -> None:
-    with pytest.raises(SimulationError, match="--rounds must be at least 1"):
+    with pytest.raises(SimulationError, match="`rounds` must be at least 1"):
         _run(bundle, digits, devices=2, rounds=0)
     with pytest.raises(SimulationError, match="cannot be split across 5000 devices"):
         _run(bundle, digits, devices=5000, rounds=1)

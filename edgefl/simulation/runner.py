@@ -88,11 +88,11 @@ class SimulationConfig:
     def check(self) -> None:
         """Raise SimulationError naming the first invalid setting."""
         if self.devices < 1:
-            raise SimulationError("--devices must be at least 1")
+            raise SimulationError("`devices` must be at least 1")
         if self.policy.rounds < 1:
-            raise SimulationError("--rounds must be at least 1")
+            raise SimulationError("`rounds` must be at least 1")
         if self.policy.deadline_s <= 0:
-            raise SimulationError("--deadline must be positive")
+            raise SimulationError("`deadline_s` must be positive")
         if self.speed_unit_s < 0:
             raise SimulationError("the speed unit must not be negative")
 
