@@ -16,6 +16,7 @@ from conftest import free_port
 from edgefl import signing
 from edgefl.cli import main
 from edgefl.delivery import flash
+from edgefl.delivery.install_script import render_install_script
 from edgefl.errors import DeliveryError
 from edgefl.profiles import available_profiles, load_profile
 
@@ -50,6 +51,52 @@ def test_board_files_are_valid(board: str, tmp_path: Path) -> None:
     assert (profile.directory / "Dockerfile").is_file() == (board == "jetson")
     if board == "jetson":
         assert "FROM nvcr.io/nvidia/l4t-" in (profile.directory / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("board", ["raspberry-pi", "jetson"])
+def test_shipped_install_scripts_are_the_template_filled_in(board: str) -> None:
+    profile = load_profile(board)
+    committed = profile.file("install.sh").read_text()
+    assert committed == render_install_script(profile), (
+        f"devices/{board}/install.sh differs from devices/install.sh.template filled in from its"
+        " profile; run `python -m edgefl.delivery.install_script`"
+    )
+
+
+def test_a_profile_without_install_sh_gets_one_from_the_template(
+    tmp_path: Path, public_key: Path
+) -> None:
+    board = tmp_path / "my-board"
+    board.mkdir()
+    (board / "profile.toml").write_text(
+        'name = "my-board"\ndescription = "a board of my own"\n[install]\n'
+        'uninstall = ["onnxruntime"]\npackages = ["onnxruntime-openvino>=1.20"]\n'
+        'extra_index_urls = ["https://a.example/simple", "https://b.example/simple"]\n'
+        'apt = ["python3-venv"]\n'
+    )
+    shipped = load_profile("raspberry-pi")
+    for name in ("agent.env", "edgefl-agent.service"):
+        (board / name).write_bytes(shipped.file(name).read_bytes())
+    settings = flash.BoardSettings("mqtt://b:1883", "lab", "mine-1")
+    files = flash.build_install_files(load_profile(board), settings, public_key)
+    script = files["install.sh"]
+    assert script.mode == 0o755
+    text = script.data.decode()
+    assert "apt-get install -y -qq python3-venv\n" in text
+    assert "-m pip uninstall --quiet --yes onnxruntime\n" in text
+    assert (
+        'EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-https://a.example/simple'
+        ' https://b.example/simple}"\n'
+        'PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "$PREFIX/venv/bin/python" -m pip install'
+        " --quiet 'onnxruntime-openvino>=1.20'\n"
+    ) in text
+    assert "@" not in text.replace("edgefl-*.whl", "").replace("[@]", "")
+    checked = tmp_path / "install.sh"
+    checked.write_bytes(script.data)
+    assert subprocess.run(["bash", "-n", str(checked)], check=False).returncode == 0
+    (board / "install.sh").write_text("#!/bin/sh\necho mine\n")  # a profile's own script wins
+    files = flash.build_install_files(load_profile(board), settings, public_key)
+    assert files["install.sh"].data == b"#!/bin/sh\necho mine\n"
 
 
 def test_render_agent_env_replaces_values_and_keeps_comments() -> None:

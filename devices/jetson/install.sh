@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Install the edgefl agent on an NVIDIA Jetson (JetPack 6) as a systemd service. Run as root:
-#   sudo ./install.sh            (from the folder `edgefl flash` copied or unpacked)
+# Install the edgefl agent as a systemd service on a board of profile `jetson`:
+#   NVIDIA Jetson (JetPack 6), onnxruntime with the CUDA execution provider
+# Run as root: sudo ./install.sh   (from the folder `edgefl flash` copied or unpacked)
 # Idempotent: re-running upgrades edgefl and keeps the existing agent.env unless a new one is here.
 # No torch: a board only runs exported backbones (onnxruntime, ai-edge-litert) and numpy heads.
+# Written by edgefl from devices/install.sh.template and the profile's [install] table: change
+# those, not this file.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -37,11 +40,12 @@ if [ -n "$WHEEL" ]; then
 else
     "$PREFIX/venv/bin/python" -m pip install --quiet "edgefl[agent]"
 fi
-# The Jetson runtime: onnxruntime-gpu from NVIDIA's JetPack index replaces the CPU wheel
-# (both install the same `onnxruntime` module). Override the index with JETSON_INDEX_URL.
-JETSON_INDEX_URL="${JETSON_INDEX_URL:-https://pypi.jetson-ai-lab.io/jp6/cu126}"
+# The board's runtime, from its profile's [install]: what it replaces in edgefl[agent]
+# and what it adds.
 "$PREFIX/venv/bin/python" -m pip uninstall --quiet --yes onnxruntime
-"$PREFIX/venv/bin/python" -m pip install --quiet --extra-index-url "$JETSON_INDEX_URL" onnxruntime-gpu
+# EDGEFL_EXTRA_INDEX_URLS (space-separated) overrides the extra indexes.
+EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-https://pypi.jetson-ai-lab.io/jp6/cu126}"
+PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "$PREFIX/venv/bin/python" -m pip install --quiet onnxruntime-gpu
 
 if "$PREFIX/venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
     echo "install.sh: warning: torch ended up in $PREFIX/venv; boards do not need it" >&2

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Install the edgefl agent on a Raspberry Pi (64-bit OS) as a systemd service. Run as root:
-#   sudo ./install.sh            (from the folder `edgefl flash` copied or unpacked)
+# Install the edgefl agent as a systemd service on a board of profile `raspberry-pi`:
+#   Raspberry Pi 4/5, aarch64, CPU only
+# Run as root: sudo ./install.sh   (from the folder `edgefl flash` copied or unpacked)
 # Idempotent: re-running upgrades edgefl and keeps the existing agent.env unless a new one is here.
 # No torch: a board only runs exported backbones (onnxruntime, ai-edge-litert) and numpy heads.
+# Written by edgefl from devices/install.sh.template and the profile's [install] table: change
+# those, not this file.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -37,7 +40,7 @@ if [ -n "$WHEEL" ]; then
 else
     "$PREFIX/venv/bin/python" -m pip install --quiet "edgefl[agent]"
 fi
-# The Pi's runtime: ai-edge-litert (int8 TFLite) and onnxruntime both come with edgefl[agent].
+# The runtime is what edgefl[agent] brings: onnxruntime and ai-edge-litert.
 
 if "$PREFIX/venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
     echo "install.sh: warning: torch ended up in $PREFIX/venv; boards do not need it" >&2

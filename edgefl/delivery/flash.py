@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefl.atomic import replacing
+from edgefl.delivery.install_script import INSTALL_SCRIPT, install_script
 from edgefl.errors import DeliveryError, InputError, KeyFileError, ProfileError
 from edgefl.profiles import DeviceProfile
 from edgefl.transport import topics
 
-INSTALL_SCRIPT = "install.sh"
 UNIT_FILE = "edgefl-agent.service"
 ENV_FILE = "agent.env"
 PUBLIC_KEY_NAME = "signing.pub"
@@ -162,7 +162,8 @@ def build_install_files(
     """Collect the files to install on one board, with agent.env filled in.
 
     Args:
-        profile: the board profile (its folder holds install.sh, the unit, agent.env).
+        profile: the board profile (its folder holds the unit and agent.env, and may hold its
+            own install.sh; without one, install.sh is written from the template).
         settings: broker, fleet, device ID and group for agent.env.
         trust_key: the public key the agent will trust.
         wheel: an edgefl wheel to ship (offline install); None installs from the index.
@@ -173,8 +174,8 @@ def build_install_files(
     Raises:
         DeliveryError: a profile file or the key is missing, or a setting is invalid.
     """
-    files: dict[str, InstallFile] = {}
-    for name, mode in ((INSTALL_SCRIPT, 0o755), (UNIT_FILE, 0o644), ("Dockerfile", 0o644)):
+    files = {INSTALL_SCRIPT: InstallFile(install_script(profile), 0o755)}
+    for name, mode in ((UNIT_FILE, 0o644), ("Dockerfile", 0o644)):
         path = profile.file(name)
         if path.is_file():
             files[name] = InstallFile(path.read_bytes(), mode)
