@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors_bytes
 from safetensors.numpy import save as save_safetensors_bytes
 
+from edgefl.atomic import replacing_dir
 from edgefl.errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -227,12 +226,30 @@ def decode_head(data: bytes) -> dict[str, np.ndarray]:
         raise BundleError(f"head weights are not valid safetensors: {exc}") from exc
 
 
+def manifest_digest(manifest_json: str | bytes) -> str:
+    """Return a bundle's identity: the SHA-256 (hex) of its manifest's canonical JSON text, the
+    text `Manifest.to_json()` gives and a release carries (docs/protocol.md)."""
+    data = manifest_json.encode() if isinstance(manifest_json, str) else manifest_json
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class ModelBundle:
-    """A bundle on disk: its directory and parsed manifest."""
+    """A bundle on disk: its directory, parsed manifest and identity.
+
+    `digest` names the bundle a board runs and a round federates (`manifest_digest`): two
+    bundles with the same version number but other artifacts or heads have other digests. A
+    board that received only some of a release's artifacts keeps the digest of the release's
+    full manifest.
+    """
 
     path: Path
     manifest: Manifest
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = manifest_digest(self.manifest.to_json())
 
     def file(self, artifact: Artifact) -> Path:
         """Return the path of an artifact's file."""
@@ -333,9 +350,7 @@ def write_bundle(
     target = Path(out)
     if target.exists() and not force:
         raise BundleError(f"{target} already exists; give `force` to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with replacing_dir(target) as staging:
         for name, source in files.items():
             if isinstance(source, bytes):
                 (staging / name).write_bytes(source)
@@ -365,26 +380,7 @@ def write_bundle(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))
         if report is not None:
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-        _replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ModelBundle(target, manifest)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move `staging` to `target`; an existing `target` is swapped out, then removed."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def rewrite_heads(

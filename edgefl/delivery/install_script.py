@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 
+from edgefl.atomic import write_atomic
 from edgefl.errors import ProfileError
 from edgefl.profiles import DeviceProfile, available_profiles, load_profile
 from edgefl.resources import shipped_dir
@@ -105,9 +106,7 @@ def write_shipped_install_scripts() -> list[str]:
     names = available_profiles()
     for name in names:
         profile = load_profile(name)
-        path = profile.file(INSTALL_SCRIPT)
-        path.write_text(render_install_script(profile))
-        path.chmod(0o755)
+        write_atomic(profile.file(INSTALL_SCRIPT), render_install_script(profile).encode(), 0o755)
     return names
 
 

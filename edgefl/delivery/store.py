@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgefl.atomic import fsync_dir, write_atomic
+from edgefl.atomic import replace_symlink, replacing_dir, write_atomic
 from edgefl.bundle import MANIFEST_FILE, ModelBundle, load_bundle
 from edgefl.errors import BundleError
 
@@ -112,24 +110,15 @@ class BundleStore:
             BundleError: the files cannot be written.
         """
         target = self.root / "releases" / name
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / "staging"))
         try:
-            for file, data in {
-                **files,
-                MANIFEST_FILE: manifest_json.encode(),
-                RELEASE_FILE: release,
-            }.items():
-                with (staging / file).open("wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            fsync_dir(staging)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-            fsync_dir(target.parent)
+            with replacing_dir(target, staging_root=self.root / "staging") as staging:
+                for file, data in {
+                    **files,
+                    MANIFEST_FILE: manifest_json.encode(),
+                    RELEASE_FILE: release,
+                }.items():
+                    (staging / file).write_bytes(data)
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
             raise BundleError(f"cannot write the new bundle to {target}: {exc}") from exc
         return target
 
@@ -165,11 +154,4 @@ class BundleStore:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _point(self, link_name: str, target: Path) -> None:
-        link = self.root / link_name
-        tmp = self.root / f".{link_name}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        # Relative, so the models directory can be moved or mounted elsewhere.
-        os.symlink(os.path.relpath(target.resolve(), self.root.resolve()), tmp)
-        os.replace(tmp, link)
-        fsync_dir(self.root)
+        replace_symlink(self.root / link_name, target)
