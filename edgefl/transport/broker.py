@@ -1,5 +1,4 @@
-"""Broker addresses (`mqtt://` / `mqtts://` URLs), the embedded amqtt broker for a laptop, and a
-local Mosquitto launcher for tests and benchmarks."""
+"""Broker addresses (`mqtt://` / `mqtts://` URLs) and the embedded amqtt broker for a laptop."""
 
 from __future__ import annotations
 
