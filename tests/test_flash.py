@@ -50,7 +50,12 @@ def test_board_files_are_valid(board: str, tmp_path: Path) -> None:
     assert "Restart=always" in unit and "edgefl agent" in unit
     assert (profile.directory / "Dockerfile").is_file() == (board == "jetson")
     if board == "jetson":
-        assert "FROM nvcr.io/nvidia/l4t-" in (profile.directory / "Dockerfile").read_text()
+        dockerfile = (profile.directory / "Dockerfile").read_text()
+        assert "FROM nvcr.io/nvidia/l4t-" in dockerfile
+        # The container installs what install.sh does: the profile's [install] table.
+        spec = profile.install
+        for value in (*spec.packages, *spec.uninstall, *spec.extra_index_urls, *spec.apt):
+            assert value in dockerfile
 
 
 @pytest.mark.parametrize("board", ["raspberry-pi", "jetson"])
