@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,3 +65,20 @@ def head_accuracy(
         return 0.0
     predictions = head_forward(layers, weights, features).argmax(axis=1)
     return float((predictions == np.asarray(labels)).mean())
+
+
+def head_digest(heads: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+    """Return the SHA-256 (hex) that names a set of heads, as tasks and updates carry it.
+
+    The hash runs over each task in sorted order, each parameter in sorted order, as the UTF-8
+    line `"{task}/{param} {shape}\n"` (shape as comma-separated integers) followed by the values
+    as little-endian float32 (docs/protocol.md). Two heads have the same digest only when every
+    value is the same float32.
+    """
+    digest = hashlib.sha256()
+    for task in sorted(heads):
+        for key in sorted(heads[task]):
+            value = np.ascontiguousarray(heads[task][key], dtype="<f4")
+            digest.update(f"{task}/{key} {','.join(map(str, value.shape))}\n".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()

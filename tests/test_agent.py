@@ -98,7 +98,7 @@ def test_a_task_the_agent_cannot_do_is_answered_with_an_error_code(
     client.subscribe(topics.round_update(FLEET, 7, "pi-old"), answers.append)
     client.connect()
     try:
-        task = RoundTask(7, ["pi-old"], ["default"], 0, model_version=99, deadline=time.time() + 60)
+        task = RoundTask(7, ["pi-old"], ["default"], 0, model_version=99, deadline_s=60.0)
         client.publish(topics.round_task(FLEET, 7), encode_round_task(task, {})).wait(5)
         assert wait_for(lambda: bool(answers))
         header = read_update_header(answers[0].payload)
@@ -290,7 +290,7 @@ def test_the_boards_own_clip_bound_reaches_the_wire(
     try:
         settings = RoundSettings(TrainConfig(epochs=3), PrivacySettings(clip_norm=0.5))
         task = RoundTask(1, ["pi-own"], ["default"], 1, model_version=1,
-                         deadline=time.time() + 60, config=settings.to_wire())  # fmt: skip
+                         deadline_s=60.0, config=settings.to_wire())  # fmt: skip
         heads = {"default": bundle.head_weights()}
         client.publish(topics.round_task(FLEET, 1), encode_round_task(task, heads)).wait(5)
         assert wait_for(lambda: bool(answers))

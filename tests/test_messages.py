@@ -35,7 +35,7 @@ def test_status_round_trip() -> None:
         samples=120, model_version=3, heartbeat_s=30.0,
     )  # fmt: skip
     assert DeviceStatus.decode(status.encode()) == status
-    assert json.loads(status.encode())["schema_version"] == 1
+    assert json.loads(status.encode())["schema_version"] == 2
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_task_round_trip_carries_every_head() -> None:
         "default": {"0.weight": np.ones((10, 4), np.float32), "0.bias": np.zeros(10, np.float32)},
         "pets": {"0.weight": np.full((2, 4), 2.0, np.float32), "0.bias": np.ones(2, np.float32)},
     }
-    task = RoundTask(4, ["a", "b"], ["default", "pets"], 3, 1, 1e9, {"epochs": 2, "lr": 0.05})
+    task = RoundTask(4, ["a", "b"], ["default", "pets"], 3, 1, 30.0, {"epochs": 2, "lr": 0.05})
     decoded, decoded_heads = decode_round_task(encode_round_task(task, heads))
     assert decoded == task
     assert set(decoded_heads) == {"default", "pets"}

@@ -326,7 +326,7 @@ class Aggregator:
             tasks=sorted(set(open_round.selected.values())),
             head_version=open_round.head_version,
             model_version=self.bundle.manifest.version,
-            deadline=open_round.deadline,
+            deadline_s=max(0.0, open_round.deadline - time.time()),
             config=open_round.config,
         )
         payload = encode_round_task(task, {name: self.heads[name] for name in task.tasks})

@@ -26,7 +26,8 @@ from safetensors.numpy import save as save_safetensors_bytes
 from edgefl.errors import MessageError
 from edgefl.head import Weights
 
-SCHEMA_VERSION = 1
+# 2: protocol v2 (run and bundle identity, relative deadlines, per-device outcomes).
+SCHEMA_VERSION = 2
 META_KEY = "edgefl"
 # A safetensors header is JSON of ~100 bytes per tensor; anything near this is hostile.
 MAX_HEADER_BYTES = 1 << 20
@@ -192,6 +193,9 @@ class DeviceStatus(_JsonMessage):
     group: str = ""
     profile: str = ""
     last_round: int = 0
+    # The digest of the bundle the device runs (`edgefl.bundle.manifest_digest`; "" for none):
+    # devices are selected only for the bundle whose digest the aggregator federates.
+    bundle_digest: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
@@ -221,6 +225,11 @@ class RoundResult(_JsonMessage):
     reason: str = ""
     online: int = 0  # eligible devices online (fresh status) when the round selected
     stale: int = 0  # devices whose status said online but was not refreshed in time
+    run_id: str = ""  # the aggregation run the round belongs to
+    # Each selected device's answer: "accepted", or the code it was rejected with; `reasons`
+    # says why for those not accepted, so a device learns what became of its update.
+    answers: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
@@ -233,8 +242,8 @@ class RoundResult(_JsonMessage):
 class RoundTask:
     """A round's instructions: who trains, from which head, how, until when.
 
-    `config` holds the training settings (epochs, lr, batch_size, proximal_mu, seed), the codec
-    (codec, topk_fraction) and whatever the strategy's client_config adds.
+    `config` is `edgefl.core.settings.RoundSettings.to_wire()`: the training, privacy and codec
+    settings, as the strategy's `configure_round` set them for this round.
     """
 
     KIND: typing.ClassVar[str] = "task"
@@ -244,8 +253,15 @@ class RoundTask:
     tasks: list[str]
     head_version: int
     model_version: int
-    deadline: float  # Unix time; updates arriving later are recorded and left out
+    # Seconds after publication the round waits for updates (0: not given); relative, so the
+    # aggregator's and the boards' clocks need not agree.
+    deadline_s: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    # What the task asks, by digest: the run, the heads it carries (`edgefl.head.head_digest`)
+    # and the bundle they belong to (`edgefl.bundle.manifest_digest`). An update echoes them.
+    run_id: str = ""
+    head_digest: str = ""
+    bundle_digest: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
@@ -274,6 +290,10 @@ class UpdateHeader:
     status: str = "ok"
     error_code: str = ""
     reason: str = ""
+    # Echoed from the task this update answers (see `RoundTask`).
+    run_id: str = ""
+    head_digest: str = ""
+    bundle_digest: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:

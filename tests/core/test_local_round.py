@@ -52,7 +52,7 @@ def _task(settings: RoundSettings | dict[str, Any] | None = None, **fields: Any)
     config = settings.to_wire() if isinstance(settings, RoundSettings) else settings
     values: dict[str, Any] = dict(
         round=3, selected=["pi-7"], tasks=["default"], head_version=2, model_version=1,
-        deadline=1e9, config=RoundSettings().to_wire() if config is None else config,
+        deadline_s=30.0, config=RoundSettings().to_wire() if config is None else config,
     )  # fmt: skip
     values.update(fields)
     return RoundTask(**values)
