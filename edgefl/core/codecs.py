@@ -1,8 +1,11 @@
 """Update codecs: a delta to the bytes that go on the wire and back (float32, int8, top-k).
 
-Every codec writes one safetensors file whose metadata holds "codec" and "shapes" (JSON: key ->
-shape, in order) plus the caller's metadata. No pickle: the decoder only parses safetensors and
-JSON and checks every size and index before using it, so hostile bytes raise `MessageError`.
+Every codec writes one safetensors file whose metadata holds "codec" and "shapes" plus the caller's
+metadata. "shapes" is a JSON list of `[name, shape]` pairs: the list order is the tensors' order
+in the payload, given explicitly so that no reader depends on a JSON object's key order. (The
+first form, a JSON object name -> shape in key order, is still decoded.)
+No pickle: the decoder only parses safetensors and JSON and checks every size and index before
+using it, so hostile bytes raise `MessageError`.
 
 Layouts (why they differ: safetensors' JSON header is ~100 bytes per tensor, which matters for a
 64×10 head whose int8 payload is 650 bytes, so the lossy codecs pack everything into one array):
@@ -84,8 +87,9 @@ class ErrorFeedback:
 
 
 def _shapes_json(delta: Mapping[str, np.ndarray]) -> str:
+    # A list, not an object: the order of the pairs is the order of the tensors in the payload.
     return json.dumps(
-        {key: list(np.shape(value)) for key, value in delta.items()}, separators=(",", ":")
+        [[key, list(np.shape(value))] for key, value in delta.items()], separators=(",", ":")
     )
 
 
@@ -192,6 +196,20 @@ def encode_delta(
     return bytes(save_safetensors_bytes(arrays, metadata=header))
 
 
+def _shape_pairs(raw: Any) -> list[tuple[Any, Any]]:
+    """Return the (name, shape) pairs of "shapes" metadata in order, either form."""
+    if isinstance(raw, dict):  # the first form: an object, in key order
+        return list(raw.items())
+    if not isinstance(raw, list):
+        raise MessageError("update 'shapes' metadata is not a list of [name, shape] pairs")
+    pairs: list[tuple[Any, Any]] = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            raise MessageError(f"update 'shapes' entry {item!r} is not a [name, shape] pair")
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
 def _parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
     if text is None:
         raise MessageError("update has no 'shapes' metadata")
@@ -199,11 +217,11 @@ def _parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
         raw: Any = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise MessageError(f"update 'shapes' metadata is not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise MessageError("update 'shapes' metadata is not a JSON object")
     shapes: dict[str, tuple[int, ...]] = {}
     total = 0
-    for key, shape in raw.items():
+    for key, shape in _shape_pairs(raw):
+        if key in shapes:
+            raise MessageError(f"update 'shapes' names {key!r} twice")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):

@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import save
+from safetensors.numpy import load, save
 
 from edgefl.core.codecs import CODEC_NAMES, ErrorFeedback, decode_delta, encode_delta
 from edgefl.errors import MessageError
+from edgefl.transport.messages import read_safetensors_metadata
 
 
 def head_delta(in_features: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -28,7 +29,31 @@ def test_float32_is_exact_and_keeps_caller_metadata() -> None:
         np.testing.assert_array_equal(decoded[key], delta[key])
     assert list(decoded) == list(delta)
     assert meta["codec"] == "float32" and meta["round"] == "3" and meta["device"] == "pi-01"
-    assert json.loads(meta["shapes"]) == {"0.weight": [10, 64], "0.bias": [10]}
+    assert json.loads(meta["shapes"]) == [["0.weight", [10, 64]], ["0.bias", [10]]]
+
+
+def test_shapes_give_the_payload_order_explicitly() -> None:
+    # The same tensors listed in another order decode in that order: the list, not a JSON
+    # object's key order, says which scale and which values belong to which tensor.
+    payload = np.array([0.5, 2.0], "<f4").tobytes() + np.array([1, 2, 3], np.int8).tobytes()
+    data = np.frombuffer(payload, np.uint8)
+    decoded, _ = decode_delta(blob("int8", '[["b",[1]],["a",[2]]]', data))
+    assert list(decoded) == ["b", "a"]
+    np.testing.assert_array_equal(decoded["b"], [0.5])
+    np.testing.assert_array_equal(decoded["a"], [4.0, 6.0])
+
+
+def test_the_first_shapes_form_still_decodes() -> None:
+    # Version 1 wrote "shapes" as an object in key order; such updates are still read.
+    delta = head_delta(4)
+    payload = encode_delta(delta, "int8")
+    arrays, meta = load(payload), read_safetensors_metadata(payload)
+    meta["shapes"] = json.dumps({key: list(value.shape) for key, value in delta.items()})
+    decoded, _ = decode_delta(save(arrays, metadata=meta))
+    expected, _ = decode_delta(payload)
+    assert list(decoded) == list(expected)
+    for key in delta:
+        np.testing.assert_array_equal(decoded[key], expected[key])
 
 
 def test_int8_error_is_at_most_half_a_quantization_step() -> None:
@@ -114,6 +139,10 @@ HOSTILE = {
     "shapes not json": blob("int8", "{not json", np.zeros(3, np.uint8)),
     "negative dim": blob("int8", '{"a":[-1]}', np.zeros(3, np.uint8)),
     "float dim": blob("int8", '{"a":[1.5]}', np.zeros(3, np.uint8)),
+    "shapes a number": blob("int8", "7", np.zeros(5, np.uint8)),
+    "shapes pair too long": blob("int8", '[["a",[1],0]]', np.zeros(5, np.uint8)),
+    "shapes name not a string": blob("int8", "[[1,[1]]]", np.zeros(5, np.uint8)),
+    "shapes name twice": blob("int8", '[["a",[1]],["a",[1]]]', np.zeros(10, np.uint8)),
     "int8 too short": blob("int8", '{"a":[10]}', np.zeros(12, np.uint8)),
     "topk index out of range": blob(
         "topk", '{"a":[2]}', np.frombuffer(np.array([3], "<i4").tobytes() + bytes(2), np.uint8)
