@@ -138,7 +138,7 @@ def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
             ["--model", "edgefl_nowhere.models:make", *base],
             "cannot import module 'edgefl_nowhere.models'",
         ),
-        (["--model", f"{factories}:missing", *base], f"'{factories}' has no factory 'missing'"),
+        (["--model", f"{factories}:missing", *base], f"module '{factories}' has no 'missing'"),
         (["--model", "resnet18", *base], r"shape \[1, 8, 8\] but the model takes \[3, 224, 224\]"),
         (
             ["--model", "digits-cnn", "--recipe", "generic", "--data", str(empty)],
@@ -164,7 +164,10 @@ def test_every_bad_input_is_one_line_nonzero_and_leaves_no_bundle(
     for args, message in _bad_inputs(tmp_path, factories):
         out = tmp_path / "bundle"
         result = run("compress", *args, "--out", str(out))
-        assert result.exit_code == 2, (args, result.output)
+        # The caller's input is wrong: 2; a model the exporter cannot lower is an export
+        # that failed: 1 (README, exit codes).
+        expected = 1 if "cannot lower" in message else 2
+        assert result.exit_code == expected, (args, result.output)
         # torchao, imported by the TFLite path, prints its own library notes to stderr first.
         lines = result.stderr.strip().splitlines()
         errors = [line for line in lines if line.startswith("error: ")]
