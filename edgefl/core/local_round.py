@@ -1,10 +1,11 @@
-"""A board's answer to a round's task, as a pure function: train, privatize, encode.
+"""A board's answer to a round's task, as a pure function: check, train, privatize, encode.
 
 `run_local_round` takes everything it needs as arguments (the task, the heads, the cached
-features and labels, the head's layers, the board's own settings, the error-feedback state, a
-clock and a noise generator) and returns the update's bytes and what happened. It does no I/O:
-the agent (`edgefl.roles.agent`) fetches the task, keeps the state and publishes the bytes.
-Every failure becomes an error update with one of `AGENT_ERROR_CODES`, never an exception.
+features and labels, the head's layers, the board's own settings and limits, the personal head,
+the error-feedback state, a clock and a noise generator) and returns the update's bytes and what
+happened. It does no I/O: the agent (`edgefl.roles.agent`) fetches the task, keeps the state and
+publishes the bytes. Every failure becomes an error update with one of `AGENT_ERROR_CODES`,
+never an exception. Every update echoes the task's run ID, head digest and bundle digest.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from edgefl.core.board_limits import BoardLimits, bound_training
 from edgefl.core.codecs import ErrorFeedback, encode_delta
+from edgefl.core.personal_head import holdout_split, keeps_candidate
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
 from edgefl.core.settings import (
     CodecSettings,
@@ -26,7 +29,7 @@ from edgefl.core.settings import (
     from_mapping,
 )
 from edgefl.core.training import train_head
-from edgefl.head import Weights, head_accuracy
+from edgefl.head import Weights, head_accuracy, head_digest
 from edgefl.transport.messages import (
     RoundTask,
     UpdateHeader,
@@ -38,6 +41,14 @@ from edgefl.transport.messages import (
 MAX_REASON_CHARS = 500
 
 Clock = Callable[[], float]
+# What names a task (run ID, round, head digest, bundle digest): a stored answer is re-sent only
+# for the same task, never for another with the same round number.
+TaskKey = tuple[str, int, str, str]
+
+
+def task_key(task: RoundTask, heads: Mapping[str, Weights]) -> TaskKey:
+    """Return the identity of `task`; the heads' own digest stands in when the task has none."""
+    return (task.run_id, task.round, task.head_digest or head_digest(heads), task.bundle_digest)
 
 
 @dataclass(frozen=True)
@@ -52,8 +63,11 @@ class BoardSettings:
             clip norm of its own: the round's clip norm then scales it (no clip norm on either
             side makes the round an error update).
         codec: force an update codec; None follows the round's settings.
-        personalize: return the locally trained head as the personal head.
+        personalize: keep a personal head: hold a fixed share of the samples out of
+            training (`edgefl.core.personal_head`) and return the locally trained head when it
+            is not worse on them than the current personal head.
         train_backend: "auto", "numpy" or "torch" (see edgefl.core.training).
+        limits: the most a round may ask (`edgefl.core.board_limits`; beyond them, clamped).
     """
 
     device_id: str
@@ -62,6 +76,7 @@ class BoardSettings:
     codec: str | None = None
     personalize: bool = True
     train_backend: str = "auto"
+    limits: BoardLimits = field(default_factory=BoardLimits)
 
 
 @dataclass(frozen=True)
@@ -74,13 +89,21 @@ class LocalData:
 
 @dataclass
 class RoundOutcome:
-    """What the board did in a round (kept for the caller; the same numbers went on the wire)."""
+    """What the board did in a round (kept for the caller; the same numbers went on the wire).
+
+    `answer` and `answer_reason` are what the aggregator made of the update, from the round's
+    result once it arrives: "accepted", a rejection code, or "unknown" (the result does not
+    list this device); empty until then.
+    """
 
     round: int
     status: str  # "ok" | "error"
     error_code: str
     metrics: dict[str, float]
     bytes_sent: int
+    run_id: str = ""
+    answer: str = ""
+    answer_reason: str = ""
 
 
 @dataclass
@@ -91,14 +114,19 @@ class LocalRound:
         payload: the update's bytes, to publish as they are (an error update when it failed).
         outcome: status, error code, metrics and size.
         reason: why it failed (empty when it did not).
-        trained: the locally trained head (the board's personal head when it personalizes);
-            None when the round failed or the board does not personalize.
+        trained: the board's new personal head: the locally trained one when the board
+            personalizes and it is not worse on the held-out samples than the current one;
+            None keeps the current (the round failed, the board does not personalize, or the
+            new head is worse).
+        limited: what the board's limits changed ("epochs 30000 -> 50", "stopped at the 120 s
+            budget after 3.2 epochs"); empty when nothing.
     """
 
     payload: bytes
     outcome: RoundOutcome
     reason: str = ""
     trained: Weights | None = None
+    limited: list[str] = field(default_factory=list)
 
 
 def read_round_settings(config: Mapping[str, Any]) -> RoundSettings:
@@ -163,9 +191,13 @@ def error_update(
         status="error",
         error_code=code,
         reason=reason,
+        run_id=task.run_id,
+        head_digest=task.head_digest,
+        bundle_digest=task.bundle_digest,
     )
     payload = encode_update_error(header)
-    return LocalRound(payload, RoundOutcome(task.round, "error", code, {}, len(payload)), reason)
+    outcome = RoundOutcome(task.round, "error", code, {}, len(payload), run_id=task.run_id)
+    return LocalRound(payload, outcome, reason)
 
 
 def run_local_round(
@@ -179,25 +211,37 @@ def run_local_round(
     *,
     clock: Clock,
     noise_rng: np.random.Generator,
+    bundle_digest: str = "",
+    personal: Weights | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> LocalRound:
-    """Answer a task: train the board's head on its data, privatize and encode the delta.
+    """Answer a task: check what it names, train the board's head on its data, privatize and
+    encode the delta.
 
     Args:
-        task: the round's task (round, head version, bundle version, settings in `config`).
+        task: the round's task (run, round, head and bundle digests, settings in `config`).
         heads: the global heads the task carries, by task name.
         data: the board's features and labels; None when it has none.
         layers: the layers of the board's head in its installed bundle; None: no bundle.
         model_version: the installed bundle's version (0: none).
-        board: the board's own settings.
+        board: the board's own settings and limits.
         feedback: the error-feedback residuals of lossy codecs; updated in place when the
             update is encoded with one (the caller keeps it across rounds).
-        clock: seconds, for the update's `train_seconds` metric (e.g. `time.perf_counter`).
+        clock: seconds, for the update's `train_seconds` metric and the limits' time budget
+            (e.g. `time.perf_counter`); read before every minibatch step.
         noise_rng: draws the privacy noise; pass a fresh OS-seeded generator on a board
             (noise a seed could reproduce would protect nothing).
+        bundle_digest: the installed bundle's digest (`ModelBundle.digest`); a task naming
+            another is refused. Empty: not checked.
+        personal: the board's personal head, or None before it has one; the trained head
+            replaces it only when not worse on the held-out samples.
+        cancelled: asked with the clock; True stops training like the time budget (the agent
+            is stopping).
 
     Returns:
-        The update's bytes and the outcome; failures (no bundle, another bundle version, no
-        head, no data, invalid settings, training raised) are error updates.
+        The update's bytes and the outcome; failures (no bundle, another bundle, heads that do
+        not match the task's digest, no head, no data, invalid settings, training raised) are
+        error updates. A task with empty digests (an older aggregator) is answered unchecked.
     """
 
     def fail(code: str, reason: str) -> LocalRound:
@@ -205,19 +249,26 @@ def run_local_round(
 
     if layers is None:
         return fail("no-bundle", "no bundle is installed on this device")
+    if task.bundle_digest and bundle_digest and task.bundle_digest != bundle_digest:
+        return fail(
+            "bundle-digest",
+            f"task is for bundle {task.bundle_digest[:12]}, device runs {bundle_digest[:12]}",
+        )
     if task.model_version != model_version:
         return fail(
             "model-version",
             f"task is for bundle v{task.model_version}, device runs v{model_version}",
         )
+    if task.head_digest and head_digest(heads) != task.head_digest:
+        return fail("head-digest", "the task's heads do not hash to its head_digest")
     if board.task not in heads:
         return fail("no-head", f"task carries no head for {board.task!r}")
     if data is None or len(data.labels) == 0:
         return fail("no-data", "the device has no labelled samples")
     try:
         return _train(task, heads[board.task], data, layers, model_version, board, feedback,
-                      clock, noise_rng)  # fmt: skip
-    except Exception as exc:  # any failure is reported, never raised on the network thread
+                      clock, noise_rng, personal, cancelled)  # fmt: skip
+    except Exception as exc:  # any failure is reported, never raised on a board's thread
         return fail("train-failed", f"{type(exc).__name__}: {exc}")
 
 
@@ -231,15 +282,29 @@ def _train(
     feedback: ErrorFeedback,
     clock: Clock,
     noise_rng: np.random.Generator,
+    personal: Weights | None,
+    cancelled: Callable[[], bool] | None,
 ) -> LocalRound:
     settings = read_round_settings(task.config)
     clip, multiplier = privacy_bounds(board.privacy, settings.privacy)
+    train, limited = bound_training(settings.train, board.limits)
     # The seed moves with the round so that minibatch orders differ between rounds but replay
     # identically when a round is resent.
-    train = dataclasses.replace(settings.train, seed=settings.train.seed + task.round)
+    train = dataclasses.replace(train, seed=train.seed + task.round)
+    # A personalizing board trains on all but its held-out share, which judges personal heads.
+    fit, held = holdout_split(len(data.labels)) if board.personalize else (slice(None), None)
+    features, labels = data.features[fit], data.labels[fit]
     started = clock()
-    global_accuracy = head_accuracy(layers, global_head, data.features, data.labels)
-    result = train_head(layers, global_head, data.features, data.labels, train, board.train_backend)
+    budget = board.limits.round_budget_s
+
+    def stop() -> bool:
+        return clock() - started > budget or (cancelled is not None and cancelled())
+
+    global_accuracy = head_accuracy(layers, global_head, features, labels)
+    result = train_head(layers, global_head, features, labels, train, board.train_backend, stop)
+    if result.stopped:
+        epochs_run = result.steps / max(1, -(-len(labels) // train.batch_size))
+        limited.append(f"stopped at the {budget:g} s budget after {epochs_run:.3g} epochs")
     delta = {key: result.weights[key] - global_head[key] for key in global_head}
     delta = privatize(delta, clip, multiplier, noise_rng)
     # Rounded: every digit is sent with every update, and 5 significant digits are plenty.
@@ -249,6 +314,9 @@ def _train(
         "personal_accuracy": float(f"{result.accuracy:.5g}"),
         "train_seconds": float(f"{clock() - started:.3g}"),
     }
+    if limited:  # the update is not quite what the round asked: say so (docs/protocol.md)
+        metrics["limited"] = 1.0
+        metrics["steps"] = float(result.steps)
     header = UpdateHeader(
         round=task.round,
         device_id=board.device_id,
@@ -257,6 +325,9 @@ def _train(
         head_version=task.head_version,
         model_version=model_version,
         metrics=metrics,
+        run_id=task.run_id,
+        head_digest=task.head_digest,
+        bundle_digest=task.bundle_digest,
     )
     codec = board.codec or settings.codec.codec
     payload = encode_delta(
@@ -266,5 +337,13 @@ def _train(
         topk_fraction=settings.codec.topk_fraction,
         metadata=update_metadata(header),
     )
-    outcome = RoundOutcome(task.round, "ok", "", metrics, len(payload))
-    return LocalRound(payload, outcome, trained=result.weights if board.personalize else None)
+    outcome = RoundOutcome(task.round, "ok", "", metrics, len(payload), run_id=task.run_id)
+    trained = None
+    if board.personalize:
+        # Too few samples to hold any out: judge on the training samples rather than not at all.
+        judge = held if held is not None and len(held) else fit
+        current = personal if personal is not None else global_head
+        if keeps_candidate(layers, current, result.weights, data.features[judge],
+                           data.labels[judge]):  # fmt: skip
+            trained = result.weights
+    return LocalRound(payload, outcome, trained=trained, limited=limited)

@@ -10,7 +10,7 @@ seeded numpy generator, so a run is reproducible and backend-independent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +25,18 @@ Layers = Sequence[Mapping[str, Any]]
 
 @dataclass
 class TrainResult:
-    """Trained weights, and loss (mean cross-entropy) and accuracy of them on the local data."""
+    """Trained weights, and loss (mean cross-entropy) and accuracy of them on the local data.
+
+    `steps` counts the minibatch steps taken; `stopped` is True when `stop` ended training
+    before every epoch ran.
+    """
 
     weights: Weights
     loss: float
     accuracy: float
     samples: int
+    steps: int = 0
+    stopped: bool = False
 
 
 def _check_inputs(
@@ -167,6 +173,7 @@ def train_head(
     labels: np.ndarray,
     config: TrainConfig,
     backend: str = "auto",
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune a head on local features with minibatch SGD.
 
@@ -181,9 +188,12 @@ def train_head(
         labels: (n,) integer class indices.
         config: epochs, learning rate, batch size, proximal mu, seed, weight decay.
         backend: "numpy", "torch" or "auto" (= numpy, see the module docstring).
+        stop: asked before each minibatch step; True ends training there (a board's time
+            budget). None trains every epoch.
 
     Returns:
-        The trained weights (float32), and their loss and accuracy on the local data.
+        The trained weights (float32), their loss and accuracy on the local data, and how many
+        steps ran.
 
     Raises:
         ValueError: bad shapes, labels, layers, config or backend; no samples.
@@ -194,15 +204,46 @@ def train_head(
         raise ValueError("cannot train a head on zero samples")
     start = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
     rng = np.random.default_rng(config.seed)
-    orders = [rng.permutation(len(y)) for _ in range(config.epochs)]
+    batches = _Minibatches(rng, len(y), config, stop)
     if _resolve(backend) == "torch":
-        trained = _train_torch(layers, start, x, y, config, orders)
+        trained = _train_torch(layers, start, x, y, config, batches)
     else:
-        trained = _train_numpy(layers, start, x, y, config, orders)
+        trained = _train_numpy(layers, start, x, y, config, batches)
     logits = head_forward(layers, trained, x)
     loss, _ = _cross_entropy(logits, y)
     accuracy = float((logits.argmax(axis=1) == y).mean())
-    return TrainResult(weights=trained, loss=loss, accuracy=accuracy, samples=len(y))
+    return TrainResult(
+        trained, loss, accuracy, len(y), steps=batches.taken, stopped=batches.stopped
+    )
+
+
+class _Minibatches:
+    """The minibatch index arrays of every epoch in order, until `stop()` says no more.
+
+    Each epoch's order is drawn from `rng` when the epoch starts, so a huge epoch count costs
+    no memory up front.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        samples: int,
+        config: TrainConfig,
+        stop: Callable[[], bool] | None,
+    ) -> None:
+        self.rng, self.samples, self.config, self.stop = rng, samples, config, stop
+        self.taken, self.stopped = 0, False
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        size = self.config.batch_size
+        for _ in range(self.config.epochs):
+            order = self.rng.permutation(self.samples)
+            for begin in range(0, len(order), size):
+                if self.stop is not None and self.stop():
+                    self.stopped = True
+                    return
+                self.taken += 1
+                yield order[begin : begin + size]
 
 
 def _resolve(backend: str) -> str:
@@ -217,22 +258,20 @@ def _train_numpy(
     x: np.ndarray,
     y: np.ndarray,
     config: TrainConfig,
-    orders: list[np.ndarray],
+    batches: Iterable[np.ndarray],
 ) -> Weights:
     params = {k: v.copy() for k, v in start.items()}
     lr = np.float32(config.lr)
     mu, decay = np.float32(config.proximal_mu), np.float32(config.weight_decay)
-    for order in orders:
-        for begin in range(0, len(order), config.batch_size):
-            batch = order[begin : begin + config.batch_size]
-            _, grads = _numpy_gradients(layers, params, x[batch], y[batch])
-            for key, grad in grads.items():
-                value = params[key]
-                if mu:
-                    grad = grad + mu * (value - start[key])
-                if decay:
-                    grad = grad + decay * value
-                value -= lr * grad
+    for batch in batches:
+        _, grads = _numpy_gradients(layers, params, x[batch], y[batch])
+        for key, grad in grads.items():
+            value = params[key]
+            if mu:
+                grad = grad + mu * (value - start[key])
+            if decay:
+                grad = grad + decay * value
+            value -= lr * grad
     return params
 
 
@@ -274,14 +313,12 @@ def _train_torch(
     x: np.ndarray,
     y: np.ndarray,
     config: TrainConfig,
-    orders: list[np.ndarray],
+    batches: Iterable[np.ndarray],
 ) -> Weights:
     model, torch = _torch_model(layers, start)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    for order in orders:
-        for begin in range(0, len(order), config.batch_size):
-            batch = order[begin : begin + config.batch_size]
-            optimizer.zero_grad()
-            _torch_loss(model, torch, x[batch], y[batch], start, config.proximal_mu).backward()
-            optimizer.step()
+    for batch in batches:
+        optimizer.zero_grad()
+        _torch_loss(model, torch, x[batch], y[batch], start, config.proximal_mu).backward()
+        optimizer.step()
     return {name: p.detach().numpy().copy() for name, p in model.state_dict().items()}

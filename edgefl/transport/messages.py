@@ -39,6 +39,8 @@ AGENT_ERROR_CODES: tuple[str, ...] = (
     "model-version",  # the task is for a bundle version the device does not run
     "no-data",  # the device has no labelled samples
     "train-failed",  # training raised (message in `reason`)
+    "head-digest",  # the task's heads do not hash to the task's head_digest
+    "bundle-digest",  # the task is for a bundle (by digest) the device does not run
 )
 
 T = TypeVar("T")

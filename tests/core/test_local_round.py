@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
+from edgefl.core.board_limits import BoardLimits, bound_training
 from edgefl.core.codecs import ErrorFeedback, decode_delta
 from edgefl.core.local_round import (
     MAX_REASON_CHARS,
@@ -19,7 +20,9 @@ from edgefl.core.local_round import (
     error_update,
     read_round_settings,
     run_local_round,
+    task_key,
 )
+from edgefl.core.personal_head import holdout_split
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm, global_norm
 from edgefl.core.settings import (
     CodecSettings,
@@ -28,7 +31,7 @@ from edgefl.core.settings import (
     TrainConfig,
 )
 from edgefl.core.training import train_head
-from edgefl.head import Weights, init_head
+from edgefl.head import Weights, head_accuracy, head_digest, init_head
 from edgefl.transport.messages import RoundTask, UpdateHeader, read_update_header
 
 LAYERS: list[dict[str, Any]] = [{"kind": "linear", "in": 8, "out": 3}]
@@ -83,9 +86,11 @@ def _run(
 
 
 def _trained(head: Weights, data: LocalData, settings: RoundSettings, round_: int) -> Weights:
-    """What the board should have trained: the round's settings, the seed moved by the round."""
+    """What the board should have trained: the round's settings, the seed moved by the round,
+    on the samples it does not hold out to judge personal heads."""
     train = dataclasses.replace(settings.train, seed=settings.train.seed + round_)
-    return train_head(LAYERS, head, data.features, data.labels, train).weights
+    fit, _ = holdout_split(len(data.labels))
+    return train_head(LAYERS, head, data.features[fit], data.labels[fit], train).weights
 
 
 def test_the_update_is_the_trained_head_minus_the_global_one(
@@ -106,8 +111,10 @@ def test_the_update_is_the_trained_head_minus_the_global_one(
         "default",
         "ok",
     )
-    assert (header.samples, header.head_version, header.model_version) == (60, 2, 1)
-    assert header.metrics["train_seconds"] == 0.25  # from the clock passed in
+    assert (header.samples, header.head_version, header.model_version) == (48, 2, 1)
+    # From the clock passed in: read at the start, before each of 2 x 3 steps, and at the end.
+    assert header.metrics["train_seconds"] == 0.25 * 7
+    assert "limited" not in header.metrics
     assert header.metrics["personal_accuracy"] > header.metrics["global_accuracy"]
     assert (result.outcome.status, result.outcome.bytes_sent) == ("ok", len(result.payload))
     assert result.outcome.metrics == header.metrics
@@ -267,3 +274,153 @@ def test_task_settings_ignore_unknown_fields_and_read_the_flat_form_of_older_ser
         privacy={"clip_norm": 0.3}, codec={"codec": "int8"}
     )
     assert read_round_settings({}) == RoundSettings()
+
+
+# -- identity: what the task names, the update echoes; a task for other heads or another bundle
+
+
+def _named(heads: dict[str, Weights], **fields: Any) -> RoundTask:
+    values = {"run_id": "run-b", "head_digest": head_digest(heads), "bundle_digest": "b" * 64}
+    values.update(fields)
+    return _task(_settings(), **values)
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_an_update_echoes_the_tasks_run_head_and_bundle(
+    data: LocalData, head: Weights, failing: bool
+) -> None:
+    task = _named({"default": head})
+    result = run_local_round(
+        task, {"default": head}, None if failing else data, LAYERS, 1, BOARD, ErrorFeedback(),
+        clock=itertools.count().__next__, noise_rng=np.random.default_rng(0),
+        bundle_digest="b" * 64,
+    )  # fmt: skip
+    header = read_update_header(result.payload)
+    assert header.status == ("error" if failing else "ok")
+    assert (header.run_id, header.head_digest, header.bundle_digest) == (
+        "run-b",
+        head_digest({"default": head}),
+        "b" * 64,
+    )
+    assert result.outcome.run_id == "run-b"
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "says"),
+    [
+        ({"head_digest": "0" * 64}, "head-digest", "do not hash"),
+        ({"bundle_digest": "c" * 64}, "bundle-digest", "bundle cccccccccccc, device runs bbbb"),
+    ],
+)
+def test_a_task_naming_other_heads_or_another_bundle_is_an_error_update(
+    data: LocalData, head: Weights, fields: dict[str, str], code: str, says: str
+) -> None:
+    task = _named({"default": head}, **fields)
+    result = run_local_round(
+        task, {"default": head}, data, LAYERS, 1, BOARD, ErrorFeedback(),
+        clock=itertools.count().__next__, noise_rng=np.random.default_rng(0),
+        bundle_digest="b" * 64,
+    )  # fmt: skip
+    header = read_update_header(result.payload)
+    assert (header.status, header.error_code, header.run_id) == ("error", code, "run-b")
+    assert says in header.reason and result.trained is None
+
+
+def test_a_task_with_empty_digests_from_an_older_aggregator_is_answered(
+    data: LocalData, head: Weights
+) -> None:
+    result = run_local_round(
+        _task(_settings()), {"default": head}, data, LAYERS, 1, BOARD, ErrorFeedback(),
+        clock=itertools.count().__next__, noise_rng=np.random.default_rng(0),
+        bundle_digest="b" * 64,
+    )  # fmt: skip
+    header = read_update_header(result.payload)
+    assert (header.status, header.run_id, header.head_digest) == ("ok", "", "")
+
+
+def test_a_task_is_named_by_run_round_heads_and_bundle_not_by_round_alone(head: Weights) -> None:
+    heads = {"default": head}
+    first = task_key(_named(heads, run_id="run-a"), heads)
+    assert first == task_key(_named(heads, run_id="run-a"), heads)
+    assert first != task_key(_named(heads, run_id="run-b"), heads)
+    other = {"default": {k: v + 1 for k, v in head.items()}}
+    assert first != task_key(_named(other, run_id="run-a"), other)
+    # An older aggregator names no heads: their own digest tells two such tasks apart.
+    assert task_key(_task(), heads) != task_key(_task(), other)
+    assert task_key(_task(), heads)[2] == head_digest(heads)
+
+
+# -- limits: a round's settings are clamped to the board's, and training stops at its budget
+
+
+def test_settings_beyond_the_boards_limits_are_clamped_and_reported(
+    data: LocalData, head: Weights
+) -> None:
+    limits = BoardLimits(max_epochs=3, max_batch_size=8, max_lr=0.2, round_budget_s=1e9)
+    board = dataclasses.replace(BOARD, limits=limits)
+    asked = _settings(train={"epochs": 30000, "lr": 50.0, "batch_size": 4096, "seed": 11})
+    result = _run(_task(asked), head, data, board)
+    header = read_update_header(result.payload)
+    assert header.status == "ok"
+    assert (header.metrics["limited"], header.metrics["steps"]) == (1.0, 3 * 6)  # 48 / 8 = 6
+    assert result.limited == ["epochs 30000 -> 3", "batch_size 4096 -> 8", "lr 50.0 -> 0.2"]
+    allowed = _settings(train={"epochs": 3, "lr": 0.2, "batch_size": 8, "seed": 11})
+    expected = _trained(head, data, allowed, round_=3)
+    delta = decode_delta(result.payload)[0]
+    for key in head:
+        np.testing.assert_allclose(delta[key], expected[key] - head[key], atol=1e-6)
+
+
+def test_training_stops_at_the_time_budget_and_the_update_holds_what_ran(
+    data: LocalData, head: Weights
+) -> None:
+    # The clock advances 0.25 s per reading: start, then one reading before each step.
+    board = dataclasses.replace(BOARD, limits=BoardLimits(max_epochs=1000, round_budget_s=1.0))
+    asked = _settings(train={"epochs": 1000, "lr": 0.5, "batch_size": 16, "seed": 11})
+    result = _run(_task(asked), head, data, board)
+    header = read_update_header(result.payload)
+    assert header.status == "ok" and header.metrics["steps"] == 4.0  # at 0.25 .. 1.0 s
+    assert result.limited == ["stopped at the 1 s budget after 1.33 epochs"]
+    assert global_norm(decode_delta(result.payload)[0]) > 0
+
+
+def test_bound_training_leaves_settings_within_the_limits_alone() -> None:
+    train = TrainConfig(epochs=2, lr=0.1, batch_size=16)
+    assert bound_training(train, BoardLimits()) == (train, [])
+    with pytest.raises(ValueError, match="max_lr"):
+        BoardLimits(max_lr=0).check()
+
+
+# -- the personal head: replaced only when the new one is not worse on held-out samples
+
+
+def test_the_held_out_share_is_fixed_disjoint_and_a_fifth() -> None:
+    fit, held = holdout_split(60)
+    assert (len(fit), len(held)) == (48, 12)
+    assert sorted([*fit, *held]) == list(range(60))
+    again_fit, again_held = holdout_split(60)
+    assert held.tolist() == again_held.tolist() and fit.tolist() == again_fit.tolist()
+    assert holdout_split(4)[1].size == 0  # too few samples to hold any out
+
+
+def test_a_round_with_zero_epochs_does_not_replace_a_good_personal_head(
+    data: LocalData, head: Weights
+) -> None:
+    good = _run(_task(_settings(train={"epochs": 30, "lr": 0.5})), head, data).trained
+    assert good is not None
+    _, held = holdout_split(len(data.labels))
+    good_accuracy = head_accuracy(LAYERS, good, data.features[held], data.labels[held])
+    assert good_accuracy > head_accuracy(LAYERS, head, data.features[held], data.labels[held])
+
+    def answer(epochs: int, personal: Weights | None) -> LocalRound:
+        return run_local_round(
+            _task(_settings(train={"epochs": epochs, "lr": 0.5})), {"default": head}, data,
+            LAYERS, 1, BOARD, ErrorFeedback(), clock=itertools.count().__next__,
+            noise_rng=np.random.default_rng(0), personal=personal,
+        )  # fmt: skip
+
+    assert answer(0, personal=good).trained is None  # the global head is worse: kept
+    assert answer(0, personal=None).trained is not None  # nothing better to keep
+    better = answer(30, personal=head)  # an untrained personal head gives way
+    assert better.trained is not None
+    assert read_update_header(answer(0, personal=good).payload).status == "ok"
