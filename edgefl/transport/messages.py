@@ -355,6 +355,8 @@ def decode_round_task(data: bytes) -> tuple[RoundTask, dict[str, Weights]]:
         head, _, key = name.partition("/")
         if not key:
             raise MessageError(f"task tensor {name!r} is not named 'task/parameter'")
+        if value.dtype != np.float32:
+            raise MessageError(f"task tensor {name!r} is {value.dtype}, not float32")
         heads.setdefault(head, {})[key] = value
     return task, heads
 

@@ -581,6 +581,13 @@ def refused_cases() -> dict[str, Case]:
             "the task header lacks the required field round",
             safetensors_with_header(task, {"default/0.bias": np.zeros(2, np.float32)}),
         ),
+        "refuse-task-float64-head": (
+            "task", topics.round_task(FLEET, 5),
+            "head tensors are float32; a float64 one is refused",
+            safetensors_with_header(
+                asdict(round_task()), {"default/0.bias": np.zeros(2, np.float64)}
+            ),
+        ),
         "refuse-update-newer-schema": (
             "update", update_topic,
             "an update header of schema_version 3",
