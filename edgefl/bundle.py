@@ -31,6 +31,10 @@ from edgefl.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# On a board that downloaded only some of a release's artifacts: the release's full manifest text,
+# as signed. Its digest is the bundle's identity (what the aggregator federates), not the digest of
+# the board's own manifest.json, which lists only the files present.
+FULL_MANIFEST_FILE = "full-manifest.json"
 REPORT_FILE = "report.json"
 DEFAULT_TASK = "default"
 
@@ -298,6 +302,25 @@ class ModelBundle:
                 raise BundleError(f"bundle file {artifact.file} does not match its SHA-256")
 
 
+def _full_manifest_digest(root: Path, manifest: Manifest) -> str:
+    """Return the digest of the full manifest a partial bundle came from ("" when there is none).
+
+    Raises:
+        BundleError: the full manifest is not one this bundle's files were taken from.
+    """
+    path = root / FULL_MANIFEST_FILE
+    if not path.is_file():
+        return ""
+    text = path.read_bytes()
+    full = Manifest.from_json(text)
+    listed = {(a.file, a.sha256) for a in full.artifacts}
+    if (full.name, full.version) != (manifest.name, manifest.version) or not all(
+        (a.file, a.sha256) in listed for a in manifest.artifacts
+    ):
+        raise BundleError(f"{path} is not the manifest {root / MANIFEST_FILE} was taken from")
+    return manifest_digest(text)
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> ModelBundle:
     """Open a bundle directory.
 
@@ -312,7 +335,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> ModelBundle:
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST_FILE} not found")
-    bundle = ModelBundle(root, Manifest.from_json(manifest_path.read_bytes()))
+    manifest = Manifest.from_json(manifest_path.read_bytes())
+    bundle = ModelBundle(root, manifest, digest=_full_manifest_digest(root, manifest))
     if verify:
         bundle.verify()
     return bundle

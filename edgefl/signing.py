@@ -1,9 +1,13 @@
 """Ed25519 keys and signatures: who may publish a bundle to a fleet, checked on every board.
 
 The publisher keeps `signing.key` (PKCS#8 PEM, mode 0600); boards get `signing.pub`
-(SubjectPublicKeyInfo PEM) and pass it as `--trust-key`. What gets signed is canonical JSON
-(`Manifest.to_json()` inside the delivery release), so the signature covers every artifact's
-SHA-256 and, through them, every byte a board runs.
+(SubjectPublicKeyInfo PEM) and pass it as `--trust-key`.
+
+Signed messages travel as an `Envelope`: the signed part is carried as bytes (base64 in JSON) and
+the signature covers exactly those bytes, so a receiver in any language verifies what it received
+and only then parses it; nothing is re-serialized for a check. A release's signed part holds the
+manifest text, so the signature covers every artifact's SHA-256 and, through them, every byte a
+board runs.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgefl.errors import KeyFileError, SignatureError
+from edgefl.errors import KeyFileError, MessageError, SignatureError
 
 PRIVATE_KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
@@ -139,6 +145,102 @@ def verify(key: Ed25519PublicKey, payload: bytes, signature: str) -> None:
         raise SignatureError(
             f"signature does not match (not signed by trusted key {key_id(key)}, or altered)"
         ) from None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A signed message on the wire: `{"signed": b64, "signature": b64, "key_id": hex}`.
+
+    `signed` holds the exact bytes the Ed25519 signature covers (for releases, UTF-8 JSON). Every
+    field a receiver acts on is inside them; `key_id` only names the signer for error messages,
+    and other fields outside `signed` are ignored.
+    """
+
+    signed: bytes
+    signature: str
+    key_id: str = ""
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the signed bytes followed by the raw signature: this exact message.
+
+        A copy with other signed bytes or another signature has another digest, so a forged copy
+        can never speak for the genuine message.
+        """
+        raw = base64.b64decode(self.signature) if _is_base64(self.signature) else b""
+        return hashlib.sha256(self.signed + raw).hexdigest()
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire (ASCII JSON)."""
+        return json.dumps(
+            {
+                "signed": base64.b64encode(self.signed).decode("ascii"),
+                "signature": self.signature,
+                "key_id": self.key_id,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode("ascii")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str = "message") -> Envelope:
+        """Decode an envelope (without verifying it).
+
+        Args:
+            data: the message payload as received.
+            what: what the message is, for error messages ("release").
+
+        Raises:
+            MessageError: not a JSON object, or `signed`, `signature` or `key_id` is missing,
+                not a string or not base64 (the message names the field).
+        """
+        try:
+            raw: Any = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MessageError(f"{what} is malformed: not JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise MessageError(f"{what} is malformed: not a JSON object")
+        for name in ("signed", "signature"):
+            if not isinstance(raw.get(name), str):
+                raise MessageError(
+                    f"{what} is malformed: field '{name}' must be a string, not"
+                    f" {type(raw.get(name)).__name__}"
+                )
+        key = raw.get("key_id", "")
+        if not isinstance(key, str):
+            raise MessageError(f"{what} is malformed: field 'key_id' must be a string")
+        try:
+            signed = base64.b64decode(raw["signed"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MessageError(f"{what} is malformed: field 'signed' is not base64") from exc
+        return cls(signed, raw["signature"], key)
+
+    def verify(self, key: Ed25519PublicKey) -> bytes:
+        """Check the signature over the signed bytes; return them.
+
+        Raises:
+            SignatureError: unsigned, not signed by `key`, or altered after signing.
+        """
+        try:
+            verify(key, self.signed, self.signature)
+        except SignatureError as exc:
+            if self.key_id and self.key_id != key_id(key):
+                raise SignatureError(f"{exc} (signed with key {self.key_id})") from None
+            raise
+        return self.signed
+
+
+def seal(key: Ed25519PrivateKey, signed: bytes) -> Envelope:
+    """Sign bytes and wrap them in an envelope."""
+    return Envelope(signed, sign(key, signed), key_id(key.public_key()))
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
 
 
 def _read_key_file(path: str | Path) -> bytes:

@@ -3,6 +3,7 @@ rolled back with its reason, group targeting, and a board offline during the dep
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shutil
 from collections.abc import Iterator
@@ -101,7 +102,9 @@ def test_wrong_key_older_version_and_broken_bundle_fail_with_reasons(
     assert fleet.versions() == {"pi-1": 2, "pi-2": 2}
 
 
-def test_tampered_chunk_on_the_wire_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+def test_a_tampered_chunk_on_the_wire_is_fetched_again_until_the_genuine_one_comes(
+    fleet: Fleet, tmp_path: Path
+) -> None:
     agent = fleet.start("pi-1")
     good = make_test_bundle(tmp_path / "b1", 1)
     release = build_release(
@@ -120,16 +123,78 @@ def test_tampered_chunk_on_the_wire_is_refused(fleet: Fleet, tmp_path: Path) -> 
         lambda m: reports.append(DeployReport.from_bytes(m.payload)),
     )
     client.connect()
+    release_topics = [topics.fleet_release(fleet.name)]
     try:
-        _publish_release(client, fleet.name, tampered, release, [topics.fleet_release(fleet.name)])
+        # The bad copy is retained in place of the genuine chunk: re-fetching brings it back.
+        _publish_release(client, fleet.name, tampered, release, release_topics)
         assert wait_for(lambda: bool(reports) and reports[-1].terminal)
+        assert reports[-1].state == "failed"
+        assert f"backbone-fp32.onnx: chunk {last_chunk} does not match its SHA-256" in (
+            reports[-1].reason
+        )
+        assert "waiting for a genuine copy" in reports[-1].reason
+        assert agent.model_version == 0
+        # Published again, genuine: the board was still listening and installs it.
+        _publish_release(client, fleet.name, good.path, release, release_topics)
+        assert wait_for(lambda: agent.model_version == 1)
     finally:
         client.close()
-    assert reports[-1].state == "refused"
-    assert (
-        f"backbone-fp32.onnx: chunk {last_chunk} does not match its SHA-256" in reports[-1].reason
-    )
-    assert agent.model_version == 0
+    assert reports[-1].state == "installed"
+
+
+def test_a_stray_chunk_does_not_block_the_release_even_across_restarts(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    for device in ("pi-1", "pi-2", "pi-3", "pi-4"):
+        fleet.start(device)
+    stray = MqttClient(fleet.broker.url, "stray")
+    stray.connect()
+    try:
+        topic = topics.artifact_chunk(fleet.name, 8, "backbone-fp32.onnx", 999)
+        assert stray.publish(topic, b"not a chunk", qos=1, retain=True).wait(5)
+    finally:
+        stray.close()
+    result = fleet.deploy(make_test_bundle(tmp_path / "b8", 8).path, "--chunk-size", "1024")
+    assert result.exit_code == 0, result.output
+    assert "4 updated, 0 failed, 0 offline" in result.output
+    fleet.stop("pi-1")
+    restarted = fleet.start("pi-1")  # the retained stray chunk is still there
+    assert wait_for(lambda: restarted.model_version == 8)
+
+
+def forged_releases(fleet: Fleet, tmp_path: Path) -> dict[str, bytes]:
+    """Retained messages a stranger could leave on `models/current`."""
+    bundle = make_test_bundle(tmp_path / "forged", 9)
+    stranger = signing.init_keys(tmp_path / "stranger")
+    other = build_release(bundle, signing.load_private_key(stranger.private), Targets(), 1024)
+    ours = build_release(bundle, signing.load_private_key(fleet.keys.private), Targets(), 1024)
+    wrong_types = ours.envelope.signed.replace(b'"chunk_size":1024', b'"chunk_size":"1024"')
+    return {
+        "another key": other.to_bytes(),
+        "garbage": b"\x00not json{",
+        "wrong types": signing.seal(
+            signing.load_private_key(fleet.keys.private), wrong_types
+        ).to_bytes(),
+        "altered": dataclasses.replace(ours.envelope, signed=wrong_types).to_bytes(),
+    }
+
+
+def test_forged_retained_releases_do_not_keep_a_late_board_from_the_genuine_one(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.start("lab-0", group="lab")
+    result = fleet.deploy(make_test_bundle(tmp_path / "b1", 1).path, "--group", "lab")
+    assert result.exit_code == 0, result.output
+    forger = MqttClient(fleet.broker.url, "forger")
+    forger.connect()
+    try:
+        for index, (kind, payload) in enumerate(forged_releases(fleet, tmp_path).items()):
+            published = forger.publish(topics.fleet_release(fleet.name), payload, 1, retain=True)
+            assert published.wait(5)
+            late = fleet.start(f"late-{index}", group="lab")
+            assert wait_for(lambda late=late: late.model_version == 1), kind  # type: ignore[misc]
+    finally:
+        forger.close()
 
 
 def test_group_deploy_and_offline_board_catches_up(fleet: Fleet, tmp_path: Path) -> None:

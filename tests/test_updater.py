@@ -17,7 +17,7 @@ from edgefl.bundle import ModelBundle
 from edgefl.delivery.chunks import split
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.delivery.store import BundleStore
-from edgefl.delivery.updater import Updater
+from edgefl.delivery.updater import MAX_REFETCHES, Updater
 from edgefl.transport import topics
 
 FLEET = "lab"
@@ -87,15 +87,22 @@ def release_of(bundle: ModelBundle, keys: signing.KeyPaths, **targets: Any) -> R
 
 def test_installs_only_the_preferred_artifact_and_reports(tmp_path: Path, keys: Any) -> None:
     bundle = make_test_bundle(tmp_path / "b1", 1, precisions=("fp32", "int8"))
-    board = make_board(tmp_path, keys)
+    handed: list[ModelBundle] = []
+    board = make_board(tmp_path, keys, on_installed=handed.append)
     board.send(release_of(bundle, keys), bundle)
     assert board.last.state == "installed", board.last
     assert board.last.running_version == 1
     installed = board.updater.store.current_path
     assert installed is not None
     assert sorted(p.name for p in installed.iterdir()) == [
-        "backbone-int8.onnx", "head.safetensors", "manifest.json", "release.json",
+        "backbone-int8.onnx", "full-manifest.json", "head.safetensors", "manifest.json",
+        "release.json",
     ]  # fmt: skip
+    # The board's manifest lists 2 of 3 artifacts; its identity is still the full bundle's, the
+    # digest the aggregator federates.
+    assert len(handed[0].manifest.artifacts) == 2 and handed[0].digest == bundle.digest
+    current = board.updater.store.current()
+    assert current is not None and current.digest == bundle.digest
     progress = [r for r in board.reports if r.state == "downloading"]
     sizes = {a.file: a.size for a in bundle.manifest.artifacts}
     assert progress[0].total_bytes == sizes["backbone-int8.onnx"] + sizes["head.safetensors"]
@@ -106,8 +113,7 @@ def test_unsigned_and_foreign_signatures_are_refused(tmp_path: Path, keys: Any) 
     bundle = make_test_bundle(tmp_path / "b1", 1)
     board = make_board(tmp_path, keys)
     unsigned = release_of(bundle, keys)
-    unsigned.signature = ""
-    board.send(unsigned, bundle)
+    board.updater.on_release(signing.Envelope(unsigned.envelope.signed, "").to_bytes())
     assert (board.last.state, board.last.reason) == ("refused", "bundle is not signed")
     other = signing.init_keys(tmp_path / "other")
     board.send(release_of(bundle, other), bundle)
@@ -120,22 +126,60 @@ def test_release_altered_after_signing_is_refused(tmp_path: Path, keys: Any) -> 
     bundle = make_test_bundle(tmp_path / "b1", 1)
     board = make_board(tmp_path, keys)
     release = release_of(bundle, keys)
-    release.chunk_size = 2048  # anything changed after signing breaks the signature
-    board.send(release, bundle)
+    signed = release.envelope.signed.replace(b'"chunk_size":1024', b'"chunk_size":2048')
+    assert signed != release.envelope.signed  # any byte changed after signing breaks it
+    board.updater.on_release(dataclasses.replace(release.envelope, signed=signed).to_bytes())
     assert board.last.state == "refused"
     assert "signature does not match" in board.last.reason
+    assert board.updater.store.state().rejected == {}  # anyone can publish that: not remembered
 
 
-def test_tampered_chunk_is_refused_and_old_bundle_keeps_running(tmp_path: Path, keys: Any) -> None:
+def test_a_bad_chunk_is_fetched_again_and_the_release_installs(tmp_path: Path, keys: Any) -> None:
     board = make_board(tmp_path, keys)
     first = make_test_bundle(tmp_path / "b1", 1)
     board.send(release_of(first, keys), first)
     second = make_test_bundle(tmp_path / "b2", 2)
-    board.send(release_of(second, keys), second, tamper="backbone-fp32.onnx")
-    assert board.last.state == "refused"
-    assert "backbone-fp32.onnx" in board.last.reason and "SHA-256" in board.last.reason
+    release = release_of(second, keys)
+    board.send(release, second, tamper="backbone-fp32.onnx")
+    chunk_0 = topics.artifact_chunk(FLEET, 2, "backbone-fp32.onnx", 0)
+    assert board.last.state == "downloading" and chunk_0 in board.subscribed  # asked again
     assert board.updater.running_version == 1
+    board.send(release, second)  # the broker re-sends the retained chunks: the genuine one
+    assert board.last.state == "installed" and board.updater.running_version == 2
     assert board.subscribed == []
+
+
+def test_a_retained_bad_chunk_waits_for_the_genuine_one_and_survives_a_restart(
+    tmp_path: Path, keys: Any
+) -> None:
+    bundle = make_test_bundle(tmp_path / "b1", 1)
+    release = release_of(bundle, keys)
+    board = make_board(tmp_path, keys)
+    board.updater.on_release(release.to_bytes())
+    topic = topics.artifact_chunk(FLEET, 1, "backbone-fp32.onnx", 0)
+    for _ in range(MAX_REFETCHES + 3):  # the stray copy comes back on every re-subscribe
+        board.updater.on_chunk(topic, b"x" * 1024)
+    failed = [r for r in board.reports if r.state == "failed"]
+    assert len(failed) == 1 and f"{MAX_REFETCHES + 1} times" in failed[0].reason
+    assert "waiting for a genuine copy" in failed[0].reason
+    assert board.updater.store.state().rejected == {}
+    restarted = make_board(tmp_path, keys)  # the stray chunk was cleared, the board restarted
+    restarted.send(release, bundle)
+    assert restarted.last.state == "installed"
+    board.send(release, bundle)  # or the genuine chunk is published again while it waits
+    assert board.last.state in ("installed", "current")
+
+
+def test_chunk_indexes_the_release_does_not_have_are_ignored(tmp_path: Path, keys: Any) -> None:
+    bundle = make_test_bundle(tmp_path / "b1", 1)
+    board = make_board(tmp_path, keys)
+    release = release_of(bundle, keys)
+    board.updater.on_release(release.to_bytes())
+    board.updater.on_chunk(topics.artifact_chunk(FLEET, 1, "backbone-fp32.onnx", 999), b"zz")
+    board.updater.on_chunk(topics.artifact_chunk(FLEET, 1, "backbone-fp32.onnx", -1), b"zz")
+    assert [r.state for r in board.reports] == ["downloading"]
+    board.send(release, bundle)
+    assert board.last.state == "installed"
 
 
 def test_older_version_is_refused_as_rollback_and_same_version_is_current(
@@ -198,5 +242,6 @@ def test_garbage_release_is_reported_not_raised(tmp_path: Path, keys: Any) -> No
     board = make_board(tmp_path, keys)
     board.updater.on_release(b"{not json")
     assert board.last.state == "refused" and "malformed" in board.last.reason
+    assert board.last.version == 0
     board.updater.on_chunk(topics.artifact_chunk(FLEET, 1, "x.onnx", 0), b"zz")  # no download
     assert len(board.reports) == 1

@@ -124,6 +124,10 @@ class ChunkAssembler:
         """Whether every chunk has arrived."""
         return self._received == self.total
 
+    def has(self, index: int) -> bool:
+        """Whether a valid copy of chunk `index` has arrived (False for an index out of range)."""
+        return 0 <= index < self.total and self._have[index]
+
     def add(self, index: int, chunk: bytes) -> bool:
         """Store one chunk.
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgefl.bundle import load_bundle
 from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
 from edgefl.delivery.fleet_view import StatusCollector, wait_for_retained
-from edgefl.delivery.release import DeployReport, Release, Targets, build_release
+from edgefl.delivery.release import DeployReport, Release, Targets, build_release, open_release
 from edgefl.errors import EdgeflError, InputError, TransportError
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
@@ -253,13 +253,15 @@ def deploy(
         if on_report is not None:
             on_report(report)
 
+    trusted = key.public_key()
+
     def on_release(message: Message) -> None:
         if not message.payload:
             return
         try:
-            release_seen = Release.from_bytes(message.payload)
+            release_seen = open_release(message.payload, trusted)
         except EdgeflError:
-            return
+            return  # not ours (another key, forged or malformed): its chunks are not ours either
         with lock:
             retained[message.topic] = release_seen
             collector.last_message[0] = time.monotonic()

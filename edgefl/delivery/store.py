@@ -3,7 +3,9 @@
 Layout under the models directory (e.g. /var/lib/edgefl/models):
 
     releases/v{version}-{id}/   one installed bundle: the artifacts this board downloaded, a
-                                manifest.json listing just those, and release.json (as signed)
+                                manifest.json listing just those, full-manifest.json (the
+                                release's manifest text: the bundle's digest) and release.json
+                                (the release message as received)
     current -> releases/...     the bundle the agent runs (a symlink, replaced with one rename)
     previous -> releases/...    what `current` pointed to before the last install
     state.json                  highest version installed, versions refused and why
@@ -22,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgefl.atomic import replace_symlink, replacing_dir, write_atomic
-from edgefl.bundle import MANIFEST_FILE, ModelBundle, load_bundle
+from edgefl.bundle import FULL_MANIFEST_FILE, MANIFEST_FILE, ModelBundle, load_bundle
 from edgefl.errors import BundleError
 
 RELEASE_FILE = "release.json"
@@ -94,7 +96,14 @@ class BundleStore:
         bundle = self.current()
         return 0 if bundle is None else bundle.manifest.version
 
-    def stage(self, name: str, files: dict[str, bytes], manifest_json: str, release: bytes) -> Path:
+    def stage(
+        self,
+        name: str,
+        files: dict[str, bytes],
+        manifest_json: str,
+        release: bytes,
+        full_manifest_json: str | None = None,
+    ) -> Path:
         """Write a bundle's files under staging/, fsync them, and move them into releases/.
 
         Args:
@@ -102,6 +111,8 @@ class BundleStore:
             files: artifact file name -> contents (already verified).
             manifest_json: the board's manifest (listing only the files it downloaded).
             release: the signed release message, kept so the board can re-check it later.
+            full_manifest_json: the release's full manifest text, when `manifest_json` lists
+                only some of its artifacts; the loaded bundle's digest is this text's.
 
         Returns:
             The new release directory.
@@ -112,10 +123,14 @@ class BundleStore:
         target = self.root / "releases" / name
         try:
             with replacing_dir(target, staging_root=self.root / "staging") as staging:
+                extra = (
+                    {} if full_manifest_json is None else {FULL_MANIFEST_FILE: full_manifest_json}
+                )
                 for file, data in {
                     **files,
                     MANIFEST_FILE: manifest_json.encode(),
                     RELEASE_FILE: release,
+                    **{k: v.encode() for k, v in extra.items()},
                 }.items():
                     (staging / file).write_bytes(data)
         except OSError as exc:

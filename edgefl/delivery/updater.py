@@ -5,17 +5,25 @@ unsubscribe) so tests drive it with literal messages. `updater_binding` binds it
 and an agent; `smoke_test` holds the check that a freshly installed bundle runs.
 
 For every release it receives, a board:
-  1. checks the Ed25519 signature against its trusted key (unsigned or wrong: refused),
+  1. checks the Ed25519 signature over the exact signed bytes against its trusted key, and only
+     then parses them (unsigned, wrong or malformed: refused, never remembered: a forged retained
+     message must not keep a board from the genuine release on another topic or later),
   2. checks it is targeted and newer than what it runs (older: refused, rollback protection),
   3. picks the backbone its profile prefers and subscribes to the chunks of that file and the heads,
-  4. checks each chunk's SHA-256 from the signed release as it arrives (bad chunk: refused),
+  4. checks each chunk's SHA-256 from the signed release as it arrives: a bad chunk is discarded
+     and fetched again (a few times, then it waits for a genuine copy and says so); an index
+     the release does not have is ignored,
   5. checks each artifact's size and SHA-256 against the signed manifest,
   6. stages the files, swaps `current` atomically, runs a smoke inference in the real runtime,
   7. on failure swaps back to the previous bundle (rolled back), and reports the outcome.
+
+Only a genuinely signed release that failed its install (manifest mismatch, rolled back) is
+remembered as refused in state.json; nothing a third party can publish is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,8 +35,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edgefl import signing
 from edgefl.bundle import Artifact, Manifest, ModelBundle, load_bundle
-from edgefl.delivery.chunks import ChunkAssembler
+from edgefl.delivery.chunks import ChunkAssembler, ChunkError
 from edgefl.delivery.release import (
     CURRENT,
     DOWNLOADING,
@@ -38,10 +47,11 @@ from edgefl.delivery.release import (
     ROLLED_BACK,
     DeployReport,
     Release,
+    release_id,
 )
 from edgefl.delivery.smoke_test import SmokeTest, smoke_inference
 from edgefl.delivery.store import BundleStore
-from edgefl.errors import EdgeflError, SignatureError
+from edgefl.errors import EdgeflError
 from edgefl.transport import topics
 
 log = logging.getLogger(__name__)
@@ -54,6 +64,9 @@ _PROGRESS_STEPS = 10
 # Refusals remembered in state.json: enough that a retained bad release is not retried on every
 # reconnect, few enough that the file stays small.
 _REMEMBERED_REFUSALS = 20
+# A chunk that fails its SHA-256 is fetched again this many times (a stray copy published live is
+# replaced by the retained genuine one); then the board waits for a genuine copy to be published.
+MAX_REFETCHES = 3
 
 
 @dataclass
@@ -66,6 +79,7 @@ class _Download:
     assemblers: dict[str, ChunkAssembler]
     filters: list[str]
     next_step: int = 1
+    bad_chunks: dict[str, int] = dataclasses.field(default_factory=dict)  # topic -> failures
 
     @property
     def total_bytes(self) -> int:
@@ -170,10 +184,13 @@ class Updater:
                 or file not in download.assemblers
             ):
                 return  # a chunk of another release or artifact: not for this board now
+            assembler = download.assemblers[file]
+            if not 0 <= index < assembler.total or assembler.has(index):
+                return  # not a chunk of this release, or one already verified: nothing to do
             try:
-                download.assemblers[file].add(index, payload)
-            except EdgeflError as exc:
-                self._abandon(download, REFUSED, f"{file}: {exc}")
+                assembler.add(index, payload)
+            except ChunkError as exc:
+                self._refetch(download, file, index, exc)
                 return
             self._progress(download)
             if all(a.complete for a in download.assemblers.values()):
@@ -184,36 +201,28 @@ class Updater:
 
     def _handle_release(self, payload: bytes) -> None:
         try:
-            release = Release.from_bytes(payload)
+            envelope = signing.Envelope.from_bytes(payload, "release")
         except EdgeflError as exc:
-            self._send(0, REFUSED, str(exc))
+            self._unverified(0, str(exc), "")
             return
-        rid = release.release_id
-        try:
-            manifest = release.manifest
-        except EdgeflError as exc:
-            self._send(0, REFUSED, str(exc), release_id=rid)
-            return
-        version = manifest.version
-        name = f"v{version}-{release.release_id}"
+        rid = release_id(envelope)
         download = self._download
-        if download is not None and download.name == name:
+        if download is not None and download.release.release_id == rid:
             return  # the same release again (a reconnect): keep downloading
         if self._installing:
             return  # the retained release is re-read after the install finishes
         if self.trust_key is None:
-            self._send(
-                version,
-                REFUSED,
-                "the agent has no trusted key configured (`trust_key`)",
-                release_id=rid,
-            )
+            self._unverified(0, "the agent has no trusted key configured (`trust_key`)", rid)
             return
         try:
-            release.verify(self.trust_key)
-        except SignatureError as exc:
-            self._send(version, REFUSED, str(exc), release_id=rid)
+            envelope.verify(self.trust_key)
+            release = Release.from_signed(envelope)
+            manifest = release.manifest
+        except EdgeflError as exc:
+            self._unverified(0, str(exc), rid)
             return
+        version = manifest.version
+        name = f"v{version}-{rid}"
         if not release.targets.includes(self.device_id, self.group):
             return  # signed for other boards; someone re-posted it here
         state = self.store.state()
@@ -276,13 +285,49 @@ class Updater:
                 download.release.release_id,
             )
 
-    def _abandon(self, download: _Download, state: str, reason: str) -> None:
-        self._drop_filters(download)
-        self._download = None
-        self._reject(download.name, reason)
-        self._send(
-            download.release.manifest.version, state, reason, release_id=download.release.release_id
-        )
+    def _refetch(self, download: _Download, file: str, index: int, error: ChunkError) -> None:
+        """Discard a chunk that failed its check and subscribe to its topic again.
+
+        Re-subscribing makes the broker send the retained copy again: a stray copy published
+        live is replaced by the genuine one. A bad copy retained in place of the genuine one
+        comes back each time, so after MAX_REFETCHES the board stops asking, reports why, and
+        keeps listening: it installs as soon as a genuine copy is published (a deploy again).
+        """
+        release = download.release
+        version = release.manifest.version
+        topic = topics.artifact_chunk(self.fleet, version, file, index)
+        failures = download.bad_chunks[topic] = download.bad_chunks.get(topic, 0) + 1
+        if failures <= MAX_REFETCHES:
+            log.warning(
+                "%s: %s: %s; fetching it again (%d of %d)",
+                self.device_id, file, error, failures, MAX_REFETCHES,
+            )  # fmt: skip
+            if topic in download.filters:
+                self._unsubscribe(topic)
+            else:
+                download.filters.append(topic)
+            self._subscribe(topic)
+        elif failures == MAX_REFETCHES + 1:
+            self._send(
+                version,
+                FAILED,
+                f"{file}: {error}, {failures} times; waiting for a genuine copy"
+                " (deploy the release again or clear the stray chunk)",
+                download.received_bytes,
+                download.total_bytes,
+                release.release_id,
+            )
+
+    def _unverified(self, version: int, reason: str, rid: str) -> None:
+        """Refuse a release message that cannot be verified or parsed, without remembering it.
+
+        While a verified release downloads or installs, it is only logged: anyone can publish
+        such a message, and its report must not stand for the genuine release's.
+        """
+        if self._download is not None or self._installing:
+            log.warning("%s: ignored a release message: %s", self.device_id, reason)
+            return
+        self._send(version, REFUSED, reason, release_id=rid)
 
     def _drop_filters(self, download: _Download) -> None:
         for topic_filter in download.filters:
@@ -349,11 +394,15 @@ class Updater:
                 return REFUSED, f"{file} does not match the SHA-256 in the signed manifest"
             files[file] = data
         # The board's manifest lists only what it downloaded, so the directory is a complete
-        # bundle `load_bundle` verifies; the signed text stays in release.json.
+        # bundle `load_bundle` verifies; the signed full text (the bundle's digest) beside it.
         local = Manifest.from_json(download.release.manifest_json)
         local.artifacts = [a for a in local.artifacts if a.file in files]
         release_dir = self.store.stage(
-            download.name, files, json.dumps(local.to_dict(), indent=2), download.payload
+            download.name,
+            files,
+            json.dumps(local.to_dict(), indent=2),
+            download.payload,
+            download.release.manifest_json,
         )
         self.store.activate(release_dir)
         try:
