@@ -5,126 +5,66 @@ SQLite, no clock (every time-dependent call takes `now`, Unix seconds). The aggr
 (`edgefl.roles.aggregator`) feeds it statuses and update bytes from the network, records what it
 answers, and publishes what it produces. A round:
 
-1. `observe_status` keeps each device's latest status and when it was heard;
-2. `open_round` asks the strategy which online devices train and with which `RoundSettings`;
-3. `receive` judges each update's bytes: a `Verdict` accepted, rejected (with a code and reason),
-   late, or a re-delivery of bytes already counted (nothing to do);
-4. `due` says when every selected device answered or the deadline passed;
-5. `close_round` checks the quorum and, if met, aggregates per task with the strategy.
+1. `observe_status` keeps each device's latest status and when it was heard; a device is
+   eligible only when its status names the exact bundle digest federated (not a version number);
+2. `ready` and `settled` say when the first round may select: `min_devices` online, and no new
+   eligible device came online for `settle_s` seconds;
+3. `open_round` asks the strategy which online devices train and with which `RoundSettings`; the
+   round is named by the run ID, the head digest and the bundle digest, which updates echo;
+4. `receive` judges each update's bytes: a `Verdict` accepted, rejected (with a code and reason),
+   late, or a re-delivery of bytes already counted (nothing to do). A rejected update from a
+   selected device for the open round is that device's answer, so the round need not wait;
+5. `due` says when every selected device answered or the deadline passed;
+6. `close_round` checks the quorum and, if met, bounds each update's influence
+   (`edgefl.core.influence`) and aggregates per task with the strategy.
 
-An aggregator restarted mid-round calls `resume` with the stored round and its accepted updates.
+A rejection is counted in the round its topic names: one for a closed round is the record's to
+keep under that round, never the open round's. An aggregator restarted mid-round calls `resume`
+with the stored round and its stored answers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from edgefl.core.codecs import decode_delta
+from edgefl.core.influence import InfluenceBound, bound_updates
+from edgefl.core.round_state import (
+    ACCEPTED,
+    DEVICE_METRICS,
+    LATE,
+    NO_ANSWER,
+    REJECTED,
+    REPEATED,
+    AcceptedUpdate,
+    ClosedRound,
+    OpenRound,
+    StoredAnswer,
+    Verdict,
+    update_metrics,
+)
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import Strategy
 from edgefl.core.validation import UpdateRejected, validate_delta
 from edgefl.errors import MessageError
-from edgefl.head import Weights
+from edgefl.head import Weights, head_digest
 from edgefl.transport import presence
 from edgefl.transport.messages import DeviceStatus, UpdateHeader, read_update_header
 
+__all__ = [
+    "ACCEPTED", "DEVICE_METRICS", "LATE", "NO_ANSWER", "REJECTED", "REPEATED", "AcceptedUpdate",
+    "ClosedRound", "OpenRound", "RoundEngine", "StoredAnswer", "StoredRejection", "Verdict",
+    "update_metrics",
+]  # fmt: skip
+
 log = logging.getLogger(__name__)
 
-# What `RoundEngine.receive` decided about an update.
-ACCEPTED = "accepted"
-REJECTED = "rejected"
-LATE = "late"  # for a round already closed; recorded, counted apart from rejections
-REPEATED = "repeated"  # the same bytes again (re-delivery after a reconnect): already counted
-
-# Device metrics averaged over a round's accepted updates, weighted by samples.
-DEVICE_METRICS = ("loss", "global_accuracy", "personal_accuracy")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the engine decided about one update, with what the record needs to keep."""
-
-    outcome: str  # ACCEPTED | REJECTED | LATE | REPEATED
-    round: int
-    device: str
-    code: str = ""  # why it was rejected or late
-    reason: str = ""
-    task: str = ""
-    samples: int = 0
-    sha256: str = ""
-    size: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    complete: bool = False  # every selected device of the open round has now answered
-
-
-@dataclass
-class AcceptedUpdate:
-    """An update taken into a round: the decoded delta and what it reported."""
-
-    delta: Weights
-    samples: int
-    sha256: str
-    size: int
-    metrics: dict[str, float]
-
-
-@dataclass
-class OpenRound:
-    """A round from selection to close. `config` is the task's settings as sent on the wire."""
-
-    number: int
-    selected: dict[str, str]  # device -> task
-    config: dict[str, Any]
-    deadline: float  # Unix time
-    head_version: int
-    online: int = 0
-    stale: list[str] = field(default_factory=list)
-    accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
-    answered: dict[str, str] = field(default_factory=dict)  # device -> sha256 (errors too)
-    rejected: Counter[str] = field(default_factory=Counter)
-    late: int = 0
-    closed: bool = False
-
-    @property
-    def complete(self) -> bool:
-        """Whether every selected device has answered (an error answer counts)."""
-        return len(self.answered) >= len(self.selected)
-
-
-@dataclass(frozen=True)
-class ClosedRound:
-    """What closing a round produced."""
-
-    number: int
-    status: str  # "closed" (aggregated) | "failed" (below quorum; heads unchanged)
-    reason: str
-    head_version: int  # after the round
-    selected: int
-    accepted: int
-    rejected: dict[str, int]
-    late: int
-    online: int
-    stale: list[str]
-    metrics: dict[str, float]  # from the accepted updates: samples, bytes, device_* averages
-
-
-class StoredAnswer(Protocol):
-    """An accepted update as a record keeps it (`edgefl.roles.record.StoredUpdate` is one)."""
-
-    device_id: str
-    samples: int
-    sha256: str
-    payload: bytes
-    metrics: dict[str, float]
+# A rejected answer as a record keeps it: (device, code, reason, sha256 of the update).
+StoredRejection = tuple[str, str, str, str]
 
 
 class RoundEngine:
@@ -138,19 +78,23 @@ class RoundEngine:
         heads: Mapping[str, Weights],
         head_version: int,
         strategies: Mapping[str, Strategy],
-        model_version: int,
+        bundle_digest: str,
         policy: RoundPolicy | None = None,
         settings: RoundSettings | None = None,
         acceptance: AcceptancePolicy | None = None,
+        run_id: str = "",
     ) -> None:
         """Args:
         heads: the current global head of every task.
         head_version: their version (0: the bundle's own heads).
         strategies: one strategy per task (see `edgefl.core.strategies.build_strategies`).
-        model_version: the bundle version devices must run to be selected.
-        policy: rounds, fraction, quorum, deadline, staleness (default `RoundPolicy()`).
+        bundle_digest: the digest of the bundle devices must run to be selected
+            (`edgefl.bundle.ModelBundle.digest`).
+        policy: rounds, fraction, quorum, deadline, staleness, settling (default `RoundPolicy()`).
         settings: what tasks ask of boards before the strategy's `configure_round`.
-        acceptance: size and norm bounds and the allow-list.
+        acceptance: size and norm bounds, influence bounds and the allow-list.
+        run_id: the aggregation run rounds belong to; updates must echo it (may be set later,
+            before the first round opens).
 
         Raises:
             ValueError: a task without a strategy.
@@ -161,7 +105,8 @@ class RoundEngine:
         self.heads: dict[str, Weights] = dict(heads)
         self.head_version = head_version
         self.strategies = dict(strategies)
-        self.model_version = model_version
+        self.bundle_digest = bundle_digest
+        self.run_id = run_id
         self.policy = policy or RoundPolicy()
         self.settings = settings or RoundSettings()
         self.acceptance = acceptance or AcceptancePolicy()
@@ -170,31 +115,48 @@ class RoundEngine:
         )
         self.statuses: dict[str, DeviceStatus] = {}
         self._seen: dict[str, float] = {}  # device -> Unix time its status counts from
+        self._joined: dict[str, float] = {}  # eligible device -> when it was heard coming online
         self.round: OpenRound | None = None
 
     # -- presence --
 
-    def observe_status(self, status: DeviceStatus, seen: float) -> None:
-        """Keep a device's latest status; `seen` is when it counts from (`presence.seen_at`)."""
-        self.statuses[status.device_id] = status
+    def observe_status(self, status: DeviceStatus, seen: float, now: float | None = None) -> None:
+        """Keep a device's latest status.
+
+        Args:
+            status: the status as received.
+            seen: when it counts from (`presence.seen_at`).
+            now: when the aggregator heard it (default `seen`): settling is measured by it.
+        """
+        device = status.device_id
+        self.statuses[device] = status
         # The broker re-sends retained statuses after a reconnect, dated by the device's clock;
         # it keeps the newest, so a re-sent status is no older than what was heard live.
-        self._seen[status.device_id] = max(seen, self._seen.get(status.device_id, 0.0))
+        self._seen[device] = max(seen, self._seen.get(device, 0.0))
+        if status.state == "online" and self._eligible(status):
+            self._joined.setdefault(device, seen if now is None else now)
+        else:
+            self._joined.pop(device, None)
+
+    def _eligible(self, status: DeviceStatus) -> bool:
+        return (
+            (self._allow is None or status.device_id in self._allow)
+            and status.bundle_digest == self.bundle_digest
+            and status.task in self.heads
+        )
 
     def device_presence(self, now: float) -> dict[str, str]:
         """Return "online", "stale" or "offline" for every device that could train this bundle.
 
-        Eligible: on the allow-list (if any), running the bundle's version, and declaring a task
-        there is a head for.
+        Eligible: on the allow-list (if any), running the bundle's exact digest, and declaring a
+        task there is a head for.
         """
         return {
             device: presence.presence(
                 status, self._seen.get(device, 0.0), now, self.policy.stale_after_s
             )
             for device, status in self.statuses.items()
-            if (self._allow is None or device in self._allow)
-            and status.model_version == self.model_version
-            and status.task in self.heads
+            if self._eligible(status)
         }
 
     def online_devices(self, now: float) -> dict[str, DeviceStatus]:
@@ -211,6 +173,13 @@ class RoundEngine:
     def ready(self, now: float) -> bool:
         """Whether `policy.min_devices` eligible devices are online, so a round can start."""
         return len(self.online_devices(now)) >= self.policy.min_devices
+
+    def settled(self, now: float) -> bool:
+        """Whether the online set has settled: no eligible device came online in the last
+        `policy.settle_s` seconds (statuses arrive on connect, so a fleet shows up in a burst).
+        """
+        last = max(self._joined.values(), default=-math.inf)
+        return now - last >= self.policy.settle_s
 
     # -- opening --
 
@@ -232,12 +201,26 @@ class RoundEngine:
             what = f"devices that are not online: {', '.join(unknown)}" if unknown else "nobody"
             raise ValueError(f"strategy {strategy!r} selected {what} for round {number}")
         selected = {device: online[device].task for device in sorted(plan.selected)}
-        self.round = OpenRound(
-            number, selected, plan.settings.to_wire(), now + self.policy.deadline_s,
-            self.head_version,
-        )  # fmt: skip
+        self.round = self._new_round(number, selected, plan.settings.to_wire(), now)
+        self.round.announced = {device: online[device].samples for device in selected}
         self.count_presence(now)
         return self.round
+
+    def _new_round(
+        self, number: int, selected: Mapping[str, str], config: Mapping[str, Any], now: float
+    ) -> OpenRound:
+        tasks = sorted(set(selected.values()))
+        return OpenRound(
+            number, dict(selected), dict(config), now + self.policy.deadline_s, self.head_version,
+            run_id=self.run_id, bundle_digest=self.bundle_digest,
+            head_digest=head_digest({task: self.heads[task] for task in tasks}),
+        )  # fmt: skip
+
+    def task_heads(self) -> dict[str, Weights]:
+        """Return the heads the open round's task carries (those its head digest names)."""
+        if self.round is None:
+            return {}
+        return {task: self.heads[task] for task in sorted(set(self.round.selected.values()))}
 
     def resume(
         self,
@@ -247,8 +230,9 @@ class RoundEngine:
         config: Mapping[str, Any],
         stored: Iterable[StoredAnswer],
         now: float,
+        rejected: Iterable[StoredRejection] = (),
     ) -> OpenRound:
-        """Reopen a round left open by a restart, with the accepted updates stored for it.
+        """Reopen a round left open by a restart, with the answers stored for it.
 
         The round gets a fresh deadline (`now + deadline_s`): devices need time to see the task
         again. A stored update that cannot be decoded is logged and left out.
@@ -257,13 +241,21 @@ class RoundEngine:
             number, selected, head_version, config: the round as recorded (config: as sent).
             stored: its accepted updates, in arrival order.
             now: the current Unix time.
+            rejected: its rejected answers (device, code, reason, sha256), in arrival order.
 
         Returns:
             The reopened round.
+
+        Raises:
+            ValueError: the round was selected from another head version than the engine's
+                (the record lost a close, or the heads were not the stored ones).
         """
-        round_ = OpenRound(
-            number, dict(selected), dict(config), now + self.policy.deadline_s, head_version
-        )
+        if head_version != self.head_version:
+            raise ValueError(
+                f"round {number} was opened on head v{head_version}, the heads are "
+                f"v{self.head_version}"
+            )
+        round_ = self._new_round(number, selected, config, now)
         for update in stored:
             try:
                 delta, _ = decode_delta(update.payload)
@@ -275,6 +267,11 @@ class RoundEngine:
                 delta, update.samples, update.sha256, len(update.payload), dict(update.metrics)
             )
             round_.answered[update.device_id] = update.sha256
+            round_.answers[update.device_id] = ACCEPTED
+        for device, code, reason, sha256 in rejected:
+            if device in round_.selected and device not in round_.answered:
+                round_.answered[device] = sha256
+                round_.answers[device], round_.reasons[device] = code, reason
         self.round = round_
         return round_
 
@@ -285,62 +282,80 @@ class RoundEngine:
         states = self.device_presence(now)
         self.round.online = sum(state == presence.ONLINE for state in states.values())
         self.round.stale = sorted(d for d, state in states.items() if state == presence.STALE)
+        for device in self.round.selected:
+            if device not in self.round.announced and device in self.statuses:
+                self.round.announced[device] = self.statuses[device].samples
 
     # -- updates --
 
     def receive(self, number: int, device: str, payload: bytes) -> Verdict:
         """Judge one update that arrived on `number`'s topic for `device`.
 
-        Accepted updates join the open round; rejected and late ones are counted in it. The
-        same bytes from the same device again are `REPEATED` and change nothing.
+        Accepted updates join the open round. A rejected one from a selected device for the
+        open round is that device's answer; a later, different update from it is a
+        "duplicate", and the same bytes again are `REPEATED` and change nothing.
 
         Returns:
             The verdict; never raises for anything a device can send.
         """
+        digest = hashlib.sha256(payload).hexdigest()
+        round_ = self.round
+        if round_ is not None and not round_.closed and number == round_.number:
+            previous = round_.answered.get(device)
+            if previous == digest:
+                return Verdict(REPEATED, number, device, task=round_.selected[device],
+                               sha256=digest, size=len(payload))  # fmt: skip
+            if previous is not None:
+                reason = f"{device} already answered round {number}"
+                return self.refuse(number, device, "duplicate", reason, len(payload))
         try:
-            return self._admit(number, device, payload)
+            return self._admit(number, device, payload, digest)
         except UpdateRejected as exc:
-            return self.refuse(number, device, exc.code, exc.reason, len(payload))
+            return self.refuse(number, device, exc.code, exc.reason, len(payload), digest)
 
-    def refuse(self, number: int, device: str, code: str, reason: str, size: int) -> Verdict:
+    def refuse(
+        self, number: int, device: str, code: str, reason: str, size: int, sha256: str = ""
+    ) -> Verdict:
         """Count an update refused before or while reading it (e.g. "oversized", "bad-topic").
+
+        Counted in the open round only when it names that round (or no round: `number` < 0);
+        one for another round is the record's to count under that round. From a selected
+        device that had not answered the open round, it is that device's answer.
 
         Returns:
             A `LATE` verdict for code "round-closed", else `REJECTED`.
         """
         outcome = LATE if code == "round-closed" else REJECTED
         round_ = self.round
-        if round_ is not None and not round_.closed:
-            # Counted in the round that is open, whichever round the update named.
+        complete = False
+        if round_ is not None and not round_.closed and number in (round_.number, -1):
             if outcome == LATE:
                 round_.late += 1
             else:
                 round_.rejected[code] += 1
+            if number == round_.number and device in round_.selected and code != "duplicate":
+                round_.answered.setdefault(device, sha256)
+                round_.answers.setdefault(device, code)
+                round_.reasons.setdefault(device, reason)
+                complete = round_.complete
         log.warning("round %d: rejected update from %s: %s: %s", number, device, code, reason)
-        return Verdict(outcome, number, device, code, reason, size=size)
+        return Verdict(outcome, number, device, code, reason, size=size, sha256=sha256,
+                       complete=complete)  # fmt: skip
 
-    def _admit(self, number: int, device: str, payload: bytes) -> Verdict:
+    def _admit(self, number: int, device: str, payload: bytes, digest: str) -> Verdict:
         header = self._read_header(device, number, payload)
-        round_, task = self._identify(number, device)
-        digest = hashlib.sha256(payload).hexdigest()
-        previous = round_.answered.get(device)
-        if previous == digest:
-            return Verdict(REPEATED, number, device, task=task, sha256=digest, size=len(payload))
-        if previous is not None:
-            raise UpdateRejected("duplicate", f"{device} already answered round {number}")
+        round_, task = self._identify(number, device, header)
         if header.status == "error":
-            # The device answered, so the round need not wait for it until the deadline.
-            round_.answered[device] = digest
-            verdict = self.refuse(
-                number, device, f"device:{header.error_code or 'error'}",
-                header.reason or "device reported failure", len(payload),
-            )  # fmt: skip
-            return dataclasses.replace(verdict, complete=round_.complete)
+            raise UpdateRejected(
+                f"device:{header.error_code or 'error'}",
+                header.reason or "device reported failure",
+            )
         delta = self._check_update(header, round_, task, payload)
         round_.accepted[device] = AcceptedUpdate(
             delta, header.samples, digest, len(payload), dict(header.metrics)
         )
         round_.answered[device] = digest
+        round_.answers[device] = ACCEPTED
         return Verdict(
             ACCEPTED, number, device, task=task, samples=header.samples, sha256=digest,
             size=len(payload), metrics=dict(header.metrics), complete=round_.complete,
@@ -364,11 +379,16 @@ class RoundEngine:
             )
         return header
 
-    def _identify(self, number: int, device: str) -> tuple[OpenRound, str]:
+    def _identify(self, number: int, device: str, header: UpdateHeader) -> tuple[OpenRound, str]:
         """Return the open round an update answers and the device's task in it.
 
-        The one place that matches an update to a round: run IDs and bundle digests belong here.
+        The one place that matches an update to a round: by run ID first (a round number alone
+        is shared by every run), then round and selection.
         """
+        if header.run_id != self.run_id:
+            raise UpdateRejected(
+                "run-mismatch", f"update for run {header.run_id or '(none)'}, not {self.run_id}"
+            )
         round_ = self.round
         if round_ is None or number > round_.number:
             raise UpdateRejected("round-unknown", f"round {number} has not started")
@@ -381,15 +401,23 @@ class RoundEngine:
     def _check_update(
         self, header: UpdateHeader, round_: OpenRound, task: str, payload: bytes
     ) -> Weights:
-        """Check what an "ok" update claims and return its validated delta."""
+        """Check what an "ok" update claims (bundle, task, head) and return its validated delta."""
+        if header.bundle_digest != round_.bundle_digest:
+            raise UpdateRejected(
+                "bundle-mismatch",
+                f"update from bundle {header.bundle_digest[:12] or '(none)'}, round federates "
+                f"{round_.bundle_digest[:12]}",
+            )
         if header.task != task:
             raise UpdateRejected(
                 "task-mismatch", f"update is for task {header.task!r}, not {task!r}"
             )
-        if header.head_version != round_.head_version:
+        if header.head_digest != round_.head_digest or header.head_version != round_.head_version:
             raise UpdateRejected(
-                "stale-head",
-                f"trained from head v{header.head_version}, round uses v{round_.head_version}",
+                "head-mismatch",
+                f"trained from head v{header.head_version} "
+                f"({header.head_digest[:12] or 'no digest'}), round sends v{round_.head_version} "
+                f"({round_.head_digest[:12]})",
             )
         if header.samples < 1:
             raise UpdateRejected("no-samples", "update reports no training samples")
@@ -408,9 +436,11 @@ class RoundEngine:
         return round_ is None or round_.complete or now >= round_.deadline
 
     def close_round(self) -> ClosedRound:
-        """Close the open round: aggregate per task if the quorum is met, else fail it.
+        """Close the open round: bound and aggregate per task if the quorum is met, else fail it.
 
         Updates arriving afterwards are late. On success the heads and `head_version` advance.
+        The metrics count the updates whose weight was capped ("capped") and whose norm was
+        clipped ("clipped") by the influence bound.
 
         Raises:
             RuntimeError: no round is open.
@@ -424,41 +454,37 @@ class RoundEngine:
         needed = max(1, math.ceil(self.policy.quorum * len(round_.selected)))
         status = "closed" if len(accepted) >= needed else "failed"
         reason = "" if status == "closed" else f"{len(accepted)} accepted, quorum is {needed}"
+        metrics = update_metrics(accepted.values())
         if status == "closed":
-            by_task: dict[str, list[tuple[Weights, int]]] = {}
-            for device, update in accepted.items():
-                by_task.setdefault(round_.selected[device], []).append(
-                    (update.delta, update.samples)
-                )
-            heads = dict(self.heads)
-            for task, deltas in by_task.items():
-                heads[task] = self.strategies[task].aggregate(self.heads[task], deltas)
-            self.heads = heads
+            clipped, capped = self._aggregate(round_)
+            metrics.update(clipped=float(clipped), capped=float(capped))
             self.head_version += 1
+        answers = {d: round_.answers.get(d, NO_ANSWER) for d in round_.selected}
+        reasons = {d: round_.reasons.get(d, "no update before the round closed")
+                   for d, answer in answers.items() if answer != ACCEPTED}  # fmt: skip
         return ClosedRound(
             round_.number, status, reason, self.head_version, len(round_.selected),
             len(accepted), dict(round_.rejected), round_.late, round_.online,
-            list(round_.stale), update_metrics(accepted.values()),
+            list(round_.stale), metrics, answers, reasons,
         )  # fmt: skip
 
-
-def update_metrics(accepted: Iterable[AcceptedUpdate]) -> dict[str, float]:
-    """Summarise a round's accepted updates: total samples, mean bytes, device metric averages.
-
-    A device metric (`DEVICE_METRICS`) is averaged, weighted by samples, only when every update
-    reports it.
-    """
-    updates = list(accepted)
-    if not updates:
-        return {}
-    samples = np.array([u.samples for u in updates], dtype=np.float64)
-    metrics = {
-        "samples": float(samples.sum()),
-        "bytes_per_update": float(np.mean([u.size for u in updates])),
-    }
-    weights = samples / max(samples.sum(), 1.0)
-    for name in DEVICE_METRICS:
-        values = [u.metrics.get(name) for u in updates]
-        if all(v is not None for v in values):
-            metrics[f"device_{name}"] = float(np.dot(weights, np.array(values, float)))
-    return metrics
+    def _aggregate(self, round_: OpenRound) -> tuple[int, int]:
+        """Bound each task's updates, aggregate them into new heads; return (clipped, capped)."""
+        bound = InfluenceBound(
+            self.acceptance.influence_factor or None, self.acceptance.max_samples
+        )
+        by_task: dict[str, dict[str, tuple[Weights, int]]] = {}
+        for device, update in round_.accepted.items():
+            by_task.setdefault(round_.selected[device], {})[device] = (
+                update.delta, update.samples,
+            )  # fmt: skip
+        heads = dict(self.heads)
+        clipped = capped = 0
+        for task, updates in by_task.items():
+            bounded = bound_updates(updates, round_.announced, bound)
+            clipped += sum(b.clipped_norm is not None for b in bounded.values())
+            capped += sum(b.capped_samples is not None for b in bounded.values())
+            deltas = [(b.delta, b.samples) for b in bounded.values()]
+            heads[task] = self.strategies[task].aggregate(self.heads[task], deltas)
+        self.heads = heads
+        return clipped, capped

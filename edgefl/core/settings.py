@@ -211,6 +211,11 @@ class RoundPolicy:
     deadline_s: float = setting(60.0, "Seconds a round waits for updates.")
     quorum: float = setting(0.5, "Share of selected devices whose accepted updates a round needs.")
     wait_devices_s: float = setting(60.0, "Seconds to wait for min-devices to come online.")
+    settle_s: float = setting(
+        2.0,
+        "The first round starts once min-devices are online and no new device came online for "
+        "this many seconds (at most wait-devices after the start).",
+    )
     stale_after_s: float | None = setting(
         None, "A device not heard for this long is stale and not selected (default: 3 heartbeats)."
     )
@@ -229,6 +234,8 @@ class RoundPolicy:
             raise ValueError("quorum must be in [0, 1]")
         if not self.wait_devices_s >= 0:
             raise ValueError("wait_devices_s must not be negative")
+        if not self.settle_s >= 0:
+            raise ValueError("settle_s must not be negative")
         if self.stale_after_s is not None and not self.stale_after_s > 0:
             raise ValueError("stale_after_s must be positive")
 
@@ -240,6 +247,14 @@ class AcceptancePolicy:
     max_update_bytes: int = setting(16 * 1024 * 1024, "Larger updates are rejected unread.")
     max_norm: float | None = setting(None, "Reject updates whose delta L2 norm exceeds this.")
     allow: tuple[str, ...] | None = setting(None, "The device IDs allowed (default: any).")
+    influence_factor: float = setting(
+        10.0,
+        "An update's weight and norm are capped at this many times the round's median "
+        "(with 3 or more updates; 0: no relative cap).",
+    )
+    max_samples: int | None = setting(
+        None, "Cap on the sample count any update is weighted by (default: none)."
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -247,3 +262,7 @@ class AcceptancePolicy:
             raise ValueError("max_update_bytes must be positive")
         if self.max_norm is not None and not self.max_norm > 0:
             raise ValueError("max_norm must be positive")
+        if self.influence_factor != 0 and not self.influence_factor >= 1.0:
+            raise ValueError("influence_factor must be at least 1 (0: no relative cap)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("max_samples must be at least 1")

@@ -3,10 +3,15 @@
 The rules of a round (selection, acceptance, quorum, deadline, resume) live in the pure
 `edgefl.core.rounds.RoundEngine`; this module is its shell: the MQTT client feeds it statuses
 and updates on the network thread, the `AggregatorRecord` keeps what it decides, and `run()`
-loops rounds: wait for devices -> open a round with the strategy -> publish the task (retained)
--> wait until every selected device answered or the deadline passed -> close (aggregate per
-task) -> store the new heads, metrics and result, and publish the result. Nothing a device
+loops rounds: wait for devices (the first round: until the online set settled) -> open a round
+with the strategy -> publish the task (retained; it names the run, the head digest and the
+bundle digest) -> wait until every selected device answered or the deadline passed -> close
+(bound and aggregate per task) -> store the new heads, strategy state, result and metrics in
+one transaction, and publish the result (retained until another run starts). Nothing a device
 sends can crash the aggregator, and every rejection is recorded with its code and reason.
+
+Each `run()` has a run ID (a restarted run keeps it, from the record); retained tasks and
+results of other runs are cleared when the aggregator sees them.
 """
 
 from __future__ import annotations
@@ -15,31 +20,37 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict
 
 import numpy as np
 
 from edgefl.bundle import ModelBundle, load_bundle
 from edgefl.core.rounds import ACCEPTED, REPEATED, ClosedRound, RoundEngine, Verdict
-from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
-from edgefl.core.strategies import (
-    Strategy,
-    StrategySpec,
-    build_strategies,
-    check_strategy_spec,
-)
+from edgefl.core.strategies import Strategy, build_strategies
 from edgefl.data import Dataset, conform
 from edgefl.errors import FederationError, MessageError
 from edgefl.head import Weights, head_accuracy
+from edgefl.roles.aggregator_config import AggregatorConfig
 from edgefl.roles.features import FeatureCache, shared_backbone
-from edgefl.roles.record import AggregatorRecord
-from edgefl.roles.summary import FederationSummary, RoundSummary, write_heads, write_metrics
+from edgefl.roles.record import AggregatorRecord, FaultHook
+from edgefl.roles.summary import (
+    FederationSummary,
+    RoundSummary,
+    summaries_from_record,
+    write_heads,
+    write_metrics,
+)
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
-from edgefl.transport.messages import DeviceStatus, RoundResult, RoundTask, encode_round_task
+from edgefl.transport.messages import (
+    DeviceStatus,
+    RoundResult,
+    RoundTask,
+    decode_round_task,
+    encode_round_task,
+)
 
 __all__ = ["Aggregator", "AggregatorConfig", "FederationSummary", "RoundSummary"]
 
@@ -48,52 +59,6 @@ log = logging.getLogger(__name__)
 # Seconds run() waits for the broker before failing: long enough for a broker still starting
 # beside it (systemd, docker compose), short enough that a wrong URL fails while someone watches.
 CONNECT_TIMEOUT_S = 30.0
-
-
-@dataclass
-class AggregatorConfig:
-    """How the aggregator runs a federation, composed of the parts in `edgefl.core.settings`.
-
-    Attributes:
-        broker_url: `mqtt://host[:port]` or `mqtts://...`.
-        fleet: the fleet name.
-        bundle_dir: the bundle whose heads are federated.
-        policy: how rounds run (rounds, fraction, min_devices, deadline_s, quorum,
-            wait_devices_s, stale_after_s).
-        settings: what a task asks of boards (training, privacy, codec); `settings.train.seed`
-            also seeds device selection.
-        acceptance: what updates are accepted (max_update_bytes, max_norm, allow).
-        strategy: a name from `STRATEGY_NAMES`, a `Strategy` instance, or a factory (a
-            `Strategy` subclass or function) called with `strategy_params` once per task;
-            see `edgefl.core.strategies.build_strategies`.
-        strategy_params: the strategy's arguments (with a name or a factory).
-        eval_task: the task whose head is evaluated on `eval_dataset`.
-        state_path: the SQLite file (None: in memory).
-        out_dir: where metrics.csv/json and the final heads are written (None: nowhere).
-    """
-
-    broker_url: str
-    fleet: str
-    bundle_dir: Path
-    policy: RoundPolicy = field(default_factory=RoundPolicy)
-    settings: RoundSettings = field(default_factory=RoundSettings)
-    acceptance: AcceptancePolicy = field(default_factory=AcceptancePolicy)
-    strategy: StrategySpec = "fedavg"
-    strategy_params: dict[str, Any] = field(default_factory=dict)
-    eval_task: str = "default"
-    state_path: Path | None = None
-    out_dir: Path | None = None
-
-    def check(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        topics.check_name(self.fleet, "fleet")
-        self.policy.check()
-        self.settings.train.check()
-        self.settings.privacy.check()
-        self.settings.codec.check()
-        self.acceptance.check()
-        check_strategy_spec(self.strategy, self.strategy_params)
-
 
 RoundCallback = Callable[[RoundSummary], None]
 
@@ -107,6 +72,7 @@ class Aggregator:
         network: NetworkLoop | None = None,
         eval_dataset: Dataset | None = None,
         on_round: RoundCallback | None = None,
+        fault: FaultHook | None = None,
     ) -> None:
         """Load the bundle and state; nothing connects until run().
 
@@ -115,6 +81,7 @@ class Aggregator:
             network: a shared network loop (simulation); None gives the aggregator its own.
             eval_dataset: server-side evaluation samples (raw inputs; features via the runtime).
             on_round: called after every round (progress display, simulation).
+            fault: passed to the record, called between the steps of closing a round (tests).
 
         Raises:
             ValueError: an invalid setting.
@@ -125,7 +92,7 @@ class Aggregator:
         self.config = config
         self.on_round = on_round
         self.bundle: ModelBundle = load_bundle(config.bundle_dir)
-        self.state = AggregatorRecord(config.state_path or ":memory:")
+        self.state = AggregatorRecord(config.state_path or ":memory:", fault)
         self._check_state_identity()
         head_version, heads = self._initial_heads()
         strategies = build_strategies(config.strategy, config.strategy_params, heads)
@@ -134,10 +101,11 @@ class Aggregator:
             if stored:
                 strategy.load_state_dict(stored)
         self.engine = RoundEngine(
-            heads, head_version, strategies, self.bundle.manifest.version,
+            heads, head_version, strategies, self.bundle.digest,
             config.policy, config.settings, config.acceptance,
         )  # fmt: skip
         self.summaries: list[RoundSummary] = []
+        self.run_id = ""
         # Guards the engine: the network thread feeds it, run() opens and closes rounds.
         self._cond = threading.Condition()
         self._task_payload: bytes | None = None  # the open round's task, re-sent on reconnect
@@ -246,24 +214,34 @@ class Aggregator:
             FederationError: fewer than `min_devices` devices came online in time.
         """
         started = time.perf_counter()
-        self.client.subscribe(topics.all_statuses(self.config.fleet), self._on_status)
-        self.client.subscribe(topics.all_updates(self.config.fleet), self._on_update)
+        self.run_id = self.state.begin_run(uuid.uuid4().hex)
+        with self._cond:
+            self.engine.run_id = self.run_id
+        fleet = self.config.fleet
+        self.client.subscribe(topics.all_statuses(fleet), self._on_status)
+        self.client.subscribe(topics.all_updates(fleet), self._on_update)
+        self.client.subscribe(topics.all_tasks(fleet), self._on_retained)
+        self.client.subscribe(topics.all_results(fleet), self._on_retained)
         self.client.on_connect(self._on_connect)
         self.client.connect(timeout=CONNECT_TIMEOUT_S)
         try:
+            self._write_metrics()  # a restart's files hold every round before it too
             resumed = self._resume()
             first = resumed if resumed is not None else self.state.last_round() + 1
             for number in range(first, self.config.policy.rounds + 1):
                 if self._stop.is_set():
                     break
-                summary = self._run_round(number, resumed=number == resumed)
+                summary = self._run_round(
+                    number, resumed=number == resumed, first=not self.summaries
+                )
                 self.summaries.append(summary)
-                if self.config.out_dir is not None:
-                    write_metrics(self.config.out_dir, self.summaries)
+                self._write_metrics()
                 if self.on_round is not None:
                     self.on_round(summary)
             if self.config.out_dir is not None:
                 write_heads(self.config.out_dir, self.heads)
+            if not self._stop.is_set():
+                self.state.finish_run(self.run_id)
         finally:
             self.client.close()
         return FederationSummary(
@@ -274,43 +252,67 @@ class Aggregator:
             state_path=self.state.path,
         )
 
+    def _write_metrics(self) -> None:
+        if self.config.out_dir is not None:
+            write_metrics(self.config.out_dir, summaries_from_record(self.state))
+
     def _resume(self) -> int | None:
-        """Reopen the round a previous run left open; return its number (None: none open)."""
+        """Reopen the round a previous run left open; return its number (None: none open).
+
+        A round closed just before a crash gets its retained task cleared and its result
+        published again, in case the crash came between storing and publishing.
+        """
         record = self.state.open_round_record()
         if record is None:
+            rounds = self.state.rounds()
+            last = rounds[-1] if rounds else None
+            if last is not None and last.result and last.result.get("run_id") == self.run_id:
+                fleet = self.config.fleet
+                self.client.publish(topics.round_task(fleet, last.round), b"", qos=1, retain=True)
+                result = RoundResult.decode(json.dumps(last.result).encode())
+                self.client.publish(topics.round_result(fleet, last.round), result.encode(),
+                                    qos=1, retain=True)  # fmt: skip
             return None
         stored = self.state.accepted_updates(record.round)
         with self._cond:
             open_round = self.engine.resume(
                 record.round, record.selected, record.head_version, record.config, stored,
-                time.time(),
+                time.time(), self.state.rejected_answers(record.round),
             )  # fmt: skip
         log.info("resuming round %d with %d accepted updates", record.round,
                  len(open_round.accepted))  # fmt: skip
         return record.round
 
-    def _wait_for_devices(self) -> None:
+    def _wait_for_devices(self, settle: bool) -> None:
+        """Wait until `min_devices` are online and, with `settle`, the online set settled
+        (`RoundPolicy.settle_s`), at most `wait_devices_s` in all."""
         policy = self.config.policy
         deadline = time.monotonic() + policy.wait_devices_s
         with self._cond:
             # Polled, not only woken by statuses: a device turns stale by time passing alone.
-            while not self.engine.ready(time.time()):
+            while True:
+                now = time.time()
+                ready = self.engine.ready(now)
+                if ready and (not settle or self.engine.settled(now)):
+                    return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
-                    now = time.time()
+                    if ready:
+                        return  # settling never waits past wait_devices_s
                     stale = self.engine.stale_devices(now)
                     raise FederationError(
                         f"only {len(self.engine.online_devices(now))} of {policy.min_devices} "
                         f"devices needed are online after {policy.wait_devices_s:g} s "
-                        f"(fleet {self.config.fleet!r}, bundle v{self.bundle.manifest.version})"
+                        f"(fleet {self.config.fleet!r}, bundle v{self.bundle.manifest.version} "
+                        f"{self.bundle.digest[:12]})"
                         + (f"; stale (no recent heartbeat): {', '.join(stale)}" if stale else "")
                     )
-                self._cond.wait(min(remaining, 0.5))
+                self._cond.wait(min(remaining, 0.1 if ready else 0.5))
 
-    def _run_round(self, number: int, resumed: bool) -> RoundSummary:
+    def _run_round(self, number: int, resumed: bool, first: bool) -> RoundSummary:
         started = time.perf_counter()
         if not resumed:
-            self._wait_for_devices()
+            self._wait_for_devices(settle=first)
             with self._cond:
                 open_round = self.engine.open_round(number, time.time())
             self.state.open_round(
@@ -328,9 +330,12 @@ class Aggregator:
             model_version=self.bundle.manifest.version,
             deadline_s=max(0.0, open_round.deadline - time.time()),
             config=open_round.config,
+            run_id=open_round.run_id,
+            head_digest=open_round.head_digest,
+            bundle_digest=open_round.bundle_digest,
         )
-        payload = encode_round_task(task, {name: self.heads[name] for name in task.tasks})
         with self._cond:
+            payload = encode_round_task(task, self.engine.task_heads())
             self._task_payload = payload
         task_topic = topics.round_task(self.config.fleet, number)
         self.client.publish(task_topic, payload, qos=1, retain=True)
@@ -348,36 +353,33 @@ class Aggregator:
         if closed.stale:
             log.warning("round %d: stale devices left out (status not refreshed in time): %s",
                         number, ", ".join(closed.stale))  # fmt: skip
-        # Clear the retained task so devices that connect later do not train for a closed round.
-        self.client.publish(task_topic, b"", qos=1, retain=True)
-        return self._finish_round(closed, time.perf_counter() - started)
+        return self._finish_round(closed, time.perf_counter() - started, task_topic)
 
-    def _finish_round(self, closed: ClosedRound, seconds: float) -> RoundSummary:
-        """Store and publish what closing a round produced."""
+    def _finish_round(self, closed: ClosedRound, seconds: float, task_topic: str) -> RoundSummary:
+        """Store what closing a round produced (one transaction), then publish it."""
         number = closed.number
-        if closed.status == "closed":
-            for task, weights in self.heads.items():
-                self.state.save_head(task, self.head_version, number, weights)
-                self.state.save_strategy_state(task, self.strategies[task].state_dict())
         metrics: dict[str, float] = {}
         accuracy = self.evaluate()
         if accuracy is not None:
             metrics["accuracy"] = accuracy
         metrics.update(closed.metrics)
         result = RoundResult(
-            round=number,
-            status=closed.status,
-            head_version=closed.head_version,
-            selected=closed.selected,
-            accepted=closed.accepted,
-            rejected=closed.rejected,
-            late=closed.late,
-            metrics=metrics,
-            reason=closed.reason,
-            online=closed.online,
-            stale=len(closed.stale),
-        )
-        self.state.close_round(number, closed.status, asdict(result), metrics)
+            round=number, status=closed.status, head_version=closed.head_version,
+            selected=closed.selected, accepted=closed.accepted, rejected=closed.rejected,
+            late=closed.late, metrics=metrics, reason=closed.reason, online=closed.online,
+            stale=len(closed.stale), run_id=self.run_id, answers=closed.answers,
+            reasons=closed.reasons,
+        )  # fmt: skip
+        aggregated = closed.status == "closed"
+        self.state.close_round(
+            number, closed.status,
+            {**asdict(result), "seconds": seconds, "stale_devices": closed.stale}, metrics,
+            heads=self.heads if aggregated else None, head_version=self.head_version,
+            strategy_states={t: s.state_dict() for t, s in self.strategies.items()}
+            if aggregated else None,
+        )  # fmt: skip
+        # Clear the retained task so devices that connect later do not train for a closed round.
+        self.client.publish(task_topic, b"", qos=1, retain=True)
         self.client.publish(
             topics.round_result(self.config.fleet, number), result.encode(), qos=1, retain=True
         )
@@ -400,6 +402,22 @@ class Aggregator:
             self.client.publish(topics.round_task(self.config.fleet, number), payload, qos=1,
                                 retain=True)  # fmt: skip
 
+    def _on_retained(self, message: Message) -> None:
+        """Clear a retained task or result that is not this run's (left by an earlier run)."""
+        if not message.retain or not message.payload:
+            return
+        parsed = topics.parse(message.topic)
+        try:
+            if parsed is not None and parsed.kind == "task":
+                run_id = decode_round_task(message.payload)[0].run_id
+            else:
+                run_id = RoundResult.decode(message.payload).run_id
+        except MessageError:
+            run_id = None  # not a message of this protocol: nobody's, so cleared too
+        if run_id != self.run_id:
+            log.info("clearing %s, retained by another run", message.topic)
+            self.client.publish(message.topic, b"", qos=1, retain=True)
+
     def _on_status(self, message: Message) -> None:
         parsed = topics.parse(message.topic)
         if parsed is None or parsed.device_id is None or not message.payload:
@@ -412,9 +430,10 @@ class Aggregator:
         if status.device_id != parsed.device_id:
             log.warning("ignoring status on %s claiming device %r", message.topic, status.device_id)
             return
-        seen = presence.seen_at(status, time.time(), message.retain)
+        now = time.time()
+        seen = presence.seen_at(status, now, message.retain)
         with self._cond:
-            self.engine.observe_status(status, seen)
+            self.engine.observe_status(status, seen, now)
             self._cond.notify_all()
 
     def _on_oversized(self, topic: str, size: int) -> None:
@@ -427,6 +446,8 @@ class Aggregator:
                 number, device, "oversized", f"{size} bytes exceeds the limit {limit}", size
             )
             self._record(verdict)
+            if verdict.complete:
+                self._cond.notify_all()
 
     def _on_update(self, message: Message) -> None:
         parsed = topics.parse(message.topic)
@@ -458,4 +479,5 @@ class Aggregator:
             )  # fmt: skip
         else:
             self.state.record_update(verdict.round, verdict.device, "", verdict.outcome,
-                                     verdict.code, verdict.reason, verdict.size)  # fmt: skip
+                                     verdict.code, verdict.reason, verdict.size,
+                                     sha256=verdict.sha256)  # fmt: skip

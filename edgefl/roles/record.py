@@ -1,8 +1,11 @@
 """The aggregator's durable record in SQLite: rounds, participants, updates, metrics, head versions.
 
-One file, WAL mode. Round changes and heads commit at once; update records are committed in
-small batches (see `AggregatorRecord.record_update`), and an aggregator killed mid-round resumes
-from what was committed. Heads and strategy state are stored as safetensors blobs (no pickle).
+One file, WAL mode. Round changes commit at once; closing a round (its new heads, strategy
+state, result and metrics) is one transaction, so a crash leaves the round either open with its
+stored updates (a restart aggregates it again) or closed with its heads, never half applied.
+Update records are committed in small batches (see `AggregatorRecord.record_update`), and an
+aggregator killed mid-round resumes from what was committed. Heads and strategy state are stored
+as safetensors blobs (no pickle).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,12 +103,23 @@ class StoredUpdate:
     metrics: dict[str, float]
 
 
+# Called between the steps of closing a round ("heads", "strategy", "round", "metrics",
+# "commit"): tests raise from it to crash there.
+FaultHook = Callable[[str], None]
+
+
 class AggregatorRecord:
     """The SQLite store. Thread-safe: updates are recorded from the network thread."""
 
-    def __init__(self, path: str | Path) -> None:
-        """Open (and create) the store; `":memory:"` keeps it in memory."""
+    def __init__(self, path: str | Path, fault: FaultHook | None = None) -> None:
+        """Open (and create) the store; `":memory:"` keeps it in memory.
+
+        Args:
+            path: the SQLite file.
+            fault: called with each step's name while a round closes (crash tests).
+        """
         self.path = str(path)
+        self._fault = fault
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -122,6 +137,23 @@ class AggregatorRecord:
         with self._lock:
             self._flush_locked()
             self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run one transaction: committed whole, or rolled back on error."""
+        with self._lock:
+            self._flush_locked()
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _step(self, name: str) -> None:
+        if self._fault is not None:
+            self._fault(name)
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         with self._lock:
@@ -169,18 +201,15 @@ class AggregatorRecord:
         config: Mapping[str, Any],
     ) -> None:
         """Record a round as open with its participants (device -> task)."""
-        with self._lock:
-            self._flush_locked()
-            self._db.execute("BEGIN")
-            self._db.execute(
+        with self._transaction() as db:
+            db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?, 'open', ?, ?, NULL, ?, ?, NULL)",
                 (round_number, time.time(), deadline, head_version, json.dumps(dict(config))),
             )
-            self._db.executemany(
+            db.executemany(
                 "INSERT OR REPLACE INTO participants VALUES (?, ?, ?)",
                 [(round_number, device, task) for device, task in selected.items()],
             )
-            self._db.execute("COMMIT")
 
     def record_update(
         self,
@@ -244,26 +273,81 @@ class AggregatorRecord:
             params = (round_number,)
         return [(int(r[0]), r[1], r[2], r[3]) for r in self._read(sql + " ORDER BY id", params)]
 
+    def rejected_answers(self, round_number: int) -> list[tuple[str, str, str, str]]:
+        """Return (device, code, reason, sha256) of a round's rejected updates, in arrival order
+        (the first of a selected device is its answer: see `RoundEngine.resume`)."""
+        rows = self._read(
+            "SELECT device_id, code, reason, sha256 FROM updates"
+            " WHERE round = ? AND outcome = 'rejected' AND code != 'duplicate' ORDER BY id",
+            (round_number,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
     def close_round(
         self,
         round_number: int,
         status: str,
         result: Mapping[str, Any],
         metrics: Mapping[str, float],
+        heads: Mapping[str, Weights] | None = None,
+        head_version: int = 0,
+        strategy_states: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     ) -> None:
-        """Mark a round closed or failed, with its result and metrics, in one transaction."""
-        with self._lock:
-            self._flush_locked()
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "UPDATE rounds SET status = ?, closed = ?, result = ? WHERE round = ?",
-                (status, time.time(), json.dumps(dict(result)), round_number),
+        """Close a round in one transaction: its new heads and strategy state (when it
+        aggregated), its status, result and metrics. A crash at any step leaves the round open
+        and the heads as they were.
+
+        Args:
+            round_number: the round.
+            status: "closed" or "failed".
+            result: the result as published (JSON-like).
+            metrics: the round's metrics.
+            heads: the new head of every task (None: the round changed no head).
+            head_version: their version.
+            strategy_states: each task's strategy state after the round (None: unchanged).
+        """
+        now = time.time()
+        with self._transaction() as db:
+            self._step("heads")
+            db.executemany(
+                "INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?)",
+                [(task, head_version, round_number, now, encode_head(weights))
+                 for task, weights in (heads or {}).items()],
+            )  # fmt: skip
+            self._step("strategy")
+            db.executemany(
+                "INSERT OR REPLACE INTO strategy_state VALUES (?, ?)",
+                [(task, encode_head(state)) for task, state in (strategy_states or {}).items()],
             )
-            self._db.executemany(
+            self._step("round")
+            db.execute(
+                "UPDATE rounds SET status = ?, closed = ?, result = ? WHERE round = ?",
+                (status, now, json.dumps(dict(result)), round_number),
+            )
+            self._step("metrics")
+            db.executemany(
                 "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
                 [(round_number, name, float(value)) for name, value in metrics.items()],
             )
-            self._db.execute("COMMIT")
+            self._step("commit")
+
+    def begin_run(self, new_id: str) -> str:
+        """Return the ID of the run this record is in: the unfinished one stored, else `new_id`
+        (stored as started). A run restarted after a crash keeps its ID."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'run'").fetchone()
+            run = json.loads(row[0]) if row else {}
+            if run.get("id") and not run.get("finished"):
+                return str(run["id"])
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('run', ?)",
+                (json.dumps({"id": new_id, "finished": False}),),
+            )
+            return new_id
+
+    def finish_run(self, run_id: str) -> None:
+        """Mark a run finished: the next `begin_run` starts a new one."""
+        self.set_meta("run", json.dumps({"id": run_id, "finished": True}))
 
     def rounds(self) -> list[RoundRecord]:
         """Return every round, oldest first."""

@@ -1,4 +1,9 @@
-"""What a federation run reports: a summary per round, and the files written from them."""
+"""What a federation run reports: a summary per round, and the files written from them.
+
+metrics.csv and metrics.json are rebuilt from the record (`summaries_from_record`) after every
+round and on every restart, so they hold every round the SQLite file holds, each rejection
+counted under the round it was for (also those that arrived after it closed).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any
 from edgefl.atomic import write_atomic
 from edgefl.bundle import encode_head
 from edgefl.head import Weights
+from edgefl.roles.record import AggregatorRecord
 
 
 @dataclass
@@ -82,3 +88,35 @@ def write_heads(out_dir: Path, heads: Mapping[str, Weights]) -> None:
     for task, weights in heads.items():
         name = "head.safetensors" if task == "default" else f"head-{task}.safetensors"
         write_atomic(out_dir / name, encode_head(weights))
+
+
+def summaries_from_record(record: AggregatorRecord) -> list[RoundSummary]:
+    """Return a summary of every finished round in the record, oldest first.
+
+    Counts come from the record's updates (so rejections recorded after a round closed count
+    in it); seconds and stale devices from the stored result.
+    """
+    metrics = record.metrics()
+    summaries = []
+    for stored in record.rounds():
+        if stored.status == "open" or stored.result is None:
+            continue
+        result = stored.result
+        counts = record.update_counts(stored.round)
+        rejected = {code: n for code, n in counts.items() if code not in ("accepted", "late")}
+        summaries.append(
+            RoundSummary(
+                stored.round,
+                stored.status,
+                int(result.get("head_version", 0)),
+                int(result.get("selected", len(stored.selected))),
+                int(result.get("accepted", 0)),
+                rejected,
+                counts.get("late", 0),
+                float(result.get("seconds", 0.0)),
+                metrics.get(stored.round, {}),
+                int(result.get("online", 0)),
+                list(result.get("stale_devices", [])),
+            )
+        )
+    return summaries

@@ -67,6 +67,11 @@ def all_tasks(fleet: str) -> str:
     return f"{fleet_root(fleet)}/rounds/+/task"
 
 
+def all_results(fleet: str) -> str:
+    """Return the filter matching every round's result topic."""
+    return f"{fleet_root(fleet)}/rounds/+/result"
+
+
 def all_updates(fleet: str) -> str:
     """Return the filter matching every update of every round."""
     return f"{fleet_root(fleet)}/rounds/+/update/+"

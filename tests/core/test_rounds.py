@@ -25,7 +25,7 @@ from edgefl.core.settings import (
     TrainConfig,
 )
 from edgefl.core.strategies import FedAvg, FedProx, RoundPlan, Strategy, build_strategies
-from edgefl.head import Weights
+from edgefl.head import Weights, head_digest
 from edgefl.transport.messages import (
     DeviceStatus,
     UpdateHeader,
@@ -35,6 +35,9 @@ from edgefl.transport.messages import (
 
 NOW = 1_000_000.0
 HEAD = {"0.weight": np.zeros((2, 3), np.float32), "0.bias": np.zeros(2, np.float32)}
+RUN = "run-1"
+BUNDLE = "b" * 64
+HEAD_DIGEST = head_digest({"default": HEAD})
 
 
 def delta(value: float) -> Weights:
@@ -50,16 +53,21 @@ def update(
     samples: int = 10,
     head_version: int = 0,
     metrics: Mapping[str, float] | None = None,
+    run_id: str = RUN,
+    head: str = HEAD_DIGEST,
+    bundle: str = BUNDLE,
 ) -> bytes:
-    header = UpdateHeader(number, device, task, samples, head_version, metrics=dict(metrics or {}))
+    header = UpdateHeader(number, device, task, samples, head_version, metrics=dict(metrics or {}),
+                          run_id=run_id, head_digest=head, bundle_digest=bundle)  # fmt: skip
     values = delta(0.1) if values is None else values
     return encode_delta(values, "float32", metadata=update_metadata(header))
 
 
 def status(
-    device: str, *, task: str = "default", version: int = 1, **fields: object
+    device: str, *, task: str = "default", bundle: str = BUNDLE, **fields: object
 ) -> DeviceStatus:
-    return DeviceStatus(device, "online", task=task, samples=10, model_version=version, **fields)  # type: ignore[arg-type]
+    return DeviceStatus(device, "online", task=task, samples=10, model_version=1,  # type: ignore[arg-type]
+                        bundle_digest=bundle, **fields)  # fmt: skip
 
 
 def engine(
@@ -74,7 +82,7 @@ def engine(
 ) -> RoundEngine:
     heads = {task: dict(HEAD) for task in tasks}
     built = build_strategies(strategy, {}, heads)  # type: ignore[arg-type]
-    result = RoundEngine(heads, 0, built, 1, policy, settings, acceptance)
+    result = RoundEngine(heads, 0, built, BUNDLE, policy, settings, acceptance, run_id=RUN)
     for device in devices:
         result.observe_status(status(device), NOW)
     if open_round:
@@ -102,12 +110,14 @@ def test_deltas_that_do_not_fit_the_head_are_rejected_with_the_validation_code(
     assert (verdict.outcome, verdict.code) == (REJECTED, code)
     assert reason in verdict.reason
     assert rounds.round is not None and rounds.round.rejected == {code: 1}
-    assert rounds.round.accepted == {} and "a" not in rounds.round.answered
+    # A rejected update is the device's answer: the round need not wait for it.
+    assert rounds.round.accepted == {} and rounds.round.answers == {"a": code}
 
 
 def test_a_delta_of_integers_is_refused_by_the_codec_before_it_is_validated() -> None:
     # validate_delta's "dtype" check (tests/core/test_validation.py) is the second line.
-    header = UpdateHeader(1, "a", "default", 10, 0)
+    header = UpdateHeader(1, "a", "default", 10, 0, run_id=RUN, head_digest=HEAD_DIGEST,
+                          bundle_digest=BUNDLE)  # fmt: skip
     shapes = json.dumps({k: list(v.shape) for k, v in HEAD.items()})
     payload = save_safetensors(
         {k: np.zeros(v.shape, np.int32) for k, v in HEAD.items()},
@@ -127,8 +137,12 @@ IDENTITY_CASES = [
     ("round-unknown", 2, "a", update(number=2), "round 2 has not started"),
     ("not-selected", 1, "c", update(device="c"), "c was not selected"),
     ("task-mismatch", 1, "a", update(task="pets"), "for task 'pets', not 'default'"),
-    ("stale-head", 1, "a", update(head_version=3), "from head v3, round uses v0"),
+    ("head-mismatch", 1, "a", update(head_version=3), "from head v3"),
+    ("head-mismatch", 1, "a", update(head="f" * 64), "(ffffffffffff), round sends v0"),
     ("no-samples", 1, "a", update(samples=0), "no training samples"),
+    ("run-mismatch", 1, "a", update(run_id="run-0"), "for run run-0, not run-1"),
+    ("run-mismatch", 3, "a", update(3, run_id=""), "for run (none)"),
+    ("bundle-mismatch", 1, "a", update(bundle="c" * 64), "from bundle cccccccccccc"),
 ]
 
 
@@ -143,8 +157,11 @@ def test_updates_that_do_not_answer_the_open_round_are_rejected(
         REJECTED, code, number, device,
     )  # fmt: skip
     assert reason in verdict.reason
-    assert rounds.round is not None and rounds.round.rejected == {code: 1}
-    assert not rounds.round.answered and not verdict.complete
+    assert rounds.round is not None
+    # Counted in the round it names; the answer of a selected device for the open round.
+    assert rounds.round.rejected == ({code: 1} if number == 1 else {})
+    answers = {device: code} if number == 1 and device in ("a", "b") else {}
+    assert rounds.round.answers == answers and not verdict.complete
 
 
 def test_an_accepted_update_joins_the_round_with_what_the_record_keeps() -> None:
@@ -181,7 +198,7 @@ def test_the_same_bytes_again_change_nothing_and_a_second_answer_is_a_duplicate(
 def test_a_device_error_is_rejected_with_its_code_but_counts_as_its_answer() -> None:
     rounds = engine(("a",))
     header = UpdateHeader(1, "a", "default", 0, 0, status="error", error_code="no-data",
-                          reason="no labelled samples")  # fmt: skip
+                          reason="no labelled samples", run_id=RUN)  # fmt: skip
     verdict = rounds.receive(1, "a", encode_update_error(header))
     assert (verdict.outcome, verdict.code, verdict.reason) == (
         REJECTED, "device:no-data", "no labelled samples",
@@ -199,7 +216,7 @@ def test_refused_unread_updates_are_counted_in_the_open_round() -> None:
     assert rounds.round.rejected == {"oversized": 1, "bad-topic": 1}
 
 
-def test_updates_for_a_closed_round_are_late_and_counted_in_the_next_one() -> None:
+def test_updates_for_a_closed_round_are_late_and_not_counted_in_the_next_one() -> None:
     rounds = engine(("a",), policy=RoundPolicy(quorum=1.0))
     payload = update()
     assert rounds.receive(1, "a", payload).outcome == ACCEPTED
@@ -209,7 +226,8 @@ def test_updates_for_a_closed_round_are_late_and_counted_in_the_next_one() -> No
     rounds.open_round(2, NOW + 10)
     late = rounds.receive(1, "a", payload)  # round 1's update replayed after round 2 opened
     assert (late.outcome, late.code, late.reason) == (LATE, "round-closed", "round 1 is closed")
-    assert rounds.round is not None and (rounds.round.late, rounds.round.rejected) == (1, {})
+    assert late.round == 1  # the record keeps it under round 1
+    assert rounds.round is not None and (rounds.round.late, rounds.round.rejected) == (0, {})
     replayed = rounds.receive(2, "a", payload)  # the same bytes on round 2's topic
     assert replayed.code == "round-mismatch"
 
@@ -223,9 +241,9 @@ def test_only_eligible_devices_with_a_fresh_status_are_online() -> None:
     rounds = engine((), acceptance=allow, policy=policy, open_round=False)
     rounds.observe_status(status("a"), NOW)
     rounds.observe_status(status("b"), NOW - 31)  # not heard within stale_after_s
-    rounds.observe_status(status("c", version=2), NOW)  # runs another bundle version
+    rounds.observe_status(status("c", bundle="c" * 64), NOW)  # same version, other bundle
     rounds.observe_status(status("d", task="pets"), NOW)  # a task without a head here
-    rounds.observe_status(DeviceStatus("e", "offline", model_version=1), NOW)
+    rounds.observe_status(DeviceStatus("e", "offline", bundle_digest=BUNDLE), NOW)
     rounds.observe_status(status("f"), NOW)  # not on the allow-list
     assert rounds.device_presence(NOW) == {"a": "online", "b": "stale", "e": "offline"}
     assert list(rounds.online_devices(NOW)) == ["a"] and rounds.stale_devices(NOW) == ["b"]
@@ -283,7 +301,7 @@ class OnlyTheBiggest(Strategy):
 
 def test_a_strategy_from_outside_the_package_selects_configures_and_aggregates() -> None:
     rounds = engine(("a", "b"), strategy=OnlyTheBiggest, open_round=False)
-    rounds.observe_status(DeviceStatus("big", "online", samples=500, model_version=1), NOW)
+    rounds.observe_status(DeviceStatus("big", "online", samples=500, bundle_digest=BUNDLE), NOW)
     opened = rounds.open_round(1, NOW)
     assert list(opened.selected) == ["big"]
     assert RoundSettings.from_wire(opened.config).train.epochs == 3
@@ -339,10 +357,12 @@ def test_at_quorum_the_heads_advance_by_the_weighted_mean_delta_per_task() -> No
         rounds.observe_status(status(device, task=task), NOW)
     opened = rounds.open_round(1, NOW)
     assert opened.selected == {"a": "default", "b": "default", "p": "pets"}
-    rounds.receive(1, "a", update(values=delta(0.1), samples=1, metrics={"loss": 1.0}))
+    both = opened.head_digest  # the digest of both tasks' heads, as the task carries them
+    rounds.receive(1, "a", update(values=delta(0.1), samples=1, metrics={"loss": 1.0}, head=both))
     rounds.receive(1, "b", update(device="b", values=delta(0.5), samples=3,
-                                  metrics={"loss": 2.0}))  # fmt: skip
-    rounds.receive(1, "p", update(device="p", task="pets", values=delta(-1.0), samples=4))
+                                  metrics={"loss": 2.0}, head=both))  # fmt: skip
+    rounds.receive(1, "p", update(device="p", task="pets", values=delta(-1.0), samples=4,
+                                  head=both))  # fmt: skip
     closed = rounds.close_round()
     assert (closed.status, closed.head_version, closed.accepted) == ("closed", 1, 3)
     np.testing.assert_allclose(rounds.heads["default"]["0.weight"], np.full((2, 3), 0.4))
@@ -352,8 +372,11 @@ def test_at_quorum_the_heads_advance_by_the_weighted_mean_delta_per_task() -> No
     np.testing.assert_array_equal(HEAD["0.bias"], [0.0, 0.0])  # the bundle's head untouched
     # The next round's updates must start from the new head version.
     rounds.open_round(2, NOW + 60)
-    assert rounds.receive(2, "a", update(2, head_version=0)).code == "stale-head"
-    assert rounds.receive(2, "a", update(2, head_version=1)).outcome == ACCEPTED
+    assert rounds.receive(2, "a", update(2, head_version=1)).code == "head-mismatch"
+    assert rounds.round is not None
+    new_head = rounds.round.head_digest
+    assert new_head == head_digest(rounds.heads) != opened.head_digest
+    assert rounds.receive(2, "b", update(2, "b", head_version=1, head=new_head)).outcome == ACCEPTED
 
 
 # -- resume --
@@ -395,3 +418,102 @@ def test_a_resumed_round_keeps_its_accepted_updates_and_ends_as_if_uninterrupted
     for key in HEAD:
         np.testing.assert_array_equal(restarted.heads["default"][key],
                                       uninterrupted.heads["default"][key])  # fmt: skip
+
+
+# -- run identity, answers, settling, bounded influence (issue 9) --
+
+
+def test_a_rejected_update_is_the_devices_answer_and_the_result_says_why() -> None:
+    rounds = engine(("a", "b", "c"), policy=RoundPolicy(quorum=0.3))
+    stale = update(device="a", run_id="run-0")  # a stored answer of an earlier run
+    assert rounds.receive(1, "a", stale).code == "run-mismatch"
+    assert rounds.receive(1, "a", stale).outcome == REPEATED  # re-delivered: nothing new
+    assert rounds.receive(1, "a", update(device="a")).code == "duplicate"  # a second answer
+    assert rounds.receive(1, "b", update(device="b")).outcome == ACCEPTED
+    assert not rounds.due(NOW)  # "c" has not answered
+    assert rounds.receive(1, "c", update(device="c", bundle="c" * 64)).complete
+    assert rounds.due(NOW)  # all answered, long before the deadline
+    closed = rounds.close_round()
+    assert closed.answers == {"a": "run-mismatch", "b": ACCEPTED, "c": "bundle-mismatch"}
+    assert "for run run-0" in closed.reasons["a"] and set(closed.reasons) == {"a", "c"}
+    assert closed.rejected == {"run-mismatch": 1, "duplicate": 1, "bundle-mismatch": 1}
+
+
+def test_a_device_that_never_answered_is_named_in_the_result() -> None:
+    rounds = engine(("a", "b"), policy=RoundPolicy(quorum=0.5))
+    rounds.receive(1, "a", update())
+    closed = rounds.close_round()
+    assert closed.answers == {"a": ACCEPTED, "b": "no-answer"}
+    assert closed.reasons == {"b": "no update before the round closed"}
+
+
+def test_a_rejection_is_counted_in_the_round_it_names_not_the_open_one() -> None:
+    rounds = engine(("a",), policy=RoundPolicy(quorum=1.0))
+    for number in range(1, 5):
+        rounds.receive(number, "a", update(number, head_version=number - 1,
+                                           head=rounds.round.head_digest))  # type: ignore[union-attr]  # fmt: skip
+        rounds.close_round()
+        rounds.open_round(number + 1, NOW + number)
+    assert rounds.round is not None and rounds.round.number == 5
+    old_run = rounds.receive(3, "a", update(3, run_id="run-0"))
+    old_round = rounds.receive(3, "a", update(3, head_version=2))
+    assert (old_run.round, old_run.code, old_round.round, old_round.code) == (
+        3, "run-mismatch", 3, "round-closed",
+    )  # fmt: skip
+    assert (rounds.round.rejected, rounds.round.late, rounds.round.answers) == ({}, 0, {})
+    rounds.refuse(-1, "?", "bad-topic", "x is not an update topic", 1)  # names no round
+    assert rounds.round.rejected == {"bad-topic": 1}
+
+
+def test_the_first_round_waits_until_no_new_device_came_online_for_settle_s() -> None:
+    rounds = engine((), policy=RoundPolicy(min_devices=1, settle_s=2.0), open_round=False)
+    rounds.observe_status(status("a"), NOW, NOW)
+    assert rounds.ready(NOW) and not rounds.settled(NOW + 1.9)
+    rounds.observe_status(status("b"), NOW - 50, NOW + 1.5)  # a retained status heard later
+    assert not rounds.settled(NOW + 3.4) and rounds.settled(NOW + 3.5)
+    rounds.observe_status(status("a"), NOW + 3.0, NOW + 3.0)  # a heartbeat is not a newcomer
+    rounds.observe_status(status("z", bundle="c" * 64), NOW + 3.0, NOW + 3.0)  # not eligible
+    assert rounds.settled(NOW + 3.5)
+
+
+def test_open_round_names_the_run_the_heads_and_the_bundle() -> None:
+    rounds = engine(("a",))
+    assert rounds.round is not None
+    assert (rounds.round.run_id, rounds.round.bundle_digest, rounds.round.head_digest) == (
+        RUN, BUNDLE, HEAD_DIGEST,
+    )  # fmt: skip
+    assert rounds.round.announced == {"a": 10}
+    assert head_digest(rounds.task_heads()) == HEAD_DIGEST
+
+
+@pytest.mark.parametrize("forged", ["values", "samples"])
+def test_one_forged_update_is_bounded_when_the_round_closes(forged: str) -> None:
+    devices = ("a", "b", "c", "d")
+    rounds = engine(devices, policy=RoundPolicy(quorum=1.0))
+    for index, device in enumerate(devices[:3]):
+        rounds.receive(1, device, update(device=device, values=delta(0.1 + 0.01 * index)))
+    if forged == "values":
+        rounds.receive(1, "d", update(device="d", values=delta(1e30)))
+    else:
+        rounds.receive(1, "d", update(device="d", values=delta(-1.0), samples=10**15))
+    closed = rounds.close_round()
+    assert (closed.status, closed.accepted) == ("closed", 4)
+    # 1e30 is clipped to 10x the median norm; 1e15 samples are capped to the 10 announced (the
+    # -1 values are within 10x the median norm).
+    expected = {"values": (1.0, 0.0), "samples": (0.0, 1.0)}[forged]
+    assert (closed.metrics["clipped"], closed.metrics["capped"]) == expected
+    moved = float(np.abs(rounds.heads["default"]["0.bias"]).max())
+    # Weighted like the others, at most 10x the median norm (0.115 per value): the head moves
+    # by at most (0.10 + 0.11 + 0.12 + 10 x 0.115) / 4 = 0.37 per value.
+    assert moved <= 0.37 + 1e-6
+
+
+def test_a_resumed_round_keeps_rejected_answers_and_refuses_another_head_version() -> None:
+    restarted = engine(("a", "b"), open_round=False)
+    config = RoundSettings().to_wire()
+    rejected = [("a", "shape", "0.bias has shape [3]", "1" * 64), ("zz", "not-selected", "", "")]
+    reopened = restarted.resume(1, {"a": "default", "b": "default"}, 0, config, [], NOW, rejected)
+    assert reopened.answers == {"a": "shape"} and reopened.answered == {"a": "1" * 64}
+    assert restarted.receive(1, "b", update(device="b")).complete
+    with pytest.raises(ValueError, match="opened on head v3, the heads are v0"):
+        restarted.resume(1, {"a": "default"}, 3, config, [], NOW)
