@@ -155,13 +155,20 @@ def test_each_board_downloads_and_runs_only_its_preferred_backbone(fleet: Fleet)
         assert fleet.updaters[device].running_version == 1
         # Only the preferred backbone came down, plus the head and the board's manifest.
         files = _store_files(fleet.models[device])
-        assert files == {backbone, "head.safetensors", "manifest.json", "release.json"}, device
+        assert files == {
+            backbone,
+            "head.safetensors",
+            "manifest.json",
+            "full-manifest.json",
+            "release.json",
+        }, device
         local = json.loads((fleet.models[device] / "current" / "manifest.json").read_text())
         assert [a["file"] for a in local["artifacts"] if a["role"] == "backbone"] == [backbone]
         report = fleet.updaters[device].last_report
         assert report is not None and report.state == "installed", device
+        # Its bundle is still named by the full bundle's digest, the one the aggregator federates.
+        assert agent.bundle is not None and agent.bundle.digest == fleet.bundle.digest, device
         # The agent computes its features with that file, in its own runtime.
-        assert agent.bundle is not None
         (artifact,) = agent.bundle.manifest.backbones()
         runner, _ = shared_backbone(agent.bundle.file(artifact), artifact.sha256, agent.threads)
         assert isinstance(runner, (TfliteBackbone, OnnxBackbone))
@@ -178,6 +185,7 @@ def test_each_board_downloads_and_runs_only_its_preferred_backbone(fleet: Fleet)
         "jetson-1": ("online", "jetson", 1),
     }
     assert {r.last_deploy for r in rows.values()} == {"v1 installed"}
+    assert {r.bundle_digest for r in rows.values()} == {fleet.bundle.digest}  # from the statuses
 
 
 @pytest.mark.slow

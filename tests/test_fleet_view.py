@@ -26,7 +26,14 @@ def test_fleet_view_joins_statuses_and_reports() -> None:
             "pi-2", "offline", model_version=3, time=100.0, profile="raspberry-pi"
         ),
         "pi-1": DeviceStatus(
-            "pi-1", "online", model_version=4, time=200.0, last_round=7, group="a", profile="jetson"
+            "pi-1",
+            "online",
+            model_version=4,
+            time=200.0,
+            last_round=7,
+            group="a",
+            profile="jetson",
+            bundle_digest="ab" * 32,
         ),
     }
     reports = {
@@ -43,6 +50,7 @@ def test_fleet_view_joins_statuses_and_reports() -> None:
         "a",
     )
     assert (second.last_deploy, second.deploy_reason) == ("v4 refused", "bad signature")
+    assert (first.bundle_digest, second.bundle_digest) == ("ab" * 32, "")
     assert (ghost.state, ghost.model_version) == ("unknown", 4)
 
 
@@ -76,9 +84,12 @@ def test_cli_fleet_lists_online_and_offline_boards(
         assert rows["pi-1"]["model_version"] == 5 and rows["pi-2"]["model_version"] == 5
         assert rows["pi-1"]["profile"] == "raspberry-pi" and rows["pi-2"]["group"] == "b"
         assert rows["pi-1"]["last_deploy"] == "v5 installed"
+        # Each board shows the digest of the full bundle, though it downloaded only some files.
+        assert rows["pi-1"]["bundle_digest"] == bundle.digest
         table = CliRunner().invoke(main, args)
         assert table.exit_code == 0
         assert "1/2 online" in table.output and "pi-2" in table.output
+        assert bundle.digest[:12] in table.output and bundle.digest not in table.output
     finally:
         agents[0].stop()
         agents[1].stop()

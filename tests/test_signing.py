@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edgefl import signing
 from edgefl.cli import main
-from edgefl.errors import KeyFileError, SignatureError
+from edgefl.errors import KeyFileError, MessageError, SignatureError
 
 
 def test_init_keys_writes_private_key_with_mode_0600(tmp_path: Path) -> None:
@@ -63,3 +63,25 @@ def test_cli_keys_init_then_refuses_second_time(tmp_path: Path) -> None:
     second = runner.invoke(main, ["keys", "init", "--dir", str(tmp_path / "keys")])
     assert second.exit_code == 2
     assert "already exists" in second.output
+
+
+def test_an_envelope_verifies_its_exact_bytes_and_names_bad_fields(tmp_path: Path) -> None:
+    paths = signing.init_keys(tmp_path)
+    key = signing.load_private_key(paths.private)
+    signed = '{"group": "Küche", "x": 1.0}'.encode()
+    wire = signing.seal(key, signed).to_bytes()
+    envelope = signing.Envelope.from_bytes(wire)
+    assert envelope.verify(signing.load_public_key(paths.public)) == signed
+    assert envelope.key_id == signing.key_id(key.public_key())
+    altered = signing.Envelope(signed.replace(b"1.0", b"1"), envelope.signature, envelope.key_id)
+    with pytest.raises(SignatureError, match="does not match"):
+        altered.verify(signing.load_public_key(paths.public))
+    assert altered.digest != envelope.digest
+    for payload, words in [
+        (b"[]", "not a JSON object"),
+        (b'{"signed": 5, "signature": ""}', "'signed' must be a string, not int"),
+        (b'{"signed": "!!", "signature": ""}', "'signed' is not base64"),
+        (b'{"signed": "", "signature": "", "key_id": []}', "'key_id' must be a string"),
+    ]:
+        with pytest.raises(MessageError, match=words):
+            signing.Envelope.from_bytes(payload, "release")

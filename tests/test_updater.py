@@ -3,7 +3,9 @@ install atomically, smoke-infer in onnxruntime, refuse or roll back with the rea
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -14,7 +16,7 @@ from bundles import make_test_bundle
 
 from edgefl import signing
 from edgefl.bundle import ModelBundle
-from edgefl.delivery.chunks import split
+from edgefl.delivery.chunks import digest, split
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release
 from edgefl.delivery.store import BundleStore
 from edgefl.delivery.updater import MAX_REFETCHES, Updater
@@ -245,3 +247,94 @@ def test_garbage_release_is_reported_not_raised(tmp_path: Path, keys: Any) -> No
     assert board.last.version == 0
     board.updater.on_chunk(topics.artifact_chunk(FLEET, 1, "x.onnx", 0), b"zz")  # no download
     assert len(board.reports) == 1
+
+
+def hand_written_release(bundle: ModelBundle, keys: signing.KeyPaths, group: str) -> bytes:
+    """A release as another language writes it: raw UTF-8, spaces, `1700000000` for a float."""
+    digests = {
+        a.file: [digest(c) for c in split(bundle.file(a).read_bytes(), 1024)]
+        for a in bundle.manifest.artifacts
+    }
+    text = (
+        '{ "type": "release", "schema_version": 2, "published": 1700000000,'
+        f' "targets": {{"group": "{group}", "devices": null}}, "chunk_size": 1024,'
+        f' "chunks": {json.dumps(digests)},'
+        f' "manifest_json": {json.dumps(bundle.manifest.to_json())},'
+        ' "note from the future": {"ignored": true} }'
+    )
+    key = signing.load_private_key(keys.private)
+    return signing.seal(key, text.encode("utf-8")).to_bytes()
+
+
+def test_a_release_signed_over_other_json_formatting_installs(tmp_path: Path, keys: Any) -> None:
+    bundle = make_test_bundle(tmp_path / "b1", 1)
+    board = make_board(tmp_path, keys, group="Küche-東")
+    payload = hand_written_release(bundle, keys, "Küche-東")
+    assert "Küche-東".encode() in base64.b64decode(json.loads(payload)["signed"])
+    board.updater.on_release(payload)
+    assert board.last.state == "downloading", board.last
+    board.send(Release.from_signed(signing.Envelope.from_bytes(payload)), bundle)
+    assert board.last.state == "installed" and board.updater.running_version == 1
+
+
+def test_fields_outside_the_signed_part_change_nothing(tmp_path: Path, keys: Any) -> None:
+    bundle = make_test_bundle(tmp_path / "b1", 1)
+    release = release_of(bundle, keys, group="lab-a")
+    wire = json.loads(release.to_bytes())
+    wire.update(targets={"group": "lab-b"}, chunk_size=2048, schema_version=99, key_id="0" * 16)
+    board = make_board(tmp_path, keys, group="lab-b")
+    board.updater.on_release(json.dumps(wire).encode())
+    assert board.reports == []  # still signed for lab-a only
+    board = make_board(tmp_path / "a", keys, group="lab-a")
+    board.updater.on_release(json.dumps(wire).encode())
+    assert board.last.release_id == release.release_id and board.last.state == "downloading"
+    assert topics.artifact_chunks(FLEET, 1, "backbone-fp32.onnx") in board.subscribed
+    board.send(release, bundle)
+    assert board.last.state == "installed"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            (b'"chunk_size":1024', b'"chunk_size":"1024"'),
+            "'chunk_size' must be an integer, not str",
+        ),
+        ((b'"targets":{', b'"targets":[],"x":{'), "'targets' must be an object, not list"),
+        ((b'"group":null', b'"group":7'), "'targets.group' must be a string, not int"),
+        ((b'"published":', b'"published":true,"x":'), "'published' must be a number, not bool"),
+        ((b'"chunks":{', b'"chunks":{"x":5,'), "'chunks.x' must be a list of strings"),
+        ((b'"schema_version":2', b'"schema_version":3'), "schema version 3 is newer"),
+        ((b'"type":"release"', b'"type":"task"'), "not a release (type 'task')"),
+        # A JSON object's last duplicate key wins: the first artifact's size becomes a string.
+        (
+            (b'\\"task\\":null', b'\\"task\\":null,\\"size\\":\\"1\\"'),
+            "'artifacts[0].size' must be an integer",
+        ),
+    ],
+)
+def test_a_signed_release_with_a_wrong_field_is_refused_naming_it(
+    tmp_path: Path, keys: Any, change: tuple[bytes, bytes], field: str
+) -> None:
+    bundle = make_test_bundle(tmp_path / "b1", 1)
+    signed = release_of(bundle, keys).envelope.signed
+    assert change[0] in signed
+    payload = signing.seal(signing.load_private_key(keys.private), signed.replace(*change, 1))
+    board = make_board(tmp_path, keys)
+    board.updater.on_release(payload.to_bytes())
+    assert board.last.state == "refused" and field in board.last.reason, board.last.reason
+    board.send(release_of(bundle, keys), bundle)  # nothing remembered: the next one installs
+    assert board.last.state == "installed"
+
+
+def test_a_forged_release_during_a_download_is_ignored(tmp_path: Path, keys: Any) -> None:
+    bundle = make_test_bundle(tmp_path / "b1", 1)
+    release = release_of(bundle, keys)
+    board = make_board(tmp_path, keys)
+    board.updater.on_release(release.to_bytes())
+    stranger = signing.init_keys(tmp_path / "stranger")
+    board.updater.on_release(release_of(bundle, stranger).to_bytes())
+    board.updater.on_release(b"garbage")
+    assert [r.state for r in board.reports] == ["downloading"]
+    board.send(release, bundle)
+    assert board.last.state == "installed"

@@ -144,7 +144,8 @@ def deploy(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
 def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
-    """Show the fleet's boards: online or not, profile, model version, last seen, last round."""
+    """Show the fleet's boards: online or not, profile, model version and bundle digest, last
+    seen, last round."""
     import json
     import time
     from dataclasses import asdict
@@ -152,7 +153,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgefl.delivery.fleet_view import read_fleet
+    from edgefl.delivery.fleet_view import read_fleet, short_digest
 
     rows = read_fleet(broker_url, fleet)
     if as_json:
@@ -163,8 +164,8 @@ def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
         return
     online = sum(r.state == "online" for r in rows)
     table = Table(title=f"fleet {fleet}: {online}/{len(rows)} online")
-    for column in ("device", "state", "profile", "group", "model", "last seen", "last round",
-                   "last deploy"):  # fmt: skip
+    for column in ("device", "state", "profile", "group", "model", "bundle", "last seen",
+                   "last round", "last deploy"):  # fmt: skip
         table.add_column(column)
     now = time.time()
     for r in rows:
@@ -172,7 +173,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
         deploy_text = r.last_deploy + (f" ({r.deploy_reason})" if r.deploy_reason else "")
         table.add_row(
             r.device_id, r.state, r.profile or "-", r.group or "-",
-            f"v{r.model_version}" if r.model_version else "-", seen,
+            f"v{r.model_version}" if r.model_version else "-", short_digest(r.bundle_digest), seen,
             str(r.last_round) if r.last_round else "-", deploy_text or "-",
         )  # fmt: skip
     Console(width=160).print(table)

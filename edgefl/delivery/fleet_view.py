@@ -32,6 +32,7 @@ class FleetDevice:
     profile: str = ""
     group: str = ""
     model_version: int = 0
+    bundle_digest: str = ""  # the bundle the board runs (`ModelBundle.digest`); "" for none
     last_seen: float = 0.0  # Unix time of the last status
     last_round: int = 0
     last_deploy: str = ""  # e.g. "v3 installed", "v4 refused"
@@ -62,6 +63,7 @@ def fleet_view(
             row.profile = status.profile
             row.group = status.group
             row.model_version = status.model_version
+            row.bundle_digest = status.bundle_digest
             row.last_seen = status.time
             row.last_round = status.last_round
         if report is not None:
@@ -72,6 +74,11 @@ def fleet_view(
         rows.append(row)
     rows.sort(key=lambda r: (r.state != "online", r.device_id))
     return rows
+
+
+def short_digest(digest: str) -> str:
+    """Return the first 12 hex digits of a digest (what a table shows), or "-" for none."""
+    return digest[:12] or "-"
 
 
 def wait_for_retained(last_message: list[float], lock: threading.Lock, max_wait: float) -> None:
