@@ -22,7 +22,8 @@ from edgefl import signing
 from edgefl.bundle import Manifest, decode_head, encode_head, manifest_digest
 from edgefl.core.codecs import decode_delta, encode_delta
 from edgefl.core.settings import RoundSettings
-from edgefl.errors import MessageError
+from edgefl.delivery.release import open_release
+from edgefl.errors import MessageError, SignatureError
 from edgefl.head import head_digest, head_forward
 from edgefl.transport import topics
 from edgefl.transport.messages import (
@@ -71,7 +72,7 @@ def safetensors_parts(data: bytes) -> tuple[int, dict[str, Any], bytes]:
 
 def test_there_is_a_vector_of_every_kind() -> None:
     kinds = {load(name)[1]["kind"] for name in CASES}
-    assert {"status", "result", "task", "update", "manifest", "signature"} <= kinds
+    assert {"status", "result", "task", "update", "manifest", "signature", "release"} <= kinds
     refused = {name for name in CASES if "refused" in load(name)[1]}
     assert len(refused) >= 5 and len(CASES) - len(refused) >= 12
 
@@ -102,8 +103,15 @@ def load_generator() -> ModuleType:
 @pytest.mark.parametrize("name", CASES)
 def test_vector_decodes_as_expected(name: str) -> None:
     data, expected = load(name)
-    if "topic" in expected:
-        assert topics.parse(expected["topic"]) is not None
+    if expected["kind"] in ("status", "task", "update", "result"):
+        parsed = topics.parse(expected["topic"])
+        assert parsed is not None and parsed.kind == expected["kind"]
+    if "refused" in expected and expected["kind"] == "release":
+        public = signing.load_public_key(VECTORS / expected["public_key_file"])
+        with pytest.raises((MessageError, SignatureError)) as refused:
+            open_release(data, public)
+        assert f"{type(refused.value).__name__}: {refused.value}" == expected["refused"]
+        return
     if "refused" in expected:
         with pytest.raises(MessageError) as caught:
             decode(expected["kind"], data)
@@ -229,7 +237,39 @@ def check_signature(data: bytes, expected: dict[str, Any]) -> None:
     assert signing.sign(private, data) == expected["signature"]
 
 
+def check_release(data: bytes, expected: dict[str, Any]) -> None:
+    public = signing.load_public_key(VECTORS / expected["public_key_file"])
+    release = open_release(data, public)
+    assert json.loads(release.envelope.signed) == expected["signed"]
+    actual = {
+        "manifest_json": release.manifest_json,
+        "targets": asdict(release.targets),
+        "chunk_size": release.chunk_size,
+        "chunks": release.chunks,
+        "published": release.published,
+        "schema_version": release.schema_version,
+    }
+    assert actual == expected["release"]
+    assert release.key_id == expected["key_id"] == signing.key_id(public)
+    assert release.bundle_digest == expected["bundle_digest"]
+    assert manifest_digest(release.manifest_json) == load("bundle-manifest")[1]["bundle_digest"]
+    for file, vector in expected["artifact_vectors"].items():
+        content = (VECTORS / f"{vector}.bin").read_bytes()
+        size = release.chunk_size
+        pieces = [content[i : i + size] for i in range(0, len(content), size)]
+        assert [hashlib.sha256(p).hexdigest() for p in pieces] == release.chunks[file]
+    if expected["canonical"]:
+        assert release.release_id == expected["release_id"]
+        assert release.to_bytes() == data
+
+
+def check_artifact(data: bytes, expected: dict[str, Any]) -> None:
+    assert hashlib.sha256(data).hexdigest() == expected["sha256"]
+
+
 CHECKS = {
+    "release": check_release,
+    "artifact": check_artifact,
     "status": check_json_message,
     "result": check_json_message,
     "task": check_task,

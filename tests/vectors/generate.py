@@ -15,9 +15,11 @@ decoder, so tests/test_conformance.py checks the one against the other.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -29,10 +31,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as save_safetensors_bytes
 
 from edgefl import signing
-from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, encode_head, manifest_digest
+from edgefl.bundle import (
+    Artifact,
+    HeadSpec,
+    InputSpec,
+    Manifest,
+    encode_head,
+    manifest_digest,
+    write_bundle,
+)
 from edgefl.core.codecs import encode_delta
 from edgefl.core.settings import CodecSettings, RoundSettings, TrainConfig
-from edgefl.errors import MessageError
+from edgefl.delivery.release import Targets, build_release, open_release
+from edgefl.errors import MessageError, SignatureError
 from edgefl.head import head_digest
 from edgefl.transport import topics
 from edgefl.transport.messages import (
@@ -53,6 +64,7 @@ TIME = 1767225600.0  # 2026-01-01T00:00:00Z
 # The vectors' own Ed25519 key, derived from a constant: public, so never trust it for anything.
 KEY_SEED = hashlib.sha256(b"edgefl conformance vectors: not a secret key").digest()
 FLOAT16_MAX = 65504.0
+CHUNK_SIZE = 1024  # the smallest a release allows, so the backbone takes 3 chunks
 
 # The head of the vectors: linear 5 -> 2, relu, linear 2 -> 3 (parameters 0.* and 2.*).
 LAYERS: list[dict[str, Any]] = [
@@ -289,9 +301,14 @@ def result_cases() -> dict[str, Case]:
     }
 
 
+def backbone_bytes() -> bytes:
+    """The bundle's backbone stand-in: not a model, 2,900 bytes, so releases chunk it in 3."""
+    return "".join(f"not a model: vectors backbone line {i:03d}\n" for i in range(80)).encode()
+
+
 def tiny_manifest() -> Manifest:
     """Return the manifest of the vectors' bundle (its artifacts' sizes and digests filled)."""
-    backbone = b"not a real model: the conformance vectors' backbone stand-in\n"
+    backbone = backbone_bytes()
     head = encode_head(head_weights())
     return Manifest(
         name="vectors-tiny",
@@ -682,12 +699,125 @@ def key_files() -> dict[str, bytes]:
     return {"keys/operator.key": private, "keys/operator.pub": signing.public_pem(key.public_key())}
 
 
+def release_cases() -> dict[str, Case]:
+    """Releases: one as deploy publishes it, one from a newer peer, and ones to refuse."""
+    key = vector_key()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_bundle(
+            Path(tmp) / "bundle",
+            tiny_manifest(),
+            {"backbone-int8.onnx": backbone_bytes()},
+            {"default": head_weights()},
+        )
+        release = build_release(bundle, key, Targets(group="atelier-é"), CHUNK_SIZE, TIME)
+    signed = json.loads(release.envelope.signed)
+    topic = topics.group_release(FLEET, "atelier-é")
+
+    def expect(description: str, canonical: bool, content: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "kind": "release",
+            "description": description,
+            "topic": topic,
+            "canonical": canonical,
+            "public_key_file": "keys/operator.pub",
+            "key_id": signing.key_id(key.public_key()),
+            "signed": content,
+            "release": {
+                "manifest_json": content["manifest_json"],
+                "targets": content["targets"],
+                "chunk_size": content["chunk_size"],
+                "chunks": content["chunks"],
+                "published": float(content["published"]),
+                "schema_version": content["schema_version"],
+            },
+            "bundle_digest": manifest_digest(content["manifest_json"]),
+            "artifact_vectors": {"backbone-int8.onnx": "bundle-backbone", "head.safetensors":
+                                 "bundle-head"},
+        }  # fmt: skip
+
+    def envelope(content: Any, signer: Ed25519PrivateKey = key, **extra: Any) -> bytes:
+        signed = json_bytes(content) if not isinstance(content, bytes) else content
+        sealed = signing.seal(signer, signed)
+        if not extra:
+            return sealed.to_bytes()
+        fields = json.loads(sealed.to_bytes())
+        return json_bytes({**fields, **extra})
+
+    newer = {**signed, "rollout": {"percent": 25}}
+    cases: dict[str, Case] = {
+        "release-group": (
+            release.to_bytes(),
+            {
+                **expect(
+                    "a release for group atelier-é as edgefl deploy publishes it: the envelope "
+                    "carries the signed UTF-8 JSON as base64",
+                    True,
+                    signed,
+                ),
+                "release_id": release.release_id,
+            },
+        ),
+        "release-unknown-fields": (
+            envelope(newer, note="outside the signed part: ignored"),
+            expect("a newer peer's fields, signed and unsigned, are ignored", False, newer),
+        ),
+    }
+    other = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"another key").digest())
+    good = release.to_bytes()
+    altered = json.loads(good)
+    altered["signed"] = base64.b64encode(
+        release.envelope.signed.replace(b'"chunk_size":1024', b'"chunk_size":1025')
+    ).decode()
+    refused = {
+        "refuse-release-altered": ("the signed bytes were changed after signing",
+                                   json_bytes(altered)),
+        "refuse-release-other-key": ("signed by a key the board does not trust",
+                                     envelope(signed, other)),
+        "refuse-release-newer-schema": ("release schema_version 3",
+                                        envelope({**signed, "schema_version": 3})),
+        "refuse-release-wrong-type": ("chunk_size is a string",
+                                      envelope({**signed, "chunk_size": "1024"})),
+        "refuse-release-not-a-release": ("the signed part is of another type",
+                                         envelope({**signed, "type": "task"})),
+    }  # fmt: skip
+    for name, (description, data) in refused.items():
+        cases[name] = (
+            data,
+            {
+                "kind": "release",
+                "description": description,
+                "topic": topic,
+                "public_key_file": "keys/operator.pub",
+                "refused": release_refusal(data),
+            },
+        )
+    cases["bundle-backbone"] = (
+        backbone_bytes(),
+        {
+            "kind": "artifact",
+            "description": "the bundle's backbone file (a stand-in), chunked by release-group",
+            "canonical": True,
+            "sha256": hashlib.sha256(backbone_bytes()).hexdigest(),
+        },
+    )
+    return cases
+
+
+def release_refusal(data: bytes) -> str:
+    """Return the error a board gives for a release it must refuse."""
+    try:
+        open_release(data, vector_key().public_key())
+    except (MessageError, SignatureError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    raise RuntimeError("a release vector meant to be refused was accepted")
+
+
 def all_cases() -> dict[str, Case]:
     """Return every case by name."""
     cases: dict[str, Case] = {}
     for group in (
         status_cases, result_cases, bundle_cases, task_cases, update_cases, key_cases,
-        refused_cases,
+        release_cases, refused_cases,
     ):  # fmt: skip
         cases.update(group())
     return cases
