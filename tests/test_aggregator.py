@@ -28,6 +28,7 @@ from edgefl.transport import topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import (
     DeviceStatus,
+    RoundTask,
     UpdateHeader,
     decode_round_task,
     update_metadata,
@@ -35,10 +36,16 @@ from edgefl.transport.messages import (
 
 FLEET = "lab"
 
+# The last task the fakes saw: their updates echo its run, head and bundle digests.
+SEEN: dict[str, RoundTask] = {}
+
 
 def _update(round_number: int, device: str, head_version: int, delta: dict[str, np.ndarray],
             samples: int = 10) -> bytes:  # fmt: skip
-    header = UpdateHeader(round_number, device, "default", samples, head_version)
+    task = SEEN.get("task", RoundTask(1, [], [], 0, 0))
+    header = UpdateHeader(round_number, device, "default", samples, head_version,
+                          run_id=task.run_id, head_digest=task.head_digest,
+                          bundle_digest=task.bundle_digest)  # fmt: skip
     return encode_delta(delta, "float32", metadata=update_metadata(header))
 
 
@@ -51,10 +58,11 @@ class FakeDevices:
         self.ids = ids
         self.client.subscribe(topics.all_tasks(FLEET), self._on_task)
 
-    def start(self, model_version: int = 1) -> None:
+    def start(self, bundle_digest: str, model_version: int = 1) -> None:
         self.client.connect()
         for device in self.ids:
-            status = DeviceStatus(device, "online", samples=10, model_version=model_version)
+            status = DeviceStatus(device, "online", samples=10, model_version=model_version,
+                                  bundle_digest=bundle_digest)  # fmt: skip
             self.client.publish(
                 topics.device_status(FLEET, device), status.encode(), retain=True
             ).wait(5)
@@ -68,6 +76,7 @@ class FakeDevices:
         if not message.payload:
             return
         task, heads = decode_round_task(message.payload)
+        SEEN["task"] = task
         for topic, payload in self.script(task.round, task.head_version, heads["default"]):
             self.client.publish(topic, payload, qos=1)
 
@@ -85,39 +94,44 @@ def test_bad_updates_are_rejected_with_reasons_and_the_run_completes(
     mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
 ) -> None:
     sent: dict[int, bytes] = {}
+    bad = ["d-garbage", "d-shape", "d-nan", "d-huge"]
 
     def script(number: int, version: int, head: dict[str, np.ndarray]) -> list:
         up = lambda device: topics.round_update(FLEET, number, device)  # noqa: E731
+        zero = lambda device: _update(number, device, version, _zero(head))  # noqa: E731
         good = _update(number, "evil", version, {k: v + 0.01 for k, v in _zero(head).items()})
         other = _update(number, "evil", version, {k: v + 0.02 for k, v in _zero(head).items()})
-        quiet = _update(number, "quiet", version, _zero(head))
         wrong_shape = {k: np.zeros((3, 3), np.float32) for k in head}
         nan = {k: np.full(v.shape, np.nan, np.float32) for k, v in head.items()}
         if number == 1:
             sent[1] = good
+            # One publisher's messages arrive in order: the extra answers come before the last
+            # answer closes the round.
             return [
-                (up("evil"), b"\x00garbage that is not safetensors"),
-                (up("evil"), _update(number, "evil", version, wrong_shape)),
-                (up("evil"), _update(number, "evil", version, nan)),
-                (up("evil"), b"\x00" * (50 * 1024 * 1024)),
                 (up("stranger"), _update(number, "stranger", version, _zero(head))),
                 (up("evil"), good),
                 (up("evil"), other),  # a second, different answer
                 (up("evil"), good),  # the same bytes again: a re-delivery, silently ignored
-                (up("quiet"), quiet),
+                (up("d-garbage"), b"\x00garbage that is not safetensors"),
+                (up("d-shape"), _update(number, "d-shape", version, wrong_shape)),
+                (up("d-nan"), _update(number, "d-nan", version, nan)),
+                (up("d-huge"), b"\x00" * (50 * 1024 * 1024)),
+                (up("quiet"), zero("quiet")),
             ]
         return [
-            (up("evil"), sent[1]),  # round 1's update replayed into round 2
+            (up("evil"), sent[1]),  # round 1's update replayed into round 2: evil's answer
             (topics.round_update(FLEET, 1, "evil"), sent[1]),  # too late for round 1
-            (up("evil"), good),
-            (up("quiet"), quiet),
+            (up("evil"), good),  # after its (rejected) answer: a duplicate
+            *[(up(device), zero(device)) for device in bad],
+            (up("quiet"), zero("quiet")),
         ]
 
-    fakes = FakeDevices(mosquitto.url, ["evil", "quiet"], script)
-    fakes.start()
+    fakes = FakeDevices(mosquitto.url, ["evil", "quiet", *bad], script)
+    fakes.start(bundle.digest)
     config = AggregatorConfig(
-        mosquitto.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
-        acceptance=AcceptancePolicy(allow=("evil", "quiet")),
+        mosquitto.url, FLEET, bundle.path,
+        RoundPolicy(rounds=2, min_devices=6, deadline_s=30, quorum=0.3, settle_s=0.2),
+        acceptance=AcceptancePolicy(allow=("evil", "quiet", *bad)),
         state_path=tmp_path / "state.sqlite", out_dir=tmp_path / "out",
     )  # fmt: skip
     try:
@@ -126,23 +140,29 @@ def test_bad_updates_are_rejected_with_reasons_and_the_run_completes(
         fakes.stop()
     first, second = summary.rounds
     assert (first.status, first.accepted, second.status, second.accepted) == (
-        "closed", 2, "closed", 2,
+        "closed", 2, "closed", 5,
     )  # fmt: skip
     assert first.rejected == {
         "malformed": 1, "shape": 1, "non-finite": 1, "oversized": 1, "unknown-device": 1,
         "duplicate": 1,
     }  # fmt: skip
-    assert second.rejected == {"round-mismatch": 1}
-    assert second.late == 1
+    assert second.rejected == {"round-mismatch": 1, "duplicate": 1}
+    assert second.late == 0  # the late update named round 1: counted there
+    assert first.seconds < 10 and second.seconds < 10  # every selected device answered
     state = AggregatorRecord(tmp_path / "state.sqlite")
     reasons = {code: reason for _, _, code, reason in state.rejections()}
     assert "exceeds the limit" in reasons["oversized"]
     assert "NaN or Inf" in reasons["non-finite"]
     assert "not in the fleet list" in reasons["unknown-device"]
     assert "round 1 is closed" in reasons["round-closed"]
-    assert [r.status for r in state.rounds()] == ["closed", "closed"]
-    metrics = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
-    assert "rejected_oversized" in metrics[0]
+    rounds = state.rounds()
+    assert [r.status for r in rounds] == ["closed", "closed"]
+    assert rounds[1].result is not None and rounds[1].result["answers"] == {
+        "evil": "round-mismatch", "quiet": "accepted", **{d: "accepted" for d in bad},
+    }  # fmt: skip
+    assert "for round 1 on round 2's topic" in rounds[1].result["reasons"]["evil"]
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [(r.get("rejected_oversized"), r["late"]) for r in rows] == [(1, 1), (None, 0)]
     state.close()
 
 
@@ -154,7 +174,7 @@ def test_round_waits_for_deadline_then_closes_with_quorum(
                                                                       _zero(head)))]  # fmt: skip
 
     fakes = FakeDevices(mosquitto.url, ["fast", "silent"], script)
-    fakes.start()
+    fakes.start(bundle.digest)
     policy = RoundPolicy(rounds=1, min_devices=2, deadline_s=1.0, quorum=0.5)
     config = AggregatorConfig(mosquitto.url, FLEET, bundle.path, policy)
     started = time.monotonic()
@@ -171,7 +191,7 @@ def test_without_quorum_the_round_fails_and_the_head_is_unchanged(
     mosquitto: RunningBroker, bundle: ModelBundle
 ) -> None:
     fakes = FakeDevices(mosquitto.url, ["mute-1", "mute-2"], lambda *_: [])
-    fakes.start()
+    fakes.start(bundle.digest)
     config = AggregatorConfig(mosquitto.url, FLEET, bundle.path,
                               RoundPolicy(rounds=1, min_devices=2, deadline_s=0.5))  # fmt: skip
     try:
@@ -229,7 +249,7 @@ def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
 
     fakes = FakeDevices(fresh_mosquitto.url, ["late-bloomer"], script)
     agent.start()
-    fakes.start()
+    fakes.start(bundle.digest)
     state_path = tmp_path / "state.sqlite"
     command = [
         str(Path(sys.executable).parent / "edgefl"), "aggregate", "--broker", fresh_mosquitto.url,
@@ -303,7 +323,7 @@ def test_privacy_settings_are_checked_and_sent_to_devices_in_the_task(
         lambda m: configs.append(decode_round_task(m.payload)[0].config) if m.payload else None,
     )
     watcher.connect()
-    devices.start()
+    devices.start(bundle.digest)
     try:
         config = AggregatorConfig(
             mosquitto.url,
@@ -327,15 +347,15 @@ class Ghost:
     It answers tasks that select it with a zero delta, so a round that selects it still closes.
     """
 
-    def __init__(self, url: str, fleet: str, version: int, heartbeat_s: float) -> None:
-        self.fleet, self.version, self.heartbeat_s = fleet, version, heartbeat_s
+    def __init__(self, url: str, fleet: str, bundle: ModelBundle, heartbeat_s: float) -> None:
+        self.fleet, self.bundle, self.heartbeat_s = fleet, bundle, heartbeat_s
         self.client = MqttClient(url, f"ghost-{fleet}")
         self.client.subscribe(topics.all_tasks(fleet), self._on_task)
         self.client.connect()
 
     def announce(self, age_s: float = 0.0) -> None:
         """Publish a retained online status dated `age_s` seconds ago."""
-        status = DeviceStatus("ghost", "online", samples=10, model_version=self.version,
+        status = DeviceStatus("ghost", "online", samples=10, bundle_digest=self.bundle.digest,
                               heartbeat_s=self.heartbeat_s, time=time.time() - age_s)  # fmt: skip
         topic = topics.device_status(self.fleet, "ghost")
         self.client.publish(topic, status.encode(), retain=True).wait(5)
@@ -348,6 +368,7 @@ class Ghost:
         if not message.payload:
             return
         task, heads = decode_round_task(message.payload)
+        SEEN["task"] = task
         if "ghost" in task.selected:
             update = _update(task.round, "ghost", task.head_version, _zero(heads["default"]))
             self.client.publish(topics.round_update(self.fleet, task.round, "ghost"), update)
@@ -358,7 +379,7 @@ def test_stale_devices_are_not_selected_until_they_heartbeat_again(
 ) -> None:
     fleet = "staleness"
     # The ghost's window is 3 x 0.4 s; the live agent heartbeats every 0.5 s.
-    ghost = Ghost(mosquitto.url, fleet, bundle.manifest.version, heartbeat_s=0.4)
+    ghost = Ghost(mosquitto.url, fleet, bundle, heartbeat_s=0.4)
     ghost.announce(age_s=60.0)  # left behind by a session that vanished without its will
     devices, _ = digits_devices(2)
     agent = Agent(AgentConfig(mosquitto.url, fleet, "live", bundle_dir=bundle.path,
@@ -398,7 +419,7 @@ def test_cli_shows_stale_devices_in_progress_errors_and_the_fleet_view(
     from edgefl.cli import main
 
     fleet = "stalecli"
-    ghost = Ghost(mosquitto.url, fleet, bundle.manifest.version, heartbeat_s=1.0)
+    ghost = Ghost(mosquitto.url, fleet, bundle, heartbeat_s=1.0)
     ghost.announce(age_s=60.0)
     devices, _ = digits_devices(2)
     agent = Agent(AgentConfig(mosquitto.url, fleet, "live", bundle_dir=bundle.path), devices[0])
@@ -459,7 +480,7 @@ def test_a_users_strategy_object_selects_configures_and_aggregates_over_the_wire
         step = {k: np.full_like(v, 0.25) for k, v in head.items()}
         return [
             (topics.round_update(FLEET, number, d), _update(number, d, version, step))
-            for d in ("pick-me", "skip-me")
+            for d in ("skip-me", "pick-me")  # in order: the last answer closes the round
         ]
 
     fakes = FakeDevices(mosquitto.url, ["pick-me", "skip-me"], script)
@@ -469,7 +490,7 @@ def test_a_users_strategy_object_selects_configures_and_aggregates_over_the_wire
         lambda m: configs.append(decode_round_task(m.payload)[0].config) if m.payload else None,
     )
     watcher.connect()
-    fakes.start()
+    fakes.start(bundle.digest)
     policy = RoundPolicy(rounds=1, min_devices=2, deadline_s=5)
     aggregator = Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, policy,
                                              strategy=OnlyPickMe()))  # fmt: skip

@@ -66,8 +66,8 @@ def update(
 def status(
     device: str, *, task: str = "default", bundle: str = BUNDLE, **fields: object
 ) -> DeviceStatus:
-    return DeviceStatus(device, "online", task=task, samples=10, model_version=1,  # type: ignore[arg-type]
-                        bundle_digest=bundle, **fields)  # fmt: skip
+    return DeviceStatus(device, "online", task=task, samples=10, model_version=1,
+                        bundle_digest=bundle, **fields)  # type: ignore[arg-type]  # fmt: skip
 
 
 def engine(
