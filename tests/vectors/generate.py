@@ -278,13 +278,13 @@ def result_cases() -> dict[str, Case]:
         head_version=5,
         selected=3,
         accepted=2,
-        rejected={"stale-head": 1},
+        rejected={"head-mismatch": 1},
         late=0,
         metrics={"accuracy": 0.875, "samples": 860.0, "bytes_per_update": 412.0},
         online=4,
         stale=1,
         run_id=RUN_ID,
-        answers={DEVICE: "accepted", "pi-03": "stale-head", "jetson-02": "accepted"},
+        answers={DEVICE: "accepted", "pi-03": "head-mismatch", "jetson-02": "accepted"},
         reasons={"pi-03": "update trained from head version 3, the round sent 4"},
     )
     return {
