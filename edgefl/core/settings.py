@@ -247,8 +247,10 @@ class AcceptancePolicy:
     max_update_bytes: int = setting(16 * 1024 * 1024, "Larger updates are rejected unread.")
     max_norm: float | None = setting(None, "Reject updates whose delta L2 norm exceeds this.")
     allow: tuple[str, ...] | None = setting(None, "The device IDs allowed (default: any).")
+    # 2, not 10: one forged update clipped to 10x the median norm still cost FL-digits 6 points
+    # (tests/test_fleet_integrity.py); at 2x it costs under 1, and honest outliers still count.
     influence_factor: float = setting(
-        10.0,
+        2.0,
         "An update's weight and norm are capped at this many times the round's median "
         "(with 3 or more updates; 0: no relative cap).",
     )

@@ -489,7 +489,8 @@ def test_open_round_names_the_run_the_heads_and_the_bundle() -> None:
 @pytest.mark.parametrize("forged", ["values", "samples"])
 def test_one_forged_update_is_bounded_when_the_round_closes(forged: str) -> None:
     devices = ("a", "b", "c", "d")
-    rounds = engine(devices, policy=RoundPolicy(quorum=1.0))
+    bound = AcceptancePolicy(influence_factor=10.0)
+    rounds = engine(devices, policy=RoundPolicy(quorum=1.0), acceptance=bound)
     for index, device in enumerate(devices[:3]):
         rounds.receive(1, device, update(device=device, values=delta(0.1 + 0.01 * index)))
     if forged == "values":
