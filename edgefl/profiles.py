@@ -1,4 +1,4 @@
-"""Board profiles (`devices/*/profile.toml`): preferred artifacts, threads, install.
+"""Board profiles (`devices/*/profile.toml`): preferred artifacts, threads, limits, install.
 
 A profile is named by its folder (`raspberry-pi`, `jetson`) or given as a path to a profile.toml.
 """
@@ -6,10 +6,12 @@ A profile is named by its folder (`raspberry-pi`, `jetson`) or given as a path t
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgefl.core.board_limits import BoardLimits
+from edgefl.core.settings import from_mapping
 from edgefl.errors import ProfileError
 from edgefl.resources import shipped_dir
 
@@ -34,7 +36,8 @@ class InstallSpec:
 @dataclass(frozen=True)
 class DeviceProfile:
     """One board family: which backbone artifacts it prefers (and so which runtime loads them),
-    how many threads it runs, and its install files' folder."""
+    how many threads it runs, the most a round may ask of it (`[limits]`, defaults when absent)
+    and its install files' folder."""
 
     name: str
     description: str
@@ -42,6 +45,7 @@ class DeviceProfile:
     prefer: list[tuple[str, str]]
     install: InstallSpec
     directory: Path
+    limits: BoardLimits = field(default_factory=BoardLimits)
 
     def file(self, name: str) -> Path:
         """Return the path of one of the profile's files (install.sh, the unit, agent.env)."""
@@ -55,7 +59,7 @@ def _parse_preference(text: str, source: Path) -> tuple[str, str]:
     return fmt, precision
 
 
-_PROFILE_KEYS = {"name", "description", "threads", "prefer", "install"}
+_PROFILE_KEYS = {"name", "description", "threads", "prefer", "install", "limits"}
 _INSTALL_KEYS = {"packages", "uninstall", "extra_index_urls", "apt"}
 
 
@@ -67,8 +71,11 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
             key is missing, or a value has the wrong type.
     """
     source = directory / PROFILE_FILE
-    unknown = sorted(set(data) - _PROFILE_KEYS) + sorted(
-        f"install.{key}" for key in set(data.get("install", {})) - _INSTALL_KEYS
+    limit_keys = {f.name for f in fields(BoardLimits)}
+    unknown = (
+        sorted(set(data) - _PROFILE_KEYS)
+        + sorted(f"install.{key}" for key in set(data.get("install", {})) - _INSTALL_KEYS)
+        + sorted(f"limits.{key}" for key in set(data.get("limits", {})) - limit_keys)
     )
     if unknown:
         raise ProfileError(f"{source}: unknown key {unknown[0]!r}")
@@ -89,6 +96,7 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
                 apt=[str(p) for p in install.get("apt", [])],
             ),
             directory=directory,
+            limits=from_mapping(BoardLimits, dict(data.get("limits", {})), what="limits"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProfileError(f"{source} is invalid: {exc}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,15 +13,18 @@ from bundles import digits_devices, make_test_bundle, write_npz
 from conftest import RunningBroker, wait_for
 
 from edgefl.bundle import ModelBundle
+from edgefl.core.board_limits import BoardLimits
 from edgefl.core.codecs import decode_delta
 from edgefl.core.privacy import global_norm
 from edgefl.core.settings import PrivacySettings, RoundPolicy, RoundSettings, TrainConfig
+from edgefl.head import Weights, head_digest
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.transport import topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import (
     DeviceStatus,
+    RoundResult,
     RoundTask,
     encode_round_task,
     read_update_header,
@@ -148,7 +152,7 @@ class _HeldAgent(Agent):
         self.training = threading.Event()
         self.release = threading.Event()
 
-    def answer(self, task, heads):  # type: ignore[no-untyped-def]
+    def answer(self, task: RoundTask, heads: dict[str, Weights]) -> bytes:
         self.training.set()
         self.release.wait(30)
         return super().answer(task, heads)
@@ -301,3 +305,184 @@ def test_the_boards_own_clip_bound_reaches_the_wire(
     assert global_norm(delta) == pytest.approx(0.2, rel=1e-4)
     (outcome,) = agent.outcomes
     assert (outcome.round, outcome.status, outcome.bytes_sent) == (1, "ok", len(answers[0].payload))
+
+
+# -- issue 9: identity of tasks and answers, the board's limits, its personal head, its outcome
+
+
+class _TaskSender:
+    """Publishes tasks to one device and collects its updates and statuses, as they arrive."""
+
+    def __init__(self, url: str, device: str) -> None:
+        self.device = device
+        self.updates: list[bytes] = []
+        self.statuses: list[tuple[float, DeviceStatus]] = []
+        self.client = MqttClient(url, f"sender-{device}")
+        self.client.subscribe(f"{topics.fleet_root(FLEET)}/rounds/+/update/{device}",
+                              lambda m: self.updates.append(m.payload))  # fmt: skip
+        self.client.subscribe(topics.device_status(FLEET, device), self._status)
+        self.client.connect()
+
+    def _status(self, message: Message) -> None:
+        if message.payload:
+            self.statuses.append((time.monotonic(), DeviceStatus.decode(message.payload)))
+
+    def answer(self, task: RoundTask, heads: dict[str, Weights], timeout: float = 20) -> bytes:
+        """Publish `task` and return the next update the device sends."""
+        count = len(self.updates)
+        payload = encode_round_task(task, heads)
+        self.client.publish(topics.round_task(FLEET, task.round), payload).wait(5)
+        assert wait_for(lambda: len(self.updates) > count, timeout)
+        return self.updates[count]
+
+
+def _task_for(
+    bundle: ModelBundle,
+    device: str,
+    heads: dict[str, Weights],
+    round_: int = 1,
+    run_id: str = "run-a",
+    **train: Any,
+) -> RoundTask:
+    settings = RoundSettings(TrainConfig(**train))
+    return RoundTask(round_, [device], ["default"], 1, model_version=1, deadline_s=60.0,
+                     config=settings.to_wire(), run_id=run_id, head_digest=head_digest(heads),
+                     bundle_digest=bundle.digest)  # fmt: skip
+
+
+def test_a_task_with_absurd_epochs_is_bounded_and_heartbeats_go_on_while_it_trains(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(2)
+    # The epoch limit set high, so that the time budget is what ends the round.
+    limits = BoardLimits(max_epochs=100_000, round_budget_s=3.0)
+    config = AgentConfig(mosquitto.url, FLEET, "pi-absurd", bundle_dir=bundle.path,
+                         heartbeat_s=0.2, limits=limits)  # fmt: skip
+    agent = Agent(config, devices[0])
+    agent.start()
+    sender = _TaskSender(mosquitto.url, "pi-absurd")
+    try:
+        heads = {"default": bundle.head_weights()}
+        task = _task_for(bundle, "pi-absurd", heads, epochs=30000, batch_size=1)
+        started = time.monotonic()
+        header = read_update_header(sender.answer(task, heads))
+        took = time.monotonic() - started
+    finally:
+        sender.client.close()
+        agent.stop()
+    assert header.status == "ok" and header.metrics["limited"] == 1.0
+    assert 3.0 <= header.metrics["train_seconds"] < 4.0 and took < 6.0
+    beats = [t for t, s in sender.statuses if started < t < started + took]
+    gaps = np.diff([started, *beats, started + took])
+    print(f"heartbeats while training: {len(beats)}, gaps max {gaps.max():.3f} s, "
+          f"mean {gaps.mean():.3f} s over {took:.2f} s")  # fmt: skip
+    assert len(beats) >= 10 and gaps.max() < 1.0  # every 0.2 s, never silent for 5 periods
+    assert all(s.bundle_digest == bundle.digest for _, s in sender.statuses)
+
+
+def test_the_stored_answer_is_resent_only_for_the_identical_task(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(2)
+    agent = Agent(AgentConfig(mosquitto.url, FLEET, "pi-runs", bundle_dir=bundle.path),
+                  devices[1])  # fmt: skip
+    agent.start()
+    sender = _TaskSender(mosquitto.url, "pi-runs")
+    try:
+        first_heads = {"default": bundle.head_weights()}
+        later_heads = {"default": {k: v * 0.5 for k, v in bundle.head_weights().items()}}
+        first = sender.answer(_task_for(bundle, "pi-runs", first_heads, run_id="run-a"),
+                              first_heads)  # fmt: skip
+        # A second aggregator run re-uses round 1, with its own run ID and head.
+        second = sender.answer(_task_for(bundle, "pi-runs", later_heads, run_id="run-b"),
+                               later_heads)  # fmt: skip
+        again = sender.answer(_task_for(bundle, "pi-runs", first_heads, run_id="run-a"),
+                              first_heads)  # fmt: skip
+    finally:
+        sender.client.close()
+        agent.stop()
+    a, b = read_update_header(first), read_update_header(second)
+    assert (a.round, b.round) == (1, 1) and (a.run_id, b.run_id) == ("run-a", "run-b")
+    assert b.head_digest == head_digest(later_heads) != a.head_digest
+    assert (
+        decode_delta(first)[0]["0.weight"].tolist() != decode_delta(second)[0]["0.weight"].tolist()
+    )
+    assert again == first  # the same task: the same bytes, not trained again
+    assert [o.run_id for o in agent.outcomes] == ["run-a", "run-b"]
+
+
+def test_a_task_for_another_bundle_gets_an_error_update_with_its_code(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(2)
+    agent = Agent(AgentConfig(mosquitto.url, FLEET, "pi-other", bundle_dir=bundle.path),
+                  devices[1])  # fmt: skip
+    agent.start()
+    sender = _TaskSender(mosquitto.url, "pi-other")
+    try:
+        heads = {"default": bundle.head_weights()}
+        task = _task_for(bundle, "pi-other", heads)
+        task.bundle_digest = "f" * 64  # same version number, another bundle
+        header = read_update_header(sender.answer(task, heads))
+    finally:
+        sender.client.close()
+        agent.stop()
+    assert (header.status, header.error_code, header.bundle_digest) == (
+        "error", "bundle-digest", "f" * 64,
+    )  # fmt: skip
+
+
+def test_zero_epochs_do_not_replace_a_good_personal_head(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    devices, _ = digits_devices(2)
+    config = AgentConfig(mosquitto.url, FLEET, "pi-keep", bundle_dir=bundle.path,
+                         state_dir=tmp_path)  # fmt: skip
+    agent = Agent(config, devices[0])
+    agent.start()
+    sender = _TaskSender(mosquitto.url, "pi-keep")
+    local = devices[0]
+    try:
+        heads = {"default": bundle.head_weights()}
+        untrained = (agent.predict(local.X) == local.y).mean()
+        sender.answer(_task_for(bundle, "pi-keep", heads, round_=1, epochs=20, lr=0.5), heads)
+        good = (agent.predict(local.X) == local.y).mean()
+        saved = (tmp_path / "personal-default.safetensors").read_bytes()
+        sender.answer(_task_for(bundle, "pi-keep", heads, round_=2, epochs=0), heads)
+        after = (agent.predict(local.X) == local.y).mean()
+    finally:
+        sender.client.close()
+        agent.stop()
+    print(f"local accuracy: untrained {untrained:.3f}, trained {good:.3f}, "
+          f"after epochs=0 {after:.3f}")  # fmt: skip
+    assert good > untrained + 0.3
+    assert after == good and (tmp_path / "personal-default.safetensors").read_bytes() == saved
+
+
+def test_the_device_reads_its_answer_from_the_result_of_its_own_run(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(2)
+    agent = Agent(AgentConfig(mosquitto.url, FLEET, "pi-told", bundle_dir=bundle.path),
+                  devices[1])  # fmt: skip
+    agent.start()
+    sender = _TaskSender(mosquitto.url, "pi-told")
+    result_topic = topics.round_result(FLEET, 6)
+    try:
+        # A retained result of an earlier run with the same round number: not this device's.
+        old = RoundResult(6, "closed", 3, 1, 1, run_id="run-old", answers={"pi-told": "accepted"})
+        sender.client.publish(result_topic, old.encode(), retain=True).wait(5)
+        heads = {"default": bundle.head_weights()}
+        sender.answer(_task_for(bundle, "pi-told", heads, round_=6, run_id="run-new"), heads)
+        time.sleep(0.3)
+        (outcome,) = agent.outcomes
+        assert outcome.answer == ""  # the earlier run's result was ignored
+        new = RoundResult(6, "closed", 3, 1, 0, run_id="run-new", answers={"pi-told": "norm"},
+                          reasons={"pi-told": "norm 9.1 above 5"})  # fmt: skip
+        sender.client.publish(result_topic, new.encode()).wait(5)
+        assert wait_for(lambda: outcome.answer == "norm")
+        assert outcome.answer_reason == "norm 9.1 above 5"
+    finally:
+        sender.client.publish(result_topic, b"", retain=True).wait(5)
+        sender.client.close()
+        agent.stop()

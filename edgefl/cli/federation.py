@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from edgefl.cli.options import (
     strategy_options,
 )
 from edgefl.cli.shell import setup_logging, stop_on_sigterm, user_errors
+from edgefl.core.board_limits import BoardLimits
 from edgefl.core.codecs import CODEC_NAMES
 from edgefl.core.settings import (
     AcceptancePolicy,
@@ -67,6 +68,8 @@ def broker(host: str, port: int) -> None:
 @click.option("--codec", type=click.Choice(CODEC_NAMES), help="Override the task's codec.")
 @click.option("--no-personalize", is_flag=True, help="Do not keep a personal head.")
 @settings_options(PrivacySettings)
+# A board's limits: each flag given replaces that one of the profile's [limits] (or the default).
+@settings_options(BoardLimits, defaults={f.name: None for f in fields(BoardLimits)})
 @click.option("--connect-timeout", default=30.0, show_default=True, type=float, help="Seconds.")
 @click.option("--log-level", default="info", show_default=True)
 # Over-the-air updates and the board's identity in the fleet.
@@ -84,6 +87,14 @@ def agent(**options: Any) -> None:
 
     # A board's own bound needs no clip of its own for noise: the round's clip may apply.
     privacy = build_settings(PrivacySettings, options, check=False)
+    given = {f.name: options.pop(f.name) for f in fields(BoardLimits)}
+    limits = None
+    if any(value is not None for value in given.values()):
+        from edgefl.profiles import load_profile
+
+        profile = options["device_profile"]
+        base = load_profile(profile).limits if profile else BoardLimits()
+        limits = replace(base, **{k: v for k, v in given.items() if v is not None})
     models_dir, trust_key = options.pop("models_dir"), options.pop("trust_key")
     config = AgentConfig(
         broker_url=options["broker_url"], fleet=options["fleet"], device_id=options["device_id"],
@@ -92,10 +103,13 @@ def agent(**options: Any) -> None:
         heartbeat_s=options["heartbeat_s"], codec=options["codec"],
         personalize=not options["no_personalize"],
         connect_timeout_s=options["connect_timeout"], privacy=privacy,
-        group=options["group"], profile=options["device_profile"],
+        group=options["group"], profile=options["device_profile"], limits=limits,
     )  # fmt: skip
     check_settings(
-        config, [f.name for f in fields(AgentConfig)] + ["clip_norm", "noise_multiplier"]
+        config,
+        [f.name for f in fields(AgentConfig)]
+        + ["clip_norm", "noise_multiplier"]
+        + [f.name for f in fields(BoardLimits)],
     )
     setup_logging(options["log_level"])
     device = Agent(config)

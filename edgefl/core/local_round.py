@@ -63,9 +63,9 @@ class BoardSettings:
             clip norm of its own: the round's clip norm then scales it (no clip norm on either
             side makes the round an error update).
         codec: force an update codec; None follows the round's settings.
-        personalize: keep a personal head: hold a fixed share of the samples out of
-            training (`edgefl.core.personal_head`) and return the locally trained head when it
-            is not worse on them than the current personal head.
+        personalize: keep a personal head: return the locally trained head when it is not
+            worse than the current personal head on the board's fixed judging share of its
+            samples (`edgefl.core.personal_head`).
         train_backend: "auto", "numpy" or "torch" (see edgefl.core.training).
         limits: the most a round may ask (`edgefl.core.board_limits`; beyond them, clamped).
     """
@@ -291,9 +291,7 @@ def _train(
     # The seed moves with the round so that minibatch orders differ between rounds but replay
     # identically when a round is resent.
     train = dataclasses.replace(train, seed=train.seed + task.round)
-    # A personalizing board trains on all but its held-out share, which judges personal heads.
-    fit, held = holdout_split(len(data.labels)) if board.personalize else (slice(None), None)
-    features, labels = data.features[fit], data.labels[fit]
+    features, labels = data.features, data.labels
     started = clock()
     budget = board.limits.round_budget_s
 
@@ -340,8 +338,9 @@ def _train(
     outcome = RoundOutcome(task.round, "ok", "", metrics, len(payload), run_id=task.run_id)
     trained = None
     if board.personalize:
-        # Too few samples to hold any out: judge on the training samples rather than not at all.
-        judge = held if held is not None and len(held) else fit
+        # Judged on the board's fixed share; every sample still trains (see personal_head).
+        _, held = holdout_split(len(labels))
+        judge = held if len(held) else slice(None)
         current = personal if personal is not None else global_head
         if keeps_candidate(layers, current, result.weights, data.features[judge],
                            data.labels[judge]):  # fmt: skip

@@ -1,10 +1,16 @@
-"""When a board replaces its personal head: only when the new one is not worse on held-out data.
+"""When a board replaces its personal head: only when the new one is not worse on its own data.
 
 A round's locally trained head is a candidate for the board's personal head (the one `predict`
 uses). A task from the network can make it worse (epochs=0 gives back the global head, a huge
-learning rate diverges), so the board keeps a fixed share of its own samples out of training and
-replaces its personal head only when the candidate's accuracy on that share is at least the
-current one's. The share is drawn once from a fixed seed, so it is the same every round.
+learning rate diverges), so the board replaces its personal head only when the candidate's
+accuracy on a fixed share of its own samples is at least the current one's. The share is drawn
+once from a fixed seed, so it is the same every round.
+
+The share is not taken out of training: excluding 20% of every board's samples slowed the
+federation itself (the 8-device digits simulation reached 0.55 instead of > 0.6 accuracy after 3
+rounds), and the heads compared (the current personal head and the candidate) have both trained
+on it, so the comparison is even. It catches the failures it is for: a round that trains nothing
+or diverges.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ def holdout_split(
     Args:
         samples: how many samples the board has.
         fraction: the share held out, rounded down: a board with fewer than 1/fraction samples
-            holds none out (it then judges heads on its training samples, see `keeps_candidate`).
+            holds none out (it then judges heads on all its samples).
         seed: seeds the draw.
 
     Returns:
@@ -61,11 +67,12 @@ def keeps_candidate(
         True when the candidate's accuracy on them is at least the current head's (a tie
         replaces: the candidate is the more recent), or there is nothing to compare on.
     """
-    if current is None or len(labels) == 0 or not _same_shapes(current, candidate):
+    if current is None or len(labels) == 0 or not same_shapes(current, candidate):
         return True
     new = head_accuracy(layers, candidate, features, labels)
     return new >= head_accuracy(layers, current, features, labels)
 
 
-def _same_shapes(a: Weights, b: Weights) -> bool:
+def same_shapes(a: Weights, b: Weights) -> bool:
+    """Return whether two heads have the same parameters with the same shapes."""
     return a.keys() == b.keys() and all(np.shape(a[k]) == np.shape(b[k]) for k in a)

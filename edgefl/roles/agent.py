@@ -2,8 +2,11 @@
 publishes only the update (a delta, a sample count, local metrics) — never data or features.
 
 One `Agent` is one device. Many agents can share one `NetworkLoop` (the simulation runs a
-thousand in one process); their handlers run on that loop's thread, so training on cached
-features must stay short, and the slow part (backbone features) happens in `start()`.
+thousand in one process); their handlers run on that loop's thread, which also sends heartbeats,
+so rounds train on the process's small training pool (`edgefl.roles.training_pool`), and the
+slow part (backbone features) happens in `start()`. A stored answer is re-sent only for the same
+task (run, round, head digest, bundle digest); the round's result tells the board what became of
+its update (`Agent.outcomes`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import platform
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,8 @@ import numpy as np
 from edgefl.atomic import write_atomic
 from edgefl.bundle import Artifact, ModelBundle, decode_head, encode_head, load_bundle
 from edgefl.core.codecs import ErrorFeedback
-from edgefl.core.local_round import LocalData, RoundOutcome, run_local_round
+from edgefl.core.local_round import LocalData, RoundOutcome, TaskKey, run_local_round, task_key
+from edgefl.core.personal_head import same_shapes
 from edgefl.data import (
     DIGITS,
     Dataset,
@@ -43,6 +48,8 @@ from edgefl.roles.features import (
     run_backbone,
     shared_backbone,
 )
+from edgefl.roles.round_results import ResultWatch
+from edgefl.roles.training_pool import run_in_pool
 from edgefl.transport import topics
 from edgefl.transport.client import (
     Message,
@@ -115,10 +122,13 @@ class Agent:
         # The runner of the backbone in use, held so the process-wide registry keeps it (and
         # drops the ones of bundles this agent no longer runs): ((path, sha256), artifact, ...).
         self._runner: tuple[tuple[Path, str], Artifact, Runner, threading.Lock] | None = None
-        # Updates sent for recent rounds, re-sent as they are when a task is seen again (after a
-        # broker or aggregator restart): the aggregator treats identical bytes as a re-delivery.
-        self._sent: OrderedDict[int, bytes] = OrderedDict()
+        # Updates sent for recent tasks, re-sent as they are when the same task is seen again
+        # (after a broker or aggregator restart): the aggregator treats identical bytes as a
+        # re-delivery. Keyed by the task's identity, never by round number alone.
+        self._sent: OrderedDict[TaskKey, bytes] = OrderedDict()
+        self._training: set[TaskKey] = set()  # tasks on the training pool now
         self._lock = threading.RLock()
+        self._train_lock = threading.Lock()  # one round trains at a time on a board
         self._stopped = threading.Event()
         self._heartbeat: TimerHandle | None = None
         cache_dir = config.state_dir / "features" if config.state_dir else None
@@ -130,6 +140,15 @@ class Agent:
             will=Will(self._status_topic, self._status("offline").encode(), qos=1, retain=True),
             persistent_session=True,
             max_payload_bytes=AGENT_MAX_PAYLOAD,
+        )
+        # What became of each update: read from the result of the round it answered.
+        self.reads_results = True
+        self._results = ResultWatch(
+            config.device_id,
+            lambda topic: self.client.subscribe(topic, self._results.receive),
+            self.client.unsubscribe,
+            self._record_answer,
+            keep=RESENT_ROUNDS,
         )
 
     # -- public API --
@@ -262,9 +281,10 @@ class Agent:
                 self.bundle, self._runner = previous, previous_runner
                 raise
             self._global = bundle.head_weights(self.config.task)
-            if previous is None or previous.manifest.version != bundle.manifest.version:
-                self._feedback.reset()
-                if self._personal is not None and not _same_shapes(self._personal, self._global):
+            if previous is None or previous.digest != bundle.digest:
+                # A new object, not reset(): a round training now keeps the one it started with.
+                self._feedback = ErrorFeedback()
+                if self._personal is not None and not same_shapes(self._personal, self._global):
                     self._personal = None
         if self.client.connected:
             self._announce()
@@ -320,6 +340,7 @@ class Agent:
             group=self.config.group,
             profile=self.config.profile,
             last_round=max((o.round for o in self.outcomes), default=0),
+            bundle_digest=self.bundle.digest if self.bundle is not None else "",
         )
 
     def _announce(self) -> None:
@@ -352,56 +373,110 @@ class Agent:
     def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
         """Answer a task this device was selected for: `answer` it, then `publish_update`.
 
-        Runs on the network thread, so it must not block. This is the extension point for code
-        that decides whether or when a device answers: a subclass may skip the round or publish
-        later with `self.client.network.call_later` (the simulation's dropouts and slow devices,
-        `edgefl.simulation.simulated_agent`).
+        Runs on the network thread and returns at once: the answer is computed on the training
+        pool (heartbeats go on meanwhile) and published when done. This is the extension point
+        for code that decides whether or when a device answers: a subclass may skip the round
+        or pass `answer_in_background` another way to publish (the simulation's dropouts and
+        slow devices, `edgefl.simulation.simulated_agent`).
         """
-        self.publish_update(task.round, self.answer(task, heads))
+        self.answer_in_background(task, heads, self.publish_update)
+
+    def answer_in_background(
+        self,
+        task: RoundTask,
+        heads: dict[str, Weights],
+        then: Callable[[RoundTask, bytes], None],
+    ) -> None:
+        """Compute the answer to `task` on the training pool, then call `then(task, payload)`.
+
+        The answer already sent for the same task is passed on at once; a task already on the
+        pool (a re-delivered retained task) is not trained twice. Nothing is passed on once the
+        agent stopped.
+        """
+        key = task_key(task, heads)
+        with self._lock:
+            sent = self._sent.get(key)
+            if sent is None:
+                if key in self._training:
+                    return  # its answer goes out when that training ends
+                self._training.add(key)
+        if sent is not None:
+            then(task, sent)
+            return
+
+        def work() -> None:
+            try:
+                payload = self.answer(task, heads)
+            finally:
+                with self._lock:
+                    self._training.discard(key)
+            if not self._stopped.is_set():
+                then(task, payload)
+
+        run_in_pool(work, f"{self.device_id}: round {task.round}")
 
     def answer(self, task: RoundTask, heads: dict[str, Weights]) -> bytes:
-        """Return the update for `task`: the one already sent for its round, or a new one.
+        """Return the update for `task`: the one already sent for the same task, or a new one.
 
-        A new answer comes from `edgefl.core.local_round.run_local_round` (failures are error
-        updates); its outcome is appended to `outcomes`, and the personal head kept and saved.
+        Blocks while it trains (call it off the network thread). A new answer comes from
+        `edgefl.core.local_round.run_local_round` (failures are error updates); its outcome is
+        appended to `outcomes`, and the personal head kept and saved when it is not worse.
         """
-        with self._lock:
-            sent = self._sent.get(task.round)
-            if sent is not None:
-                return sent
-            bundle = self.bundle
-            data = None
-            if self._features is not None and self._labels is not None:
-                data = LocalData(self._features, self._labels)
+        key = task_key(task, heads)
+        with self._train_lock:
+            with self._lock:
+                sent = self._sent.get(key)
+                if sent is not None:
+                    return sent
+                bundle, feedback, personal = self.bundle, self._feedback, self._personal
+                data = None
+                if self._features is not None and self._labels is not None:
+                    data = LocalData(self._features, self._labels)
             result = run_local_round(
                 task,
                 heads,
                 data,
                 bundle.head_spec(self.config.task).layers if bundle is not None else None,
-                self.model_version,
-                self.config.board_settings(),
-                self._feedback,
+                bundle.manifest.version if bundle is not None else 0,
+                self.config.board_settings(self.profile.limits if self.profile else None),
+                feedback,
                 clock=time.perf_counter,
                 noise_rng=np.random.default_rng(),  # fresh OS entropy for each round's noise
+                bundle_digest=bundle.digest if bundle is not None else "",
+                personal=personal,
+                cancelled=self._stopped.is_set,
             )
-            if result.outcome.status == "ok":
-                self._global = heads[self.config.task]
-            else:
-                log.warning("%s: round %d failed: %s: %s", self.device_id, task.round,
-                            result.outcome.error_code, result.reason)  # fmt: skip
-            if result.trained is not None:
-                self._personal = result.trained
-                self._save_personal()
-            self._sent[task.round] = result.payload
-            while len(self._sent) > RESENT_ROUNDS:
-                self._sent.popitem(last=False)
-            self.outcomes.append(result.outcome)
+            if result.limited:
+                log.warning("%s: round %d asked beyond this board's limits: %s",
+                            self.device_id, task.round, "; ".join(result.limited))  # fmt: skip
+            with self._lock:
+                if result.outcome.status == "ok":
+                    self._global = heads[self.config.task]
+                else:
+                    log.warning("%s: round %d failed: %s: %s", self.device_id, task.round,
+                                result.outcome.error_code, result.reason)  # fmt: skip
+                if result.trained is not None and self.bundle is bundle:
+                    self._personal = result.trained
+                    self._save_personal()
+                self._sent[key] = result.payload
+                while len(self._sent) > RESENT_ROUNDS:
+                    self._sent.popitem(last=False)
+                self.outcomes.append(result.outcome)
             return result.payload
 
-    def publish_update(self, round_number: int, payload: bytes) -> None:
-        """Publish an update on its round's topic (QoS 1)."""
-        topic = topics.round_update(self.config.fleet, round_number, self.config.device_id)
+    def publish_update(self, task: RoundTask, payload: bytes) -> None:
+        """Publish an update on its round's topic (QoS 1) and listen for the round's result."""
+        if self.reads_results:
+            self._results.expect(topics.round_result(self.config.fleet, task.round), task.run_id)
+        topic = topics.round_update(self.config.fleet, task.round, self.config.device_id)
         self.client.publish(topic, payload, qos=1)
+
+    def _record_answer(self, round_number: int, run_id: str, answer: str, reason: str) -> None:
+        with self._lock:
+            for outcome in reversed(self.outcomes):
+                if (outcome.round, outcome.run_id) == (round_number, run_id):
+                    outcome.answer, outcome.answer_reason = answer, reason
+                    return
 
     # -- personal head persistence --
 
@@ -423,7 +498,3 @@ class Agent:
                 self._personal = decode_head(path.read_bytes())
             except BundleError as exc:
                 log.warning("%s: ignoring unreadable personal head: %s", self.device_id, exc)
-
-
-def _same_shapes(a: Weights, b: Weights) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)

@@ -1,11 +1,12 @@
 """How a device agent runs (`AgentConfig`): broker, identity, data, bundle, and the board's own
-round settings (privacy bounds, forced codec, personalization, training backend)."""
+round settings (privacy bounds, forced codec, personalization, training backend, limits)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgefl.core.board_limits import BoardLimits
 from edgefl.core.codecs import CODEC_NAMES
 from edgefl.core.local_round import BoardSettings
 from edgefl.core.settings import PrivacySettings
@@ -39,7 +40,11 @@ class AgentConfig:
             norm of the board's own is scaled by the round's (a round without one then fails).
         group: the device's group in the fleet (`edgefl deploy --group`), announced in its status.
         profile: the board profile, a name from `devices/` or a profile.toml path: which backbone
-            artifact it prefers and how many threads it runs; announced in its status.
+            artifact it prefers, how many threads it runs and its `[limits]`; announced in its
+            status.
+        limits: the most a round may ask of this board (epochs, batch size, learning rate, a
+            time budget per round; beyond them a task is clamped, see edgefl.core.board_limits);
+            None takes the profile's `[limits]`, else the defaults.
     """
 
     broker_url: str
@@ -59,6 +64,7 @@ class AgentConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     group: str = ""
     profile: str = ""
+    limits: BoardLimits | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -75,9 +81,15 @@ class AgentConfig:
             raise ValueError("clip_norm must be positive")
         if not self.privacy.noise_multiplier >= 0:
             raise ValueError("noise_multiplier must not be negative")
+        if self.limits is not None:
+            self.limits.check()
 
-    def board_settings(self) -> BoardSettings:
-        """Return what `edgefl.core.local_round` needs to know of this board's settings."""
+    def board_settings(self, profile_limits: BoardLimits | None = None) -> BoardSettings:
+        """Return what `edgefl.core.local_round` needs to know of this board's settings.
+
+        Args:
+            profile_limits: the board profile's `[limits]`, used when `limits` is None.
+        """
         return BoardSettings(
             device_id=self.device_id,
             task=self.task,
@@ -85,4 +97,5 @@ class AgentConfig:
             codec=self.codec,
             personalize=self.personalize,
             train_backend=self.train_backend,
+            limits=self.limits or profile_limits or BoardLimits(),
         )

@@ -29,16 +29,23 @@ class SimulatedAgent(Agent):
         """Configure the agent (see `Agent`); `reply` decides, per round, whether and when."""
         super().__init__(config, dataset=dataset, network=network, feature_cache=feature_cache)
         self.reply = reply
+        # The simulation's aggregator reports every answer itself; a thousand agents each
+        # subscribing to every round's result would only add broker traffic.
+        self.reads_results = False
 
     def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
-        """Skip the round, or answer it and publish the update now or after the delay."""
+        """Skip the round, or answer it and publish the update when trained or after the delay."""
         # Decided before training, so a simulated dropout costs nothing and a slow device's
         # update is the one it would have sent on time.
         delay = self.reply(task.round)
         if delay is None:
             return
-        payload = self.answer(task, heads)
-        if delay > 0:  # the network thread must not sleep, so publish later
-            self.client.network.call_later(delay, lambda: self.publish_update(task.round, payload))
+        if delay <= 0:
+            self.answer_in_background(task, heads, self.publish_update)
             return
-        self.publish_update(task.round, payload)
+
+        def publish_later(answered: RoundTask, payload: bytes) -> None:
+            # The network thread must not sleep, so the update is published by a timer.
+            self.client.network.call_later(delay, lambda: self.publish_update(answered, payload))
+
+        self.answer_in_background(task, heads, publish_later)
