@@ -474,7 +474,9 @@ class RoundEngine:
             self.acceptance.influence_factor or None, self.acceptance.max_samples
         )
         by_task: dict[str, dict[str, tuple[Weights, int]]] = {}
-        for device, update in round_.accepted.items():
+        # By device ID, not arrival: the float sums (and a simulation's result) must not depend
+        # on which board happened to answer first.
+        for device, update in sorted(round_.accepted.items()):
             by_task.setdefault(round_.selected[device], {})[device] = (
                 update.delta, update.samples,
             )  # fmt: skip

@@ -78,11 +78,13 @@ def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, 
         return runner, entry[1]
 
 
-def live_runners() -> int:
-    """Return how many backbone runners are alive in this process (loaded and not yet freed)."""
+def live_runners(under: Path | None = None) -> int:
+    """Return how many backbone runners are alive in this process (loaded and not yet freed),
+    only those of files under the directory `under` when it is given."""
+    prefix = f"{Path(under).resolve()}/" if under is not None else ""
     with _RUNNERS_LOCK:
         _forget_dead_runners()
-        return len(_RUNNERS)
+        return sum(1 for path, _threads in _RUNNERS if path.startswith(prefix))
 
 
 def _weak(runner: Any) -> Callable[[], Any]:

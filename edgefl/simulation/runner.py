@@ -242,8 +242,13 @@ class Simulation:
                     broker_url=url,
                     fleet=config.fleet,
                     bundle_dir=self.bundle.path,
+                    # Every planned device must be online before round 1, so the online set
+                    # has nothing left to settle.
                     policy=replace(
-                        config.policy, min_devices=max(1, len(first)), wait_devices_s=60.0
+                        config.policy,
+                        min_devices=max(1, len(first)),
+                        wait_devices_s=60.0,
+                        settle_s=0.0,
                     ),
                     settings=config.settings,
                     acceptance=AcceptancePolicy(
