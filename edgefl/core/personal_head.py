@@ -15,6 +15,7 @@ or diverges.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,9 +43,18 @@ def holdout_split(
     Returns:
         Two sorted index arrays; together they hold every index once.
     """
+    return _split(samples, fraction, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _split(samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # The same split every round of a board (and of every board of a size, in a simulation):
+    # drawn once. Read-only, since callers share the arrays.
     held = int(samples * fraction)
     order = np.random.default_rng(seed).permutation(samples)
-    return np.sort(order[held:]), np.sort(order[:held])
+    training, held_out = np.sort(order[held:]), np.sort(order[:held])
+    training.flags.writeable = held_out.flags.writeable = False
+    return training, held_out
 
 
 def keeps_candidate(

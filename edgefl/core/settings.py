@@ -10,6 +10,7 @@ carries to the boards, with a schema version of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,13 @@ def _number(name: str, value: Any, integral: bool) -> int | float:
     return int(value) if integral else float(value)
 
 
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, str]:
+    # Field name -> its annotation as text; read once per class, since every task a board
+    # receives is read through here.
+    return {f.name: str(f.type) for f in fields(cls)}
+
+
 def from_mapping(
     cls: type[T], data: Mapping[str, Any], *, strict: bool = True, what: str = ""
 ) -> T:
@@ -63,7 +71,7 @@ def from_mapping(
     Raises:
         ValueError: an unknown field (strict), a value of the wrong type, or out of range.
     """
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    known = _field_kinds(cls)  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(known) - {"schema_version"})
     if unknown and strict:
         label = f"{what} settings" if what else "settings"
@@ -72,7 +80,7 @@ def from_mapping(
     for name, value in data.items():
         if name not in known:
             continue
-        kind = str(known[name].type)
+        kind = known[name]
         optional = "None" in kind
         if value is None and optional:
             values[name] = None
