@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, write_bundle
+from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, load_bundle, write_bundle
 from edgefl.core.codecs import ErrorFeedback, encode_delta
 from edgefl.core.settings import RoundPolicy
 from edgefl.head import init_head
@@ -68,7 +68,14 @@ def make_bundle(out: Path, features: int) -> Path:
     return out
 
 
-def device_fleet(url: str, devices: int, features: int, rounds: int, ready: mp.Event) -> None:
+# Placeholders of the real lengths (uuid4 hex, SHA-256 hex): an update is encoded before its round
+# and its task's identity is filled in when the task arrives, without re-encoding the tensors.
+RUN_SLOT, HEAD_SLOT = "r" * 32, "h" * 64
+
+
+def device_fleet(
+    url: str, devices: int, features: int, rounds: int, bundle_digest: str, ready: mp.Event
+) -> None:
     """Child process: announce `devices` devices, answer each task with every device's update."""
     ids = [f"dev-{i:04d}" for i in range(devices)]
     rng = np.random.default_rng(1)
@@ -86,7 +93,16 @@ def device_fleet(url: str, devices: int, features: int, rounds: int, ready: mp.E
                 encode_delta(
                     delta,
                     metadata=update_metadata(
-                        UpdateHeader(number, device, "default", 10, number - 1)
+                        UpdateHeader(
+                            number,
+                            device,
+                            "default",
+                            10,
+                            number - 1,
+                            run_id=RUN_SLOT,
+                            head_digest=HEAD_SLOT,
+                            bundle_digest=bundle_digest,
+                        )
                     ),
                 ),
             )
@@ -99,7 +115,9 @@ def device_fleet(url: str, devices: int, features: int, rounds: int, ready: mp.E
         if not message.payload:
             return
         task, _ = decode_round_task(message.payload)
+        run, head = task.run_id.encode(), task.head_digest.encode()
         for topic, payload in payloads.get(task.round, []):
+            payload = payload.replace(RUN_SLOT.encode(), run).replace(HEAD_SLOT.encode(), head)
             client.publish(topic, payload, qos=1)
         if task.round == rounds:
             done.set()
@@ -107,7 +125,9 @@ def device_fleet(url: str, devices: int, features: int, rounds: int, ready: mp.E
     client.subscribe(topics.all_tasks(FLEET), on_task)
     client.connect()
     for device in ids:
-        status = DeviceStatus(device, "online", samples=10, model_version=1)
+        status = DeviceStatus(
+            device, "online", samples=10, model_version=1, bundle_digest=bundle_digest
+        )
         client.publish(topics.device_status(FLEET, device), status.encode(), retain=True)
     ready.set()
     done.wait(600)
@@ -122,11 +142,14 @@ def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) ->
     """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers."""
     bundle = make_bundle(workdir / f"bundle-{features}", features)
     ready = mp.Event()
-    fleet = mp.Process(target=device_fleet, args=(url, devices, features, rounds, ready))
+    digest = load_bundle(bundle).digest
+    fleet = mp.Process(target=device_fleet, args=(url, devices, features, rounds, digest, ready))
     fleet.start()
     ready.wait(120)
     config = AggregatorConfig(
-        url, FLEET, bundle, RoundPolicy(rounds=rounds, min_devices=devices, deadline_s=120),
+        # Every device must be online (min_devices), so the online set has nothing to settle.
+        url, FLEET, bundle,
+        RoundPolicy(rounds=rounds, min_devices=devices, deadline_s=120, settle_s=0.0),
         state_path=workdir / f"state-{features}.sqlite",
     )  # fmt: skip
     # CPU seconds of this process (the aggregator's threads; the devices are another process):
@@ -158,7 +181,8 @@ def codec_sizes(features: int) -> list[dict[str, float | str]]:
     }
     metadata = update_metadata(
         UpdateHeader(12, "dev-0001", "default", 40, 11, metrics={"loss": 0.71234,
-                     "global_accuracy": 0.5, "personal_accuracy": 0.75, "train_seconds": 0.01})
+                     "global_accuracy": 0.5, "personal_accuracy": 0.75, "train_seconds": 0.01},
+                     run_id=RUN_SLOT, head_digest=HEAD_SLOT, bundle_digest=HEAD_SLOT)
     )  # fmt: skip
     sizes = {}
     for codec in ("float32", "int8", "topk"):

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgefl.head import Weights, head_accuracy
 
-# The share of a board's samples kept out of training to judge personal heads.
+# The share of a board's samples a new personal head is judged on (see the module docstring).
 HOLDOUT_FRACTION = 0.2
 # Seeds the split: fixed, so a board holds out the same samples in every round and run.
 HOLDOUT_SEED = 20261203
