@@ -95,13 +95,19 @@ def test_aggregate_and_simulate_offer_every_setting() -> None:
             "--noise-multiplier",
             "--min-devices",
             "--stale-after",
+            "--settle",
+            "--max-norm",
+            "--influence-factor",
+            "--max-samples",
             "--strategy",
         ):
             assert flag in options, (name, flag)  # fmt: skip
         assert list(options["--codec"].type.choices) == list(CODEC_NAMES)  # type: ignore[attr-defined]
         assert options["--rounds"].default == rounds and options["--deadline"].default == deadline
         assert "seconds" in (options["--deadline"].help or "").lower()
-    assert "--max-norm" in {opt for p in main.commands["aggregate"].params for opt in p.opts}
+    # The simulation's allow-list is its own devices.
+    assert "--allow" in {opt for p in main.commands["aggregate"].params for opt in p.opts}
+    assert "--allow" not in {opt for p in main.commands["simulate"].params for opt in p.opts}
 
 
 def test_strategy_specs(user_module: str) -> None:

@@ -17,6 +17,7 @@ from edgefl.cli.options import (
 )
 from edgefl.cli.shell import setup_logging, user_errors
 from edgefl.core.settings import (
+    AcceptancePolicy,
     CodecSettings,
     PrivacySettings,
     RoundPolicy,
@@ -48,6 +49,7 @@ def _quiet_simulation_logs() -> None:
 @settings_options(TrainConfig, exclude=("seed",))
 @settings_options(CodecSettings)
 @settings_options(PrivacySettings)
+@settings_options(AcceptancePolicy, exclude=("allow",))
 @click.option("--speed-spread", default=1.0, show_default=True, type=float,
               help="Slowest/fastest device ratio (1: all equally fast).")  # fmt: skip
 @click.option("--dropout", default=0.0, show_default=True, type=float,
@@ -87,6 +89,7 @@ def simulate(**options: Any) -> None:
         dropout=options["dropout"], churn=options["churn"],
         personalize=not options["no_personalize"], seed=seed, broker_url=options["broker_url"],
         policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
+        acceptance=build_settings(AcceptancePolicy, options),
     )  # fmt: skip
     check_settings(config, [f.name for f in fields(SimulationConfig)])
     parse_partition(partition)

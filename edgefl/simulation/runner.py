@@ -53,6 +53,8 @@ class SimulationConfig:
             replaced by the number of devices online in round 1.
         settings: what tasks ask of the devices: training (its seed seeds selection and the
             devices' minibatch order), privacy, codec.
+        acceptance: what the aggregator accepts (norm bound, influence bounds, size); its
+            allow-list is replaced by the simulated devices.
         strategy: a strategy name (edgefl.core.strategies), a `Strategy`, or a factory;
             `strategy_params` its arguments (see `AggregatorConfig`).
         partition: "iid", "dirichlet:ALPHA" or "shards:K" (see edgefl.simulation.plan).
@@ -72,6 +74,7 @@ class SimulationConfig:
     devices: int = 10
     policy: RoundPolicy = field(default_factory=lambda: RoundPolicy(rounds=5, deadline_s=10.0))
     settings: RoundSettings = field(default_factory=RoundSettings)
+    acceptance: AcceptancePolicy = field(default_factory=AcceptancePolicy)
     strategy: StrategySpec = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
     partition: str = "dirichlet:0.5"
@@ -251,8 +254,8 @@ class Simulation:
                         settle_s=0.0,
                     ),
                     settings=config.settings,
-                    acceptance=AcceptancePolicy(
-                        allow=tuple(d.device_id for d in self.plan.devices)
+                    acceptance=replace(
+                        config.acceptance, allow=tuple(d.device_id for d in self.plan.devices)
                     ),
                     strategy=config.strategy,
                     strategy_params=dict(config.strategy_params),
