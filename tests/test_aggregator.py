@@ -506,3 +506,48 @@ def test_a_users_strategy_object_selects_configures_and_aggregates_over_the_wire
     assert RoundSettings.from_wire(configs[0]).train.epochs == 4
     before = bundle.head_weights("default")
     np.testing.assert_allclose(aggregator.heads["default"]["0.bias"], before["0.bias"] + 0.5)
+
+
+ZEROING_STRATEGY = """
+import numpy as np
+from edgefl.core.strategies import Strategy
+
+class Zeroing(Strategy):
+    name = "zeroing"
+
+    def aggregate(self, global_weights, deltas):
+        return {k: np.zeros_like(v) for k, v in global_weights.items()}
+
+def make():
+    return Zeroing()
+"""
+
+
+def test_edgefl_aggregate_runs_a_strategy_from_a_users_file(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from edgefl.bundle import decode_head
+    from edgefl.cli import main
+
+    module = f"user_strategy_{tmp_path.name}"
+    (tmp_path / f"{module}.py").write_text(ZEROING_STRATEGY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fleet = "user-strategy"
+    devices, _ = digits_devices(1)
+    agent = Agent(AgentConfig(mosquitto.url, fleet, "pi-u", bundle_dir=bundle.path), devices[0])
+    agent.start()
+    out = tmp_path / "out"
+    try:
+        result = CliRunner().invoke(main, [
+            "aggregate", "--broker", mosquitto.url, "--fleet", fleet, "--bundle",
+            str(bundle.path), "--rounds", "1", "--settle", "0.2", "--strategy", f"{module}:make",
+            "--out", str(out),
+        ])  # fmt: skip
+    finally:
+        agent.stop()
+    assert result.exit_code == 0, result.output
+    head = decode_head((out / "head.safetensors").read_bytes())
+    assert all(not value.any() for value in head.values())  # the user's rule made the head
+    assert any(bundle.head_weights()[k].any() for k in head)  # and it was not zero before
