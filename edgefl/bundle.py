@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,24 +145,28 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """Build a manifest from parsed JSON.
 
+        Fields this edgefl does not know are ignored (a newer `compress` may add some; a board
+        must still run the bundle); only a newer schema version is refused.
+
         Raises:
-            BundleError: a required field is missing or the schema version is unsupported.
+            BundleError: a required field is missing or the schema version is newer.
         """
         try:
             schema = int(data.get("schema_version", 0))
-            if schema != SCHEMA_VERSION:
+            if not 1 <= schema <= SCHEMA_VERSION:
                 raise BundleError(
-                    f"manifest schema version {schema} is not supported (expected {SCHEMA_VERSION})"
+                    f"manifest schema version {schema} is not supported (this edgefl reads "
+                    f"1 to {SCHEMA_VERSION})"
                 )
-            spec = dict(data["input"])
-            spec["preprocess"] = Preprocess(**spec.get("preprocess", {}))
+            spec = _known(InputSpec, data["input"])
+            spec["preprocess"] = Preprocess(**_known(Preprocess, spec.get("preprocess", {})))
             return cls(
                 name=str(data["name"]),
                 version=int(data["version"]),
                 input=InputSpec(**spec),
                 feature_size=int(data["feature_size"]),
-                artifacts=[Artifact(**a) for a in data["artifacts"]],
-                heads={task: HeadSpec(**h) for task, h in data["heads"].items()},
+                artifacts=[Artifact(**_known(Artifact, a)) for a in data["artifacts"]],
+                heads={task: HeadSpec(**_known(HeadSpec, h)) for task, h in data["heads"].items()},
                 recipe=str(data.get("recipe", "")),
                 source_model_sha256=str(data.get("source_model_sha256", "")),
                 created=str(data.get("created", "")),
@@ -228,6 +232,28 @@ def decode_head(data: bytes) -> dict[str, np.ndarray]:
         return dict(load_safetensors_bytes(data))
     except Exception as exc:  # safetensors raises its own SafetensorError and others
         raise BundleError(f"head weights are not valid safetensors: {exc}") from exc
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the entries of `data` that are fields of the dataclass `cls` (a tolerant reader)."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in dict(data).items() if key in names}
+
+
+def canonical_manifest_json(manifest_json: str | bytes) -> str:
+    """Return a manifest's canonical JSON text (sorted keys, no spaces), every field kept,
+    known to this edgefl or not; for an edgefl-written manifest it is `Manifest.to_json()`.
+
+    Raises:
+        BundleError: not a JSON object.
+    """
+    try:
+        data = json.loads(manifest_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError("manifest is not a JSON object")
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def manifest_digest(manifest_json: str | bytes) -> str:
@@ -335,8 +361,12 @@ def load_bundle(path: str | Path, verify: bool = True) -> ModelBundle:
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST_FILE} not found")
-    manifest = Manifest.from_json(manifest_path.read_bytes())
-    bundle = ModelBundle(root, manifest, digest=_full_manifest_digest(root, manifest))
+    text = manifest_path.read_bytes()
+    manifest = Manifest.from_json(text)
+    # Digested as written, not as this edgefl parsed it: a newer manifest's fields that this
+    # version ignores still name the bundle, so every version computes the same digest.
+    digest = _full_manifest_digest(root, manifest) or manifest_digest(canonical_manifest_json(text))
+    bundle = ModelBundle(root, manifest, digest=digest)
     if verify:
         bundle.verify()
     return bundle

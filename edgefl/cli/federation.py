@@ -11,7 +11,6 @@ import click
 from edgefl.cli.options import (
     build_settings,
     check_settings,
-    options_label,
     resolve_strategy,
     settings_options,
     strategy_options,
@@ -27,6 +26,7 @@ from edgefl.core.settings import (
     RoundSettings,
     TrainConfig,
 )
+from edgefl.core.strategies import strategy_label
 
 
 @click.command()
@@ -191,7 +191,7 @@ def aggregate(**options: Any) -> None:
 
     server = Aggregator(config, eval_dataset=eval_dataset, on_round=progress)
     stop_on_sigterm(server.stop)
-    label = options_label(strategy)
+    label = strategy_label(strategy)
     console.print(f"aggregating fleet {config.fleet} at {config.broker_url}: "
                   f"{policy.rounds} rounds of {label}")  # fmt: skip
     summary = server.run()

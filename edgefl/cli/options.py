@@ -190,15 +190,6 @@ def parse_params(params: tuple[str, ...]) -> dict[str, Any]:
     return parsed
 
 
-def options_label(strategy: Any) -> str:
-    """Return how a command names the strategy it runs: its name, or a factory's name."""
-    if isinstance(strategy, str):
-        return strategy
-    if isinstance(strategy, Strategy):
-        return strategy.name or type(strategy).__name__
-    return str(getattr(strategy, "__qualname__", strategy))
-
-
 def resolve_strategy(strategy: str, params: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
     """Turn `--strategy` and `--param` into `AggregatorConfig.strategy` and `strategy_params`.
 

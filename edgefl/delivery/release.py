@@ -294,7 +294,8 @@ class DeployReport:
         """
         try:
             raw: dict[str, Any] = json.loads(data)
-            if int(raw.get("schema_version", 0)) != REPORT_SCHEMA:
+            # Tolerant: fields of a newer board are ignored; only a newer schema is refused.
+            if not 1 <= int(raw.get("schema_version", 0)) <= REPORT_SCHEMA:
                 raise MessageError(f"deploy report schema {raw.get('schema_version')} unsupported")
             running = raw.get("running_version")
             return cls(
