@@ -29,6 +29,8 @@ class LocalMosquitto:
         port: int = 0,
         max_packet_size: int = 64 * 1024 * 1024,
         max_queued_messages: int = 100_000,
+        config_file: Path | None = None,
+        tls: bool = False,
     ) -> None:
         """Configure the broker; nothing runs until start().
 
@@ -37,18 +39,23 @@ class LocalMosquitto:
             port: the loopback port; 0 picks a free one on the first start().
             max_packet_size: larger packets are refused by the broker itself.
             max_queued_messages: per-client queue depth (fan-out benchmarks need deep queues).
+            config_file: run exactly this configuration (e.g. what `edgefl broker-config`
+                wrote) instead of writing one; `port` must then be the port it listens on.
+            tls: the given configuration's listener is TLS (the URL is then mqtts://).
         """
         self.workdir = Path(workdir)
         self.host = "127.0.0.1"
         self.port = port
         self.max_packet_size = max_packet_size
         self.max_queued_messages = max_queued_messages
+        self.config_file = config_file
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """Return the URL clients connect to."""
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start Mosquitto (again, on the same port after stop()); returns once it listens.
@@ -60,15 +67,7 @@ class LocalMosquitto:
             raise TransportError("mosquitto is not installed (apt-get install mosquitto)")
         self.stop()
         self.port = self.port or free_port(self.host)
-        config = self.workdir / "mosquitto.conf"
-        config.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            f"max_packet_size {self.max_packet_size}\n"
-            f"max_queued_messages {self.max_queued_messages}\n"
-            "max_inflight_messages 0\n"
-        )
+        config = self.config_file or self._write_config()
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -83,6 +82,18 @@ class LocalMosquitto:
                 time.sleep(0.05)
         self.stop()
         raise TransportError(f"mosquitto did not listen on {self.host}:{self.port}")
+
+    def _write_config(self) -> Path:
+        config = self.workdir / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"max_packet_size {self.max_packet_size}\n"
+            f"max_queued_messages {self.max_queued_messages}\n"
+            "max_inflight_messages 0\n"
+        )
+        return config
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker if it runs (clients see the connection drop)."""

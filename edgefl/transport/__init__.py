@@ -3,6 +3,7 @@
 from edgefl.transport.broker import BrokerAddress, EmbeddedBroker, parse_broker_url
 from edgefl.transport.client import Message, MqttClient, PublishHandle, Will
 from edgefl.transport.network_loop import NetworkLoop
+from edgefl.transport.tls import TlsSettings
 
 __all__ = [
     "BrokerAddress",
@@ -11,6 +12,7 @@ __all__ = [
     "MqttClient",
     "NetworkLoop",
     "PublishHandle",
+    "TlsSettings",
     "Will",
     "parse_broker_url",
 ]

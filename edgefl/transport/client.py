@@ -21,9 +21,10 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefl.errors import TransportError
+from edgefl.errors import BrokerUrlError, TransportError
 from edgefl.transport.broker import BrokerAddress, parse_broker_url
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
+from edgefl.transport.tls import TlsSettings
 from edgefl.transport.topics import matches
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,14 @@ class MqttClient:
         keepalive: int = 30,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
         on_oversized: OversizeHandler | None = None,
-        ca_certs: str | None = None,
+        tls: TlsSettings | None = None,
         backoff_min_s: float = 0.1,
         backoff_max_s: float = 5.0,
     ) -> None:
         """Configure the client; nothing connects until connect().
 
         Args:
-            url: `mqtt://host[:port]` or `mqtts://host[:port]` (TLS, system CAs or `ca_certs`).
+            url: `mqtt://[user:pass@]host[:port]` or `mqtts://...` (TLS, see `tls`).
             client_id: the MQTT client ID; must be stable for a persistent session.
             network: the loop to run on; None creates a private one.
             will: the last will, set before connecting.
@@ -121,14 +122,18 @@ class MqttClient:
             max_payload_bytes: larger messages are dropped on receive and reported to
                 `on_oversized(topic, size)` instead of reaching a handler.
             on_oversized: see `max_payload_bytes`; None only logs the drop.
-            ca_certs: a CA bundle file for `mqtts://` (None: the system CAs).
+            tls: the CA file and client certificate for `mqtts://` (None: the system CAs and
+                no client certificate).
             backoff_min_s: first reconnect delay; doubles up to `backoff_max_s`.
             backoff_max_s: the longest reconnect delay (before ±50 % jitter).
 
         Raises:
-            TransportError: the URL is invalid.
+            TransportError: the URL is invalid, or TLS files are given for a plain `mqtt://` URL
+                or are unusable (a BrokerUrlError: the caller's mistake).
         """
         self.address: BrokerAddress = parse_broker_url(url)
+        self.tls = tls or TlsSettings()
+        check_tls(self.address, self.tls)
         self.client_id = client_id
         self.network = network or NetworkLoop(name=f"edgefl-network-{client_id}")
         self._own_network = network is None
@@ -145,6 +150,10 @@ class MqttClient:
         self._started = False
         self._reconnect_timer: TimerHandle | None = None
         self._last_error = ""
+        # Set when the broker refused the login or the TLS handshake failed: retrying with the
+        # same credentials cannot help, so connect() gives up at once instead of at its timeout.
+        self._refused = threading.Event()
+        self._ever_connected = False
         self._sock: Any = None
         self._reading = False
         self._write_registered = False
@@ -160,7 +169,13 @@ class MqttClient:
         if self.address.username:
             self._paho.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
-            self._paho.tls_set(ca_certs=ca_certs, cert_reqs=ssl.CERT_REQUIRED)
+            self._paho.tls_set(
+                ca_certs=self.tls.cafile,
+                certfile=self.tls.certfile,
+                keyfile=self.tls.keyfile,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        self._paho.on_log = self._handle_log
         if will is not None:
             self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
         self._paho.on_connect = self._handle_connect
@@ -228,7 +243,11 @@ class MqttClient:
         self.network.call_soon(self._attempt)
         if timeout is None:
             return
-        if not self._connected.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.02):
+            if self._refused.is_set() or time.monotonic() >= deadline:
+                break
+        if not self._connected.is_set():
             error = self._last_error
             self.close()
             raise TransportError(
@@ -289,9 +308,23 @@ class MqttClient:
         self.network._add_client(self)
         try:
             self._paho.reconnect()
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
+            self._tls_failed(str(exc))
+            self._schedule_reconnect()
+        except OSError as exc:
             self._last_error = str(exc)
             self._schedule_reconnect()
+
+    def _tls_failed(self, error: str) -> None:
+        self._last_error = describe_tls_error(error)
+        self._refused.set()
+        log.warning("%s: %s", self.client_id, self._last_error)
+
+    def _handle_log(self, _client: Any, _userdata: Any, level: int, text: str) -> None:
+        # A broker that refuses the client certificate says so in a TLS alert after the
+        # handshake (TLS 1.3); paho reports it only as a log line and a lost connection.
+        if level == paho.MQTT_LOG_ERR and "alert" in text:
+            self._tls_failed(text.removeprefix("failed to receive on socket: "))
 
     def _schedule_reconnect(self) -> None:
         if self._closing or self._reconnect_timer is not None:
@@ -369,9 +402,16 @@ class MqttClient:
         self, _client: Any, _userdata: Any, flags: Any, reason: Any, _properties: Any
     ) -> None:
         if reason.is_failure:
-            self._last_error = f"broker refused the connection: {reason}"
+            self._last_error = describe_refusal(str(reason))
+            if is_login_refusal(str(reason)):
+                self._refused.set()
             log.warning("%s: %s", self.client_id, self._last_error)
             return
+        self._ever_connected = True
+        self._refused.clear()
+        # Only the first connection's TLS alerts are read from paho's log: formatting every log
+        # line costs CPU per message on a busy aggregator.
+        self._paho.on_log = None
         self._backoff = self._backoff_min
         filters: dict[str, int] = {}
         for topic_filter, qos, _ in self._handlers:
@@ -391,7 +431,8 @@ class MqttClient:
     ) -> None:
         self._connected.clear()
         if not self._closing:
-            self._last_error = f"connection lost: {reason}"
+            if not self._refused.is_set():
+                self._last_error = f"connection lost: {reason}"
             log.info("%s: %s; reconnecting", self.client_id, self._last_error)
             self._schedule_reconnect()
 
@@ -415,3 +456,42 @@ class MqttClient:
                     handler(message)
                 except Exception:
                     log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+
+
+def check_tls(address: BrokerAddress, tls: TlsSettings) -> None:
+    """Refuse TLS files with a plain `mqtt://` URL, and unusable files.
+
+    Raises:
+        BrokerUrlError: the combination is the caller's mistake (exit 2).
+    """
+    if tls.given and not address.tls:
+        raise BrokerUrlError(
+            f"`cafile`, `certfile` and `keyfile` need an mqtts:// broker URL, not {address.url}"
+        )
+    try:
+        tls.check()
+    except ValueError as exc:
+        raise BrokerUrlError(str(exc)) from None
+
+
+def is_login_refusal(reason: str) -> bool:
+    """Whether a CONNACK reason means the credentials were refused (not a passing failure)."""
+    text = reason.lower()
+    return "not authori" in text or "bad user name or password" in text
+
+
+def describe_refusal(reason: str) -> str:
+    """Say why the broker refused a CONNECT, in the words a user searches for."""
+    if is_login_refusal(reason):
+        return f"not authorized: the broker refused the login ({reason})"
+    return f"broker refused the connection: {reason}"
+
+
+def describe_tls_error(text: str) -> str:
+    """Say which side of a TLS handshake failed: the broker refusing this client's certificate
+    is reported as "not authorized"; anything else as a TLS handshake failure."""
+    lowered = text.lower()
+    client_side = ("certificate required", "unknown ca", "bad certificate", "certificate unknown")
+    if any(marker in lowered for marker in client_side):
+        return f"not authorized: the broker refused the client certificate (TLS: {text})"
+    return f"TLS handshake failed: {text}"
