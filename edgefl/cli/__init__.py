@@ -12,6 +12,7 @@ from edgefl import __version__
 from edgefl.cli.compress import compress, recipes
 from edgefl.cli.delivery import deploy, flash, fleet, keys
 from edgefl.cli.federation import agent, aggregate, broker
+from edgefl.cli.security import broker_config, certs
 from edgefl.cli.simulation import demo, simulate
 
 
@@ -22,7 +23,7 @@ def main() -> None:
 
 
 for _command in (compress, recipes, broker, agent, aggregate, keys, deploy, fleet, flash, simulate,
-                 demo):  # fmt: skip
+                 demo, certs, broker_config):  # fmt: skip
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from edgefl.cli.options import tls_options, tls_settings
 from edgefl.cli.shell import user_errors
 
 
@@ -47,6 +48,7 @@ def _default_key_file() -> Path:
 @click.option("--chunk-size", default=1024 * 1024, show_default=True, type=int, help="Bytes.")
 @click.option("--timeout", default=120.0, show_default=True, type=float,
               help="Seconds to wait for the online boards to report.")  # fmt: skip
+@tls_options(key_flag="--tls-key")
 @user_errors
 def deploy(
     bundle: Path,
@@ -57,6 +59,7 @@ def deploy(
     key_file: Path | None,
     chunk_size: int,
     timeout: float,
+    **tls_files: str | None,
 ) -> None:
     """Sign BUNDLE and ship it to a fleet; boards install it and report (retained for late ones).
 
@@ -82,6 +85,7 @@ def deploy(
     except ChunkError as exc:
         raise click.BadParameter(str(exc), param_hint="'--chunk-size'") from None
     key = signing.load_private_key(key_file or _default_key_file())
+    tls = tls_settings(tls_files)
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("{task.description:<16}"), BarColumn(), DownloadColumn(),
@@ -113,6 +117,7 @@ def deploy(
         result = run_deploy(
             bundle, broker_url, fleet, key, group=group, devices=device_list,
             chunk_size=chunk_size, timeout=timeout, on_report=on_report, on_targets=on_targets,
+            tls=tls,
         )  # fmt: skip
     table = Table(title=f"{result.name} v{result.version} -> {result.targets.describe()}")
     for column in ("device", "outcome", "state", "running", "reason"):
@@ -142,8 +147,9 @@ def deploy(
 @click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT] or mqtts://...")
 @click.option("--fleet", required=True, help="Fleet name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@tls_options()
 @user_errors
-def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
+def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -> None:
     """Show the fleet's boards: online or not, profile, model version and bundle digest, last
     seen, last round."""
     import json
@@ -155,7 +161,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool) -> None:
 
     from edgefl.delivery.fleet_view import read_fleet, short_digest
 
-    rows = read_fleet(broker_url, fleet)
+    rows = read_fleet(broker_url, fleet, tls=tls_settings(tls_files))
     if as_json:
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return

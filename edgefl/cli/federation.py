@@ -14,6 +14,8 @@ from edgefl.cli.options import (
     resolve_strategy,
     settings_options,
     strategy_options,
+    tls_options,
+    tls_settings,
 )
 from edgefl.cli.shell import setup_logging, stop_on_sigterm, user_errors
 from edgefl.core.board_limits import BoardLimits
@@ -80,6 +82,7 @@ def broker(host: str, port: int) -> None:
 @click.option("--profile", "device_profile", default="",
               help="Board profile (raspberry-pi, jetson, a profile.toml).")  # fmt: skip
 @click.option("--group", default="", help="Group of this device, for `deploy --group`.")
+@tls_options()
 @user_errors
 def agent(**options: Any) -> None:
     """Run a device agent: train the head on local data when a round selects this device."""
@@ -96,6 +99,7 @@ def agent(**options: Any) -> None:
         base = load_profile(profile).limits if profile else BoardLimits()
         limits = replace(base, **{k: v for k, v in given.items() if v is not None})
     models_dir, trust_key = options.pop("models_dir"), options.pop("trust_key")
+    tls = tls_settings(options)
     config = AgentConfig(
         broker_url=options["broker_url"], fleet=options["fleet"], device_id=options["device_id"],
         data=options["data"], bundle_dir=options["bundle_dir"], state_dir=options["state_dir"],
@@ -103,7 +107,7 @@ def agent(**options: Any) -> None:
         heartbeat_s=options["heartbeat_s"], codec=options["codec"],
         personalize=not options["no_personalize"],
         connect_timeout_s=options["connect_timeout"], privacy=privacy,
-        group=options["group"], profile=options["device_profile"], limits=limits,
+        group=options["group"], profile=options["device_profile"], limits=limits, tls=tls,
     )  # fmt: skip
     check_settings(
         config,
@@ -139,6 +143,7 @@ def agent(**options: Any) -> None:
               help="SQLite state file [OUT/state.sqlite with --out, else in memory].")  # fmt: skip
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Metrics and final heads.")
 @click.option("--log-level", default="warning", show_default=True)
+@tls_options()
 @user_errors
 def aggregate(**options: Any) -> None:
     """Run federated rounds over the fleet's devices and keep the record in SQLite."""
@@ -161,7 +166,7 @@ def aggregate(**options: Any) -> None:
         bundle_dir=options["bundle_dir"], policy=policy, settings=settings,
         acceptance=acceptance, strategy=strategy, strategy_params=strategy_params,
         state_path=options["state_path"] or (out_dir / "state.sqlite" if out_dir else None),
-        out_dir=out_dir,
+        out_dir=out_dir, tls=tls_settings(options),
     )  # fmt: skip
     check_settings(config, ["fleet"])
     setup_logging(options["log_level"])

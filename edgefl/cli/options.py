@@ -20,6 +20,7 @@ import click
 from edgefl.core.strategies import STRATEGY_NAMES, Strategy, make_strategy
 from edgefl.errors import PluginError
 from edgefl.plugins import build_plugin, is_plugin_spec, load_attribute
+from edgefl.transport.tls import TlsSettings
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -223,3 +224,43 @@ def resolve_strategy(strategy: str, params: tuple[str, ...]) -> tuple[Any, dict[
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--param'") from None
     return strategy, parsed
+
+
+# --- TLS: --cafile, --cert, --key, as mosquitto_pub names them ---
+
+
+def tls_options(key_flag: str = "--key") -> Callable[[F], F]:
+    """Return a decorator adding `--cafile`, `--cert` and `--key` (an `mqtts://` broker's CA and
+    this client's certificate); `tls_settings` builds them back into a `TlsSettings`.
+
+    Args:
+        key_flag: the certificate key's flag where `--key` already means something else
+            (`deploy --key` is the signing key, so there it is `--tls-key`).
+    """
+    path = click.Path(exists=True, dir_okay=False)
+
+    def decorate(command: F) -> F:
+        command = click.option(
+            key_flag, "keyfile", type=path, help="Private key of --cert (PEM).",
+        )(command)  # fmt: skip
+        command = click.option(
+            "--cert", "certfile", type=path,
+            help="Client certificate (PEM) for brokers that require one (edgefl certs issue).",
+        )(command)  # fmt: skip
+        return click.option(
+            "--cafile", type=path, help="CA certificate of an mqtts:// broker [the system CAs].",
+        )(command)  # fmt: skip
+
+    return decorate
+
+
+def tls_settings(values: dict[str, Any]) -> TlsSettings:
+    """Take `--cafile`, `--cert` and `--key` out of a command's keyword arguments.
+
+    Raises:
+        click.UsageError: a certificate without its key or the reverse.
+    """
+    settings = TlsSettings(values.pop("cafile"), values.pop("certfile"), values.pop("keyfile"))
+    if bool(settings.certfile) != bool(settings.keyfile):
+        raise click.UsageError("--cert and its key must be given together")
+    return settings

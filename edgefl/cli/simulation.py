@@ -14,6 +14,8 @@ from edgefl.cli.options import (
     resolve_strategy,
     settings_options,
     strategy_options,
+    tls_options,
+    tls_settings,
 )
 from edgefl.cli.shell import setup_logging, user_errors
 from edgefl.core.settings import (
@@ -44,6 +46,7 @@ def _quiet_simulation_logs() -> None:
               help="iid, dirichlet:ALPHA or shards:K.")  # fmt: skip
 @click.option("--broker", "broker_url", default=None,
               help="mqtt://HOST[:PORT] to use (default: start the embedded broker).")  # fmt: skip
+@tls_options()
 @strategy_options
 @settings_options(RoundPolicy, defaults={"rounds": 5, "deadline_s": 10.0})
 @settings_options(TrainConfig, exclude=("seed",))
@@ -75,6 +78,9 @@ def simulate(**options: Any) -> None:
     # Every setting is checked before a bundle is built or a broker started: a refusal is a
     # usage error (exit 2); what fails later is the run's, and a bug keeps its traceback.
     strategy, strategy_params = resolve_strategy(options.pop("strategy"), options.pop("params"))
+    tls = tls_settings(options)
+    if tls.given and options["broker_url"] is None:
+        raise click.UsageError("--cafile, --cert and --key need --broker mqtts://...")
     seed: int = options["seed"]
     policy = build_settings(RoundPolicy, options)
     settings = RoundSettings(
@@ -89,7 +95,7 @@ def simulate(**options: Any) -> None:
         dropout=options["dropout"], churn=options["churn"],
         personalize=not options["no_personalize"], seed=seed, broker_url=options["broker_url"],
         policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
-        acceptance=build_settings(AcceptancePolicy, options),
+        acceptance=build_settings(AcceptancePolicy, options), tls=tls,
     )  # fmt: skip
     check_settings(config, [f.name for f in fields(SimulationConfig)])
     parse_partition(partition)

@@ -21,6 +21,7 @@ from edgefl.errors import EdgeflError, InputError, TransportError
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
+from edgefl.transport.tls import TlsSettings
 
 # Outcomes in the final table.
 UPDATED = "updated"
@@ -187,6 +188,7 @@ def deploy(
     timeout: float = 120.0,
     on_report: ProgressCallback | None = None,
     on_targets: Callable[[set[str], set[str]], None] | None = None,
+    tls: TlsSettings | None = None,
 ) -> DeployResult:
     """Sign a bundle and publish it to a fleet; wait for every targeted online board.
 
@@ -204,6 +206,7 @@ def deploy(
         on_report: called with every report of a targeted board (progress), on the network
             thread.
         on_targets: called once with (online, offline) targeted boards before publishing.
+        tls: the CA file and client certificate (an operator's) for an `mqtts://` broker.
 
     Returns:
         The outcome per board. Callers treat `result.failed` as the exit status.
@@ -266,7 +269,9 @@ def deploy(
             retained[message.topic] = release_seen
             collector.last_message[0] = time.monotonic()
 
-    client = MqttClient(broker_url, client_id=f"edgefl-deploy-{fleet}-{time.time_ns() % 10**9}")
+    client = MqttClient(
+        broker_url, client_id=f"edgefl-deploy-{fleet}-{time.time_ns() % 10**9}", tls=tls
+    )
     client.subscribe(topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_deploy_report)
     for topic_filter in topics.all_release_topics(fleet):

@@ -15,6 +15,7 @@ from edgefl.errors import EdgeflError
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
+from edgefl.transport.tls import TlsSettings
 
 # Retained messages arrive right after SUBSCRIBE with no end marker: once none has come for this
 # long, the broker has sent them all.
@@ -129,13 +130,16 @@ class StatusCollector:
             self.last_message[0] = time.monotonic()
 
 
-def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[FleetDevice]:
+def read_fleet(
+    broker_url: str, fleet: str, max_wait: float = 3.0, tls: TlsSettings | None = None
+) -> list[FleetDevice]:
     """Collect the fleet's retained statuses and deploy reports and return the fleet view.
 
     Args:
         broker_url: `mqtt://host[:port]`.
         fleet: the fleet name.
         max_wait: the longest to wait for retained messages (it stops earlier once quiet).
+        tls: the CA file and client certificate for an `mqtts://` broker.
 
     Raises:
         TransportError: the broker cannot be reached.
@@ -152,7 +156,9 @@ def read_fleet(broker_url: str, fleet: str, max_wait: float = 3.0) -> list[Fleet
             reports[report.device_id] = report
             collector.last_message[0] = time.monotonic()
 
-    client = MqttClient(broker_url, client_id=f"edgefl-fleet-{fleet}-{time.time_ns() % 10**9}")
+    client = MqttClient(
+        broker_url, client_id=f"edgefl-fleet-{fleet}-{time.time_ns() % 10**9}", tls=tls
+    )
     client.subscribe(topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_report)
     client.connect(timeout=10.0)

@@ -140,6 +140,7 @@ class Agent:
             will=Will(self._status_topic, self._status("offline").encode(), qos=1, retain=True),
             persistent_session=True,
             max_payload_bytes=AGENT_MAX_PAYLOAD,
+            tls=config.tls,
         )
         # What became of each update: read from the result of the round it answered.
         self.reads_results = True

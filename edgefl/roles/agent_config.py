@@ -12,6 +12,7 @@ from edgefl.core.local_round import BoardSettings
 from edgefl.core.settings import PrivacySettings
 from edgefl.roles.features import RUNTIME_FORMATS
 from edgefl.transport import topics
+from edgefl.transport.tls import TlsSettings
 
 
 @dataclass
@@ -45,6 +46,7 @@ class AgentConfig:
         limits: the most a round may ask of this board (epochs, batch size, learning rate, a
             time budget per round; beyond them a task is clamped, see edgefl.core.board_limits);
             None takes the profile's `[limits]`, else the defaults.
+        tls: the CA file and client certificate for an `mqtts://` broker.
     """
 
     broker_url: str
@@ -65,6 +67,7 @@ class AgentConfig:
     group: str = ""
     profile: str = ""
     limits: BoardLimits | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""

@@ -117,6 +117,7 @@ class Aggregator:
             network=network,
             max_payload_bytes=config.acceptance.max_update_bytes,
             on_oversized=self._on_oversized,
+            tls=config.tls,
         )
 
     @property

@@ -9,6 +9,7 @@ from typing import Any
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec, check_strategy_spec
 from edgefl.transport import topics
+from edgefl.transport.tls import TlsSettings
 
 
 @dataclass
@@ -32,6 +33,7 @@ class AggregatorConfig:
         eval_task: the task whose head is evaluated on `eval_dataset`.
         state_path: the SQLite file (None: in memory).
         out_dir: where metrics.csv/json and the final heads are written (None: nowhere).
+        tls: the CA file and client certificate for an `mqtts://` broker.
     """
 
     broker_url: str
@@ -45,6 +47,7 @@ class AggregatorConfig:
     eval_task: str = "default"
     state_path: Path | None = None
     out_dir: Path | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""

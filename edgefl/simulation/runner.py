@@ -33,6 +33,7 @@ from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.broker import EmbeddedBroker
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
+from edgefl.transport.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class SimulationConfig:
         broker_url: use this broker; None starts the embedded one for the run.
         preinstalled: devices start with the bundle installed; False starts them empty, to
             receive it by a deploy (see `Simulation`'s `before_rounds`).
+        tls: the CA file and client certificate every client uses with an `mqtts://`
+            `broker_url` (one shared certificate: not for brokers with per-device ACLs).
     """
 
     devices: int = 10
@@ -87,6 +90,7 @@ class SimulationConfig:
     fleet: str = "sim"
     broker_url: str | None = None
     preinstalled: bool = True
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def check(self) -> None:
         """Raise SimulationError naming the first invalid setting."""
@@ -120,10 +124,12 @@ class _DeviceBehaviour:
 class _TaskObserver:
     """Counts the bytes of each round's task as devices receive it (one subscriber's view)."""
 
-    def __init__(self, broker_url: str, fleet: str, network: NetworkLoop) -> None:
+    def __init__(
+        self, broker_url: str, fleet: str, network: NetworkLoop, tls: TlsSettings | None = None
+    ) -> None:
         self.sizes: dict[int, int] = {}
         self.client = MqttClient(
-            broker_url, client_id=f"edgefl-{fleet}-sim-observer", network=network
+            broker_url, client_id=f"edgefl-{fleet}-sim-observer", network=network, tls=tls
         )
         self.client.subscribe(topics.all_tasks(fleet), self._on_task)
 
@@ -223,17 +229,18 @@ class Simulation:
         config = self.config
         setup_started = time.perf_counter()
         broker: EmbeddedBroker | None = None
+        tls = TlsSettings()
         if config.broker_url is None:
             self._say("starting the embedded broker")
             broker = EmbeddedBroker(port=0)
             broker.start()
             url = broker.url
         else:
-            url = config.broker_url
+            url, tls = config.broker_url, config.tls
         network = self._network = NetworkLoop(name="edgefl-simulation")
         network.start()
         try:
-            self._observer = _TaskObserver(url, config.fleet, network)
+            self._observer = _TaskObserver(url, config.fleet, network, tls)
             self._observer.client.connect(timeout=30.0)
             first = self.plan.online_in(1)
             self._say(f"starting {len(first)} of {len(self.plan.devices)} devices on {url}")
@@ -259,6 +266,7 @@ class Simulation:
                     ),
                     strategy=config.strategy,
                     strategy_params=dict(config.strategy_params),
+                    tls=tls,
                 ),
                 network=network,
                 eval_dataset=self.data.test,
@@ -300,6 +308,7 @@ class Simulation:
                     connect_timeout_s=None,
                     # Heartbeats only refresh the status; in a short run they are noise.
                     heartbeat_s=300.0,
+                    tls=TlsSettings() if self.config.broker_url is None else self.config.tls,
                 ),
                 self.behaviours[index[device.device_id]],
                 dataset=self.data.pool.subset(device.indices),
