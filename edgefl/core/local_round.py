@@ -326,6 +326,8 @@ def _train(
         run_id=task.run_id,
         head_digest=task.head_digest,
         bundle_digest=task.bundle_digest,
+        clip_norm=clip,
+        noise_multiplier=multiplier if clip is not None else 0.0,
     )
     codec = board.codec or settings.codec.codec
     payload = encode_delta(

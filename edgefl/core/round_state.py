@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgefl.core.settings import PrivacySettings
 from edgefl.head import Weights
 
 # What `RoundEngine.receive` decided about an update.
@@ -73,6 +74,7 @@ class OpenRound:
     run_id: str = ""
     head_digest: str = ""
     bundle_digest: str = ""
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)  # what the task asks
     announced: dict[str, int] = field(default_factory=dict)  # device -> samples in its status
     online: int = 0
     stale: list[str] = field(default_factory=list)

@@ -31,6 +31,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from edgefl.core.accounting import check_applied_privacy
 from edgefl.core.codecs import decode_delta
 from edgefl.core.influence import InfluenceBound, bound_updates
 from edgefl.core.round_state import (
@@ -214,7 +215,12 @@ class RoundEngine:
             number, dict(selected), dict(config), now + self.policy.deadline_s, self.head_version,
             run_id=self.run_id, bundle_digest=self.bundle_digest,
             head_digest=head_digest({task: self.heads[task] for task in tasks}),
+            privacy=RoundSettings.from_wire(config).privacy,
         )  # fmt: skip
+
+    def withdraw_round(self) -> None:
+        """Forget the round just opened, before its task was sent (the run stops instead)."""
+        self.round = None
 
     def task_heads(self) -> dict[str, Weights]:
         """Return the heads the open round's task carries (those its head digest names)."""
@@ -419,6 +425,7 @@ class RoundEngine:
                 f"({header.head_digest[:12] or 'no digest'}), round sends v{round_.head_version} "
                 f"({round_.head_digest[:12]})",
             )
+        check_applied_privacy(round_.privacy, header.clip_norm, header.noise_multiplier)
         if header.samples < 1:
             raise UpdateRejected("no-samples", "update reports no training samples")
         try:

@@ -227,6 +227,18 @@ class RoundPolicy:
     stale_after_s: float | None = setting(
         None, "A device not heard for this long is stale and not selected (default: 3 heartbeats)."
     )
+    # Accounting belongs to the aggregator (it decides whether a round starts), not to the
+    # task's privacy settings: boards never see these.
+    target_epsilon: float | None = setting(
+        None,
+        "Stop the run before a round that would bring the privacy spent (epsilon, at "
+        "target-delta) beyond this (needs clip-norm and noise-multiplier).",
+    )
+    target_delta: float = setting(
+        1e-5,
+        "The delta of the (epsilon, delta) reported after each noised round; keep it well "
+        "below 1 / the number of boards.",
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -246,6 +258,10 @@ class RoundPolicy:
             raise ValueError("settle_s must not be negative")
         if self.stale_after_s is not None and not self.stale_after_s > 0:
             raise ValueError("stale_after_s must be positive")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError("target_epsilon must be positive")
+        if not 0.0 < self.target_delta < 1.0:
+            raise ValueError("target_delta must be in (0, 1)")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from dataclasses import asdict
 import numpy as np
 
 from edgefl.bundle import ModelBundle, load_bundle
+from edgefl.core.accounting import PrivacyBudgetSpent, PrivacyLedger, open_round_privacy
 from edgefl.core.rounds import ACCEPTED, REPEATED, ClosedRound, RoundEngine, Verdict
 from edgefl.core.strategies import Strategy, build_strategies
 from edgefl.data import Dataset, conform
@@ -106,6 +107,12 @@ class Aggregator:
         )  # fmt: skip
         self.summaries: list[RoundSummary] = []
         self.run_id = ""
+        # Every finished round in the record counts, of all runs: they trained the same boards.
+        self.ledger = PrivacyLedger.from_rounds(
+            config.policy.target_delta, config.policy.target_epsilon,
+            self.state.finished_round_sizes(),
+        )  # fmt: skip
+        self.stopped = ""  # why the run ended before its last round (the privacy budget)
         # Guards the engine: the network thread feeds it, run() opens and closes rounds.
         self._cond = threading.Condition()
         self._task_payload: bytes | None = None  # the open round's task, re-sent on reconnect
@@ -138,19 +145,11 @@ class Aggregator:
     # -- setup --
 
     def _check_state_identity(self) -> None:
-        identity = json.dumps(
-            {"fleet": self.config.fleet, "bundle": self.bundle.manifest.name,
-             "version": self.bundle.manifest.version},
+        manifest = self.bundle.manifest
+        self.state.claim_identity(json.dumps(
+            {"fleet": self.config.fleet, "bundle": manifest.name, "version": manifest.version},
             sort_keys=True,
-        )  # fmt: skip
-        stored = self.state.meta("identity")
-        if stored is None:
-            self.state.set_meta("identity", identity)
-        elif stored != identity:
-            raise FederationError(
-                f"state {self.state.path} belongs to another federation ({stored}); "
-                "give a new `state_path`"
-            )
+        ))  # fmt: skip
 
     def _initial_heads(self) -> tuple[int, dict[str, Weights]]:
         version, heads = self.state.latest_heads()
@@ -232,9 +231,14 @@ class Aggregator:
             for number in range(first, self.config.policy.rounds + 1):
                 if self._stop.is_set():
                     break
-                summary = self._run_round(
-                    number, resumed=number == resumed, first=not self.summaries
-                )
+                try:
+                    summary = self._run_round(
+                        number, resumed=number == resumed, first=not self.summaries
+                    )
+                except PrivacyBudgetSpent as exc:  # a planned end: the budget is spent
+                    self.stopped = str(exc)
+                    log.warning("%s", exc)
+                    break
                 self.summaries.append(summary)
                 self._write_metrics()
                 if self.on_round is not None:
@@ -251,6 +255,7 @@ class Aggregator:
             accuracy=self.evaluate(),
             seconds=time.perf_counter() - started,
             state_path=self.state.path,
+            stopped=self.stopped,
         )
 
     def _write_metrics(self) -> None:
@@ -316,6 +321,11 @@ class Aggregator:
             self._wait_for_devices(settle=first)
             with self._cond:
                 open_round = self.engine.open_round(number, time.time())
+                try:
+                    self.ledger.check_next(open_round_privacy(open_round))
+                except PrivacyBudgetSpent:
+                    self.engine.withdraw_round()
+                    raise
             self.state.open_round(
                 number, open_round.selected, open_round.deadline, open_round.head_version,
                 open_round.config,
@@ -351,19 +361,23 @@ class Aggregator:
                 self.engine.count_presence(time.time())
             closed = self.engine.close_round()
             self._task_payload = None
+            privacy = self.ledger.add(open_round_privacy(open_round))
         if closed.stale:
             log.warning("round %d: stale devices left out (status not refreshed in time): %s",
                         number, ", ".join(closed.stale))  # fmt: skip
-        return self._finish_round(closed, time.perf_counter() - started, task_topic)
+        metrics = {**closed.metrics, **privacy}
+        return self._finish_round(closed, metrics, time.perf_counter() - started, task_topic)
 
-    def _finish_round(self, closed: ClosedRound, seconds: float, task_topic: str) -> RoundSummary:
+    def _finish_round(
+        self, closed: ClosedRound, round_metrics: dict[str, float], seconds: float, topic: str
+    ) -> RoundSummary:
         """Store what closing a round produced (one transaction), then publish it."""
         number = closed.number
         metrics: dict[str, float] = {}
         accuracy = self.evaluate()
         if accuracy is not None:
             metrics["accuracy"] = accuracy
-        metrics.update(closed.metrics)
+        metrics.update(round_metrics)
         result = RoundResult(
             round=number, status=closed.status, head_version=closed.head_version,
             selected=closed.selected, accepted=closed.accepted, rejected=closed.rejected,
@@ -380,7 +394,7 @@ class Aggregator:
             if aggregated else None,
         )  # fmt: skip
         # Clear the retained task so devices that connect later do not train for a closed round.
-        self.client.publish(task_topic, b"", qos=1, retain=True)
+        self.client.publish(topic, b"", qos=1, retain=True)
         self.client.publish(
             topics.round_result(self.config.fleet, number), result.encode(), qos=1, retain=True
         )

@@ -21,7 +21,7 @@ class AggregatorConfig:
         fleet: the fleet name.
         bundle_dir: the bundle whose heads are federated.
         policy: how rounds run (rounds, fraction, min_devices, deadline_s, quorum,
-            wait_devices_s, settle_s, stale_after_s).
+            wait_devices_s, settle_s, stale_after_s, target_epsilon, target_delta).
         settings: what a task asks of boards (training, privacy, codec); `settings.train.seed`
             also seeds device selection.
         acceptance: what updates are accepted and how far one may pull (max_update_bytes,
@@ -57,4 +57,12 @@ class AggregatorConfig:
         self.settings.privacy.check()
         self.settings.codec.check()
         self.acceptance.check()
+        privacy = self.settings.privacy
+        if self.policy.target_epsilon is not None and not (
+            privacy.clip_norm is not None and privacy.noise_multiplier > 0
+        ):
+            raise ValueError(
+                "target_epsilon needs clip_norm and noise_multiplier: without noise a round's "
+                "epsilon is unbounded"
+            )
         check_strategy_spec(self.strategy, self.strategy_params)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgefl.bundle import decode_head, encode_head
+from edgefl.errors import FederationError
 from edgefl.head import Weights
 
 # Buffered update records are committed when this old or this many, whichever comes first.
@@ -191,6 +192,21 @@ class AggregatorRecord:
         """Return a stored key/value, or None."""
         rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
+
+    def claim_identity(self, identity: str) -> None:
+        """Store which federation this record belongs to, or check that it is this one.
+
+        Raises:
+            FederationError: the record belongs to another federation.
+        """
+        stored = self.meta("identity")
+        if stored is None:
+            self.set_meta("identity", identity)
+        elif stored != identity:
+            raise FederationError(
+                f"state {self.path} belongs to another federation ({stored}); "
+                "give a new `state_path`"
+            )
 
     def open_round(
         self,
@@ -363,6 +379,15 @@ class AggregatorRecord:
                 result=json.loads(r[7]) if r[7] else None,
             )
             for r in rows
+        ]  # fmt: skip
+
+    def finished_round_sizes(self) -> list[tuple[int, int, int, dict[str, Any]]]:
+        """Return (round, selected, online, config) of every finished round, oldest first: what
+        privacy accounting needs (`edgefl.core.accounting.PrivacyLedger.from_rounds`)."""
+        return [
+            (r.round, int(r.result.get("selected", len(r.selected))),
+             int(r.result.get("online", 0)), r.config)
+            for r in self.rounds() if r.status != "open" and r.result is not None
         ]  # fmt: skip
 
     def open_round_record(self) -> RoundRecord | None:

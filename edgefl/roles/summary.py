@@ -65,6 +65,7 @@ class FederationSummary:
     accuracy: float | None
     seconds: float
     state_path: str
+    stopped: str = ""  # why the run ended before its last round ("": it did not)
 
 
 def write_metrics(out_dir: Path, summaries: Sequence[RoundSummary]) -> None:

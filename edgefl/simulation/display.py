@@ -76,22 +76,31 @@ class LiveProgress:
 
 
 def round_table(metrics: SimulationMetrics, title: str = "rounds") -> Table:
-    """Return the per-round table: devices, accuracy, bytes and time."""
+    """Return the per-round table: devices, accuracy, bytes, time, and ε when rounds are noised."""
+    caption = "test: global head on the test set; global, personal: on devices' own data"
+    columns = ["round", "online", "updates", "drop", "test", "global", "personal", "up", "down",
+               "s"]  # fmt: skip
+    private = any(not math.isnan(r.epsilon) for r in metrics.rounds)
+    if private:
+        deltas = sorted({r.delta for r in metrics.rounds if not math.isnan(r.delta)})
+        columns.append("ε")
+        caption += f"; ε: privacy spent so far, at δ={', '.join(f'{d:g}' for d in deltas)}"
     # SIMPLE_HEAD has no vertical rules, so all columns fit an 80-column terminal.
     table = Table(
         title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
-        caption="test: global head on the test set; global, personal: on devices' own data",
+        caption=caption,
     )  # fmt: skip
-    columns = ("round", "online", "updates", "drop", "test", "global", "personal", "up", "down",
-               "s")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     for r in metrics.rounds:
-        table.add_row(
+        cells = [
             str(r.round), str(r.online), f"{r.reported}/{r.selected}", str(r.dropped),
             _accuracy(r.accuracy), _accuracy(r.device_accuracy), _accuracy(r.personal_accuracy),
             _size(r.bytes_up), _size(r.bytes_down), f"{r.seconds:.2f}",
-        )  # fmt: skip
+        ]  # fmt: skip
+        if private:
+            cells.append("-" if math.isnan(r.epsilon) else f"{r.epsilon:.3g}")
+        table.add_row(*cells)
     return table
 
 
@@ -103,4 +112,5 @@ def summary_line(metrics: SimulationMetrics) -> str:
         f"final accuracy {accuracy}; federated part {s.get('wall_s', 0):.2f} s "
         f"(start-up {s.get('startup_s', 0):.2f} s); {s.get('bytes_per_device_per_round', 0):,.0f} "
         f"B per device per round; peak RSS {s.get('peak_rss_mb', 0):,.0f} MiB"
+        + (f"\nstopped early: {s['stopped']}" if s.get("stopped") else "")
     )

@@ -34,6 +34,9 @@ class RoundRecord:
         bytes_down: task bytes the aggregator sent for this round.
         seconds: wall time of the round.
         elapsed: wall time from the start of the federated part to the end of this round.
+        epsilon: the privacy spent after this round, at `delta` (nan when rounds add no noise;
+            see `edgefl.core.accounting`).
+        delta: the δ the ε is stated for (nan with it).
     """
 
     round: int
@@ -48,6 +51,8 @@ class RoundRecord:
     bytes_down: int
     seconds: float
     elapsed: float
+    epsilon: float = math.nan
+    delta: float = math.nan
 
     @property
     def bytes_per_device(self) -> float:

@@ -204,6 +204,7 @@ class Simulation:
         self.agents: dict[str, Agent] = {}
         self._network: NetworkLoop | None = None
         self._aggregator: Aggregator | None = None
+        self._stopped = ""  # why the aggregator ended the run early (the privacy budget)
         self._observer: _TaskObserver | None = None
         self._started = 0.0
         self._round_started = 0.0
@@ -275,7 +276,7 @@ class Simulation:
             startup_s = time.perf_counter() - setup_started
             self._say(f"devices up in {startup_s:.1f} s; running {config.policy.rounds} rounds")
             self._started = self._round_started = time.perf_counter()
-            self._aggregator.run()
+            self._stopped = self._aggregator.run().stopped
             wall_s = self.records[-1].elapsed if self.records else 0.0
         finally:
             self._say("stopping devices")
@@ -395,6 +396,8 @@ class Simulation:
             bytes_down=task_bytes * summary.selected,
             seconds=now - self._round_started,
             elapsed=now - self._started,
+            epsilon=float(metrics.get("epsilon", float("nan"))),
+            delta=float(metrics.get("delta", float("nan"))),
         )
         self.records.append(record)
         if summary.status != "closed":
@@ -430,6 +433,7 @@ class Simulation:
                 sum(r.bytes_up for r in self.records) / reported if reported else 0.0
             ),
             "peak_rss_mb": peak_rss_mb(),
+            "stopped": self._stopped,
         }
 
 

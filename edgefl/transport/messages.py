@@ -296,10 +296,19 @@ class UpdateHeader:
     run_id: str = ""
     head_digest: str = ""
     bundle_digest: str = ""
+    # The privacy the board applied to this delta (the stricter of the round's and its own):
+    # the L2 clip norm (None: unclipped) and the noise std in units of it. The aggregator
+    # refuses an update claiming less than the round asked ("privacy").
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
         """Raise MessageError when a field holds an impossible value."""
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise MessageError("update.clip_norm must be positive")
+        if self.noise_multiplier < 0:
+            raise MessageError("update.noise_multiplier must not be negative")
         if self.status not in ("ok", "error"):
             raise MessageError(f"update.status must be 'ok' or 'error', not {self.status!r}")
         if self.samples < 0:

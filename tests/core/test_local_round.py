@@ -151,8 +151,11 @@ def test_the_delta_is_clipped_to_the_tighter_of_the_board_and_the_round(
     assert global_norm(free) > 0.5  # so every bound below binds
     board = dataclasses.replace(BOARD, privacy=PrivacySettings(clip_norm=board_clip))
     task = _task(_settings(privacy={"clip_norm": round_clip}))
-    delta = decode_delta(_run(task, head, data, board).payload)[0]
+    payload = _run(task, head, data, board).payload
+    delta = decode_delta(payload)[0]
     assert global_norm(delta) == pytest.approx(expected, rel=1e-5)
+    header = read_update_header(payload)  # the update says what the board applied
+    assert (header.clip_norm, header.noise_multiplier) == (expected, 0.0)
     for key in free:  # the direction is kept
         np.testing.assert_allclose(delta[key], free[key] * expected / global_norm(free), atol=1e-6)
 
@@ -164,7 +167,10 @@ def test_noise_is_the_larger_multiplier_times_the_clip_norm(
     free = decode_delta(_run(_task(_settings()), head, data).payload)[0]
     board = dataclasses.replace(BOARD, privacy=PrivacySettings(noise_multiplier=board_noise))
     task = _task(_settings(privacy={"clip_norm": 0.1, "noise_multiplier": round_noise}))
-    delta = decode_delta(_run(task, head, data, board, noise_seed=9).payload)[0]
+    payload = _run(task, head, data, board, noise_seed=9).payload
+    delta = decode_delta(payload)[0]
+    header = read_update_header(payload)
+    assert (header.clip_norm, header.noise_multiplier) == (0.1, max(board_noise, round_noise))
     std = max(board_noise, round_noise) * 0.1
     expected = add_gaussian_noise(clip_by_norm(free, 0.1), std, np.random.default_rng(9))
     for key in free:

@@ -20,6 +20,7 @@ from edgefl.core.rounds import (
 )
 from edgefl.core.settings import (
     AcceptancePolicy,
+    PrivacySettings,
     RoundPolicy,
     RoundSettings,
     TrainConfig,
@@ -56,9 +57,12 @@ def update(
     run_id: str = RUN,
     head: str = HEAD_DIGEST,
     bundle: str = BUNDLE,
+    clip: float | None = None,
+    noise: float = 0.0,
 ) -> bytes:
     header = UpdateHeader(number, device, task, samples, head_version, metrics=dict(metrics or {}),
-                          run_id=run_id, head_digest=head, bundle_digest=bundle)  # fmt: skip
+                          run_id=run_id, head_digest=head, bundle_digest=bundle, clip_norm=clip,
+                          noise_multiplier=noise)  # fmt: skip
     values = delta(0.1) if values is None else values
     return encode_delta(values, "float32", metadata=update_metadata(header))
 
@@ -518,3 +522,20 @@ def test_a_resumed_round_keeps_rejected_answers_and_refuses_another_head_version
     assert restarted.receive(1, "b", update(device="b")).complete
     with pytest.raises(ValueError, match="opened on head v3, the heads are v0"):
         restarted.resume(1, {"a": "default"}, 3, config, [], NOW)
+
+
+def test_an_update_claiming_less_clip_or_noise_than_the_round_asked_is_refused() -> None:
+    asked = RoundSettings(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=1.0))
+    rounds = engine(("a", "b", "c", "d"), settings=asked)
+    older = rounds.receive(1, "a", update(device="a"))  # a board that does not say
+    weaker = rounds.receive(1, "b", update(device="b", clip=1.0, noise=0.5))
+    looser = rounds.receive(1, "c", update(device="c", clip=5.0, noise=1.0))
+    honest = rounds.receive(1, "d", update(device="d", clip=0.5, noise=1.0))  # stricter: fine
+    assert [v.outcome for v in (older, weaker, looser, honest)] == [
+        REJECTED, REJECTED, REJECTED, ACCEPTED,
+    ]  # fmt: skip
+    assert {older.code, weaker.code, looser.code} == {"privacy"}
+    assert weaker.reason == ("update claims clip 1, noise x0.5; the round asked clip 1, noise x1")
+    closed = rounds.close_round()
+    assert closed.answers == {"a": "privacy", "b": "privacy", "c": "privacy", "d": ACCEPTED}
+    assert closed.rejected == {"privacy": 3}
