@@ -463,6 +463,10 @@ def update_header(**changes: Any) -> UpdateHeader:
         "run_id": task.run_id,
         "head_digest": task.head_digest,
         "bundle_digest": task.bundle_digest,
+        # What the board applied: its own clip and noise (the task asks for none); the delta's
+        # norm, 0.0736, is within the clip.
+        "clip_norm": 0.125,
+        "noise_multiplier": 0.5,
     }
     values.update(changes)
     return UpdateHeader(**values)
@@ -540,7 +544,7 @@ def update_cases() -> dict[str, Case]:
 
     error = update_header(
         samples=0, metrics={}, status="error", error_code="no-data",
-        reason="the device has no labelled samples",
+        reason="the device has no labelled samples", clip_norm=None, noise_multiplier=0.0,
     )  # fmt: skip
     cases["update-error"] = (
         encode_update_error(error),
