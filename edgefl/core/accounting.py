@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefl.core.round_state import OpenRound
-from edgefl.core.settings import PrivacySettings, RoundSettings
+from edgefl.core.settings import PrivacySettings, RoundPolicy, RoundSettings
 from edgefl.core.validation import UpdateRejected
 from edgefl.errors import FederationError
 
@@ -195,6 +195,21 @@ class PrivacyLedger:
                 f"z={round_.noise_multiplier:g}), beyond the target ε={self.target_epsilon:g}; "
                 f"the run stops before it"
             )
+
+
+def check_budget_settings(policy: RoundPolicy, privacy: PrivacySettings) -> None:
+    """Refuse a privacy target for rounds that add no noise (their ε is unbounded).
+
+    Raises:
+        ValueError: `policy.target_epsilon` is set without a clip norm and noise multiplier.
+    """
+    if policy.target_epsilon is not None and not (
+        privacy.clip_norm is not None and privacy.noise_multiplier > 0
+    ):
+        raise ValueError(
+            "target_epsilon needs clip_norm and noise_multiplier: without noise a round's "
+            "epsilon is unbounded"
+        )
 
 
 def check_applied_privacy(

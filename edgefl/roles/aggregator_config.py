@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgefl.core.accounting import check_budget_settings
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec, check_strategy_spec
 from edgefl.transport import topics
@@ -57,12 +58,5 @@ class AggregatorConfig:
         self.settings.privacy.check()
         self.settings.codec.check()
         self.acceptance.check()
-        privacy = self.settings.privacy
-        if self.policy.target_epsilon is not None and not (
-            privacy.clip_norm is not None and privacy.noise_multiplier > 0
-        ):
-            raise ValueError(
-                "target_epsilon needs clip_norm and noise_multiplier: without noise a round's "
-                "epsilon is unbounded"
-            )
+        check_budget_settings(self.policy, self.settings.privacy)
         check_strategy_spec(self.strategy, self.strategy_params)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefl.bundle import ModelBundle
+from edgefl.core.accounting import check_budget_settings
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec, strategy_label
 from edgefl.errors import SimulationError
@@ -102,6 +103,10 @@ class SimulationConfig:
             raise SimulationError("`deadline_s` must be positive")
         if self.speed_unit_s < 0:
             raise SimulationError("the speed unit must not be negative")
+        try:
+            check_budget_settings(self.policy, self.settings.privacy)
+        except ValueError as exc:
+            raise SimulationError(str(exc)) from None
 
 
 class _DeviceBehaviour:
