@@ -22,6 +22,10 @@ from edgefl.transport.client import MqttClient
         ("mqtt://broker.lan", BrokerAddress("broker.lan", 1883)),
         ("mqtt://10.0.0.5:1999", BrokerAddress("10.0.0.5", 1999)),
         ("mqtts://broker.lan", BrokerAddress("broker.lan", 8883, tls=True)),
+        (
+            "mqtt://pi:p%40ss%3Aword@h",
+            BrokerAddress("h", 1883, username="pi", password="p@ss:word"),
+        ),
         ("broker.lan:2000", BrokerAddress("broker.lan", 2000)),
         ("mqtt://ann:secret@h:1", BrokerAddress("h", 1, username="ann", password="secret")),
     ],

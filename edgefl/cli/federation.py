@@ -34,14 +34,25 @@ from edgefl.core.strategies import strategy_label
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=1883, show_default=True, type=int, help="TCP port (0: any free).")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="user:argon2-hash lines (edgefl.transport.broker.password_line); "
+                   "clients must log in.")  # fmt: skip
+@click.option("--cert", "certfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The broker's certificate (edgefl certs issue --role broker): TLS.")  # fmt: skip
+@click.option("--key", "keyfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The key of --cert.")  # fmt: skip
 @user_errors
-def broker(host: str, port: int) -> None:
+def broker(
+    host: str, port: int, password_file: Path | None, certfile: Path | None, keyfile: Path | None
+) -> None:
     """Run the embedded MQTT broker (amqtt) until Ctrl-C; use Mosquitto in production."""
     import threading
 
     from edgefl.transport.broker import EmbeddedBroker
 
-    embedded = EmbeddedBroker(host, port)
+    embedded = EmbeddedBroker(
+        host, port, password_file=password_file, certfile=certfile, keyfile=keyfile
+    )
     embedded.start()
     click.echo(f"broker listening on {embedded.url} (Ctrl-C stops)")
     done = threading.Event()

@@ -8,10 +8,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from edgefl.errors import BrokerUrlError, TransportError
+from edgefl.errors import BrokerUrlError, InputError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def parse_broker_url(url: str) -> BrokerAddress:
         host=parts.hostname,
         port=port,
         tls=parts.scheme == "mqtts",
-        username=parts.username,
-        password=parts.password,
+        # Percent-encoded, as in any URL: a password may hold '@', ':' or '/'.
+        username=None if parts.username is None else unquote(parts.username),
+        password=None if parts.password is None else unquote(parts.password),
     )
 
 
@@ -68,15 +70,34 @@ class EmbeddedBroker:
     amqtt is a host-side dependency (`pip install edgefl[host]`), imported only on start().
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        password_file: Path | None = None,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
+        cafile: Path | None = None,
+    ) -> None:
         """Configure the broker; nothing listens until start().
 
         Args:
             host: the address to bind (0.0.0.0 for every interface).
             port: the TCP port; 0 picks a free one (read it back from `.port` after start()).
+            password_file: `user:hash` lines (`password_line`); clients must then log in, and
+                a wrong password is refused as "not authorized". None: anonymous clients.
+            certfile: the broker's certificate (PEM): the listener speaks TLS (`mqtts://`).
+            keyfile: the key of `certfile`.
+            cafile: a CA whose client certificates the broker accepts (amqtt does not require
+                one: identities come from the password file).
         """
+        if (certfile is None) != (keyfile is None):
+            raise InputError("the embedded broker needs both a certificate and its key for TLS")
         self.host = host
         self.port = port
+        self.password_file = password_file
+        self.certfile, self.keyfile, self.cafile = certfile, keyfile, cafile
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
@@ -87,7 +108,7 @@ class EmbeddedBroker:
     def url(self) -> str:
         """Return the URL clients connect to."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self.certfile else 'mqtt'}://{host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
         """Start listening; returns once the port accepts connections.
@@ -105,12 +126,7 @@ class EmbeddedBroker:
             with socket.socket() as probe:
                 probe.bind((self.host, 0))
                 self.port = int(probe.getsockname()[1])
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
-        }
+        config = self._config()
         self._loop = asyncio.new_event_loop()
 
         def serve() -> None:
@@ -137,6 +153,25 @@ class EmbeddedBroker:
                 f"embedded broker could not listen on {self.host}:{self.port}: {self._error}"
             )
         log.info("embedded broker listening on %s", self.url)
+
+    def _config(self) -> dict[str, Any]:
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{self.host}:{self.port}"}
+        if self.certfile is not None:
+            listener.update(ssl=True, certfile=str(self.certfile), keyfile=str(self.keyfile))
+            if self.cafile is not None:
+                listener["cafile"] = str(self.cafile)
+        auth: dict[str, Any]
+        if self.password_file is not None:
+            if not Path(self.password_file).is_file():
+                raise InputError(f"password file {self.password_file} not found")
+            auth = {
+                "amqtt.plugins.authentication.FileAuthPlugin": {
+                    "password_file": str(self.password_file)
+                }
+            }
+        else:
+            auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        return {"listeners": {"default": listener}, "plugins": auth}
 
     @property
     def connection_count(self) -> int:
@@ -190,3 +225,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def password_line(username: str, password: str) -> str:
+    """Return a password-file line (`user:argon2-hash`) for `EmbeddedBroker(password_file=...)`.
+
+    Raises:
+        InputError: the user name contains ':' or is empty.
+        TransportError: amqtt (and its password hasher) is not installed.
+    """
+    if not username or ":" in username:
+        raise InputError(f"user name {username!r} must be non-empty and without ':'")
+    try:
+        from pwdlib import PasswordHash
+        from pwdlib.hashers.argon2 import Argon2Hasher
+    except ImportError as exc:
+        raise TransportError("password files need amqtt: pip install 'edgefl[host]'") from exc
+    return f"{username}:{PasswordHash((Argon2Hasher(),)).hash(password)}"

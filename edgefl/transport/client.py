@@ -155,6 +155,7 @@ class MqttClient:
         self._refused = threading.Event()
         self._ever_connected = False
         self._sock: Any = None
+        self._tls_sock: Any = None
         self._reading = False
         self._write_registered = False
 
@@ -175,6 +176,7 @@ class MqttClient:
                 keyfile=self.tls.keyfile,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
+            self._track_tls_sockets()
         self._paho.on_log = self._handle_log
         if will is not None:
             self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
@@ -309,11 +311,26 @@ class MqttClient:
         try:
             self._paho.reconnect()
         except ssl.SSLError as exc:
+            if self._tls_sock is not None and self._tls_sock is not self._sock:
+                self._tls_sock.close()
             self._tls_failed(str(exc))
             self._schedule_reconnect()
         except OSError as exc:
             self._last_error = str(exc)
             self._schedule_reconnect()
+
+    def _track_tls_sockets(self) -> None:
+        # paho drops the TLS socket unclosed when the handshake fails (a ResourceWarning, an
+        # error under pytest): remember the last one so that _attempt can close it.
+        context = self._paho._ssl_context
+        assert context is not None
+        wrap = context.wrap_socket
+
+        def wrap_and_keep(*args: Any, **kwargs: Any) -> Any:
+            self._tls_sock = wrap(*args, **kwargs)
+            return self._tls_sock
+
+        context.wrap_socket = wrap_and_keep  # type: ignore[method-assign]
 
     def _tls_failed(self, error: str) -> None:
         self._last_error = describe_tls_error(error)

@@ -1,0 +1,286 @@
+"""mTLS and ACLs end to end: a real Mosquitto started from exactly what `broker-config` writes,
+with certificates the test issues through `edgefl certs`; and the library behind them."""
+
+from __future__ import annotations
+
+import getpass
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from bundles import digits_devices, make_test_bundle
+from click.testing import CliRunner
+from conftest import wait_for
+from cryptography import x509
+from local_mosquitto import LocalMosquitto
+
+from edgefl.cli import main
+from edgefl.core.settings import RoundPolicy
+from edgefl.errors import InputError, TransportError
+from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.security import broker_config, certs
+from edgefl.transport import MqttClient, TlsSettings, topics
+from edgefl.transport.broker import free_port
+
+FLEET = "secure"
+
+
+@dataclass
+class SecureBroker:
+    """A Mosquitto run from `edgefl broker-config`'s files, and the fleet's certificate folder."""
+
+    broker: LocalMosquitto
+    certs: Path
+    other_ca: Path
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+    def tls(self, name: str, ca: Path | None = None) -> TlsSettings:
+        folder = ca or self.certs
+        return TlsSettings(
+            str(self.certs / "ca.crt"), str(folder / f"{name}.crt"), str(folder / f"{name}.key")
+        )
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    root = tmp_path_factory.mktemp("secure")
+    folder = root / "certs"
+    _cli("certs", "init", "--out", str(folder))
+    _cli("certs", "issue", "broker", "--role", "broker", "--ca", str(folder),
+         "--host", "127.0.0.1", "--host", "localhost")  # fmt: skip
+    for name, role in [("pi-1", "device"), ("pi-2", "device"), ("aggregator", "aggregator"),
+                       ("operator-ci", "operator")]:  # fmt: skip
+        _cli("certs", "issue", name, "--role", role, "--ca", str(folder))
+    other = root / "other"
+    certs.init_ca(other)
+    certs.issue("pi-1", "device", other, other)
+    port = free_port()
+    # Mosquitto started as root switches to its own account, which cannot read keys made 0600
+    # by the test's user: the generated config keeps the test's user instead.
+    _cli("broker-config", "--fleet", FLEET, "--certs", str(folder), "--out", str(root / "broker"),
+         "--port", str(port), "--bind", "127.0.0.1", "--user", getpass.getuser())  # fmt: skip
+    broker = LocalMosquitto(
+        root / "broker", port=port, config_file=root / "broker" / "mosquitto.conf", tls=True
+    )
+    broker.start()
+    yield SecureBroker(broker, folder, other)
+    broker.stop()
+
+
+# -- the library: certificates and the generated files --
+
+
+def test_issued_certificates_name_their_holder_and_keys_are_private(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    issued = certs.issue("pi-7", "device", tmp_path, tmp_path / "out")
+    cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=pi-7"
+    assert cert.issuer == ca.subject
+    cert.verify_directly_issued_by(ca)
+    for key in (tmp_path / "ca.key", issued.key_path):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(certs.CertificateError, match="already holds a CA"):
+        certs.init_ca(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "role", "message"),
+    [
+        ("aggregator", "device", "kept for those roles"),
+        ("operator-x", "device", "kept for those roles"),
+        ("ci", "operator", "must be named 'operator' or 'operator-...'"),
+        ("a/b", "device", "without '/'"),
+    ],
+)
+def test_a_name_that_claims_another_role_is_refused(
+    tmp_path: Path, name: str, role: str, message: str
+) -> None:
+    certs.init_ca(tmp_path)
+    with pytest.raises(InputError, match=message):
+        certs.issue(name, role, tmp_path, tmp_path)
+
+
+def test_acl_gives_devices_their_own_topics_and_lists_the_roles_found(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    certs.issue("broker", "broker", tmp_path, tmp_path, hosts=("10.0.0.5",))
+    certs.issue("operator-ops", "operator", tmp_path, tmp_path)
+    files = broker_config.write_broker_config("lab", tmp_path, tmp_path / "b", port=8884)
+    acl = files.acl.read_text().splitlines()
+    assert "pattern write edgefl/v1/lab/devices/%u/status" in acl
+    assert "pattern write edgefl/v1/lab/rounds/+/update/%u" in acl
+    assert "pattern write edgefl/v1/lab/devices/%u/deploy" in acl
+    assert not [line for line in acl if line.startswith("pattern") and "write" in line
+                and "%u" not in line]  # fmt: skip
+    assert [line for line in acl if line.startswith("user")] == [
+        "user aggregator", "user operator", "user operator-ops"
+    ]  # fmt: skip
+    config = files.config.read_text().splitlines()
+    for line in ("listener 8884", "require_certificate true", "use_identity_as_username true",
+                 "allow_anonymous false", "persistence true"):  # fmt: skip
+        assert line in config
+
+
+def test_broker_config_without_the_broker_certificate_is_a_usage_error(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    result = CliRunner().invoke(
+        main, ["broker-config", "--fleet", "f", "--certs", str(tmp_path), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "broker.crt is missing" in result.output
+
+
+# -- a real Mosquitto from the generated files --
+
+
+def test_a_device_writes_its_own_status_and_the_broker_drops_another_devices(
+    secure: SecureBroker,
+) -> None:
+    received: list[tuple[str, bytes]] = []
+    watcher = MqttClient(secure.url, "acl-watcher", tls=secure.tls("aggregator"))
+    watcher.subscribe(topics.all_statuses(FLEET), lambda m: received.append((m.topic, m.payload)))
+    watcher.connect()
+    device = MqttClient(secure.url, "acl-pi-1", tls=secure.tls("pi-1"))
+    device.connect()
+    try:
+        forged = device.publish(topics.device_status(FLEET, "pi-2"), b"forged")
+        own = device.publish(topics.device_status(FLEET, "pi-1"), b"mine")
+        assert forged.wait() and own.wait()  # MQTT 3.1.1: the broker acks what it drops
+        assert wait_for(lambda: (topics.device_status(FLEET, "pi-1"), b"mine") in received)
+        time.sleep(0.3)
+        assert received == [(topics.device_status(FLEET, "pi-1"), b"mine")]
+    finally:
+        device.publish(topics.device_status(FLEET, "pi-1"), b"", retain=True).wait()
+        device.close()
+        watcher.close()
+
+
+@pytest.mark.parametrize(
+    ("who", "message"),
+    [
+        ("no certificate", "not authorized"),
+        ("another CA", "not authorized"),
+        ("no CA file", "TLS handshake failed"),
+    ],
+)
+def test_fleet_refuses_a_client_the_broker_does_not_trust(
+    secure: SecureBroker, who: str, message: str
+) -> None:
+    ca = ["--cafile", str(secure.certs / "ca.crt")]
+    args = ca if who == "no certificate" else []
+    if who == "another CA":
+        other = secure.other_ca
+        args = [*ca, "--cert", str(other / "pi-1.crt"), "--key", str(other / "pi-1.key")]
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["fleet", "--broker", secure.url, "--fleet", FLEET, *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert secure.url in result.output  # names the broker
+    assert time.monotonic() - started < 5  # refused at once, not at the connect timeout
+
+
+def test_fleet_over_mtls_as_the_operator(secure: SecureBroker) -> None:
+    tls = secure.tls("operator-ci")
+    result = CliRunner().invoke(
+        main, ["fleet", "--broker", secure.url, "--fleet", FLEET, "--json",
+               "--cafile", str(tls.cafile), "--cert", str(tls.certfile), "--key", str(tls.keyfile)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "[]"
+
+
+def test_tls_files_with_a_plain_url_or_a_cert_without_key_are_usage_errors(
+    secure: SecureBroker,
+) -> None:
+    ca = str(secure.certs / "ca.crt")
+    plain = CliRunner().invoke(main, ["fleet", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f",
+                                      "--cafile", ca])  # fmt: skip
+    assert plain.exit_code == 2
+    assert "need an mqtts:// broker URL" in plain.output
+    half = CliRunner().invoke(main, ["fleet", "--broker", secure.url, "--fleet", "f",
+                                     "--cert", str(secure.certs / "pi-1.crt")])  # fmt: skip
+    assert half.exit_code == 2
+
+
+def test_a_federation_runs_its_rounds_over_mtls_and_acls(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
+    datasets, _ = digits_devices(2)
+    agents = [
+        Agent(
+            AgentConfig(secure.url, FLEET, name, bundle_dir=bundle.path, tls=secure.tls(name)),
+            dataset,
+        )
+        for name, dataset in zip(("pi-1", "pi-2"), datasets, strict=True)
+    ]
+    for agent in agents:
+        agent.start()
+    try:
+        aggregator = Aggregator(AggregatorConfig(
+            secure.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
+            tls=secure.tls("aggregator"),
+        ))  # fmt: skip
+        summary = aggregator.run()
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert [(r.status, r.accepted) for r in summary.rounds] == [("closed", 2), ("closed", 2)]
+    assert summary.head_version == 2
+
+
+# -- the embedded broker: a password file, TLS --
+
+
+def test_embedded_broker_refuses_a_wrong_password(tmp_path: Path) -> None:
+    from edgefl.transport.broker import EmbeddedBroker, password_line
+
+    passwords = tmp_path / "passwd"
+    passwords.write_text(password_line("pi-1", "right horse") + "\n")
+    with EmbeddedBroker(port=0, password_file=passwords) as broker:
+        host = broker.url.removeprefix("mqtt://")
+        good = MqttClient(f"mqtt://pi-1:right%20horse@{host}", "pw-good")
+        good.connect()
+        good.close()
+        bad = MqttClient(f"mqtt://pi-1:wrong@{host}", "pw-bad")
+        with pytest.raises(TransportError, match="not authorized") as refused:
+            bad.connect(timeout=10)
+        assert host in str(refused.value)
+        anonymous = MqttClient(f"mqtt://{host}", "pw-none")
+        with pytest.raises(TransportError, match="not authorized"):
+            anonymous.connect(timeout=10)
+        assert broker.wait_idle()
+
+
+def test_embedded_broker_serves_tls_with_a_fleet_certificate(tmp_path: Path) -> None:
+    from edgefl.transport.broker import EmbeddedBroker
+
+    certs.init_ca(tmp_path)
+    issued = certs.issue("broker", "broker", tmp_path, tmp_path, hosts=("127.0.0.1",))
+    received = threading.Event()
+    with EmbeddedBroker(port=0, certfile=issued.cert_path, keyfile=issued.key_path) as broker:
+        assert broker.url.startswith("mqtts://")
+        client = MqttClient(broker.url, "tls-client", tls=TlsSettings(str(tmp_path / "ca.crt")))
+        client.subscribe("t", lambda _m: received.set())
+        client.connect()
+        client.publish("t", b"x").wait()
+        assert received.wait(10)
+        client.close()
+        untrusting = MqttClient(broker.url, "tls-untrusting")
+        with pytest.raises(TransportError, match="TLS handshake failed"):
+            untrusting.connect(timeout=10)
+        assert broker.wait_idle()
