@@ -106,3 +106,47 @@ def test_wait_for_retained_counts_quiet_from_the_call_not_from_before_connect() 
     started = time.monotonic()
     wait_for_retained(last_message, lock, max_wait=3.0)
     assert time.monotonic() - started >= RETAINED_QUIET_S
+
+
+def test_privacy_line_says_the_epsilon_of_the_latest_round_or_why_there_is_none() -> None:
+    from edgefl.delivery.fleet_view import privacy_line
+    from edgefl.transport.messages import RoundResult
+
+    def result(number: int, **metrics: float) -> RoundResult:
+        return RoundResult(number, "closed", number, 5, 5, metrics=metrics, run_id="r" * 32)
+
+    spent = [result(1, epsilon=4.7527, epsilon_unsampled=4.7527, delta=1e-5),
+             result(2, epsilon=7.0879, epsilon_unsampled=7.0879, delta=1e-5)]  # fmt: skip
+    assert privacy_line(reversed(spent)) == (
+        "privacy: ε=7.09 spent at δ=1e-05 after round 2 (run rrrrrrrrrrrr); ε=7.09 for whoever "
+        "sees the updates"
+    )
+    assert "no ε after round 3" in privacy_line([*spent, result(3, accuracy=0.5)])
+    assert privacy_line([]) == "privacy: no round result is retained, so no ε to show"
+
+
+def test_cli_fleet_shows_the_epsilon_of_the_retained_results(mosquitto: RunningBroker) -> None:
+    from edgefl.transport import topics
+    from edgefl.transport.client import MqttClient
+    from edgefl.transport.messages import RoundResult
+
+    client = MqttClient(mosquitto.url, client_id="privacy-fleet-test")
+    client.connect(timeout=10.0)
+    try:
+        status = DeviceStatus("pi-1", "online", time=time.time())
+        client.publish(topics.device_status("epsfleet", "pi-1"), status.encode(), qos=1,
+                       retain=True).wait(5.0)  # fmt: skip
+        result = RoundResult(2, "closed", 2, 5, 5, run_id="abc", metrics={
+            "epsilon": 7.0879, "epsilon_unsampled": 7.0879, "delta": 1e-5,
+        })  # fmt: skip
+        client.publish(topics.round_result("epsfleet", 2), result.encode(), qos=1,
+                       retain=True).wait(5.0)  # fmt: skip
+        shown = CliRunner().invoke(
+            main, ["fleet", "--broker", mosquitto.url, "--fleet", "epsfleet"]
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "privacy: ε=7.09 spent at δ=1e-05 after round 2 (run abc)" in shown.output
+    finally:
+        for topic in (topics.device_status("epsfleet", "pi-1"), topics.round_result("epsfleet", 2)):
+            client.publish(topic, b"", qos=1, retain=True).wait(5.0)
+        client.close()

@@ -159,9 +159,11 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
     from rich.console import Console
     from rich.table import Table
 
-    from edgefl.delivery.fleet_view import read_fleet, short_digest
+    from edgefl.delivery.fleet_view import privacy_line, read_fleet, short_digest
+    from edgefl.transport.messages import RoundResult
 
-    rows = read_fleet(broker_url, fleet, tls=tls_settings(tls_files))
+    results: dict[int, RoundResult] = {}
+    rows = read_fleet(broker_url, fleet, tls=tls_settings(tls_files), results=results)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
@@ -183,6 +185,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
             str(r.last_round) if r.last_round else "-", deploy_text or "-",
         )  # fmt: skip
     Console(width=160).print(table)
+    click.echo(privacy_line(results.values()))
 
 
 @click.command()

@@ -1,20 +1,22 @@
 """The fleet view: who is online, on which profile and model version, from retained messages.
 
-`fleet_view` is pure (statuses and deploy reports in, rows out); `read_fleet` collects the
-retained messages from the broker.
+`fleet_view` is pure (statuses and deploy reports in, rows out), and so is `privacy_line` (the ε
+spent, from the retained round results); `read_fleet` collects the retained messages from the
+broker.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgefl.delivery.release import DeployReport
 from edgefl.errors import EdgeflError
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
-from edgefl.transport.messages import DeviceStatus
+from edgefl.transport.messages import DeviceStatus, RoundResult
 from edgefl.transport.tls import TlsSettings
 
 # Retained messages arrive right after SUBSCRIBE with no end marker: once none has come for this
@@ -77,6 +79,28 @@ def fleet_view(
     return rows
 
 
+def privacy_line(results: Iterable[RoundResult]) -> str:
+    """Say what privacy the fleet's current run has spent, from its retained round results.
+
+    The latest round's result carries the ε spent so far (`edgefl.core.accounting`); when it
+    carries none, say why.
+    """
+    latest = max(results, key=lambda r: r.round, default=None)
+    if latest is None:
+        return "privacy: no round result is retained, so no ε to show"
+    epsilon, delta = latest.metrics.get("epsilon"), latest.metrics.get("delta")
+    if epsilon is None or delta is None:
+        return (
+            f"privacy: no ε after round {latest.round}: its run has a round without clip and "
+            "noise (or an aggregator without privacy accounting)"
+        )
+    seen = latest.metrics.get("epsilon_unsampled", epsilon)
+    return (
+        f"privacy: ε={epsilon:.3g} spent at δ={delta:g} after round {latest.round} "
+        f"(run {latest.run_id[:12] or '-'}); ε={seen:.3g} for whoever sees the updates"
+    )
+
+
 def short_digest(digest: str) -> str:
     """Return the first 12 hex digits of a digest (what a table shows), or "-" for none."""
     return digest[:12] or "-"
@@ -131,7 +155,11 @@ class StatusCollector:
 
 
 def read_fleet(
-    broker_url: str, fleet: str, max_wait: float = 3.0, tls: TlsSettings | None = None
+    broker_url: str,
+    fleet: str,
+    max_wait: float = 3.0,
+    tls: TlsSettings | None = None,
+    results: dict[int, RoundResult] | None = None,
 ) -> list[FleetDevice]:
     """Collect the fleet's retained statuses and deploy reports and return the fleet view.
 
@@ -140,6 +168,8 @@ def read_fleet(
         fleet: the fleet name.
         max_wait: the longest to wait for retained messages (it stops earlier once quiet).
         tls: the CA file and client certificate for an `mqtts://` broker.
+        results: when given, filled with the retained round results by round (for
+            `privacy_line`).
 
     Raises:
         TransportError: the broker cannot be reached.
@@ -161,6 +191,18 @@ def read_fleet(
     )
     client.subscribe(topics.all_statuses(fleet), collector.on_status)
     client.subscribe(topics.all_deploy_reports(fleet), on_report)
+    if results is not None:
+
+        def on_result(message: Message) -> None:
+            try:
+                result = RoundResult.decode(message.payload)
+            except EdgeflError:
+                return  # an empty payload clears a topic; anything else is not a result
+            with collector.lock:
+                results[result.round] = result
+                collector.last_message[0] = time.monotonic()
+
+        client.subscribe(topics.all_results(fleet), on_result)
     client.connect(timeout=10.0)
     try:
         wait_for_retained(collector.last_message, collector.lock, max_wait)
