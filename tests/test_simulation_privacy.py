@@ -14,6 +14,10 @@ from conftest import RunningBroker
 
 from edgefl.bundle import ModelBundle
 from edgefl.cli import main
+from edgefl.core.settings import PrivacySettings, RoundPolicy, RoundSettings
+from edgefl.roles.summary import summaries_from_record, write_metrics
+from edgefl.simulation.runner import Simulation, SimulationConfig
+from edgefl.simulation.workload import load_federated_data
 
 # dp-accounting's RDP ε at δ=1e-5 of 1, 2, 3 Gaussian rounds with noise multiplier 1 and every
 # board selected (q = 5/5 = 1): tests/core/test_accounting.py checks them against the library.
@@ -73,3 +77,29 @@ def test_a_target_epsilon_without_noise_is_a_usage_error(
     )  # fmt: skip
     assert result.exit_code != 0
     assert "target_epsilon needs clip_norm and noise_multiplier" in result.output
+
+
+def test_the_aggregator_records_epsilon_in_its_record_results_and_metrics_files(
+    bundle: ModelBundle, mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    config = SimulationConfig(
+        devices=5, broker_url=mosquitto.url,
+        policy=RoundPolicy(rounds=2, deadline_s=10.0),
+        settings=RoundSettings(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)),
+    )  # fmt: skip
+    simulation = Simulation(config, bundle, load_federated_data("digits"))
+    simulation.run()
+    assert simulation._aggregator is not None
+    record = simulation._aggregator.state
+    # Every board is selected (a simulation's min_devices is its fleet): q = 1.
+    expected = EPSILONS[:2]
+    stored = record.metrics()
+    assert [stored[n]["epsilon"] for n in (1, 2)] == pytest.approx(expected)
+    assert [stored[n]["sampling_rate"] for n in (1, 2)] == [1.0, 1.0]
+    assert [stored[n]["delta"] for n in (1, 2)] == [1e-5, 1e-5]
+    results = [r.result for r in record.rounds()]  # what each round's result message carried
+    assert [r["metrics"]["epsilon"] for r in results if r] == pytest.approx(expected)
+    write_metrics(tmp_path, summaries_from_record(record))
+    with (tmp_path / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["epsilon"]) for r in rows] == pytest.approx(expected)
