@@ -21,10 +21,16 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefl.errors import BrokerUrlError, TransportError
+from edgefl.errors import TransportError
 from edgefl.transport.broker import BrokerAddress, parse_broker_url
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
-from edgefl.transport.tls import TlsSettings
+from edgefl.transport.tls import (
+    TlsSettings,
+    check_tls,
+    describe_refusal,
+    describe_tls_error,
+    is_login_refusal,
+)
 from edgefl.transport.topics import matches
 
 log = logging.getLogger(__name__)
@@ -473,42 +479,3 @@ class MqttClient:
                     handler(message)
                 except Exception:
                     log.exception("%s: handler for %s failed", self.client_id, msg.topic)
-
-
-def check_tls(address: BrokerAddress, tls: TlsSettings) -> None:
-    """Refuse TLS files with a plain `mqtt://` URL, and unusable files.
-
-    Raises:
-        BrokerUrlError: the combination is the caller's mistake (exit 2).
-    """
-    if tls.given and not address.tls:
-        raise BrokerUrlError(
-            f"`cafile`, `certfile` and `keyfile` need an mqtts:// broker URL, not {address.url}"
-        )
-    try:
-        tls.check()
-    except ValueError as exc:
-        raise BrokerUrlError(str(exc)) from None
-
-
-def is_login_refusal(reason: str) -> bool:
-    """Whether a CONNACK reason means the credentials were refused (not a passing failure)."""
-    text = reason.lower()
-    return "not authori" in text or "bad user name or password" in text
-
-
-def describe_refusal(reason: str) -> str:
-    """Say why the broker refused a CONNECT, in the words a user searches for."""
-    if is_login_refusal(reason):
-        return f"not authorized: the broker refused the login ({reason})"
-    return f"broker refused the connection: {reason}"
-
-
-def describe_tls_error(text: str) -> str:
-    """Say which side of a TLS handshake failed: the broker refusing this client's certificate
-    is reported as "not authorized"; anything else as a TLS handshake failure."""
-    lowered = text.lower()
-    client_side = ("certificate required", "unknown ca", "bad certificate", "certificate unknown")
-    if any(marker in lowered for marker in client_side):
-        return f"not authorized: the broker refused the client certificate (TLS: {text})"
-    return f"TLS handshake failed: {text}"
