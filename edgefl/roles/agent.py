@@ -482,15 +482,13 @@ class Agent:
     # -- personal head persistence --
 
     def _personal_path(self) -> Path | None:
-        if self.config.state_dir is None:
-            return None
-        return self.config.state_dir / f"personal-{self.config.task}.safetensors"
+        state = self.config.state_dir
+        return None if state is None else state / f"personal-{self.config.task}.safetensors"
 
     def _save_personal(self) -> None:
         path = self._personal_path()
-        if path is None or self._personal is None:
-            return
-        write_atomic(path, encode_head(self._personal))
+        if path is not None and self._personal is not None:
+            write_atomic(path, encode_head(self._personal))
 
     def _load_personal(self) -> None:
         path = self._personal_path()
