@@ -19,6 +19,9 @@ demo: $(BIN)/.edgefl-installed
 lint: $(BIN)/.edgefl-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@# One concept per module: none in the package grows past 500 lines.
+	@find edgefl -name '*.py' -exec wc -l {} + | awk '$$2 != "total" && $$1 > 500 \
+		{ print "over 500 lines: " $$2 " (" $$1 ")"; bad = 1 } END { exit bad }'
 
 typecheck: $(BIN)/.edgefl-installed
 	$(BIN)/mypy
