@@ -3,6 +3,9 @@ the one-line error when ssh cannot reach the board."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -17,13 +20,47 @@ from edgefl import signing
 from edgefl.cli import main
 from edgefl.delivery import flash
 from edgefl.delivery.install_script import render_install_script
-from edgefl.errors import DeliveryError
+from edgefl.errors import BrokerUrlError, DeliveryError, ProfileError
 from edgefl.profiles import available_profiles, load_profile
+from edgefl.transport.tls import TlsSettings
+
+TLS_ARGS = (
+    "--cafile /etc/edgefl/tls/ca.crt --cert /etc/edgefl/tls/device.crt"
+    " --key /etc/edgefl/tls/device.key"
+)
 
 
 @pytest.fixture
 def public_key(tmp_path: Path) -> Path:
     return signing.init_keys(tmp_path / "keys").public
+
+
+@pytest.fixture
+def board_tls(tmp_path: Path) -> TlsSettings:
+    """A board's CA, certificate and key files (flash copies them as they are)."""
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    for name in ("ca.crt", "pi-01.crt", "pi-01.key"):
+        (folder / name).write_text(f"-----BEGIN {name}-----\n")
+    return TlsSettings(str(folder / "ca.crt"), str(folder / "pi-01.crt"), str(folder / "pi-01.key"))
+
+
+def agent_argv(unit: str, env: str) -> list[str]:
+    """The agent's command line as systemd builds it from ExecStart and the EnvironmentFile:
+    `${VAR}` is one word (even when empty), `$VAR` is split on spaces (no word when empty)."""
+    values = dict(
+        line.split("=", 1) for line in env.splitlines() if "=" in line and not line.startswith("#")
+    )
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv: list[str] = []
+    for word in exec_start.removeprefix("ExecStart=").split():
+        if word.startswith("${"):
+            argv.append(values.get(word[2:-1], ""))
+        elif word.startswith("$"):
+            argv += values.get(word[1:], "").split()
+        else:
+            argv.append(word)
+    return argv
 
 
 def test_shipped_profiles_prefer_their_artifacts() -> None:
@@ -163,6 +200,12 @@ def test_cli_offline_tarball(tmp_path: Path, public_key: Path) -> None:
         assert line in env.splitlines()
     assert (root / "signing.pub").read_bytes() == public_key.read_bytes()
     assert "sudo ./install.sh" in (root / "INSTALL.md").read_text()
+    # Without TLS options: no TLS file, and the agent gets no TLS flag and no empty argument.
+    assert not {"ca.crt", "device.crt", "device.key"} & {Path(n).name for n in names}
+    assert "EDGEFL_TLS_ARGS=" in env.splitlines()
+    argv = agent_argv((root / "edgefl-agent.service").read_text(), env)
+    assert "" not in argv and not {"--cafile", "--cert", "--key"} & set(argv)
+    assert argv[-2:] == ["--group", "kitchen"]
     if shutil.which("systemd-analyze"):
         # The unit names /opt/edgefl/venv/bin/edgefl, which exists only on a board.
         unit = (root / "edgefl-agent.service").read_text()
@@ -218,3 +261,133 @@ def test_a_profile_key_typo_is_an_error_naming_the_key_and_file(tmp_path: Path) 
     (board / "profile.toml").write_text(shipped.read_text().replace("threads =", "thread ="))
     with pytest.raises(DeliveryError, match=r"my-board/profile.toml: unknown key 'thread'"):
         load_profile(board)
+
+
+def test_cli_tarball_ships_the_board_tls_files_and_the_agent_uses_them(
+    tmp_path: Path, public_key: Path, board_tls: TlsSettings
+) -> None:
+    out = tmp_path / "agent.tar.gz"
+    result = CliRunner().invoke(
+        main,
+        ["flash", "--profile", "raspberry-pi", "--output", str(out), "--trust-key",
+         str(public_key), "--broker", "mqtts://broker.lan:8883", "--device-id", "pi-01",
+         "--group", "kitchen", "--no-wheel", "--cafile", str(board_tls.cafile),
+         "--cert", str(board_tls.certfile), "--key", str(board_tls.keyfile)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with tarfile.open(out) as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers()}
+        tar.extractall(tmp_path / "x", filter="data")
+    root = tmp_path / "x" / "edgefl-agent"
+    for name, source, mode in (("ca.crt", board_tls.cafile, 0o644),
+                               ("device.crt", board_tls.certfile, 0o644),
+                               ("device.key", board_tls.keyfile, 0o600)):  # fmt: skip
+        assert members[name].mode == mode, name
+        assert (root / name).read_bytes() == Path(str(source)).read_bytes()
+    env = (root / "agent.env").read_text()
+    assert f"EDGEFL_TLS_ARGS={TLS_ARGS}" in env.splitlines()
+    argv = agent_argv((root / "edgefl-agent.service").read_text(), env)
+    assert argv[0] == "/opt/edgefl/venv/bin/edgefl" and argv[1] == "agent"
+    assert argv[argv.index("--broker") + 1] == "mqtts://broker.lan:8883"
+    assert argv[-8:] == ["--group", "kitchen", *TLS_ARGS.split()]
+    # The agent takes those flags.
+    agent_flags = {opt for param in main.commands["agent"].params for opt in param.opts}
+    assert {"--cafile", "--cert", "--key"} <= agent_flags
+    guide = (root / "INSTALL.md").read_text()
+    assert "/etc/edgefl/tls/" in guide and "ca.crt, device.crt, device.key" in guide
+
+
+@pytest.mark.parametrize("board", ["raspberry-pi", "jetson"])
+def test_install_sh_puts_the_tls_files_in_place(
+    board: str, tmp_path: Path, public_key: Path, board_tls: TlsSettings
+) -> None:
+    user = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        grp.getgrnam(user)
+    except KeyError:
+        pytest.skip(f"no group named {user}: install.sh gives the key to user and group edgefl")
+    settings = flash.BoardSettings("mqtts://b:8883", "lab", "pi-01", tls=board_tls)
+    files = flash.build_install_files(load_profile(board), settings, public_key)
+    script = files["install.sh"].data.decode()
+    # Run install.sh's TLS step alone: from its comment up to the unit's installation.
+    start = script.index("# TLS files for an mqtts:// broker")
+    step = script[start : script.index('install -m 0644 "$HERE/edgefl-agent.service"')]
+
+    def run_step(names: list[str]) -> Path:
+        here, config = tmp_path / f"here-{len(names)}", tmp_path / f"etc-{len(names)}"
+        here.mkdir()
+        for name in names:
+            (here / name).write_bytes(files[name].data)
+        prelude = f"set -euo pipefail\nHERE={here}\nCONFIG_DIR={config}\nSERVICE_USER={user}\n"
+        done = subprocess.run(["bash", "-c", prelude + step], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return config / "tls"
+
+    tls_dir = run_step(["ca.crt", "device.crt", "device.key"])
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tls_dir.iterdir()}
+    assert modes == {"ca.crt": 0o644, "device.crt": 0o644, "device.key": 0o600}
+    assert (tls_dir / "device.key").stat().st_uid == os.getuid()
+    assert (tls_dir / "device.key").read_bytes() == Path(str(board_tls.keyfile)).read_bytes()
+    assert [p.name for p in run_step(["ca.crt"]).iterdir()] == ["ca.crt"]
+    assert not run_step([]).exists()
+
+
+def test_flash_over_ssh_copies_the_tls_files_with_their_modes(
+    public_key: Path, board_tls: TlsSettings
+) -> None:
+    settings = flash.BoardSettings("mqtts://b:8883", "lab", "pi-7", tls=board_tls)
+    files = flash.build_install_files(load_profile("raspberry-pi"), settings, public_key)
+    copied: dict[str, int] = {}
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        if command[0] == "scp":
+            sources = [Path(word) for word in command if word.startswith("/")]
+            copied.update({p.name: p.stat().st_mode & 0o777 for p in sources})
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    flash.flash_over_ssh("pi@b", files, run=run)
+    assert {k: copied[k] for k in ("ca.crt", "device.crt", "device.key", "agent.env")} == {
+        "ca.crt": 0o644, "device.crt": 0o644, "device.key": 0o600, "agent.env": 0o644,
+    }  # fmt: skip
+
+
+def test_cli_flash_refuses_unusable_tls_options(tmp_path: Path, board_tls: TlsSettings) -> None:
+    out = tmp_path / "a.tgz"
+    base = ["flash", "--profile", "raspberry-pi", "--output", str(out), "--no-wheel"]
+    runner = CliRunner()
+    key_alone = runner.invoke(
+        main, [*base, "--broker", "mqtts://b:8883", "--key", str(board_tls.keyfile)]
+    )
+    assert key_alone.exit_code == 2, key_alone.output
+    assert "--cert and its key must be given together" in key_alone.output
+    plain = runner.invoke(main, [*base, "--broker", "mqtt://b:1883", "--cafile", board_tls.cafile])
+    assert plain.exit_code == 2, plain.output
+    assert "need an mqtts:// broker URL, not mqtt://b:1883" in plain.output
+    assert not out.exists()
+
+
+def test_build_install_files_refuses_tls_it_cannot_honour(
+    tmp_path: Path, public_key: Path, board_tls: TlsSettings
+) -> None:
+    profile = load_profile("raspberry-pi")
+    plain = flash.BoardSettings("mqtt://b:1883", "lab", "pi-1", tls=board_tls)
+    with pytest.raises(BrokerUrlError, match="need an mqtts:// broker URL"):
+        flash.build_install_files(profile, plain, public_key)
+    cert_only = TlsSettings(certfile=board_tls.certfile)
+    with pytest.raises(BrokerUrlError, match="`keyfile` must be given with"):
+        flash.build_install_files(
+            profile, flash.BoardSettings("mqtts://b", "lab", "pi-1", tls=cert_only), public_key
+        )
+    # A profile of the user's own whose unit ignores EDGEFL_TLS_ARGS would drop the files silently.
+    board = tmp_path / "old-board"
+    board.mkdir()
+    (board / "profile.toml").write_text('name = "old-board"\n')
+    (board / "agent.env").write_bytes(profile.file("agent.env").read_bytes())
+    unit = profile.file("edgefl-agent.service").read_text()
+    (board / "edgefl-agent.service").write_text(unit.replace(" $EDGEFL_TLS_ARGS", ""))
+    tls = flash.BoardSettings("mqtts://b", "lab", "pi-1", tls=board_tls)
+    with pytest.raises(ProfileError, match=r"does not pass \$EDGEFL_TLS_ARGS"):
+        flash.build_install_files(load_profile(board), tls, public_key)
+    bare = flash.BoardSettings("mqtt://b", "lab", "pi-1")
+    files = flash.build_install_files(load_profile(board), bare, public_key)
+    assert "ca.crt" not in files  # without TLS that profile works as before

@@ -60,6 +60,19 @@ fi
 if [ -f "$HERE/signing.pub" ]; then
     install -m 0644 "$HERE/signing.pub" "$CONFIG_DIR/signing.pub"
 fi
+# TLS files for an mqtts:// broker (edgefl flash --cafile/--cert/--key); agent.env's
+# EDGEFL_TLS_ARGS names them. The agent runs as $SERVICE_USER: the key is that user's, 0600.
+if [ -f "$HERE/ca.crt" ] || [ -f "$HERE/device.crt" ]; then
+    install -d -m 0755 "$CONFIG_DIR/tls"
+fi
+if [ -f "$HERE/ca.crt" ]; then
+    install -m 0644 "$HERE/ca.crt" "$CONFIG_DIR/tls/ca.crt"
+fi
+if [ -f "$HERE/device.crt" ]; then
+    install -m 0644 "$HERE/device.crt" "$CONFIG_DIR/tls/device.crt"
+    install -m 0600 -o "$SERVICE_USER" -g "$SERVICE_USER" "$HERE/device.key" \
+        "$CONFIG_DIR/tls/device.key"
+fi
 
 install -m 0644 "$HERE/edgefl-agent.service" /etc/systemd/system/edgefl-agent.service
 systemctl daemon-reload

@@ -203,6 +203,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
 @click.option("--port", type=int, default=None, help="ssh port.")
 @click.option("--identity", type=click.Path(path_type=Path), default=None, help="ssh key file.")
 @click.option("--no-wheel", is_flag=True, help="Install edgefl from the index, not a built wheel.")
+@tls_options()
 @user_errors
 def flash(
     profile_name: str,
@@ -216,23 +217,30 @@ def flash(
     port: int | None,
     identity: Path | None,
     no_wheel: bool,
+    **tls_files: str | None,
 ) -> None:
-    """Install the agent on a board over ssh, or write the same as an offline tarball."""
+    """Install the agent on a board over ssh, or write the same as an offline tarball.
+
+    --cafile, --cert and --key (the board's, from `edgefl certs issue ID --role device`) are
+    installed in /etc/edgefl/tls/ and the agent connects with them (mqtts:// brokers only).
+    """
     import tempfile
 
     from edgefl import signing
     from edgefl.delivery import flash as flashing
     from edgefl.profiles import load_profile
     from edgefl.transport.broker import parse_broker_url
+    from edgefl.transport.tls import check_tls
 
     if (host is None) == (output is None):
         raise click.UsageError("give either --host USER@HOST or --output FILE.tar.gz")
-    parse_broker_url(broker_url)
+    tls = tls_settings(tls_files)
+    check_tls(parse_broker_url(broker_url), tls)  # before the slow wheel build
     profile = load_profile(profile_name)
     if device_id is None:
         device_id = flashing.default_device_id(profile, host)
     key = trust_key or signing.DEFAULT_KEY_DIR / signing.PUBLIC_KEY_FILE
-    settings = flashing.BoardSettings(broker_url, fleet, device_id, group)
+    settings = flashing.BoardSettings(broker_url, fleet, device_id, group, tls)
     with tempfile.TemporaryDirectory(prefix="edgefl-wheel-") as tmp:
         wheel = None if no_wheel else flashing.build_wheel(Path(tmp))
         files = flashing.build_install_files(profile, settings, key, wheel)

@@ -14,7 +14,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefl.atomic import replacing
@@ -22,12 +22,23 @@ from edgefl.delivery.install_script import INSTALL_SCRIPT, install_script
 from edgefl.errors import DeliveryError, InputError, KeyFileError, ProfileError
 from edgefl.profiles import DeviceProfile
 from edgefl.transport import topics
+from edgefl.transport.broker import parse_broker_url
+from edgefl.transport.tls import TlsSettings, check_tls
 
 UNIT_FILE = "edgefl-agent.service"
 ENV_FILE = "agent.env"
 PUBLIC_KEY_NAME = "signing.pub"
 REMOTE_DIR = "edgefl-install"
 TARBALL_ROOT = "edgefl-agent"
+# Where install.sh puts a board's TLS files; agent.env points the agent at them.
+BOARD_TLS_DIR = "/etc/edgefl/tls"
+# TlsSettings attribute -> (name in the bundle and under BOARD_TLS_DIR, mode, the agent's flag).
+TLS_FILES = {
+    "cafile": ("ca.crt", 0o644, "--cafile"),
+    "certfile": ("device.crt", 0o644, "--cert"),
+    "keyfile": ("device.key", 0o600, "--key"),
+}
+TLS_ARGS_KEY = "EDGEFL_TLS_ARGS"
 _SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 
 
@@ -41,12 +52,14 @@ class InstallFile:
 
 @dataclass(frozen=True)
 class BoardSettings:
-    """What goes into agent.env for one board."""
+    """What goes into agent.env for one board, and the TLS files it gets (`tls`: files on this
+    machine, shipped to the board; none given: the agent uses the system CAs, no certificate)."""
 
     broker: str
     fleet: str
     device_id: str
     group: str = ""
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
 
 def render_agent_env(template: str, values: Mapping[str, str]) -> str:
@@ -80,10 +93,33 @@ def _env_values(profile: DeviceProfile, settings: BoardSettings) -> dict[str, st
     }
     if settings.group:
         values["EDGEFL_AGENT_ARGS"] = f"--group {settings.group}"
+    values[TLS_ARGS_KEY] = tls_agent_args(settings.tls)
     for key, value in values.items():
-        if any(ch.isspace() for ch in value) and key != "EDGEFL_AGENT_ARGS":
+        if any(ch.isspace() for ch in value) and key not in ("EDGEFL_AGENT_ARGS", TLS_ARGS_KEY):
             raise DeliveryError(f"{key} must not contain spaces: {value!r}")
     return values
+
+
+def tls_agent_args(tls: TlsSettings) -> str:
+    """Return the agent's TLS flags for agent.env, pointing at the files install.sh puts in
+    BOARD_TLS_DIR ("" when no file is given: the unit then adds no flag)."""
+    words = []
+    for attribute, (name, _, flag) in TLS_FILES.items():
+        if getattr(tls, attribute):
+            words += [flag, f"{BOARD_TLS_DIR}/{name}"]
+    return " ".join(words)
+
+
+def _tls_files(tls: TlsSettings) -> dict[str, InstallFile]:
+    files = {}
+    for attribute, (name, mode, _) in TLS_FILES.items():
+        path = getattr(tls, attribute)
+        if path:
+            try:
+                files[name] = InstallFile(Path(path).expanduser().read_bytes(), mode)
+            except OSError as exc:
+                raise InputError(f"`{attribute}` {path}: {exc.strerror or exc}") from None
+    return files
 
 
 def default_device_id(profile: DeviceProfile, host: str | None) -> str:
@@ -125,6 +161,14 @@ def install_guide(profile: DeviceProfile, settings: BoardSettings, wheel: str | 
             "\n## Or as a container\n\nThe `Dockerfile` here builds the agent on the board's L4T "
             "base image; its header says how to build and run it.\n"
         )
+    tls_text, operator = "", ""
+    if settings.tls.given:
+        names = [name for a, (name, _, _) in TLS_FILES.items() if getattr(settings.tls, a)]
+        tls_text = (
+            f"puts the TLS files {', '.join(names)} in {BOARD_TLS_DIR}/ (the key 0600, readable\n"
+            "by the agent's user only; `EDGEFL_TLS_ARGS` in agent.env points the agent at them),\n"
+        )
+        operator = " with an operator certificate (`--cafile`, `--cert`, `--key`)"
     return f"""# edgefl agent for {profile.description or profile.name}
 
 Device `{settings.device_id}` of fleet `{settings.fleet}`, broker `{settings.broker}`.
@@ -140,16 +184,17 @@ sudo ./install.sh
 
 `install.sh` creates a virtual environment in /opt/edgefl/venv, installs {package}
 with the board's runtime (no torch), writes /etc/edgefl/agent.env and /etc/edgefl/signing.pub,
-and enables the `edgefl-agent` systemd service, which restarts the agent after crashes and reboots.
+{tls_text}and enables the `edgefl-agent` systemd service, which restarts the agent after crashes
+and reboots.
 
 ## Then
 
 - Put local labelled data in /var/lib/edgefl/data (one folder per label), or set `EDGEFL_DATA`
   in /etc/edgefl/agent.env, then `sudo systemctl restart edgefl-agent`.
 - Follow the agent: `journalctl -u edgefl-agent -f`.
-- From the host: `edgefl fleet --broker {settings.broker} --fleet {settings.fleet}` shows the
-  board once it is online; `edgefl deploy BUNDLE --broker ... --fleet {settings.fleet}` ships it a
-  model signed with the key whose public half is `signing.pub`.
+- From the host: `edgefl fleet --broker {settings.broker} --fleet {settings.fleet}`{operator} shows
+  the board once it is online; `edgefl deploy BUNDLE --broker ... --fleet {settings.fleet}` ships
+  it a model signed with the key whose public half is `signing.pub`.
 {docker}"""
 
 
@@ -164,7 +209,8 @@ def build_install_files(
     Args:
         profile: the board profile (its folder holds the unit and agent.env, and may hold its
             own install.sh; without one, install.sh is written from the template).
-        settings: broker, fleet, device ID and group for agent.env.
+        settings: broker, fleet, device ID and group for agent.env, and the TLS files to ship
+            (named ca.crt, device.crt and device.key in the bundle).
         trust_key: the public key the agent will trust.
         wheel: an edgefl wheel to ship (offline install); None installs from the index.
 
@@ -173,7 +219,10 @@ def build_install_files(
 
     Raises:
         DeliveryError: a profile file or the key is missing, or a setting is invalid.
+        BrokerUrlError: the broker URL is malformed, or TLS files are given with an mqtt:// URL
+            or without their pair.
     """
+    check_tls(parse_broker_url(settings.broker), settings.tls)
     files = {INSTALL_SCRIPT: InstallFile(install_script(profile), 0o755)}
     for name, mode in ((UNIT_FILE, 0o644), ("Dockerfile", 0o644)):
         path = profile.file(name)
@@ -181,6 +230,12 @@ def build_install_files(
             files[name] = InstallFile(path.read_bytes(), mode)
         elif name != "Dockerfile":
             raise ProfileError(f"profile {profile.name} has no {name} in {profile.directory}")
+    if settings.tls.given and f"${TLS_ARGS_KEY}" not in files[UNIT_FILE].data.decode():
+        raise ProfileError(
+            f"profile {profile.name}: its {UNIT_FILE} does not pass ${TLS_ARGS_KEY} to the agent,"
+            " so the board would ignore its TLS files"
+        )
+    files.update(_tls_files(settings.tls))
     env = render_agent_env(_env_template(profile), _env_values(profile, settings))
     files[ENV_FILE] = InstallFile(env.encode(), 0o644)
     try:
