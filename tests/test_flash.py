@@ -374,7 +374,7 @@ def test_build_install_files_refuses_tls_it_cannot_honour(
     with pytest.raises(BrokerUrlError, match="need an mqtts:// broker URL"):
         flash.build_install_files(profile, plain, public_key)
     cert_only = TlsSettings(certfile=board_tls.certfile)
-    with pytest.raises(BrokerUrlError, match="`keyfile` must be given with"):
+    with pytest.raises(BrokerUrlError, match="`keyfile` must be given with `certfile`"):
         flash.build_install_files(
             profile, flash.BoardSettings("mqtts://b", "lab", "pi-1", tls=cert_only), public_key
         )

@@ -33,7 +33,7 @@ class TlsSettings:
         without its key (or the reverse), or a file that does not exist."""
         if bool(self.certfile) != bool(self.keyfile):
             missing = "keyfile" if self.certfile else "certfile"
-            other = "certfile" if self.keyfile else "keyfile"
+            other = "certfile" if self.certfile else "keyfile"
             raise ValueError(f"`{missing}` must be given with `{other}`: they are a pair")
         for name in ("cafile", "certfile", "keyfile"):
             path = getattr(self, name)
