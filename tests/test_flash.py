@@ -347,7 +347,7 @@ def test_flash_over_ssh_copies_the_tls_files_with_their_modes(
 
     flash.flash_over_ssh("pi@b", files, run=run)
     assert {k: copied[k] for k in ("ca.crt", "device.crt", "device.key", "agent.env")} == {
-        "ca.crt": 0o644, "device.crt": 0o644, "device.key": 0o600, "agent.env": 0o644,
+        "ca.crt": 0o644, "device.crt": 0o644, "device.key": 0o600, "agent.env": 0o600,
     }  # fmt: skip
 
 
@@ -391,3 +391,58 @@ def test_build_install_files_refuses_tls_it_cannot_honour(
     bare = flash.BoardSettings("mqtt://b", "lab", "pi-1")
     files = flash.build_install_files(load_profile(board), bare, public_key)
     assert "ca.crt" not in files  # without TLS that profile works as before
+
+
+@pytest.mark.parametrize("board", ["raspberry-pi", "jetson"])
+def test_the_unit_runs_confined_as_its_own_user_and_writes_only_its_paths(board: str) -> None:
+    profile = load_profile(board)
+    unit = profile.file("edgefl-agent.service").read_text().splitlines()
+    for line in ("User=edgefl", "Group=edgefl", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "ProtectHome=yes", "PrivateTmp=yes", "UMask=0077"):  # fmt: skip
+        assert line in unit
+    (writable,) = [line for line in unit if line.startswith("ReadWritePaths=")]
+    env = dict(
+        line.split("=", 1)
+        for line in profile.file("agent.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    # What the agent writes (its state and installed models) and nothing more.
+    assert writable.removeprefix("ReadWritePaths=").split() == [
+        env["EDGEFL_STATE_DIR"], env["EDGEFL_MODELS_DIR"],
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("board", ["raspberry-pi", "jetson"])
+def test_install_sh_keeps_agent_env_and_the_agent_state_private(
+    board: str, tmp_path: Path, public_key: Path
+) -> None:
+    user = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        grp.getgrnam(user)
+    except KeyError:
+        pytest.skip(f"no group named {user}: install.sh gives the state to user and group edgefl")
+    settings = flash.BoardSettings("mqtt://user:secret@b:1883", "lab", "pi-01")
+    files = flash.build_install_files(load_profile(board), settings, public_key)
+    assert files["agent.env"].mode == 0o600
+    script = files["install.sh"].data.decode()
+    # install.sh's directory step and its agent.env step, run alone under tmp_path.
+    dirs = script[script.index("# The agent's state") : script.index('"$PYTHON" -m venv')]
+    env_step = script[script.index('if [ -f "$HERE/agent.env" ]') : script.index("# TLS files")]
+    here, config, state = tmp_path / "here", tmp_path / "etc", tmp_path / "var"
+    here.mkdir()
+    (here / "agent.env").write_bytes(files["agent.env"].data)
+    config.mkdir()
+    (config / "agent.env").write_text("EDGEFL_BROKER=mqtt://old\n")  # an older install's, 0644
+    (config / "agent.env").chmod(0o644)
+    state.mkdir(mode=0o755)
+    prelude = (
+        f"set -euo pipefail\nHERE={here}\nCONFIG_DIR={config}\nSTATE_DIR={state}\n"
+        f"PREFIX={tmp_path / 'opt'}\nSERVICE_USER={user}\n"
+    )
+    done = subprocess.run(["bash", "-c", prelude + dirs + env_step], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in config.iterdir()}
+    assert modes == {"agent.env": 0o600, "agent.env.bak": 0o600}
+    assert "user:secret" in (config / "agent.env").read_text()
+    for path in (state, state / "state", state / "models", state / "data"):
+        assert path.stat().st_mode & 0o777 == 0o700, path

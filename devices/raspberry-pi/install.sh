@@ -28,8 +28,12 @@ fi
 if ! id "$SERVICE_USER" >/dev/null 2>&1; then
     useradd --system --home-dir "$STATE_DIR" --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
-install -d -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$STATE_DIR/models" "$STATE_DIR/data"
-install -d "$CONFIG_DIR" "$PREFIX"
+# The agent's state, models and data are its user's alone (0700); re-running tightens an older
+# install's modes too. The unit's UMask=0077 keeps what the agent writes there 0600.
+install -d -m 0700 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$STATE_DIR/state" \
+    "$STATE_DIR/models" "$STATE_DIR/data"
+chmod 0700 "$STATE_DIR" "$STATE_DIR/state" "$STATE_DIR/models" "$STATE_DIR/data"
+install -d -m 0755 "$CONFIG_DIR" "$PREFIX"
 
 "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
@@ -50,7 +54,11 @@ if [ -f "$HERE/agent.env" ]; then
     if [ -f "$CONFIG_DIR/agent.env" ] && ! cmp -s "$HERE/agent.env" "$CONFIG_DIR/agent.env"; then
         cp "$CONFIG_DIR/agent.env" "$CONFIG_DIR/agent.env.bak"
     fi
-    install -m 0644 "$HERE/agent.env" "$CONFIG_DIR/agent.env"
+    # It may hold broker credentials: root's alone (systemd reads it as root).
+    install -m 0600 "$HERE/agent.env" "$CONFIG_DIR/agent.env"
+fi
+if [ -f "$CONFIG_DIR/agent.env.bak" ]; then
+    chmod 0600 "$CONFIG_DIR/agent.env.bak"
 fi
 if [ -f "$HERE/signing.pub" ]; then
     install -m 0644 "$HERE/signing.pub" "$CONFIG_DIR/signing.pub"

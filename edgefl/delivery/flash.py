@@ -237,7 +237,8 @@ def build_install_files(
         )
     files.update(_tls_files(settings.tls))
     env = render_agent_env(_env_template(profile), _env_values(profile, settings))
-    files[ENV_FILE] = InstallFile(env.encode(), 0o644)
+    # agent.env may hold broker credentials (a password in the URL): root's alone.
+    files[ENV_FILE] = InstallFile(env.encode(), 0o600)
     try:
         files[PUBLIC_KEY_NAME] = InstallFile(Path(trust_key).expanduser().read_bytes(), 0o644)
     except OSError:
