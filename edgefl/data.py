@@ -80,10 +80,24 @@ def load_dataset(source: str | Path, preprocess: Preprocess | None = None) -> Da
     if not path.exists():
         raise DataError(f"data source {source} not found (expected 'digits', a .npz or a folder)")
     if path.is_dir():
-        return _load_image_folder(path, preprocess or DEFAULT_IMAGE_PREPROCESS)
+        return check_finite(_load_image_folder(path, preprocess or DEFAULT_IMAGE_PREPROCESS), path)
     if path.suffix == ".npz":
-        return _load_npz(path, preprocess)
+        return check_finite(_load_npz(path, preprocess), path)
     raise DataError(f"data source {source} is neither a .npz file nor an image folder")
+
+
+def check_finite(dataset: Dataset, source: str | Path) -> Dataset:
+    """Return `dataset`, or raise DataError naming how many samples hold NaN/Inf and the first.
+
+    NaN inputs give NaN outputs, which no comparison catches (`NaN > tol` is False).
+    """
+    bad = ~np.isfinite(dataset.X.reshape(len(dataset), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{source}: {int(bad.sum())} of {len(dataset)} samples hold NaN or Inf values "
+            f"(first: sample {int(np.flatnonzero(bad)[0])}); clean or drop them"
+        )
+    return dataset
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -175,6 +176,24 @@ def test_every_bad_input_is_one_line_nonzero_and_leaves_no_bundle(
         assert re.search(message, errors[0]), (message, errors[0])
         assert not out.exists(), args
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], args
+
+
+def test_nan_in_the_data_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    X = np.random.default_rng(0).uniform(0, 1, (40, 64)).astype(np.float32)
+    X[[5, 9, 30], 3] = np.nan
+    data = tmp_path / "nan.npz"
+    np.savez(data, X=X, y=np.arange(40) % 10)
+    out = tmp_path / "b"
+    result = run(
+        "compress", "--model", "digits-mlp", "--recipe", "generic", "--data", str(data),
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data}: 3 of 40 samples hold NaN or Inf values (first: sample 5); "
+        "clean or drop them"
+    ]
+    assert not out.exists()
 
 
 def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:

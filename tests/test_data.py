@@ -71,6 +71,20 @@ def test_npz_loads_and_reports_missing_arrays(tmp_path: Path) -> None:
         load_dataset(tmp_path / "missing.npz")
 
 
+def test_nan_or_inf_samples_are_refused_with_the_count_and_first_index(tmp_path: Path) -> None:
+    X = np.ones((6, 2, 2), np.float32)
+    X[2, 1, 0] = np.nan
+    X[4, 0, 1] = np.inf
+    X[5, 0, 0] = -np.inf
+    path = tmp_path / "bad-values.npz"
+    np.savez(path, X=X, y=np.array([0, 1, 0, 1, 0, 1]))
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    assert str(info.value) == (
+        f"{path}: 3 of 6 samples hold NaN or Inf values (first: sample 2); clean or drop them"
+    )
+
+
 def test_image_folder_is_preprocessed_as_the_manifest_says(tmp_path: Path) -> None:
     for label, value in (("cat", 255), ("dog", 0)):
         (tmp_path / label).mkdir()

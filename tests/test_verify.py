@@ -110,6 +110,20 @@ def test_low_top1_agreement_fails_even_within_tolerance(backbone: dict) -> None:
         )
 
 
+def test_nan_inputs_fail_verification_naming_the_samples(backbone: dict) -> None:
+    # NaN inputs give NaN features on both sides: every error is NaN, and `NaN > tol` is False.
+    inputs = backbone["inputs"].copy()
+    inputs[[3, 7]] = np.nan
+    reference = backbone["reference"].copy()
+    reference[[3, 7]] = np.nan
+    with pytest.raises(VerificationError) as info:
+        verify_artifact(backbone["fp32"], reference, inputs, tolerance=0.1)
+    message = str(info.value)
+    assert "PyTorch's features hold NaN or Inf on 2 samples (first: sample 3)" in message
+    assert "its features hold NaN or Inf on 2 samples (first: sample 3)" in message
+    assert "relative max error nan > tolerance 0.1" in message
+
+
 def test_reference_rows_must_match_inputs(backbone: dict) -> None:
     with pytest.raises(VerificationError, match=r"16 inputs but 3 reference rows"):
         verify_artifact(backbone["fp32"], backbone["reference"][:3], backbone["inputs"], 0.1)

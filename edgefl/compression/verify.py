@@ -122,12 +122,13 @@ def verify_artifact(
             head_forward(layers, weights, features),
             logits=True,
         ).top1_agreement
-    problems = []
-    if agreement.relative_max_error > tolerance:
+    problems = _non_finite(reference, "PyTorch's features") + _non_finite(features, "its features")
+    # Written as `not <=` so that a NaN error, which compares False to everything, fails too.
+    if not agreement.relative_max_error <= tolerance:
         problems.append(
             f"relative max error {agreement.relative_max_error:.3g} > tolerance {tolerance:g}"
         )
-    if agreement.top1_agreement is not None and agreement.top1_agreement < min_top1:
+    if agreement.top1_agreement is not None and not agreement.top1_agreement >= min_top1:
         problems.append(f"top-1 agreement {agreement.top1_agreement:.3f} < {min_top1:g}")
     if problems:
         raise VerificationError(
@@ -135,3 +136,12 @@ def verify_artifact(
             + ", ".join(problems)
         )
     return agreement
+
+
+def _non_finite(values: np.ndarray, what: str) -> list[str]:
+    """Name the rows of `values` holding NaN or Inf (an empty list when there are none)."""
+    rows = ~np.isfinite(np.asarray(values, dtype=np.float64).reshape(len(values), -1)).all(axis=1)
+    if not rows.any():
+        return []
+    first = int(np.flatnonzero(rows)[0])
+    return [f"{what} hold NaN or Inf on {int(rows.sum())} samples (first: sample {first})"]
