@@ -105,6 +105,10 @@ class AccuracyDropError(EdgeflError):
     """Compression lost more accuracy than the recipe's max_accuracy_drop, even after back-off."""
 
 
+class ChanceAccuracyError(EdgeflError):
+    """A compression stage scored no better than guessing, and the user did not allow it."""
+
+
 class FederationError(EdgeflError):
     """A federation cannot proceed: too few devices online, a stored state that does not fit."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -126,6 +127,7 @@ def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
     (existing / "keep.txt").write_text("mine")
     base = ["--recipe", "generic", "--data", "digits"]
     digits_cnn = ["--model", "digits-cnn", "--data", "digits"]
+    allow_chance = ["--data", "digits", "--allow-chance"]
     return [
         (
             ["--model", "digits-cnn", "--weights", str(tmp_path / "none.pt"), *base],
@@ -152,7 +154,8 @@ def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
         ([*digits_cnn, "--recipe", str(bad_recipe)], "unknown key 'prune_ratio'"),
         ([*digits_cnn, "--finetune", "some", "--recipe", "generic"], "--finetune takes 'all' or a"),
         (
-            ["--model", f"{factories}:bessel", "--recipe", str(tflite), "--data", "digits"],
+            # An untrained model, at chance: allowed, so the export is what fails.
+            ["--model", f"{factories}:bessel", "--recipe", str(tflite), *allow_chance],
             "cannot lower operator aten.special_bessel_j0.*ONNX path",
         ),
     ]
@@ -196,6 +199,64 @@ def test_nan_in_the_data_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+ONNX_FP32 = """
+description = "fp32 ONNX only"
+[[artifacts]]
+format = "onnx"
+precision = "fp32"
+"""
+
+
+def test_a_random_builtin_says_so(tmp_path: Path) -> None:
+    recipe = tmp_path / "fp32.toml"
+    recipe.write_text(ONNX_FP32)
+    photos = color_photos(tmp_path / "photos", per_class=2)
+    args = ["compress", "--model", "mobilenet-v2", "--num-classes", "3", "--recipe", str(recipe)]
+    args += ["--data", str(photos), "--resize", "32", "--out", str(tmp_path / "b"), "--dry-run"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: mobilenet-v2 is randomly initialised (no --weights): its features are random, "
+        "so expect chance accuracy; give --weights, or --finetune to train it here"
+    ) in result.stderr.splitlines()
+    assert "randomly initialised" not in run(*args, "--finetune", "all").stderr
+
+
+def test_a_bundle_at_chance_accuracy_needs_allow_chance(tmp_path: Path) -> None:
+    # Digits with shuffled labels: the pretrained model cannot beat guessing on them.
+    digits = np.load(_digits_npz(tmp_path))
+    data = tmp_path / "shuffled.npz"
+    np.savez(data, X=digits["X"], y=np.random.default_rng(0).permutation(digits["y"]))
+    recipe = tmp_path / "fp32.toml"
+    recipe.write_text(ONNX_FP32)
+    out = tmp_path / "b"
+    args = ["compress", "--model", "digits-mlp", "--recipe", str(recipe), "--data", str(data)]
+    refused = run(*args, "--out", str(out))
+    assert refused.exit_code == 1, refused.output
+    assert re.search(r"original\s+torch.*\d!", refused.stdout), refused.stdout
+    assert "! at chance accuracy (<= 13.5%): no better than guessing" in refused.stdout
+    assert refused.stderr.strip().splitlines() == [
+        "error: original at chance accuracy (<= 13.5% on 10 classes): the model has not learnt "
+        "these classes; no bundle written (--allow-chance writes it anyway)"
+    ]
+    assert not out.exists()
+
+    allowed = run(*args, "--out", str(out), "--allow-chance")
+    assert allowed.exit_code == 0, allowed.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["chance_accuracy"] == pytest.approx(0.135, abs=0.001)
+    assert [s["at_chance"] for s in report["stages"]] == [True, True]
+
+
+def _digits_npz(tmp_path: Path) -> Path:
+    from edgefl.data import load_digits
+
+    digits = load_digits()
+    path = tmp_path / "digits.npz"
+    np.savez(path, X=digits.X.reshape(len(digits), -1), y=digits.y)
+    return path
+
+
 def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
     out = tmp_path / "existing"
     out.mkdir()
@@ -237,7 +298,8 @@ def test_preprocessing_flags_are_recorded_and_shown_by_a_dry_run(tmp_path: Path)
         "/ std [0.229, 0.224, 0.225]"
     ) in resnet.output
     assert not out.exists()
-    result = run(*base, *flags)
+    # Nine photos train no head beyond guessing; this test is about the preprocessing.
+    result = run(*base, *flags, "--allow-chance")
     assert result.exit_code == 0, result.output
     bundle = load_bundle(out)
     recorded = bundle.manifest.input.preprocess

@@ -101,8 +101,20 @@ def test_imagenet_builtins_have_the_standard_sizes(name: str, params: int, head:
     loaded = resolve_model(name)
     assert sum(p.numel() for p in loaded.module.parameters()) == params
     assert loaded.input_shape == [3, 224, 224] and loaded.head == head
+    # No weights shipped: compress warns that this model is random (tests/test_cli_compress.py).
+    assert loaded.random_init
     split = split_model(loaded.module, None, torch.zeros(1, 3, 64, 64))
     assert split.head_layers()[-1] == {"kind": "linear", "in": split.feature_size, "out": 1000}
+
+
+def test_only_builtins_without_weights_or_pretraining_are_random(
+    factory_module: str, tmp_path: Path
+) -> None:
+    assert not resolve_model("digits-mlp").random_init  # pretrained on first use
+    assert not resolve_model(f"{factory_module}:make").random_init  # the user's own model
+    digits_cnn = resolve_model("digits-cnn")
+    save_file(digits_cnn.module.state_dict(), tmp_path / "cnn.safetensors")
+    assert not resolve_model("digits-cnn", tmp_path / "cnn.safetensors").random_init
 
 
 def test_factory_with_safetensors_and_pt_weights(factory_module: str, tmp_path: Path) -> None:

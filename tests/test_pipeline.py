@@ -217,6 +217,8 @@ def test_photos_of_different_sizes_are_preprocessed_as_recorded_on_both_sides(
             out=out,
             num_classes=3,
             preprocess=overrides,
+            # A head trained on three photos a class may well guess; this test is about inputs.
+            allow_chance=True,
         )
     )
     bundle = load_bundle(out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgefl.cli.shell import user_errors
+from edgefl.cli.shell import user_errors, with_flags
 
 
 @click.command()
@@ -35,6 +35,8 @@ from edgefl.cli.shell import user_errors
 @click.option(
     "--dry-run", is_flag=True, help="Print what would be pruned and exported; write nothing."
 )
+@click.option("--allow-chance", is_flag=True, help="Write the bundle even when a stage scores "
+              "at chance accuracy (no better than guessing).")  # fmt: skip
 @user_errors
 def compress(
     model: str,
@@ -53,6 +55,7 @@ def compress(
     bundle_version: int | None,
     force: bool,
     dry_run: bool,
+    allow_chance: bool,
 ) -> None:
     """Prune, distill, quantize and export a model into a verified bundle."""
     from rich.console import Console
@@ -70,9 +73,11 @@ def compress(
     request = CompressRequest(
         model=model, recipe=recipe, data=data, out=out, weights=weights, head=head,
         num_classes=num_classes, finetune=finetune, force=force, dry_run=dry_run,
-        version=bundle_version, name=name, preprocess=overrides,
+        version=bundle_version, name=name, preprocess=overrides, allow_chance=allow_chance,
     )  # fmt: skip
-    run_compress(request, Console())
+    run_compress(
+        request, Console(), warn=lambda text: click.echo(f"warning: {with_flags(text)}", err=True)
+    )
 
 
 @click.command()

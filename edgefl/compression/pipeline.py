@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +36,7 @@ from edgefl.bundle import (
     ModelBundle,
     write_bundle,
 )
+from edgefl.compression.chance import chance_threshold, flag_chance, refuse_chance
 from edgefl.compression.distill import accuracy
 from edgefl.compression.preprocess import (
     PreprocessOverrides,
@@ -74,6 +75,7 @@ class CompressRequest:
     version: int | None = None
     name: str | None = None
     preprocess: PreprocessOverrides = field(default_factory=PreprocessOverrides)
+    allow_chance: bool = False
 
 
 @dataclass
@@ -91,12 +93,18 @@ class CompressResult:
     data: Dataset | None = None
 
 
-def compress(request: CompressRequest, console: Console | None = None) -> CompressResult:
+def compress(
+    request: CompressRequest,
+    console: Console | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> CompressResult:
     """Compress a model into a bundle as the recipe says (or only plan it, on a dry run).
 
     Args:
         request: model, weights, head, transfer settings, recipe, data, output and flags.
         console: where progress bars and tables go; None prints nothing.
+        warn: called with each warning as soon as it is known (they also land in the report);
+            None prints them on `console` as "warning: ...".
 
     Returns:
         The result; on a dry run nothing is written and `bundle` and `report` are None.
@@ -106,6 +114,7 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
         BundleError: `out` exists without `force`, or is not a bundle.
         ExportError, VerificationError: an artifact cannot be produced or disagrees.
         AccuracyDropError: the accuracy drop stays above `max_accuracy_drop` after back-off.
+        ChanceAccuracyError: a stage scores at chance level and `allow_chance` is not set.
     """
     started = time.perf_counter()
     recipe = load_recipe(request.recipe)
@@ -134,6 +143,18 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
     labels = _labels(split, loaded, dataset, request.num_classes)
     report = CompressionReport(loaded.name, recipe.name, len(train), len(test))
     report.seconds["load"] = round(time.perf_counter() - started, 2)
+    if loaded.random_init and finetune is None:
+        report.warnings.append(
+            f"{loaded.name} is randomly initialised (no `weights`): its features are random, "
+            "so expect chance accuracy; give `weights`, or `finetune` to train it here"
+        )
+    for warning in report.warnings:
+        if warn is not None:
+            warn(warning)
+        elif console is not None:
+            console.print(f"warning: {warning}", markup=False, highlight=False)
+    chance = chance_threshold(test.y, len(labels))
+    hint = " (its weights are random: give `weights`)" if loaded.random_init else ""
 
     if request.dry_run:
         plan = None
@@ -169,6 +190,8 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
             progress=progress,
         )
         report.stages.append(run.torch_stage("original", teacher))
+        # Checked before minutes of pruning and export: a model at chance stays there.
+        _check_chance(report, chance, len(labels), hint, request.allow_chance, console)
         tick = time.perf_counter()
         student, plan = run.prune_and_distill(teacher)
         report.seconds["prune+distill"] = round(time.perf_counter() - tick, 2)
@@ -178,6 +201,7 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
             files = run.export_all(student, Path(tmp))
             report.seconds["export+verify"] = round(time.perf_counter() - tick, 2)
             report.seconds["total"] = round(time.perf_counter() - started, 2)
+            _check_chance(report, chance, len(labels), hint, request.allow_chance, console)
             manifest = Manifest(
                 name=request.name or loaded.name,
                 version=_version(out, request),
@@ -208,6 +232,21 @@ def compress(request: CompressRequest, console: Console | None = None) -> Compre
         render_report(report, console)
         console.print(f"bundle written to {out} (version {manifest.version})")
     return CompressResult(bundle, plan, report, [a.file for a in recipe.artifacts], dataset)
+
+
+def _check_chance(
+    report: CompressionReport,
+    threshold: float,
+    num_classes: int,
+    hint: str,
+    allowed: bool,
+    console: Console | None,
+) -> None:
+    flagged = flag_chance(report, threshold)
+    if flagged and not allowed:
+        if console is not None:
+            render_report(report, console)
+        refuse_chance(flagged, threshold, num_classes, hint)
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -42,6 +42,7 @@ class StageReport:
     relative_error: float | None = None  # max_error over the features' max magnitude
     top1_agreement: float | None = None
     file: str | None = None
+    at_chance: bool = False  # accuracy no better than guessing (see compression.chance)
 
 
 @dataclass
@@ -66,6 +67,9 @@ class CompressionReport:
     backoff: list[BackoffAttempt] = field(default_factory=list)
     pruning: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # The accuracy at or below which a stage is flagged `at_chance`; None until checked.
+    chance_accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def stage(self, name: str) -> StageReport:
@@ -143,11 +147,16 @@ def render_report(report: CompressionReport, console: Console) -> None:
             _count(s.macs),
             _bytes(s.size_bytes),
             "-" if s.latency_ms is None else f"{s.latency_ms:.3f}",
-            "-" if s.accuracy is None else f"{100 * s.accuracy:.2f}",
+            "-" if s.accuracy is None else f"{100 * s.accuracy:.2f}" + ("!" if s.at_chance else ""),
             "-" if s.relative_error is None else f"{s.relative_error:.1e}",
             "-" if s.top1_agreement is None else f"{100 * s.top1_agreement:.1f}",
         )
     console.print(table)
+    if any(s.at_chance for s in report.stages) and report.chance_accuracy is not None:
+        console.print(
+            f"! at chance accuracy (<= {100 * report.chance_accuracy:.1f}%): no better than "
+            "guessing"
+        )
     if any(not a.kept for a in report.backoff):
         log = Table(title="accuracy back-off")
         for column in ("step", "setting", "drop (points)", "kept"):

@@ -32,6 +32,8 @@ class LoadedModel:
     labels: list[str] | None
     head: str | None
     sha256: str
+    # A built-in architecture with random weights: no weights file and nothing pretrained.
+    random_init: bool = False
 
 
 def load_model(spec: str, weights: Path | None = None) -> nn.Module:
@@ -79,7 +81,10 @@ def resolve_model(spec: str, weights: Path | None = None) -> LoadedModel:
         load_weights(module, Path(weights))
     module.eval()
     input_shape, preprocess, labels, head = info
-    return LoadedModel(module, name, input_shape, preprocess, labels, head, state_sha256(module))
+    random_init = builtin is not None and builtin.pretrain is None and weights is None
+    return LoadedModel(
+        module, name, input_shape, preprocess, labels, head, state_sha256(module), random_init
+    )
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
