@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -255,6 +256,53 @@ def _digits_npz(tmp_path: Path) -> Path:
     path = tmp_path / "digits.npz"
     np.savez(path, X=digits.X.reshape(len(digits), -1), y=digits.y)
     return path
+
+
+TFLITE_INT8 = """
+description = "int8 TFLite only"
+[[artifacts]]
+format = "tflite"
+precision = "int8"
+calibration_samples = 32
+"""
+
+
+def test_tflite_export_is_quiet_unless_verbose(tmp_path: Path) -> None:
+    # A fresh process: TensorFlow and absl log from C++ on their first import, past CliRunner.
+    recipe = tmp_path / "tflite.toml"
+    recipe.write_text(TFLITE_INT8)
+    command = [sys.executable, "-c", "from edgefl.cli import main; main()", "compress"]
+    command += ["--model", "digits-mlp", "--recipe", str(recipe), "--data", "digits"]
+    quiet = subprocess.run(
+        [*command, "--out", str(tmp_path / "quiet")], capture_output=True, text=True, check=False
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert "tflite int8" in quiet.stdout
+    verbose = subprocess.run(
+        [*command, "--out", str(tmp_path / "verbose"), "--verbose"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    assert "XNNPACK" in verbose.stderr and "absl" in verbose.stderr
+
+
+def test_a_model_module_that_fails_on_import_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"edgefl_cli_broken_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text("import os\nHOME = os.environ['EDGEFL_NO_SUCH_VAR']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run("compress", "--model", f"{name}:make", "--recipe", "generic", "--data", "digits",
+                 "--out", str(tmp_path / "b"))  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: importing module '{name}' of model '{name}:make' failed: "
+        "KeyError: 'EDGEFL_NO_SUCH_VAR'"
+    ]
+    sys.modules.pop(name, None)
 
 
 def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ from edgefl.cli.shell import user_errors, with_flags
 )
 @click.option("--allow-chance", is_flag=True, help="Write the bundle even when a stage scores "
               "at chance accuracy (no better than guessing).")  # fmt: skip
+@click.option("--verbose", is_flag=True, help="Also show the exporters' and runtimes' own log "
+              "lines (TensorFlow, absl, torchao).")  # fmt: skip
 @user_errors
 def compress(
     model: str,
@@ -56,6 +58,7 @@ def compress(
     force: bool,
     dry_run: bool,
     allow_chance: bool,
+    verbose: bool,
 ) -> None:
     """Prune, distill, quantize and export a model into a verified bundle."""
     from rich.console import Console
@@ -74,6 +77,7 @@ def compress(
         model=model, recipe=recipe, data=data, out=out, weights=weights, head=head,
         num_classes=num_classes, finetune=finetune, force=force, dry_run=dry_run,
         version=bundle_version, name=name, preprocess=overrides, allow_chance=allow_chance,
+        verbose=verbose,
     )  # fmt: skip
     run_compress(
         request, Console(), warn=lambda text: click.echo(f"warning: {with_flags(text)}", err=True)

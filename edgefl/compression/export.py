@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgefl.atomic import replacing
+from edgefl.compression.quiet import NOISY_LOGGERS
 from edgefl.errors import ExportError, first_line
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,11 @@ _PROTOBUF_LIMIT = 2**31 - 1
 MAX_TFLITE_CALIBRATION = 256
 
 
-# Loggers of the exporters that report, at warning level, things a user cannot act on
-# ("torchvision is not installed", optional torchao kernels that are missing on this CPU).
-_NOISY_LOGGERS = ("torch.onnx", "torch.utils._pytree", "torchao")
-
-
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """Silence the exporters' known third-party noise during one export; errors still show."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    # Their Python loggers report, at warning level, things a user cannot act on.
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         # torch's own pytree raises this from copyreg while exporting; nothing we can change.

@@ -45,6 +45,7 @@ from edgefl.compression.preprocess import (
     input_shape,
 )
 from edgefl.compression.prune import PruningPlan, count_macs_params, plan_pruning
+from edgefl.compression.quiet import third_party_quiet
 from edgefl.compression.recipe import load_recipe
 from edgefl.compression.report import CompressionReport, render_plan, render_report
 from edgefl.compression.stages import CompressionRun
@@ -76,6 +77,8 @@ class CompressRequest:
     name: str | None = None
     preprocess: PreprocessOverrides = field(default_factory=PreprocessOverrides)
     allow_chance: bool = False
+    # Show third-party exporters' and runtimes' own log lines (TensorFlow, absl, torchao).
+    verbose: bool = False
 
 
 @dataclass
@@ -198,7 +201,8 @@ def compress(
         report.pruning = plan.to_dict() if plan is not None else None
         with tempfile.TemporaryDirectory(prefix="edgefl-compress-") as tmp:
             tick = time.perf_counter()
-            files = run.export_all(student, Path(tmp))
+            with third_party_quiet(request.verbose):
+                files = run.export_all(student, Path(tmp))
             report.seconds["export+verify"] = round(time.perf_counter() - tick, 2)
             report.seconds["total"] = round(time.perf_counter() - started, 2)
             _check_chance(report, chance, len(labels), hint, request.allow_chance, console)
