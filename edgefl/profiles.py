@@ -46,6 +46,9 @@ class DeviceProfile:
     install: InstallSpec
     directory: Path
     limits: BoardLimits = field(default_factory=BoardLimits)
+    # onnxruntime execution providers in order of preference; the first available runs
+    # (edgefl.runtime.choose_providers). Empty: CPU only.
+    providers: list[str] = field(default_factory=list)
 
     def file(self, name: str) -> Path:
         """Return the path of one of the profile's files (install.sh, the unit, agent.env)."""
@@ -59,7 +62,7 @@ def _parse_preference(text: str, source: Path) -> tuple[str, str]:
     return fmt, precision
 
 
-_PROFILE_KEYS = {"name", "description", "threads", "prefer", "install", "limits"}
+_PROFILE_KEYS = {"name", "description", "threads", "prefer", "providers", "install", "limits"}
 _INSTALL_KEYS = {"packages", "uninstall", "extra_index_urls", "apt"}
 
 
@@ -84,6 +87,9 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
         threads = int(data.get("threads", 1))
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        providers = data.get("providers", [])
+        if not isinstance(providers, list) or not all(isinstance(p, str) for p in providers):
+            raise ValueError(f"providers must be a list of provider names, got {providers!r}")
         return DeviceProfile(
             name=str(data["name"]),
             description=str(data.get("description", "")),
@@ -97,6 +103,7 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
             ),
             directory=directory,
             limits=from_mapping(BoardLimits, dict(data.get("limits", {})), what="limits"),
+            providers=list(providers),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProfileError(f"{source} is invalid: {exc}") from exc

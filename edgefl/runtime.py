@@ -8,6 +8,7 @@ is only a fallback: its last release (2.14) crashes under numpy 2.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,10 @@ from edgefl.errors import DataError, RuntimeLoadError, first_line
 
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 
+log = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
 
 class BackboneRunner(Protocol):
     """A loaded backbone: float32 samples in, float32 features out, in its real runtime."""
@@ -26,6 +31,8 @@ class BackboneRunner(Protocol):
     path: Path
     format: str
     input_shape: tuple[int, ...]
+    runtime: str  # "onnxruntime", "litert" or "tflite-runtime"
+    provider: str  # the onnxruntime execution provider running it; "" for LiteRT
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run a batch of any size.
@@ -61,13 +68,15 @@ def _check_batch(x: np.ndarray, input_shape: tuple[int, ...], path: Path) -> np.
 
 @dataclass
 class OnnxBackbone:
-    """A backbone in onnxruntime (CPU execution provider unless `providers` says otherwise)."""
+    """A backbone in onnxruntime, on the first execution provider of the preference available."""
 
     path: Path
     session: Any
     input_name: str
     input_shape: tuple[int, ...]
     format: str = "onnx"
+    runtime: str = "onnxruntime"
+    provider: str = CPU_PROVIDER
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run a batch; see `BackboneRunner.run`."""
@@ -94,6 +103,8 @@ class TfliteBackbone:
     input_detail: dict[str, Any]
     output_detail: dict[str, Any]
     format: str = "tflite"
+    runtime: str = "litert"
+    provider: str = ""
     quantized_input: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +146,31 @@ class TfliteBackbone:
         return np.concatenate(outputs)[:count]
 
 
+def choose_providers(
+    preferred: list[str] | None, available: list[str]
+) -> tuple[list[str], list[str]]:
+    """Return the execution providers to open a session with, and why any preferred was skipped.
+
+    Args:
+        preferred: providers in order of preference (a board profile's `providers`); None or
+            empty means CPU only.
+        available: what this onnxruntime build offers (`onnxruntime.get_available_providers()`).
+
+    Returns:
+        (providers, skipped): the preferred ones available, in order (the first runs the graph,
+        the next take the nodes it cannot), CPU last when none is; and one line per preferred
+        provider this build does not offer.
+    """
+    wanted = list(preferred or [CPU_PROVIDER])
+    chosen = [p for p in wanted if p in available]
+    skipped = [
+        f"{p} is not available in this onnxruntime (it has {', '.join(available) or 'none'})"
+        for p in wanted
+        if p not in available
+    ]
+    return chosen or [CPU_PROVIDER], skipped
+
+
 def _load_onnx(path: Path, threads: int, providers: list[str] | None) -> OnnxBackbone:
     try:
         import onnxruntime as ort
@@ -149,10 +185,11 @@ def _load_onnx(path: Path, threads: int, providers: list[str] | None) -> OnnxBac
     # ENABLE_ALL fuses QDQ pairs into integer kernels; without it int8 runs as slow fake-quant.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    chosen, skipped = choose_providers(providers, list(ort.get_available_providers()))
+    for reason in skipped:
+        log.warning("%s: %s; falling back to %s", path.name, reason, chosen[0])
     try:
-        session = ort.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise RuntimeLoadError(
             f"cannot load {path.name} in onnxruntime: {first_line(exc)}"
@@ -164,23 +201,36 @@ def _load_onnx(path: Path, threads: int, providers: list[str] | None) -> OnnxBac
         )
     dims = inputs[0].shape[1:]
     shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in dims)
-    return OnnxBackbone(path=path, session=session, input_name=inputs[0].name, input_shape=shape)
+    # A provider can also fail to initialise (no GPU, a TensorRT library missing): onnxruntime
+    # then runs on the next one, so what runs is what the session reports, not what was asked.
+    running = (list(session.get_providers()) or [CPU_PROVIDER])[0]
+    if running != chosen[0]:
+        log.warning("%s: %s did not start; running on %s", path.name, chosen[0], running)
+    log.info("%s: onnxruntime on %s", path.name, running)
+    return OnnxBackbone(
+        path=path,
+        session=session,
+        input_name=inputs[0].name,
+        input_shape=shape,
+        provider=running,
+    )
 
 
-def _litert_interpreter_class() -> Any:
-    """Return LiteRT's Interpreter class, or tflite-runtime's when ai-edge-litert is missing."""
+def _litert() -> tuple[str, Any]:
+    """Return the TFLite runtime's name and Interpreter class (None when neither is installed)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
             from tflite_runtime.interpreter import Interpreter
         except Exception:  # tflite-runtime 2.14 fails in odd ways under numpy 2
-            return None
-    return Interpreter
+            return "", None
+        return "tflite-runtime", Interpreter
+    return "litert", Interpreter
 
 
 def _load_tflite(path: Path, threads: int) -> TfliteBackbone:
-    interpreter_class = _litert_interpreter_class()
+    runtime, interpreter_class = _litert()
     if interpreter_class is None:
         raise RuntimeLoadError(
             f"cannot load {path.name}: ai-edge-litert is not installed "
@@ -205,6 +255,7 @@ def _load_tflite(path: Path, threads: int) -> TfliteBackbone:
         batch=max(shape[0], 1),
         input_detail=inputs[0],
         output_detail=outputs[0],
+        runtime=runtime,
     )
 
 
@@ -216,7 +267,8 @@ def load_backbone(
     Args:
         path: a `.onnx` or `.tflite` file.
         threads: intra-op threads (onnxruntime) or interpreter threads (LiteRT).
-        providers: onnxruntime execution providers; default CPU only.
+        providers: onnxruntime execution providers in order of preference (a board profile's);
+            those this onnxruntime lacks are skipped with a warning saying so; default CPU only.
 
     Returns:
         A runner for the artifact.
@@ -282,6 +334,6 @@ def available_runtimes() -> list[str]:
         found.append("onnx")
     except ImportError:
         pass
-    if _litert_interpreter_class() is not None:
+    if _litert()[1] is not None:
         found.append("tflite")
     return found

@@ -14,7 +14,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, ModelBundle, write_bundle
+from edgefl.bundle import (
+    Artifact,
+    HeadSpec,
+    InputSpec,
+    Manifest,
+    ModelBundle,
+    Preprocess,
+    write_bundle,
+)
 from edgefl.core.partition import partition_iid
 from edgefl.data import Dataset, fl_digits_split
 from edgefl.head import init_head
@@ -55,6 +63,7 @@ def make_test_bundle(
     seed: int = 0,
     precisions: Sequence[str] = ("fp32",),
     backbone_features: int | None = None,
+    preprocess: Preprocess | None = None,
 ) -> ModelBundle:
     """Write a bundle: ONNX projection backbones and one linear head per task.
 
@@ -69,6 +78,8 @@ def make_test_bundle(
         precisions: one backbone artifact `backbone-{precision}.onnx` per label.
         backbone_features: what the backbones really output, when it should differ from
             `feature_size` (a bundle whose smoke inference fails).
+        preprocess: how a board turns its images into the 64 inputs (e.g. 8x8 grayscale);
+            None: the default.
     """
     heads: dict[str, HeadSpec] = {}
     weights = {}
@@ -91,7 +102,7 @@ def make_test_bundle(
     manifest = Manifest(
         name=name,
         version=version,
-        input=InputSpec(shape=[INPUT_SIZE]),
+        input=InputSpec(shape=[INPUT_SIZE], preprocess=preprocess or Preprocess()),
         feature_size=feature_size,
         artifacts=artifacts,
         heads=heads,

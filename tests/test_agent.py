@@ -486,3 +486,75 @@ def test_the_device_reads_its_answer_from_the_result_of_its_own_run(
         sender.client.publish(result_topic, b"", retain=True).wait(5)
         sender.client.close()
         agent.stop()
+
+
+def _write_digit_images(folder: Path, dataset: Any, indices: range) -> None:
+    """Save samples of `dataset` as 8x8 grayscale PNGs in ImageFolder layout."""
+    from PIL import Image
+
+    for i in indices:
+        label = folder / dataset.labels[dataset.y[i]]
+        label.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(dataset.X[i].reshape(8, 8) * 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(label / f"{i}.png")
+
+
+def test_a_fresh_board_comes_online_with_no_data_and_trains_once_photos_appear(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    from edgefl.bundle import Preprocess
+
+    gray = Preprocess(scale=1 / 255, grayscale=True)
+    bundle = make_test_bundle(tmp_path / "bundle", feature_size=16, preprocess=gray)
+    devices, _ = digits_devices(4)
+    data = tmp_path / "data"
+    data.mkdir()  # what install.sh leaves on a new board: an empty folder
+    fresh = Agent(
+        AgentConfig(mosquitto.url, FLEET, "pi-new", data=str(data), bundle_dir=bundle.path,
+                    state_dir=tmp_path / "state", heartbeat_s=0.5, profile="raspberry-pi")
+    )  # fmt: skip
+    seasoned = Agent(
+        AgentConfig(mosquitto.url, FLEET, "pi-old", bundle_dir=bundle.path), devices[0]
+    )
+    statuses: dict[str, DeviceStatus] = {}
+    watcher = MqttClient(mosquitto.url, client_id="fresh-watcher")
+    watcher.subscribe(
+        topics.device_status(FLEET, "pi-new"),
+        lambda m: statuses.update(last=DeviceStatus.decode(m.payload)),
+    )
+    watcher.connect(timeout=10)
+
+    def one_round() -> tuple[int, int, int]:
+        # settle_s: every retained status arrives before the round selects.
+        policy = RoundPolicy(rounds=1, min_devices=1, settle_s=1.0, deadline_s=20)
+        run = Aggregator(AggregatorConfig(mosquitto.url, FLEET, bundle.path, policy)).run()
+        (summary,) = run.rounds
+        return summary.online, summary.selected, summary.accepted
+
+    fresh.start()  # an empty data folder used to end the agent here (exit 2, restart loop)
+    seasoned.start()
+    try:
+        assert wait_for(lambda: "last" in statuses and statuses["last"].state == "online")
+        status = statuses["last"]
+        assert (status.samples, status.model_version) == (0, 1)
+        assert (status.artifact, status.runtime, status.provider) == (
+            "backbone-fp32.onnx", "onnxruntime", "CPUExecutionProvider",
+        )  # fmt: skip
+        assert one_round() == (2, 1, 1)  # online, but with 0 samples not selected
+        assert len(seasoned.outcomes) == 1 and len(fresh.outcomes) == 0
+
+        _write_digit_images(data, devices[1], range(12))
+        assert wait_for(lambda: statuses["last"].samples == 12, timeout=10)
+        assert fresh.features_cache.misses == 12
+        assert one_round() == (2, 2, 2)  # the next round includes it, and its update counts
+        (outcome,) = fresh.outcomes
+        assert outcome.status == "ok", outcome.error_code
+        assert len(seasoned.outcomes) == 2
+
+        _write_digit_images(data, devices[1], range(12, 15))
+        assert wait_for(lambda: statuses["last"].samples == 15, timeout=10)
+        assert fresh.features_cache.misses == 15  # only the 3 new images were run
+    finally:
+        fresh.stop()
+        seasoned.stop()
+        watcher.close()

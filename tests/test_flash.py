@@ -70,6 +70,10 @@ def test_shipped_profiles_prefer_their_artifacts() -> None:
     jetson = load_profile("jetson")
     assert jetson.prefer[0] == ("onnx", "fp16")
     assert "onnxruntime-gpu" in jetson.install.packages
+    assert jetson.providers == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
+    ]  # fmt: skip
+    assert pi.providers == ["CPUExecutionProvider"]
     with pytest.raises(DeliveryError, match="unknown device profile 'toaster'"):
         load_profile("toaster")
 
@@ -260,6 +264,11 @@ def test_a_profile_key_typo_is_an_error_naming_the_key_and_file(tmp_path: Path) 
     board.mkdir()
     (board / "profile.toml").write_text(shipped.read_text().replace("threads =", "thread ="))
     with pytest.raises(DeliveryError, match=r"my-board/profile.toml: unknown key 'thread'"):
+        load_profile(board)
+    (board / "profile.toml").write_text(
+        shipped.read_text().replace('providers = ["CPUExecutionProvider"]', 'providers = "CPU"')
+    )
+    with pytest.raises(DeliveryError, match=r"providers must be a list of provider names"):
         load_profile(board)
 
 

@@ -13,7 +13,12 @@ from conftest import RunningBroker
 
 from edgefl import signing
 from edgefl.cli import main
-from edgefl.delivery.fleet_view import RETAINED_QUIET_S, fleet_view, wait_for_retained
+from edgefl.delivery.fleet_view import (
+    RETAINED_QUIET_S,
+    fleet_view,
+    running_text,
+    wait_for_retained,
+)
 from edgefl.delivery.release import DeployReport
 from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.roles.agent import Agent, AgentConfig
@@ -52,6 +57,17 @@ def test_fleet_view_joins_statuses_and_reports() -> None:
     assert (second.last_deploy, second.deploy_reason) == ("v4 refused", "bad signature")
     assert (first.bundle_digest, second.bundle_digest) == ("ab" * 32, "")
     assert (ghost.state, ghost.model_version) == ("unknown", 4)
+    assert running_text(first) == "-"  # an agent that has not said what runs
+
+
+def test_running_text_names_artifact_runtime_and_provider() -> None:
+    gpu = DeviceStatus("jet", "online", artifact="backbone-fp16.onnx", runtime="onnxruntime",
+                       provider="CUDAExecutionProvider", samples=40)  # fmt: skip
+    pi = DeviceStatus("pi", "online", artifact="backbone-int8.tflite", runtime="litert")
+    rows = {r.device_id: r for r in fleet_view({"jet": gpu, "pi": pi}, {})}
+    assert running_text(rows["jet"]) == "backbone-fp16.onnx onnxruntime/CUDAExecutionProvider"
+    assert running_text(rows["pi"]) == "backbone-int8.tflite litert"
+    assert (rows["jet"].samples, rows["pi"].samples) == (40, 0)
 
 
 def test_cli_fleet_lists_online_and_offline_boards(
@@ -86,10 +102,14 @@ def test_cli_fleet_lists_online_and_offline_boards(
         assert rows["pi-1"]["last_deploy"] == "v5 installed"
         # Each board shows the digest of the full bundle, though it downloaded only some files.
         assert rows["pi-1"]["bundle_digest"] == bundle.digest
+        # What runs: the artifact the profile picked, in its runtime, on the provider it got.
+        running = [rows["pi-1"][k] for k in ("artifact", "runtime", "provider", "samples")]
+        assert running == ["backbone-fp32.onnx", "onnxruntime", "CPUExecutionProvider", 0]
         table = CliRunner().invoke(main, args)
         assert table.exit_code == 0
         assert "1/2 online" in table.output and "pi-2" in table.output
         assert bundle.digest[:12] in table.output and bundle.digest not in table.output
+        assert "backbone-fp32.onnx" in table.output and "CPUExecutionProvider" in table.output
     finally:
         agents[0].stop()
         agents[1].stop()

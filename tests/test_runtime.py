@@ -13,7 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefl.errors import BundleError, DataError, RuntimeLoadError
-from edgefl.runtime import available_runtimes, load_backbone, measure_latency
+from edgefl.runtime import (
+    CPU_PROVIDER,
+    available_runtimes,
+    choose_providers,
+    load_backbone,
+    measure_latency,
+)
 
 RNG = np.random.default_rng(0)
 WEIGHT = RNG.normal(size=(4, 3)).astype(np.float32)
@@ -101,6 +107,40 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         load_backbone(tmp_path / "absent.onnx")
 
 
+def test_provider_preference_falls_back_to_an_available_one_and_says_why(
+    linear_onnx: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnxruntime
+
+    present = onnxruntime.get_available_providers()
+    absent = "NoSuchExecutionProvider"
+    # The Jetson profile's order on this machine: what it lacks is skipped, in order.
+    jetson = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU_PROVIDER]
+    with caplog.at_level("WARNING", logger="edgefl.runtime"):
+        runner = load_backbone(linear_onnx, providers=[absent, *jetson])
+    first = next(p for p in jetson if p in present)
+    assert runner.provider == first and runner.runtime == "onnxruntime"
+    assert runner.session.get_providers()[0] == first  # what the session really runs on
+    warned = caplog.text
+    assert f"{absent} is not available in this onnxruntime" in warned
+    assert f"falling back to {first}" in warned
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(runner.run(x), expected_features(x), rtol=1e-6)
+
+
+def test_choose_providers_keeps_the_preferred_order_of_those_present() -> None:
+    available = ["CUDAExecutionProvider", CPU_PROVIDER]
+    preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU_PROVIDER]
+    chosen, skipped = choose_providers(preferred, available)
+    assert chosen == ["CUDAExecutionProvider", CPU_PROVIDER]
+    assert skipped == [
+        "TensorrtExecutionProvider is not available in this onnxruntime "
+        "(it has CUDAExecutionProvider, CPUExecutionProvider)"
+    ]
+    assert choose_providers(None, available) == ([CPU_PROVIDER], [])
+    assert choose_providers(["TensorrtExecutionProvider"], [CPU_PROVIDER])[0] == [CPU_PROVIDER]
+
+
 def test_both_runtimes_are_reported_available() -> None:
     assert available_runtimes() == ["onnx", "tflite"]
 
@@ -172,7 +212,7 @@ def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 @pytest.mark.tflite
 def test_tflite_fp32_runs_a_batch_larger_than_its_fixed_batch(tiny_tflite: dict) -> None:
     runner = load_backbone(tiny_tflite["fp32"])
-    assert runner.format == "tflite"
+    assert runner.format == "tflite" and (runner.runtime, runner.provider) == ("litert", "")
     assert runner.input_shape == (1, 8, 8)
     features = runner.run(tiny_tflite["inputs"])
     assert features.shape == (5, 6)

@@ -150,8 +150,8 @@ def deploy(
 @tls_options()
 @user_errors
 def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -> None:
-    """Show the fleet's boards: online or not, profile, model version and bundle digest, last
-    seen, last round."""
+    """Show the fleet's boards: online or not, profile, model version and bundle digest, what runs
+    the backbone (artifact, runtime, provider), samples, last seen, last round."""
     import json
     import time
     from dataclasses import asdict
@@ -159,7 +159,7 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
     from rich.console import Console
     from rich.table import Table
 
-    from edgefl.delivery.fleet_view import privacy_line, read_fleet, short_digest
+    from edgefl.delivery.fleet_view import privacy_line, read_fleet, running_text, short_digest
     from edgefl.transport.messages import RoundResult
 
     results: dict[int, RoundResult] = {}
@@ -172,8 +172,8 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
         return
     online = sum(r.state == "online" for r in rows)
     table = Table(title=f"fleet {fleet}: {online}/{len(rows)} online")
-    for column in ("device", "state", "profile", "group", "model", "bundle", "last seen",
-                   "last round", "last deploy"):  # fmt: skip
+    for column in ("device", "state", "profile", "group", "model", "bundle", "runs", "samples",
+                   "last seen", "last round", "last deploy"):  # fmt: skip
         table.add_column(column)
     now = time.time()
     for r in rows:
@@ -181,10 +181,11 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
         deploy_text = r.last_deploy + (f" ({r.deploy_reason})" if r.deploy_reason else "")
         table.add_row(
             r.device_id, r.state, r.profile or "-", r.group or "-",
-            f"v{r.model_version}" if r.model_version else "-", short_digest(r.bundle_digest), seen,
-            str(r.last_round) if r.last_round else "-", deploy_text or "-",
+            f"v{r.model_version}" if r.model_version else "-", short_digest(r.bundle_digest),
+            running_text(r), str(r.samples), seen, str(r.last_round) if r.last_round else "-",
+            deploy_text or "-",
         )  # fmt: skip
-    Console(width=160).print(table)
+    Console(width=200).print(table)
     click.echo(privacy_line(results.values()))
 
 

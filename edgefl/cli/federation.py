@@ -68,7 +68,9 @@ def broker(
 @click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT] or mqtts://...")
 @click.option("--fleet", required=True, help="Fleet name.")
 @click.option("--device-id", required=True, help="This device's ID, unique in the fleet.")
-@click.option("--data", required=True, help="Local data: 'digits', a .npz or an image folder.")
+@click.option("--data", required=True,
+              help="Local data: 'digits', a .npz or an image folder (empty: online with 0 "
+              "samples, not selected, until images appear).")  # fmt: skip
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Feature cache, personal head.")
 @click.option("--task", default="default", show_default=True, help="Which head to train.")

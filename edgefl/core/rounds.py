@@ -161,9 +161,10 @@ class RoundEngine:
         }
 
     def online_devices(self, now: float) -> dict[str, DeviceStatus]:
-        """Return the eligible devices online with a fresh status at `now`."""
+        """Return the eligible devices online with a fresh status and samples to train on."""
         states = self.device_presence(now)
-        return {d: self.statuses[d] for d, state in states.items() if state == presence.ONLINE}
+        online = (d for d, state in states.items() if state == presence.ONLINE)
+        return {d: self.statuses[d] for d in online if self.statuses[d].samples > 0}
 
     def stale_devices(self, now: float) -> list[str]:
         """Return the eligible devices whose status says online but was not heard in time."""

@@ -40,6 +40,11 @@ class FleetDevice:
     last_round: int = 0
     last_deploy: str = ""  # e.g. "v3 installed", "v4 refused"
     deploy_reason: str = ""
+    samples: int = 0  # 0 on a board whose data folder is still empty (never selected)
+    # What runs the backbone: artifact file, runtime, execution provider ("" for LiteRT).
+    artifact: str = ""
+    runtime: str = ""
+    provider: str = ""
 
 
 def fleet_view(
@@ -69,6 +74,12 @@ def fleet_view(
             row.bundle_digest = status.bundle_digest
             row.last_seen = status.time
             row.last_round = status.last_round
+            row.samples = status.samples
+            row.artifact, row.runtime, row.provider = (
+                status.artifact,
+                status.runtime,
+                status.provider,
+            )
         if report is not None:
             row.last_deploy = f"v{report.version} {report.state}"
             row.deploy_reason = report.reason
@@ -99,6 +110,16 @@ def privacy_line(results: Iterable[RoundResult]) -> str:
         f"privacy: ε={epsilon:.3g} spent at δ={delta:g} after round {latest.round} "
         f"(run {latest.run_id[:12] or '-'}); ε={seen:.3g} for whoever sees the updates"
     )
+
+
+def running_text(row: FleetDevice) -> str:
+    """Say what runs a board's backbone: "backbone-fp16.onnx onnxruntime/CUDAExecutionProvider",
+    "backbone-int8.tflite litert", or "-" when it has not said (no backbone loaded, older agent).
+    """
+    if not row.artifact:
+        return "-"
+    runtime = "/".join(part for part in (row.runtime, row.provider) if part)
+    return f"{row.artifact} {runtime}".strip()
 
 
 def short_digest(digest: str) -> str:

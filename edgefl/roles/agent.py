@@ -12,8 +12,6 @@ its update (`Agent.outcomes`).
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import threading
 import time
 from collections import OrderedDict, deque
@@ -22,32 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefl.atomic import write_atomic
-from edgefl.bundle import Artifact, ModelBundle, decode_head, encode_head, load_bundle
+from edgefl.bundle import Artifact, ModelBundle, load_bundle
 from edgefl.core.codecs import ErrorFeedback
 from edgefl.core.local_round import LocalData, RoundOutcome, TaskKey, run_local_round, task_key
 from edgefl.core.personal_head import same_shapes
-from edgefl.data import (
-    DIGITS,
-    Dataset,
-    DataSource,
-    conform,
-    conform_batch,
-    load_digits,
-    open_source,
-)
-from edgefl.errors import BundleError, MessageError
+from edgefl.data import DIGITS, Dataset, DataSource, conform, conform_batch, load_digits
+from edgefl.errors import BundleError, EdgeflError, MessageError
 from edgefl.head import Weights, head_forward
 from edgefl.profiles import load_profile
 from edgefl.roles.agent_config import AgentConfig
-from edgefl.roles.features import (
-    FeatureCache,
-    Runner,
-    backbone_preferences,
-    installed_runtimes,
-    run_backbone,
-    shared_backbone,
-)
+from edgefl.roles.board_backbone import BoardBackbone, describe
+from edgefl.roles.board_data import BoardData
+from edgefl.roles.board_status import board_status
+from edgefl.roles.features import FeatureCache, run_backbone
+from edgefl.roles.personal_head_file import PersonalHeadFile
 from edgefl.roles.round_results import ResultWatch
 from edgefl.roles.training_pool import run_in_pool
 from edgefl.transport import topics
@@ -73,13 +59,6 @@ AGENT_MAX_PAYLOAD = 64 * 1024 * 1024
 # Re-sends only happen for the round in flight (a restart re-publishes its task); a few recent
 # rounds cover a task seen again late without the agent holding every update it ever sent.
 RESENT_ROUNDS = 4
-
-
-def _memory_mb() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20))
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 class Agent:
@@ -110,7 +89,9 @@ class Agent:
         self.threads = config.threads or (self.profile.threads if self.profile else 1)
         self.dataset = dataset
         # Data on disk: only labels are held; features are computed from batches read from it.
+        # None on a fresh board whose data folder is still empty; looked at again each heartbeat.
         self.source: DataSource | None = None
+        self._data: BoardData | None = None
         # The latest rounds only: an agent runs for months, and the status needs just the last.
         self.outcomes: deque[RoundOutcome] = deque(maxlen=KEPT_OUTCOMES)
         self.bundle: ModelBundle | None = None
@@ -118,10 +99,10 @@ class Agent:
         self._labels: np.ndarray | None = None
         self._global: Weights | None = None
         self._personal: Weights | None = None
+        self._personal_file = PersonalHeadFile(config.state_dir, config.task)
         self._feedback = ErrorFeedback()
-        # The runner of the backbone in use, held so the process-wide registry keeps it (and
-        # drops the ones of bundles this agent no longer runs): ((path, sha256), artifact, ...).
-        self._runner: tuple[tuple[Path, str], Artifact, Runner, threading.Lock] | None = None
+        # The backbone in use, its runner held so the process-wide registry keeps it.
+        self._backbone = BoardBackbone(config.runtime, self.profile, self.threads)
         # Updates sent for recent tasks, re-sent as they are when the same task is seen again
         # (after a broker or aggregator restart): the aggregator treats identical bytes as a
         # re-delivery. Keyed by the task's identity, never by round number alone.
@@ -189,8 +170,9 @@ class Agent:
             if self.config.data == DIGITS:
                 self.dataset = load_digits()  # built in and small (0.5 MB)
             else:
-                self.source = open_source(self.config.data)
-        self._load_personal()
+                self._data = BoardData(Path(self.config.data))
+                self._data.look(self._take_source)
+        self._personal = self._personal_file.load()
         if self.config.bundle_dir is not None:
             self.install_bundle(load_bundle(self.config.bundle_dir))
         self.client.subscribe(topics.all_tasks(self.config.fleet), self._on_task)
@@ -258,7 +240,7 @@ class Agent:
         """
         spec = bundle.head_spec(self.config.task)
         with self._lock:
-            previous, previous_runner = self.bundle, self._runner
+            previous, previous_backbone = self.bundle, self._backbone.loaded
             self.bundle = bundle
             try:
                 features: np.ndarray | None = None
@@ -266,11 +248,7 @@ class Agent:
                     self.dataset = conform(self.dataset, bundle.manifest.input.shape)
                     features, labels = self._compute_features(self.dataset.X), self.dataset.y
                 elif self.source is not None:
-                    artifact, runner, lock = self._backbone_runner()
-                    features = self.features_cache.source_features(
-                        artifact.sha256, self.source, bundle.manifest.input, runner, lock
-                    )
-                    labels = self.source.y
+                    features, labels = self._source_features(bundle, self.source), self.source.y
                 if features is not None:
                     if features.shape[1] != spec.in_features:
                         raise BundleError(
@@ -278,8 +256,10 @@ class Agent:
                             f"{self.config.task!r} takes {spec.in_features}"
                         )
                     self._features, self._labels = features, labels
+                elif self.backbone is not None:
+                    self._backbone.load(bundle)  # no data yet: loaded to check it and say what runs
             except BaseException:
-                self.bundle, self._runner = previous, previous_runner
+                self.bundle, self._backbone.loaded = previous, previous_backbone
                 raise
             self._global = bundle.head_weights(self.config.task)
             if previous is None or previous.digest != bundle.digest:
@@ -289,36 +269,78 @@ class Agent:
                     self._personal = None
         if self.client.connected:
             self._announce()
-        log.info(
-            "%s: running bundle %s v%d", self.device_id, bundle.manifest.name, self.model_version
-        )
+        log.info("%s: running bundle %s v%d: %s", self.device_id, bundle.manifest.name,
+                 self.model_version, describe(self._backbone.running))  # fmt: skip
 
     @property
     def backbone(self) -> Artifact | None:
         """The backbone artifact this agent runs from its bundle (None without a bundle)."""
-        if self.bundle is None:
-            return None
-        return self.bundle.manifest.select_backbone(self._preferences())
-
-    def _backbone_runner(self) -> tuple[Artifact, Runner, threading.Lock]:
-        """Return the backbone artifact this agent runs, its shared runner and the runner's lock."""
-        artifact = self.backbone
-        assert self.bundle is not None and artifact is not None
-        key = (self.bundle.file(artifact), artifact.sha256)
-        if self._runner is None or self._runner[0] != key:
-            runner, lock = shared_backbone(key[0], artifact.sha256, self.threads)
-            self._runner = (key, artifact, runner, lock)
-        return self._runner[1], self._runner[2], self._runner[3]
+        return self._backbone.select(self.bundle) if self.bundle is not None else None
 
     def _compute_features(self, x: np.ndarray, cache: bool = True) -> np.ndarray:
-        artifact, runner, lock = self._backbone_runner()
+        assert self.bundle is not None
+        loaded = self._backbone.load(self.bundle)
         if not cache:
-            return run_backbone(runner, x, lock)
-        return self.features_cache.features(artifact.sha256, x, runner, lock)
+            return run_backbone(loaded.runner, x, loaded.lock)
+        return self.features_cache.features(loaded.artifact.sha256, x, loaded.runner, loaded.lock)
 
-    def _preferences(self) -> list[tuple[str, str]]:
-        prefer = self.profile.prefer if self.profile is not None else None
-        return backbone_preferences(self.config.runtime, prefer, installed_runtimes())
+    # -- the data on disk --
+
+    def refresh_data(self) -> bool:
+        """Look at the data on disk again and use the samples added, removed or changed since.
+
+        Features are computed only for images not seen before (`FeatureCache` keeps one entry
+        per image); the status then says how many samples there are. Unusable data is logged
+        and left out until it changes again. Returns whether the samples in use changed.
+        """
+        if self._data is None:
+            return False
+        with self._lock:
+            bundle = self.bundle
+
+        def use(source: DataSource | None) -> bool:
+            features = None if source is None else self._source_features(bundle, source)
+            with self._lock:
+                if self.bundle is not bundle:
+                    return False  # a deploy came meanwhile: offered again at the next look
+                self.source, self._features = source, features
+                self._labels = None if source is None else source.y
+            return True
+
+        try:
+            if not self._data.look(use):
+                return False
+        except EdgeflError as exc:
+            log.warning("%s: cannot use the data in %s: %s", self.device_id, self._data.path, exc)
+            return False
+        log.info("%s: %d samples in %s", self.device_id, self.samples, self._data.path)
+        if self.client.connected:
+            self._announce()
+        return True
+
+    def _source_features(self, bundle: ModelBundle | None, source: DataSource) -> np.ndarray | None:
+        if bundle is None:
+            return None
+        with self._lock:
+            loaded = self._backbone.load(bundle)
+        return self.features_cache.source_features(
+            loaded.artifact.sha256, source, bundle.manifest.input, loaded.runner, loaded.lock
+        )
+
+    def _take_source(self, source: DataSource | None) -> bool:
+        self.source = source
+        if source is None:
+            log.info("%s: no data in %s yet: online with 0 samples, so not selected for rounds",
+                     self.device_id, self.config.data)  # fmt: skip
+        return True
+
+    def _look_at_data(self) -> None:
+        # A round training now looks at the data itself when it starts; skip rather than wait.
+        if self._train_lock.acquire(blocking=False):
+            try:
+                self.refresh_data()
+            finally:
+                self._train_lock.release()
 
     # -- status --
 
@@ -327,21 +349,14 @@ class Agent:
         return topics.device_status(self.config.fleet, self.config.device_id)
 
     def _status(self, state: str) -> DeviceStatus:
-        return DeviceStatus(
-            device_id=self.config.device_id,
-            state=state,
-            task=self.config.task,
-            arch=platform.machine(),
-            runtimes=installed_runtimes(),
-            memory_mb=_memory_mb(),
-            samples=self.samples,
-            model_version=self.model_version,
-            heartbeat_s=self.config.heartbeat_s,
-            time=time.time(),
-            group=self.config.group,
-            profile=self.config.profile,
-            last_round=max((o.round for o in self.outcomes), default=0),
-            bundle_digest=self.bundle.digest if self.bundle is not None else "",
+        return board_status(
+            self.config,
+            state,
+            self.samples,
+            self.model_version,
+            max((o.round for o in self.outcomes), default=0),
+            self.bundle.digest if self.bundle is not None else "",
+            self._backbone.running,
         )
 
     def _announce(self) -> None:
@@ -354,6 +369,8 @@ class Agent:
                 return
             if self.client.connected:
                 self._announce()
+            if self._data is not None:
+                run_in_pool(self._look_at_data, f"{self.device_id}: data folder")
             self._heartbeat = self.client.network.call_later(self.config.heartbeat_s, beat)
 
         self._heartbeat = self.client.network.call_later(self.config.heartbeat_s, beat)
@@ -425,6 +442,7 @@ class Agent:
         """
         key = task_key(task, heads)
         with self._train_lock:
+            self.refresh_data()
             with self._lock:
                 sent = self._sent.get(key)
                 if sent is not None:
@@ -458,7 +476,7 @@ class Agent:
                                 result.outcome.error_code, result.reason)  # fmt: skip
                 if result.trained is not None and self.bundle is bundle:
                     self._personal = result.trained
-                    self._save_personal()
+                    self._personal_file.save(result.trained)
                 self._sent[key] = result.payload
                 while len(self._sent) > RESENT_ROUNDS:
                     self._sent.popitem(last=False)
@@ -478,22 +496,3 @@ class Agent:
                 if (outcome.round, outcome.run_id) == (round_number, run_id):
                     outcome.answer, outcome.answer_reason = answer, reason
                     return
-
-    # -- personal head persistence --
-
-    def _personal_path(self) -> Path | None:
-        state = self.config.state_dir
-        return None if state is None else state / f"personal-{self.config.task}.safetensors"
-
-    def _save_personal(self) -> None:
-        path = self._personal_path()
-        if path is not None and self._personal is not None:
-            write_atomic(path, encode_head(self._personal))
-
-    def _load_personal(self) -> None:
-        path = self._personal_path()
-        if path is not None and path.is_file():
-            try:
-                self._personal = decode_head(path.read_bytes())
-            except BundleError as exc:
-                log.warning("%s: ignoring unreadable personal head: %s", self.device_id, exc)

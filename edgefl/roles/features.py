@@ -1,7 +1,8 @@
 """Backbone features of a device's local data, computed once per backbone version and cached.
 
 The cache key is the backbone file's SHA-256 plus a digest of the input samples, so a new bundle
-(new backbone) or new data computes afresh and nothing stale is ever reused. Runners are shared
+(new backbone) or new data computes afresh and nothing stale is ever reused; an image folder is
+keyed per image, so photos added to a board cost only their own features. Runners are shared
 per backbone file within a process so a thousand simulated agents load one session, not 1,000;
 the registry keeps only the runners someone holds (and the latest one), so an agent that installs
 bundle after bundle over the air holds one session, not one per bundle it ever ran.
@@ -10,10 +11,12 @@ bundle after bundle over the air holds one session, not one per bundle it ever r
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +25,7 @@ import numpy as np
 from edgefl.atomic import replacing
 from edgefl.bundle import InputSpec
 from edgefl.data import DataSource, conform_batch
+from edgefl.errors import DataError
 
 
 class Runner(Protocol):
@@ -32,7 +36,7 @@ class Runner(Protocol):
         ...
 
 
-_RunnerKey = tuple[str, int]
+_RunnerKey = tuple[str, int, tuple[str, ...]]
 
 # Runners nobody holds are kept only if among this many most recently asked for: a caller that
 # does not hold its runner (the aggregator's evaluation) asks again without a reload, and a
@@ -45,7 +49,9 @@ _RECENT: OrderedDict[_RunnerKey, tuple[Any, threading.Lock]] = OrderedDict()
 _RUNNERS_LOCK = threading.Lock()
 
 
-def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, threading.Lock]:
+def shared_backbone(
+    path: Path, sha256: str, threads: int = 1, providers: Sequence[str] = ()
+) -> tuple[Runner, threading.Lock]:
     """Return the process-wide runner of a backbone file and the lock that serializes its use.
 
     The runner lives while a caller holds it (or while it is among the `KEEP_RECENT_RUNNERS`
@@ -55,19 +61,20 @@ def shared_backbone(path: Path, sha256: str, threads: int = 1) -> tuple[Runner, 
         path: the `.onnx` or `.tflite` file.
         sha256: its SHA-256 (from the manifest), part of the key so a replaced file reloads.
         threads: intra-op threads of the runtime session.
+        providers: onnxruntime execution providers in order of preference (empty: CPU).
 
     Raises:
         edgefl.errors.EdgeflError: the runtime cannot load the file (from edgefl.runtime).
     """
     from edgefl.runtime import load_backbone
 
-    key = (f"{Path(path).resolve()}:{sha256}", threads)
+    key = (f"{Path(path).resolve()}:{sha256}", threads, tuple(providers))
     with _RUNNERS_LOCK:
         _forget_dead_runners()
         entry = _RUNNERS.get(key)
         runner = entry[0]() if entry is not None else None
         if entry is None or runner is None:
-            runner = load_backbone(Path(path), threads=threads)
+            runner = load_backbone(Path(path), threads=threads, providers=list(providers))
             # A LiteRT interpreter is not thread-safe, hence one lock per runner.
             entry = (_weak(runner), threading.Lock())
             _RUNNERS[key] = entry
@@ -84,7 +91,7 @@ def live_runners(under: Path | None = None) -> int:
     prefix = f"{Path(under).resolve()}/" if under is not None else ""
     with _RUNNERS_LOCK:
         _forget_dead_runners()
-        return sum(1 for path, _threads in _RUNNERS if path.startswith(prefix))
+        return sum(1 for path, *_ in _RUNNERS if path.startswith(prefix))
 
 
 def _weak(runner: Any) -> Callable[[], Any]:
@@ -135,6 +142,23 @@ def backbone_preferences(
         return usable
     order = [fmt for fmt in ("onnx", "tflite") if fmt in available] or ["onnx", "tflite"]
     return [(fmt, "*") for fmt in order]
+
+
+def file_digest(file: Path, spec: InputSpec) -> str:
+    """Return a short hex digest of one sample file's bytes and the input it becomes under `spec`
+    (its preprocessing and shape): the same photo under another preprocessing is another key.
+
+    Raises:
+        DataError: the file cannot be read.
+    """
+    digest = hashlib.sha256(json.dumps([asdict(spec.preprocess), list(spec.shape)]).encode())
+    try:
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read {file}: {exc}") from exc
+    return digest.hexdigest()[:16]
 
 
 def data_digest(x: np.ndarray) -> str:
@@ -255,30 +279,44 @@ class FeatureCache:
             samples: how many samples the data holds; a stored file of another length is stale.
             compute: returns the (samples, features) array on a miss.
         """
+        stored = self._stored(backbone_sha256, digest, samples)
+        if stored is not None:
+            self.hits += 1
+            return stored
+        self.misses += 1
+        features = compute()
+        self._store(backbone_sha256, digest, features)
+        return features
+
+    def _memory_of(self, backbone_sha256: str) -> dict[str, np.ndarray]:
         memory = self._memory.setdefault(backbone_sha256, {})
         self._memory.move_to_end(backbone_sha256)
         while len(self._memory) > self.keep_backbones:
             self._memory.popitem(last=False)
+        return memory
+
+    def _stored(self, backbone_sha256: str, digest: str, samples: int) -> np.ndarray | None:
+        """Return the features held in memory or on disk under the key, or None."""
+        memory = self._memory_of(backbone_sha256)
         if digest in memory:
-            self.hits += 1
             return memory[digest]
         path = self.path(backbone_sha256, digest)
         if path is not None and path.is_file():
             try:
                 features = np.load(path, allow_pickle=False)
                 if len(features) == samples:
-                    self.hits += 1
                     memory[digest] = features
                     return features
             except (OSError, ValueError):
                 pass  # a torn or foreign file: recompute and overwrite it
-        self.misses += 1
-        features = compute()
+        return None
+
+    def _store(self, backbone_sha256: str, digest: str, features: np.ndarray) -> None:
+        path = self.path(backbone_sha256, digest)
         if path is not None:
             with replacing(path) as tmp, tmp.open("wb") as handle:
                 np.save(handle, features, allow_pickle=False)
-        memory[digest] = features
-        return features
+        self._memory_of(backbone_sha256)[digest] = features
 
     def source_features(
         self,
@@ -299,10 +337,45 @@ class FeatureCache:
         """
         preprocess = spec.preprocess
 
-        def compute() -> np.ndarray:
-            batches = source.batches(preprocess, batch_size_for(spec.shape))
+        def compute(part: DataSource) -> np.ndarray:
+            batches = part.batches(preprocess, batch_size_for(spec.shape))
             conformed = (conform_batch(batch, spec.shape) for batch in batches)
             return run_backbone_batches(runner, conformed, lock)
 
+        if source.files:
+            return self._per_file_features(backbone_sha256, source, spec, compute)
         digest = f"{source.digest(preprocess)}-{'x'.join(map(str, spec.shape))}"
-        return self.lookup(backbone_sha256, digest, len(source), compute)
+        return self.lookup(backbone_sha256, digest, len(source), lambda: compute(source))
+
+    def _per_file_features(
+        self,
+        backbone_sha256: str,
+        source: DataSource,
+        spec: InputSpec,
+        compute: Callable[[DataSource], np.ndarray],
+    ) -> np.ndarray:
+        """Features of an image folder, one cache entry per image: only images without one are
+        read and run (in batches), so a board that gains photos computes just theirs."""
+        digests = [file_digest(file, spec) for file in source.files]
+        rows: dict[str, np.ndarray] = {}
+        missing: list[int] = []
+        for index, digest in enumerate(digests):
+            if digest in rows:
+                continue
+            stored = self._stored(backbone_sha256, digest, 1)
+            if stored is None:
+                missing.append(index)
+                rows[digest] = np.empty(0, np.float32)  # a placeholder: a copy is computed once
+            else:
+                rows[digest] = stored[0]
+        if missing:
+            self.misses += len(missing)
+            part = replace(
+                source, y=source.y[missing], files=tuple(source.files[i] for i in missing)
+            )
+            computed = compute(part)
+            for index, features in zip(missing, computed, strict=True):
+                rows[digests[index]] = features
+                self._store(backbone_sha256, digests[index], features[None])
+        self.hits += len(digests) - len(missing)
+        return np.stack([rows[digest] for digest in digests]).astype(np.float32, copy=False)

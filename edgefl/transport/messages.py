@@ -198,6 +198,12 @@ class DeviceStatus(_JsonMessage):
     # The digest of the bundle the device runs (`edgefl.bundle.manifest_digest`; "" for none):
     # devices are selected only for the bundle whose digest the aggregator federates.
     bundle_digest: str = ""
+    # What runs the backbone, for the operator: the artifact file of the bundle, the runtime
+    # ("onnxruntime", "litert") and its execution provider ("CUDAExecutionProvider"; "" for
+    # LiteRT); all "" before a backbone is loaded.
+    artifact: str = ""
+    runtime: str = ""
+    provider: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:

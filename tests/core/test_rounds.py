@@ -70,7 +70,8 @@ def update(
 def status(
     device: str, *, task: str = "default", bundle: str = BUNDLE, **fields: object
 ) -> DeviceStatus:
-    return DeviceStatus(device, "online", task=task, samples=10, model_version=1,
+    fields = {"samples": 10, **fields}
+    return DeviceStatus(device, "online", task=task, model_version=1,
                         bundle_digest=bundle, **fields)  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -539,3 +540,13 @@ def test_an_update_claiming_less_clip_or_noise_than_the_round_asked_is_refused()
     closed = rounds.close_round()
     assert closed.answers == {"a": "privacy", "b": "privacy", "c": "privacy", "d": ACCEPTED}
     assert closed.rejected == {"privacy": 3}
+
+
+def test_a_device_without_samples_is_online_but_never_selected_until_it_has_some() -> None:
+    rounds = engine(("a",), open_round=False)
+    rounds.observe_status(status("fresh", samples=0), NOW)  # a board whose data folder is empty
+    assert list(rounds.online_devices(NOW)) == ["a"]
+    assert list(rounds.open_round(1, NOW).selected) == ["a"]
+    rounds.close_round()
+    rounds.observe_status(status("fresh", samples=3), NOW + 1)
+    assert sorted(rounds.open_round(2, NOW + 1).selected) == ["a", "fresh"]

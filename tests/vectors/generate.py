@@ -209,6 +209,9 @@ def status_cases() -> dict[str, Case]:
         profile="raspberry-pi",
         last_round=4,
         bundle_digest=manifest_digest(tiny_manifest().to_json()),
+        artifact="backbone-int8.onnx",
+        runtime="onnxruntime",
+        provider="CPUExecutionProvider",
     )
     minimal = {"schema_version": 2, "device_id": "jetson-02", "state": "offline"}
     v1 = {
