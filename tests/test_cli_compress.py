@@ -305,6 +305,18 @@ def test_a_model_module_that_fails_on_import_is_one_line(
     sys.modules.pop(name, None)
 
 
+def test_eval_data_that_does_not_fit_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    other = tmp_path / "other.npz"
+    np.savez(other, X=np.zeros((2, 64), np.float32), y=np.array([0, 1]), labels=["cat", "dog"])
+    args = ["--model", "digits-mlp", "--recipe", "generic", "--data", "digits", "--seed", "7"]
+    result = run("compress", *args, "--eval-data", str(other), "--out", str(tmp_path / "b"))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: --eval-data {other} has classes the training data lacks: cat, dog "
+        "(training classes: 0, 1, 2, 3, 4, ... (5 more))"
+    ]
+
+
 def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
     out = tmp_path / "existing"
     out.mkdir()

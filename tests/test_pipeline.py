@@ -277,3 +277,76 @@ def test_int8_backoff_keeps_sensitive_nodes_in_float(tmp_path: Path) -> None:
     assert stage.relative_error is not None and stage.relative_error <= 0.02
     logged = load_bundle(out).report()["backoff"]
     assert [entry["kept"] for entry in logged] == [a.kept for a in result.report.backoff]
+
+
+ONNX_FP32 = """
+description = "fp32 ONNX only"
+[[artifacts]]
+format = "onnx"
+precision = "fp32"
+"""
+
+
+def _digits_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """digits split into a training .npz (first 1000), an eval .npz (the rest), and a recipe."""
+    digits = load_digits()
+    train, evaluation = tmp_path / "train.npz", tmp_path / "eval.npz"
+    np.savez(train, X=digits.X[:1000].reshape(-1, 64), y=digits.y[:1000])
+    np.savez(evaluation, X=digits.X[1000:].reshape(-1, 64), y=digits.y[1000:])
+    recipe = tmp_path / "fp32.toml"
+    recipe.write_text(ONNX_FP32)
+    return train, evaluation, recipe
+
+
+def test_eval_data_scores_every_stage_on_a_set_used_for_nothing_else(tmp_path: Path) -> None:
+    train, evaluation, recipe = _digits_files(tmp_path)
+    out = tmp_path / "b"
+    result = compress(
+        CompressRequest("digits-mlp", recipe, train, out, num_classes=10, eval_data=evaluation)
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert (report["train_samples"], report["test_samples"]) == (1000, 797)
+    assert report["evaluation"] == f"{evaluation} (797 samples used for nothing else)"
+    # The bundle, run as a board runs it on the eval set, scores what the report says.
+    bundle = load_bundle(out)
+    digits = load_digits()
+    features = load_backbone(bundle.file(bundle.manifest.backbones()[0])).run(
+        digits.X[1000:].reshape(-1, 64)
+    )
+    score = head_accuracy(
+        bundle.head_spec().layers, bundle.head_weights(), features, digits.y[1000:]
+    )
+    assert score == pytest.approx(report["stages"][-1]["accuracy"])
+    assert result.report is not None and result.report.stages[0].accuracy > 0.8
+
+
+def test_without_eval_data_the_report_says_it_is_a_held_out_share(tmp_path: Path) -> None:
+    train, _, recipe = _digits_files(tmp_path)
+    result = compress(CompressRequest("digits-mlp", recipe, train, tmp_path / "b"))
+    assert result.report is not None
+    assert result.report.evaluation == (
+        f"a held-out 201 of 1000 samples of the training data ({train}), not an independent "
+        "test set: give `eval_data` for one"
+    )
+
+
+def test_a_seed_makes_a_run_repeatable(tmp_path: Path) -> None:
+    train, _, recipe = _digits_files(tmp_path)
+
+    def heads(seed: int, name: str) -> dict[str, np.ndarray]:
+        compress(CompressRequest("digits-mlp", recipe, train, tmp_path / name, num_classes=10,
+                                 seed=seed))  # fmt: skip
+        return load_bundle(tmp_path / name).head_weights()
+
+    first, again, other = heads(3, "a"), heads(3, "b"), heads(4, "c")
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert not all(np.array_equal(first[k], other[k]) for k in first)
+
+
+def test_eval_data_with_classes_the_training_data_lacks_is_refused(tmp_path: Path) -> None:
+    train, _, recipe = _digits_files(tmp_path)
+    eleven = tmp_path / "eleven.npz"
+    np.savez(eleven, X=np.zeros((2, 64), np.float32), y=np.array([0, 10]))
+    with pytest.raises(DataError, match=r"`eval_data` .*eleven.npz has classes the training data"
+                       r" lacks: 10 \(training classes: 0, 1"):  # fmt: skip
+        compress(CompressRequest("digits-mlp", recipe, train, tmp_path / "b", eval_data=eleven))

@@ -39,6 +39,10 @@ from edgefl.cli.shell import user_errors, with_flags
               "at chance accuracy (no better than guessing).")  # fmt: skip
 @click.option("--verbose", is_flag=True, help="Also show the exporters' and runtimes' own log "
               "lines (TensorFlow, absl, torchao).")  # fmt: skip
+@click.option("--eval-data", default=None, help="Evaluate every stage on this set ('digits', a "
+              "folder or a .npz), used for nothing else (default: 20% of --data).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the held-out split, the new head and the training order.")  # fmt: skip
 @user_errors
 def compress(
     model: str,
@@ -59,6 +63,8 @@ def compress(
     dry_run: bool,
     allow_chance: bool,
     verbose: bool,
+    eval_data: str | None,
+    seed: int,
 ) -> None:
     """Prune, distill, quantize and export a model into a verified bundle."""
     from rich.console import Console
@@ -77,7 +83,7 @@ def compress(
         model=model, recipe=recipe, data=data, out=out, weights=weights, head=head,
         num_classes=num_classes, finetune=finetune, force=force, dry_run=dry_run,
         version=bundle_version, name=name, preprocess=overrides, allow_chance=allow_chance,
-        verbose=verbose,
+        verbose=verbose, eval_data=eval_data, seed=seed,
     )  # fmt: skip
     run_compress(
         request, Console(), warn=lambda text: click.echo(f"warning: {with_flags(text)}", err=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -34,6 +35,7 @@ from edgefl.bundle import (
     InputSpec,
     Manifest,
     ModelBundle,
+    Preprocess,
     write_bundle,
 )
 from edgefl.compression.chance import chance_threshold, flag_chance, refuse_chance
@@ -79,6 +81,11 @@ class CompressRequest:
     allow_chance: bool = False
     # Show third-party exporters' and runtimes' own log lines (TensorFlow, absl, torchao).
     verbose: bool = False
+    # Evaluate every stage on this set (any form `data` takes) instead of a share held out of
+    # `data`; it is used for nothing else: no training, distillation or calibration.
+    eval_data: str | Path | None = None
+    # Seeds the held-out split, the new head and the shuffling of training and distillation.
+    seed: int = 0
 
 
 @dataclass
@@ -138,13 +145,22 @@ def compress(
     shape = input_shape(loaded.input_shape, request.preprocess, preprocess.layout)
     if shape is not None:
         dataset = conform(dataset, shape)
-    train, test = holdout_split(dataset)
+    if request.eval_data is None:
+        train, test = holdout_split(dataset, seed=request.seed)
+        evaluation = (
+            f"a held-out {len(test)} of {len(dataset)} samples of the training data "
+            f"({request.data}), not an independent test set: give `eval_data` for one"
+        )
+    else:
+        train, test = dataset, _eval_set(request, preprocess, dataset)
+        evaluation = f"{request.eval_data} ({len(test)} samples used for nothing else)"
     example = torch.from_numpy(train.X[:2])
     split = split_model(loaded.module, request.head, example)
     if request.num_classes is not None:
-        replace_head(split, request.num_classes)
+        replace_head(split, request.num_classes, seed=request.seed)
     labels = _labels(split, loaded, dataset, request.num_classes)
     report = CompressionReport(loaded.name, recipe.name, len(train), len(test))
+    report.evaluation = evaluation
     report.seconds["load"] = round(time.perf_counter() - started, 2)
     if loaded.random_init and finetune is None:
         report.warnings.append(
@@ -179,6 +195,7 @@ def compress(
                 train,
                 finetune,
                 epochs=recipe.head_epochs,
+                seed=request.seed,
                 progress=lambda done, _total: progress.update(task, completed=done),
             )
             report.seconds["transfer"] = round(time.perf_counter() - tick, 2)
@@ -191,6 +208,7 @@ def compress(
             original=accuracy(teacher, test.X, test.y),
             report=report,
             progress=progress,
+            seed=request.seed,
         )
         report.stages.append(run.torch_stage("original", teacher))
         # Checked before minutes of pruning and export: a model at chance stays there.
@@ -236,6 +254,22 @@ def compress(
         render_report(report, console)
         console.print(f"bundle written to {out} (version {manifest.version})")
     return CompressResult(bundle, plan, report, [a.file for a in recipe.artifacts], dataset)
+
+
+def _eval_set(request: CompressRequest, preprocess: Preprocess, data: Dataset) -> Dataset:
+    """Load `eval_data` as the model's inputs, its class indices renumbered to `data`'s labels."""
+    assert request.eval_data is not None
+    if str(request.eval_data) == DIGITS:
+        preprocess = source_preprocess(DIGITS, None)
+    evaluation = conform(load_dataset(request.eval_data, preprocess), data.sample_shape)
+    unknown = [label for label in evaluation.labels if label not in data.labels]
+    if unknown:
+        raise DataError(
+            f"`eval_data` {request.eval_data} has classes the training data lacks: "
+            f"{_few(unknown)} (training classes: {_few(data.labels)})"
+        )
+    index = np.asarray([data.labels.index(label) for label in evaluation.labels], dtype=np.int64)
+    return Dataset(evaluation.X, index[evaluation.y], list(data.labels))
 
 
 def _check_chance(

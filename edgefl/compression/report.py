@@ -69,6 +69,8 @@ class CompressionReport:
     seconds: dict[str, float] = field(default_factory=dict)
     # The accuracy at or below which a stage is flagged `at_chance`; None until checked.
     chance_accuracy: float | None = None
+    # What the accuracies were measured on: `eval_data`, or a share held out of the training data.
+    evaluation: str = ""
     warnings: list[str] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 
@@ -152,6 +154,8 @@ def render_report(report: CompressionReport, console: Console) -> None:
             "-" if s.top1_agreement is None else f"{100 * s.top1_agreement:.1f}",
         )
     console.print(table)
+    if report.evaluation:
+        console.print(f"accuracy on {report.evaluation}", markup=False, highlight=False)
     if any(s.at_chance for s in report.stages) and report.chance_accuracy is not None:
         console.print(
             f"! at chance accuracy (<= {100 * report.chance_accuracy:.1f}%): no better than "

@@ -60,6 +60,7 @@ class CompressionRun:
     original: float
     report: CompressionReport
     progress: Progress
+    seed: int = 0
 
     def drop(self, score: float) -> float:
         """Accuracy points `score` loses against the original model."""
@@ -118,7 +119,9 @@ class CompressionRun:
                 def advance(done: int, _total: int, task: TaskID = task) -> None:
                     self.progress.update(task, completed=done)
 
-                distill(student, teacher, train, step, epochs=epochs, progress=advance)
+                distill(
+                    student, teacher, train, step, epochs=epochs, progress=advance, seed=self.seed
+                )
                 stages.append(self.torch_stage("distilled", student))
             drop = self.drop(accuracy(student, self.test.X, self.test.y))
             ok = self.allows(drop)
