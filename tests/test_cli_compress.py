@@ -37,6 +37,22 @@ class Bessel(nn.Module):
 
 def bessel():
     return Bessel()
+
+
+class SigmoidOut(nn.Module):
+    """A model whose forward applies a sigmoid after its last Linear, as pitch trackers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(self.body(x)))
+
+
+def sigmoid_out():
+    return SigmoidOut()
 '''
 
 TFLITE_ONLY = """
@@ -143,6 +159,11 @@ def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
             "cannot import module 'edgefl_nowhere.models'",
         ),
         (["--model", f"{factories}:missing", *base], f"module '{factories}' has no 'missing'"),
+        (
+            ["--model", f"{factories}:sigmoid_out", *base],
+            "splitting the model at head 'fc' changes its outputs .*: its forward applies "
+            "sigmoid after head 'fc'",
+        ),
         (["--model", "resnet18", *base], r"shape \[1, 8, 8\] but the model takes \[3, 224, 224\]"),
         (
             ["--model", "digits-cnn", "--recipe", "generic", "--data", str(empty)],

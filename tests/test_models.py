@@ -184,6 +184,44 @@ def test_named_sequential_head_keeps_its_bottleneck(factory_module: str) -> None
         split_model(load_model("digits-cnn"), "features", torch.zeros(1, 1, 8, 8))
 
 
+class _SigmoidAfterHead(nn.Module):
+    """A pitch-tracker-like model: its forward applies a sigmoid after the last Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(self.body(x))) * 2.0
+
+
+def test_a_split_that_changes_the_outputs_is_refused_naming_the_operations() -> None:
+    torch.manual_seed(0)
+    x = torch.from_numpy(load_digits().X[:16])
+    with pytest.raises(ModelLoadError) as info:
+        split_model(_SigmoidAfterHead().eval(), None, x[:2], x)
+    message = str(info.value)
+    assert message.startswith("splitting the model at head 'fc' changes its outputs (max error ")
+    assert "on 16 samples): its forward applies sigmoid, mul after head 'fc'" in message
+
+
+def test_a_head_may_start_with_flatten_which_stays_in_the_backbone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module(
+        "features", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    )
+    model.add_module(
+        "classifier", nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 10))
+    )
+    x = torch.from_numpy(load_digits().X[:8])
+    split = split_model(model.eval(), "classifier", x)
+    assert [layer["kind"] for layer in split.head_layers()] == ["linear", "relu", "linear"]
+    assert split.backbone(x).shape == (8, 4)
+    assert torch.allclose(split(x), model(x))
+
+
 def test_wrong_input_shape_is_a_load_error() -> None:
     with pytest.raises(ModelLoadError, match=r"does not accept inputs of shape \[64\]"):
         split_model(load_model("digits-cnn"), None, torch.zeros(2, 64))

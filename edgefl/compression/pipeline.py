@@ -155,7 +155,8 @@ def compress(
         train, test = dataset, _eval_set(request, preprocess, dataset)
         evaluation = f"{request.eval_data} ({len(test)} samples used for nothing else)"
     example = torch.from_numpy(train.X[:2])
-    split = split_model(loaded.module, request.head, example)
+    # Up to 64 real samples: head(backbone(x)) must equal model(x) on them.
+    split = split_model(loaded.module, request.head, example, torch.from_numpy(train.X[:64]))
     if request.num_classes is not None:
         replace_head(split, request.num_classes, seed=request.seed)
     labels = _labels(split, loaded, dataset, request.num_classes)

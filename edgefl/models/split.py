@@ -2,8 +2,10 @@
 
 The head is named (a module path such as `fc` or `classifier`) or found (the last `nn.Linear`).
 A named `nn.Sequential` head may hold a bottleneck: Linear, ReLU, Linear; Dropout is dropped,
-as it is the identity at inference. The head becomes an `nn.Sequential` indexed exactly like
-`edgefl.bundle.HeadSpec`, so its state dict is the head's safetensors file.
+as it is the identity at inference, and a leading Flatten stays in the backbone. The head
+becomes an `nn.Sequential` indexed exactly like `edgefl.bundle.HeadSpec`, so its state dict is
+the head's safetensors file. A split must compute what the model computes: head(backbone(x))
+is checked against model(x), and a forward that does more after the head is refused.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class SplitModel(nn.Module):
         }
 
 
-def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> SplitModel:
+def split_model(
+    model: nn.Module, head: str | None, example: torch.Tensor, inputs: torch.Tensor | None = None
+) -> SplitModel:
     """Split a copy of `model` into backbone and head; the original is left untouched.
 
     Args:
@@ -71,13 +75,16 @@ def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> Sp
         head: the module path of the head (`fc`, `classifier`, `classifier.1`), or None to take
             the last `nn.Linear`.
         example: an input batch, used to check the backbone returns flat features.
+        inputs: real samples on which head(backbone(x)) must equal model(x); default `example`.
 
     Returns:
         The split model, in eval mode.
 
     Raises:
-        ModelLoadError: the head is not found, holds layers other than Linear/ReLU/Dropout, or
-            the backbone does not output (batch, features) matching the head's input.
+        ModelLoadError: the head is not found, holds layers other than Linear/ReLU/Dropout (and
+            a leading Flatten), the backbone does not output (batch, features) matching the
+            head's input, or the split computes something else than the model (naming the
+            operations the model's forward applies after the head, where they can be traced).
     """
     full = copy.deepcopy(model).eval()
     name = head if head is not None else _last_linear(full)
@@ -87,9 +94,9 @@ def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> Sp
         raise ModelLoadError(f"model has no module {name!r} to use as head") from None
     if name == "":
         raise ModelLoadError("the head cannot be the whole model")
-    head_seq = _head_sequential(name, module)
+    flatten, head_seq = _head_sequential(name, module)
     parent_name, _, attr = name.rpartition(".")
-    setattr(full.get_submodule(parent_name), attr, nn.Identity())
+    setattr(full.get_submodule(parent_name), attr, flatten or nn.Identity())
     split = SplitModel(full, head_seq).eval()
     try:
         with torch.no_grad():
@@ -104,7 +111,71 @@ def split_model(model: nn.Module, head: str | None, example: torch.Tensor) -> Sp
             f"without head {name!r} the model outputs shape {list(features.shape)}, not flat "
             f"features of size {split.feature_size}; name the head with `head`"
         )
+    _check_faithful(model, split, name, example if inputs is None else inputs)
     return split
+
+
+# head(backbone(x)) runs the very same operations as model(x); only float noise may differ.
+_SPLIT_TOLERANCE = 1e-4
+
+
+def _check_faithful(model: nn.Module, split: SplitModel, name: str, inputs: torch.Tensor) -> None:
+    training = model.training
+    try:
+        with torch.no_grad():
+            expected = model.eval()(inputs)
+            got = split(inputs)
+    finally:
+        model.train(training)
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+        shape = list(expected.shape) if isinstance(expected, torch.Tensor) else type(expected)
+        raise ModelLoadError(
+            f"the model outputs {shape}, but head {name!r} outputs {list(got.shape)}; a model "
+            "must return its head's logits"
+        )
+    error = float((expected - got).abs().max()) if expected.numel() else 0.0
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
+    if not error <= _SPLIT_TOLERANCE * scale:
+        after = _operations_after(model, name)
+        what = (
+            f"its forward applies {', '.join(after)} after head {name!r}"
+            if after
+            else f"its forward does more than head {name!r} of the features"
+        )
+        raise ModelLoadError(
+            f"splitting the model at head {name!r} changes its outputs (max error {error:.3g} "
+            f"on {len(inputs)} samples): {what}, and a head holds only Linear and ReLU layers; "
+            "make the model return the last Linear's output, or name another `head`"
+        )
+
+
+def _operations_after(model: nn.Module, name: str) -> list[str]:
+    """Name the operations the model's forward applies to its head's output (fx-traced)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # not every model traces; the caller then names no operation
+        return []
+    in_head = [
+        node
+        for node in graph.nodes
+        if node.op == "call_module" and (node.target == name or node.target.startswith(name + "."))
+    ]
+    if not in_head:
+        return []
+    names: list[str] = []
+    seen = set(in_head)
+    frontier = [in_head[-1]]
+    while frontier:
+        for user in frontier.pop(0).users:
+            if user in seen or user.op == "output":
+                continue
+            seen.add(user)
+            frontier.append(user)
+            if user.op == "call_module":
+                names.append(type(model.get_submodule(str(user.target))).__name__)
+            else:
+                names.append(getattr(user.target, "__name__", str(user.target)))
+    return names
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -114,8 +185,12 @@ def _last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-def _head_sequential(name: str, module: nn.Module) -> nn.Sequential:
+def _head_sequential(name: str, module: nn.Module) -> tuple[nn.Flatten | None, nn.Sequential]:
+    """Return the head's leading Flatten (it stays in the backbone) and its layers."""
     children = list(module) if isinstance(module, nn.Sequential) else [module]
+    flatten = None
+    if children and isinstance(children[0], nn.Flatten):
+        flatten, children = children[0], children[1:]
     layers: list[nn.Module] = []
     for child in children:
         if isinstance(child, nn.Linear):
@@ -127,13 +202,13 @@ def _head_sequential(name: str, module: nn.Module) -> nn.Sequential:
         else:
             raise ModelLoadError(
                 f"head {name!r} holds {type(child).__name__}; a head may only hold "
-                "Linear, ReLU and Dropout layers"
+                "Linear, ReLU and Dropout layers (and a Flatten first)"
             )
     if not any(isinstance(layer, nn.Linear) for layer in layers):
         raise ModelLoadError(f"head {name!r} holds no nn.Linear layer")
     if isinstance(layers[0], nn.ReLU):
         raise ModelLoadError(f"head {name!r} must start with a Linear layer")
-    return nn.Sequential(*layers)
+    return flatten, nn.Sequential(*layers)
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
