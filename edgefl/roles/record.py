@@ -280,6 +280,17 @@ class AggregatorRecord:
         )
         return {str(name): int(count) for name, count in rows}
 
+    def update_counts_by_round(self) -> dict[int, dict[str, int]]:
+        """Return `update_counts` of every round, in one query."""
+        rows = self._read(
+            "SELECT round, CASE outcome WHEN 'rejected' THEN code ELSE outcome END, COUNT(*)"
+            " FROM updates GROUP BY 1, 2"
+        )
+        counts: dict[int, dict[str, int]] = {}
+        for number, name, count in rows:
+            counts.setdefault(int(number), {})[str(name)] = int(count)
+        return counts
+
     def rejections(self, round_number: int | None = None) -> list[tuple[int, str, str, str]]:
         """Return (round, device, code, reason) of rejected and late updates."""
         sql = "SELECT round, device_id, code, reason FROM updates WHERE outcome != 'accepted'"
@@ -385,10 +396,18 @@ class AggregatorRecord:
         """Return (round, selected, online, config) of every finished round, oldest first: what
         privacy accounting needs (`edgefl.core.accounting.PrivacyLedger.from_rounds`)."""
         return [
-            (r.round, int(r.result.get("selected", len(r.selected))),
-             int(r.result.get("online", 0)), r.config)
-            for r in self.rounds() if r.status != "open" and r.result is not None
-        ]  # fmt: skip
+            (number, int(result.get("selected", 0)), int(result.get("online", 0)), config)
+            for number, _status, config, result in self.finished_rounds()
+        ]
+
+    def finished_rounds(self) -> list[tuple[int, str, dict[str, Any], dict[str, Any]]]:
+        """Return (round, status, config, result) of every closed or failed round, oldest first,
+        without the participants (`rounds` reads them all; this runs after every round)."""
+        rows = self._read(
+            "SELECT round, status, config, result FROM rounds"
+            " WHERE status != 'open' AND result IS NOT NULL ORDER BY round"
+        )
+        return [(int(r[0]), str(r[1]), json.loads(r[2]), json.loads(r[3])) for r in rows]
 
     def open_round_record(self) -> RoundRecord | None:
         """Return the round left open (by a crash or kill), or None."""
