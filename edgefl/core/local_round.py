@@ -19,7 +19,7 @@ import numpy as np
 
 from edgefl.core.board_limits import BoardLimits, bound_training
 from edgefl.core.codecs import ErrorFeedback, encode_delta
-from edgefl.core.personal_head import holdout_split, keeps_candidate
+from edgefl.core.personal_head import judging_split, keeps_candidate
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
 from edgefl.core.settings import (
     CodecSettings,
@@ -341,7 +341,7 @@ def _train(
     trained = None
     if board.personalize:
         # Judged on the board's fixed share; every sample still trains (see personal_head).
-        _, held = holdout_split(len(labels))
+        _, held = judging_split(len(labels))
         judge = held if len(held) else slice(None)
         current = personal if personal is not None else global_head
         if keeps_candidate(layers, current, result.weights, data.features[judge],

@@ -29,7 +29,7 @@ HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 20261203
 
 
-def holdout_split(
+def judging_split(
     samples: int, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split sample indices into (training, held out), the same for the same arguments.

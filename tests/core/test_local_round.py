@@ -22,7 +22,7 @@ from edgefl.core.local_round import (
     run_local_round,
     task_key,
 )
-from edgefl.core.personal_head import holdout_split
+from edgefl.core.personal_head import judging_split
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm, global_norm
 from edgefl.core.settings import (
     CodecSettings,
@@ -399,12 +399,12 @@ def test_bound_training_leaves_settings_within_the_limits_alone() -> None:
 
 
 def test_the_held_out_share_is_fixed_disjoint_and_a_fifth() -> None:
-    fit, held = holdout_split(60)
+    fit, held = judging_split(60)
     assert (len(fit), len(held)) == (48, 12)
     assert sorted([*fit, *held]) == list(range(60))
-    again_fit, again_held = holdout_split(60)
+    again_fit, again_held = judging_split(60)
     assert held.tolist() == again_held.tolist() and fit.tolist() == again_fit.tolist()
-    assert holdout_split(4)[1].size == 0  # too few samples to hold any out
+    assert judging_split(4)[1].size == 0  # too few samples to hold any out
 
 
 def test_a_round_with_zero_epochs_does_not_replace_a_good_personal_head(
@@ -412,7 +412,7 @@ def test_a_round_with_zero_epochs_does_not_replace_a_good_personal_head(
 ) -> None:
     good = _run(_task(_settings(train={"epochs": 30, "lr": 0.5})), head, data).trained
     assert good is not None
-    _, held = holdout_split(len(data.labels))
+    _, held = judging_split(len(data.labels))
     good_accuracy = head_accuracy(LAYERS, good, data.features[held], data.labels[held])
     assert good_accuracy > head_accuracy(LAYERS, head, data.features[held], data.labels[held])
 
