@@ -2,16 +2,10 @@
 
 The rules of a round (selection, acceptance, quorum, deadline, resume) live in the pure
 `edgefl.core.rounds.RoundEngine`; this module is its shell: the MQTT client feeds it statuses
-and updates on the network thread, the `AggregatorRecord` keeps what it decides, and `run()`
-loops rounds: wait for devices (the first round: until the online set settled) -> open a round
-with the strategy -> publish the task (retained; it names the run, the head digest and the
-bundle digest) -> wait until every selected device answered or the deadline passed -> close
-(bound and aggregate per task) -> store the new heads, strategy state, result and metrics in
-one transaction, and publish the result (retained until another run starts). Nothing a device
-sends can crash the aggregator, and every rejection is recorded with its code and reason.
-
-Each `run()` has a run ID (a restarted run keeps it, from the record); retained tasks and
-results of other runs are cleared when the aggregator sees them.
+and updates on the network thread, the `AggregatorRecord` keeps what it decides (closing a round
+is one transaction), and `run()` loops rounds: wait for devices -> open a round -> publish the
+task (retained) -> wait for every answer or the deadline -> close -> store, then publish the
+result. Each `run()` has a run ID; retained tasks and results of other runs are cleared.
 """
 
 from __future__ import annotations
@@ -62,6 +56,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0
 
 RoundCallback = Callable[[RoundSummary], None]
+VerdictCallback = Callable[[Verdict], None]
 
 
 class Aggregator:
@@ -74,6 +69,7 @@ class Aggregator:
         eval_dataset: Dataset | None = None,
         on_round: RoundCallback | None = None,
         fault: FaultHook | None = None,
+        on_verdict: VerdictCallback | None = None,
     ) -> None:
         """Load the bundle and state; nothing connects until run().
 
@@ -83,6 +79,7 @@ class Aggregator:
             eval_dataset: server-side evaluation samples (raw inputs; features via the runtime).
             on_round: called after every round (progress display, simulation).
             fault: passed to the record, called between the steps of closing a round (tests).
+            on_verdict: called with every update's verdict, on the network thread (metrics).
 
         Raises:
             ValueError: an invalid setting.
@@ -92,6 +89,7 @@ class Aggregator:
         config.check()
         self.config = config
         self.on_round = on_round
+        self.on_verdict = on_verdict
         self.bundle: ModelBundle = load_bundle(config.bundle_dir)
         self.state = AggregatorRecord(config.state_path or ":memory:", fault)
         self._check_state_identity()
@@ -484,6 +482,8 @@ class Aggregator:
                 self._cond.notify_all()
 
     def _record(self, verdict: Verdict, payload: bytes | None = None) -> None:
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
         if verdict.outcome == REPEATED:
             return
         if verdict.outcome == ACCEPTED:
