@@ -10,6 +10,7 @@ import click
 
 from edgefl import __version__
 from edgefl.cli.compress import compress, recipes
+from edgefl.cli.dashboard import dashboard
 from edgefl.cli.delivery import deploy, flash, fleet, keys
 from edgefl.cli.federation import agent, aggregate, broker
 from edgefl.cli.security import broker_config, certs
@@ -23,7 +24,7 @@ def main() -> None:
 
 
 for _command in (compress, recipes, broker, agent, aggregate, keys, deploy, fleet, flash, simulate,
-                 demo, certs, broker_config):  # fmt: skip
+                 demo, certs, broker_config, dashboard):  # fmt: skip
     main.add_command(_command)
 
 __all__ = ["main"]

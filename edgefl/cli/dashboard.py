@@ -1,0 +1,73 @@
+"""`edgefl dashboard`: a fleet's live web page; and the dashboard `simulate` and `demo` offer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from edgefl.cli.options import tls_options, tls_settings
+from edgefl.cli.shell import setup_logging, user_errors
+
+if TYPE_CHECKING:
+    from edgefl.dashboard.service import Dashboard
+
+
+@click.command()
+@click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT] or mqtts://...")
+@click.option("--fleet", required=True, help="Fleet name.")
+@click.option("--state", "state_path", type=click.Path(path_type=Path),
+              help="The aggregator's SQLite record, opened read-only.")  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; any but loopback needs --token.")  # fmt: skip
+@click.option("--port", default=8050, show_default=True, type=int)
+@click.option("--token", envvar="EDGEFL_DASHBOARD_TOKEN",
+              help="Required on every request (?token= or Authorization: Bearer); "
+                   "also from $EDGEFL_DASHBOARD_TOKEN.")  # fmt: skip
+@click.option("--log-level", default="warning", show_default=True)
+@tls_options()
+@user_errors
+def dashboard(**options: Any) -> None:
+    """Serve a live, read-only web page of a fleet: devices, rounds, deploys, privacy spent."""
+    from edgefl.dashboard.service import Dashboard, DashboardSettings
+
+    settings = DashboardSettings(
+        broker_url=options["broker_url"], fleet=options["fleet"],
+        state_path=options["state_path"], host=options["host"], port=options["port"],
+        token=options["token"], tls=tls_settings(options),
+    )  # fmt: skip
+    try:
+        page = Dashboard(settings)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    setup_logging(options["log_level"])
+    click.echo(f"dashboard of fleet {settings.fleet} at {page.url} (Ctrl-C to stop)", err=True)
+    page.run()
+
+
+def dashboard_options(command: Any) -> Any:
+    """Add `--dashboard` and `--dashboard-port` to a command that runs a fleet on this machine."""
+    port = click.option("--dashboard-port", default=8050, show_default=True, type=int,
+                        help="Port of --dashboard (0: any free one).")  # fmt: skip
+    flag = click.option("--dashboard", "with_dashboard", is_flag=True,
+                        help="Serve the live fleet page on 127.0.0.1 while it runs.")  # fmt: skip
+    return flag(port(command))
+
+
+def start_local_dashboard(broker_url: str, fleet: str, port: int) -> Dashboard:
+    """Serve a fleet's dashboard on 127.0.0.1 beside a simulation, say where, and return it."""
+    from edgefl.dashboard.service import Dashboard, DashboardSettings
+
+    page = Dashboard(DashboardSettings(broker_url, fleet, port=port))
+    url = page.start()
+    click.echo(f"dashboard: {url}", err=True)
+    return page
+
+
+def keep_dashboard_open(page: Dashboard | None) -> None:
+    """After a run: in a terminal, keep the page served until a key is pressed; then stop it."""
+    if page is None:
+        return
+    click.pause(f"the dashboard stays at {page.url}; press any key to stop it", err=True)
+    page.stop()

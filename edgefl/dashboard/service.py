@@ -1,0 +1,95 @@
+"""A dashboard for one fleet: the watcher, the record, the view and the web server together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefl.dashboard.record_reader import RecordPoller
+from edgefl.dashboard.server import DashboardServer, ViewSource, build_app, check_bind
+from edgefl.dashboard.watcher import FleetWatcher
+from edgefl.transport.tls import TlsSettings
+
+DEFAULT_PORT = 8050
+
+
+@dataclass
+class DashboardSettings:
+    """What a dashboard watches and where it serves.
+
+    Attributes:
+        broker_url: the fleet's broker, `mqtt://host[:port]` or `mqtts://...`.
+        fleet: the fleet's name.
+        state_path: the aggregator's SQLite record, read-only (None: rounds come from the
+            retained round results alone, without the durations and late rejections it holds).
+        host: the address to bind; anything but loopback needs `token`.
+        port: the port (0: any free one).
+        token: required on every request when given.
+        tls: the CA file and client certificate for `mqtts://`.
+    """
+
+    broker_url: str
+    fleet: str
+    state_path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    tls: TlsSettings | None = None
+
+
+class Dashboard:
+    """Serves a fleet's dashboard: `start()` on a thread beside other work, or `run()`."""
+
+    def __init__(self, settings: DashboardSettings) -> None:
+        """Check the settings; nothing connects or listens yet.
+
+        Raises:
+            ValueError: a non-loopback host without a token, or an invalid fleet name.
+            TransportError: the broker URL or the TLS settings are invalid.
+        """
+        check_bind(settings.host, settings.token)
+        self.settings = settings
+        self.watcher = FleetWatcher(settings.broker_url, settings.fleet, settings.tls)
+        record = RecordPoller(settings.state_path) if settings.state_path is not None else None
+        self.source = ViewSource(self.watcher, record)
+        self.server = DashboardServer(
+            build_app(self.source, settings.token), settings.host, settings.port
+        )
+        self.source.stopping = lambda: bool(self.server.server.should_exit)
+
+    @property
+    def url(self) -> str:
+        """The page's URL, with the token when there is one."""
+        return self.server.url(self.settings.token)
+
+    def start(self, connect_timeout: float = 10.0) -> str:
+        """Connect to the broker and serve on a daemon thread; return the page's URL.
+
+        Raises:
+            TransportError: the broker cannot be reached.
+            OSError: the port cannot be bound.
+        """
+        self.watcher.start(connect_timeout)
+        try:
+            self.server.start()
+        except BaseException:
+            self.watcher.stop()
+            raise
+        return self.url
+
+    def run(self, connect_timeout: float = 10.0) -> None:
+        """Connect and serve in the foreground until interrupted (Ctrl-C).
+
+        Raises:
+            TransportError: the broker cannot be reached.
+        """
+        self.watcher.start(connect_timeout)
+        try:
+            self.server.run()
+        finally:
+            self.watcher.stop()
+
+    def stop(self) -> None:
+        """Stop serving and disconnect."""
+        self.server.stop()
+        self.watcher.stop()
