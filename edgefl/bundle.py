@@ -93,16 +93,23 @@ class Artifact:
 
 @dataclass
 class HeadSpec:
-    """A head: its layers, in order, and the labels of its outputs.
+    """A head: its layers, in order, the labels of its outputs, and its output operations.
 
     Layers are dicts: `{"kind": "linear", "in": 64, "out": 10}` or `{"kind": "relu"}`.
     Parameters are named like a torch `nn.Sequential`: `"{index}.weight"` (out, in) and
     `"{index}.bias"` (out,), where index is the layer's position in `layers`.
+    `outputs` are the element-wise operations the model applies after the last layer, in order:
+    `{"op": "sigmoid"}`, `"tanh"`, `"softmax"`, `"log_softmax"` (over the outputs of a sample) or
+    `{"op": "affine", "scale": s, "shift": b}` (x·s + b, s > 0); see `edgefl.head`. They have no
+    parameters and keep the order of the outputs, so training and argmax use the logits. A
+    manifest without them (older ones) has none; when empty the field is not written, so such a
+    manifest's bytes and digest are what they were.
     """
 
     layers: list[dict[str, Any]]
     labels: list[str]
     file: str = "head.safetensors"
+    outputs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def in_features(self) -> int:
@@ -135,7 +142,11 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the manifest as plain JSON-able data."""
-        return asdict(self)
+        data = asdict(self)
+        for head in data["heads"].values():
+            if not head["outputs"]:
+                del head["outputs"]  # a head without output operations reads as before
+        return data
 
     def to_json(self) -> str:
         """Return the manifest as canonical JSON (sorted keys), the bytes that get signed."""

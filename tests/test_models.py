@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -15,6 +16,7 @@ from edgefl.compression.distill import accuracy, predict
 from edgefl.compression.transfer import parse_finetune, replace_head, train_head
 from edgefl.data import Dataset, fl_digits_split, holdout_split, load_digits
 from edgefl.errors import EdgeflError, ModelLoadError
+from edgefl.head import head_forward
 from edgefl.models import load_model, resolve_model, split_model
 from edgefl.models.builtin import DIGITS_CNN_CACHE
 
@@ -22,6 +24,8 @@ torch.set_num_threads(1)
 
 FACTORY_MODULE = """
 from torch import nn
+
+import tiny_models
 
 def make():
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -196,14 +200,82 @@ class _SigmoidAfterHead(nn.Module):
         return torch.sigmoid(self.fc(self.body(x))) * 2.0
 
 
-def test_a_split_that_changes_the_outputs_is_refused_naming_the_operations() -> None:
+def test_a_sigmoid_and_scaling_after_the_head_become_its_output_operations() -> None:
     torch.manual_seed(0)
     x = torch.from_numpy(load_digits().X[:16])
+    model = _SigmoidAfterHead().eval()
+    split = split_model(model, None, x[:2], x)
+    spec = split.head_spec([str(i) for i in range(10)])
+    assert spec.layers == [{"kind": "linear", "in": 16, "out": 10}]
+    assert spec.outputs == [{"op": "sigmoid"}, {"op": "affine", "scale": 2.0, "shift": 0.0}]
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(split.model_outputs(x), expected)
+        features = split.backbone(x).numpy()
+    # A board computes the same in numpy from the manifest's spec and the head's weights.
+    got = head_forward(spec.layers, split.head_weights(), features, spec.outputs)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+    # Logits (what training and argmax use) keep the model's predicted classes.
+    assert torch.equal(split(x).argmax(1), expected.argmax(1))
+
+
+class _CumsumAfterHead(_SigmoidAfterHead):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x)).cumsum(1)
+
+
+def test_an_operation_that_mixes_outputs_after_the_head_is_refused_by_name() -> None:
+    x = torch.from_numpy(load_digits().X[:16])
     with pytest.raises(ModelLoadError) as info:
-        split_model(_SigmoidAfterHead().eval(), None, x[:2], x)
-    message = str(info.value)
-    assert message.startswith("splitting the model at head 'fc' changes its outputs (max error ")
-    assert "on 16 samples): its forward applies sigmoid, mul after head 'fc'" in message
+        split_model(_CumsumAfterHead().eval(), None, x[:2], x)
+    assert str(info.value).startswith(
+        "the model's forward applies cumsum after head 'fc'; after its last Linear a head may "
+        "only apply sigmoid, tanh, softmax, log_softmax and scaling by a positive number"
+    )
+
+
+def test_a_crepe_like_forward_with_an_embed_switch_splits_with_its_sigmoid() -> None:
+    model = tiny_models.pitch_like()
+    x = torch.from_numpy(load_digits().X[:64])
+    split = split_model(model, None, x[:2], x)
+    assert split.output_ops == [{"op": "sigmoid"}]
+    # The backbone stops at the head's input: the sigmoid is not applied to the features.
+    with torch.no_grad():
+        assert torch.allclose(split.backbone(x), model(x, embed=True))
+        assert torch.allclose(split.model_outputs(x), model(x))
+
+
+class _DataDependent(_SigmoidAfterHead):
+    """A forward torch.fx cannot trace: control flow on the data."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(self.body(x))
+        return logits.sigmoid() if float(x.sum()) > 0 else logits
+
+
+def test_an_untraceable_forward_that_changes_the_head_output_is_refused() -> None:
+    x = torch.from_numpy(load_digits().X[:16])
+    with pytest.raises(ModelLoadError, match=r"changes its outputs \(max error .* on 16 samples\)"):
+        split_model(_DataDependent().eval(), None, x[:2], x)
+
+
+def test_a_named_head_may_end_with_softmax() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10), nn.Softmax(dim=1)
+    ).eval()
+    x = torch.from_numpy(load_digits().X[:8])
+    split = split_model(model, "3", x)
+    assert split.output_ops == [{"op": "softmax"}]
+    named = nn.Sequential()
+    named.add_module("body", nn.Sequential(nn.Flatten(), nn.Linear(64, 16)))
+    named.add_module(
+        "classifier", nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 10), nn.Sigmoid())
+    )
+    split = split_model(named.eval(), "classifier", x)
+    assert [layer["kind"] for layer in split.head_layers()] == ["linear", "relu", "linear"]
+    assert split.output_ops == [{"op": "sigmoid"}]
+    assert torch.allclose(split.model_outputs(x), named(x))
 
 
 def test_a_head_may_start_with_flatten_which_stays_in_the_backbone() -> None:

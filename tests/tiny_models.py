@@ -40,3 +40,26 @@ def color_photos(root: Path, per_class: int = 6) -> Path:
             pixels[..., 2 - index] += 160  # blue lights channel 2, green 1, red 0
             Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
     return root
+
+
+class _PitchLike(nn.Module):
+    """Like torchcrepe's CREPE: a forward with an `embed` switch (so torch.fx cannot trace it)
+    that applies a sigmoid after its last Linear, `classifier`."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*list(mlp.children())[:-1])
+        self.classifier = list(mlp.children())[-1]
+
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        x = self.body(x.flatten(1))
+        if embed:
+            return x
+        return torch.sigmoid(self.classifier(x))
+
+
+def pitch_like() -> nn.Module:
+    """The pretrained FL-digits MLP with a sigmoid after its head, in an untraceable forward."""
+    from edgefl.models.builtin import pretrained_digits_mlp
+
+    return _PitchLike(pretrained_digits_mlp()).eval()

@@ -6,6 +6,10 @@ run without torch, the results agree to float32 rounding (see tests/core/test_tr
 for heads this small numpy's per-step overhead is lower than torch's, which is what lets one
 process simulate a thousand devices. Both backends draw the minibatch order from the same
 seeded numpy generator, so a run is reproducible and backend-independent.
+
+A head's output operations (`HeadSpec.outputs`: a sigmoid, softmax or positive scaling after the
+last Linear) take no part: the loss is cross-entropy on the logits, which is the right loss for
+the arg-max these operations keep (`edgefl.head`), and accuracy is the logits' arg-max.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ The head is named (a module path such as `fc` or `classifier`) or found (the las
 A named `nn.Sequential` head may hold a bottleneck: Linear, ReLU, Linear; Dropout is dropped,
 as it is the identity at inference, and a leading Flatten stays in the backbone. The head
 becomes an `nn.Sequential` indexed exactly like `edgefl.bundle.HeadSpec`, so its state dict is
-the head's safetensors file. A split must compute what the model computes: head(backbone(x))
-is checked against model(x), and a forward that does more after the head is refused.
+the head's safetensors file. What the model applies after the head's last Linear (a sigmoid,
+softmax, scaling: inside the named head or in the forward) becomes the head's output operations
+(`edgefl.models.head_ops`). A split must compute what the model computes: the split's outputs
+are checked against model(x), and a forward that does anything else after the head is refused.
 """
 
 from __future__ import annotations
@@ -19,18 +21,32 @@ from torch import nn
 
 from edgefl.bundle import HeadSpec
 from edgefl.errors import ModelLoadError, first_line
+from edgefl.models.head_ops import TracedHead, Unsupported, module_ops, output_module, traced_ops
 
 
 class SplitModel(nn.Module):
-    """A model as `head(backbone(x))`; the backbone returns (batch, feature_size) features."""
+    """A model as `outputs(head(backbone(x)))`; the backbone returns (batch, feature_size) features.
 
-    def __init__(self, backbone: nn.Module, head: nn.Sequential) -> None:
+    `forward` returns the logits, head(backbone(x)): what training, distillation and accuracy
+    use (the output operations keep the order of a row, see `edgefl.head`). `model_outputs`
+    applies the output operations too: what the user's model returns.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, head: nn.Sequential, outputs: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.output_ops: list[dict[str, Any]] = list(outputs or [])
+        self.outputs = output_module(self.output_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def model_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Return what the model returns: the logits through the output operations."""
+        return self.outputs(self.forward(x))
 
     @property
     def feature_size(self) -> int:
@@ -55,7 +71,9 @@ class SplitModel(nn.Module):
 
     def head_spec(self, labels: list[str]) -> HeadSpec:
         """Return the head spec with its output labels."""
-        return HeadSpec(layers=self.head_layers(), labels=list(labels))
+        return HeadSpec(
+            layers=self.head_layers(), labels=list(labels), outputs=list(self.output_ops)
+        )
 
     def head_weights(self) -> dict[str, np.ndarray]:
         """Return the head parameters as float32 arrays, named `{index}.weight` / `{index}.bias`."""
@@ -82,9 +100,10 @@ def split_model(
 
     Raises:
         ModelLoadError: the head is not found, holds layers other than Linear/ReLU/Dropout (and
-            a leading Flatten), the backbone does not output (batch, features) matching the
-            head's input, or the split computes something else than the model (naming the
-            operations the model's forward applies after the head, where they can be traced).
+            a leading Flatten, trailing output operations), the backbone does not output (batch,
+            features) matching the head's input, or the split computes something else than the
+            model (naming the operations the model's forward applies after the head, where they
+            can be traced).
     """
     full = copy.deepcopy(model).eval()
     name = head if head is not None else _last_linear(full)
@@ -94,10 +113,15 @@ def split_model(
         raise ModelLoadError(f"model has no module {name!r} to use as head") from None
     if name == "":
         raise ModelLoadError("the head cannot be the whole model")
-    flatten, head_seq = _head_sequential(name, module)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(full.get_submodule(parent_name), attr, flatten or nn.Identity())
-    split = SplitModel(full, head_seq).eval()
+    flatten, head_seq, trailing = _head_sequential(name, module)
+    after = _ops_after(model, name)
+    if after.backbone is not None:
+        backbone: nn.Module = after.backbone
+    else:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(full.get_submodule(parent_name), attr, flatten or nn.Identity())
+        backbone = full
+    split = SplitModel(backbone, head_seq, trailing + after.ops).eval()
     try:
         with torch.no_grad():
             features = split.backbone(example)
@@ -115,8 +139,25 @@ def split_model(
     return split
 
 
-# head(backbone(x)) runs the very same operations as model(x); only float noise may differ.
+# The split runs the very same operations as model(x); only float noise may differ.
 _SPLIT_TOLERANCE = 1e-4
+_OPS_ALLOWED = (
+    "after its last Linear a head may only apply sigmoid, tanh, softmax, log_softmax and "
+    "scaling by a positive number plus a shift"
+)
+
+
+def _ops_after(model: nn.Module, name: str) -> TracedHead:
+    """The output operations the model's forward applies after its head, and the backbone cut
+    before the head when there are any."""
+    try:
+        found = traced_ops(copy.deepcopy(model).eval(), name)
+    except Unsupported as exc:
+        raise ModelLoadError(
+            f"the model's forward applies {', '.join(exc.names)} after head {name!r}; "
+            f"{_OPS_ALLOWED}; make the model return the head's output, or name another `head`"
+        ) from None
+    return found or TracedHead([], None)
 
 
 def _check_faithful(model: nn.Module, split: SplitModel, name: str, inputs: torch.Tensor) -> None:
@@ -124,7 +165,7 @@ def _check_faithful(model: nn.Module, split: SplitModel, name: str, inputs: torc
     try:
         with torch.no_grad():
             expected = model.eval()(inputs)
-            got = split(inputs)
+            got = split.model_outputs(inputs)
     finally:
         model.train(training)
     if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
@@ -136,46 +177,12 @@ def _check_faithful(model: nn.Module, split: SplitModel, name: str, inputs: torc
     error = float((expected - got).abs().max()) if expected.numel() else 0.0
     scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
     if not error <= _SPLIT_TOLERANCE * scale:
-        after = _operations_after(model, name)
-        what = (
-            f"its forward applies {', '.join(after)} after head {name!r}"
-            if after
-            else f"its forward does more than head {name!r} of the features"
-        )
+        what = f"its forward does more than head {name!r} of the features"
         raise ModelLoadError(
             f"splitting the model at head {name!r} changes its outputs (max error {error:.3g} "
-            f"on {len(inputs)} samples): {what}, and a head holds only Linear and ReLU layers; "
-            "make the model return the last Linear's output, or name another `head`"
+            f"on {len(inputs)} samples): {what}, and {_OPS_ALLOWED}; make the model return the "
+            "last Linear's output, or name another `head`"
         )
-
-
-def _operations_after(model: nn.Module, name: str) -> list[str]:
-    """Name the operations the model's forward applies to its head's output (fx-traced)."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # not every model traces; the caller then names no operation
-        return []
-    in_head = [
-        node
-        for node in graph.nodes
-        if node.op == "call_module" and (node.target == name or node.target.startswith(name + "."))
-    ]
-    if not in_head:
-        return []
-    names: list[str] = []
-    seen = set(in_head)
-    frontier = [in_head[-1]]
-    while frontier:
-        for user in frontier.pop(0).users:
-            if user in seen or user.op == "output":
-                continue
-            seen.add(user)
-            frontier.append(user)
-            if user.op == "call_module":
-                names.append(type(model.get_submodule(str(user.target))).__name__)
-            else:
-                names.append(getattr(user.target, "__name__", str(user.target)))
-    return names
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -185,12 +192,19 @@ def _last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-def _head_sequential(name: str, module: nn.Module) -> tuple[nn.Flatten | None, nn.Sequential]:
-    """Return the head's leading Flatten (it stays in the backbone) and its layers."""
+def _head_sequential(
+    name: str, module: nn.Module
+) -> tuple[nn.Flatten | None, nn.Sequential, list[dict[str, Any]]]:
+    """Return the head's leading Flatten (it stays in the backbone), its layers and its
+    trailing output operations."""
     children = list(module) if isinstance(module, nn.Sequential) else [module]
     flatten = None
     if children and isinstance(children[0], nn.Flatten):
         flatten, children = children[0], children[1:]
+    trailing: list[dict[str, Any]] = []
+    while children and (found := module_ops(children[-1])) is not None:
+        trailing[:0] = found
+        children = children[:-1]
     layers: list[nn.Module] = []
     for child in children:
         if isinstance(child, nn.Linear):
@@ -202,13 +216,14 @@ def _head_sequential(name: str, module: nn.Module) -> tuple[nn.Flatten | None, n
         else:
             raise ModelLoadError(
                 f"head {name!r} holds {type(child).__name__}; a head may only hold "
-                "Linear, ReLU and Dropout layers (and a Flatten first)"
+                "Linear, ReLU and Dropout layers (and a Flatten first, and output operations "
+                "last: Sigmoid, Tanh, Softmax, LogSoftmax)"
             )
     if not any(isinstance(layer, nn.Linear) for layer in layers):
         raise ModelLoadError(f"head {name!r} holds no nn.Linear layer")
     if isinstance(layers[0], nn.ReLU):
         raise ModelLoadError(f"head {name!r} must start with a Linear layer")
-    return flatten, nn.Sequential(*layers)
+    return flatten, nn.Sequential(*layers), trailing
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
