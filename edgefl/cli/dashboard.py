@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from edgefl.cli.shell import setup_logging, user_errors
 
 if TYPE_CHECKING:
     from edgefl.dashboard.service import Dashboard
+    from edgefl.roles.metrics_exporter import AggregatorMetrics
 
 
 @click.command()
@@ -55,13 +57,23 @@ def dashboard_options(command: Any) -> Any:
     return flag(port(command))
 
 
-def start_local_dashboard(broker_url: str, fleet: str, port: int) -> Dashboard:
-    """Serve a fleet's dashboard on 127.0.0.1 beside a simulation, say where, and return it."""
+def start_local_dashboard(
+    broker_url: str, fleet: str, port: int, say: Callable[[str], None] | None = None
+) -> Dashboard:
+    """Serve a fleet's dashboard on 127.0.0.1 beside a simulation, say where, and return it.
+
+    Raises:
+        EdgeflError: the port cannot be bound.
+    """
     from edgefl.dashboard.service import Dashboard, DashboardSettings
+    from edgefl.errors import EdgeflError
 
     page = Dashboard(DashboardSettings(broker_url, fleet, port=port))
-    url = page.start()
-    click.echo(f"dashboard: {url}", err=True)
+    try:
+        url = page.start()
+    except OSError as exc:
+        raise EdgeflError(f"{exc}; choose another with --dashboard-port") from None
+    (say or (lambda line: click.echo(line, err=True)))(f"dashboard: {url}")
     return page
 
 
@@ -71,3 +83,28 @@ def keep_dashboard_open(page: Dashboard | None) -> None:
         return
     click.pause(f"the dashboard stays at {page.url}; press any key to stop it", err=True)
     page.stop()
+
+
+def start_metrics(listen: str | None, fleet: str) -> AggregatorMetrics | None:
+    """Serve an aggregator's Prometheus metrics as `--metrics-port` says (None: not asked).
+
+    Raises:
+        click.UsageError: the value is not PORT or HOST:PORT.
+        EdgeflError: the port cannot be bound.
+    """
+    if listen is None:
+        return None
+    from edgefl.errors import EdgeflError
+    from edgefl.roles.metrics_exporter import AggregatorMetrics, parse_listen
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    metrics = AggregatorMetrics(fleet)
+    try:
+        port = metrics.serve(port, host)
+    except OSError as exc:
+        raise EdgeflError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    click.echo(f"metrics: http://{host}:{port}/metrics", err=True)
+    return metrics

@@ -156,14 +156,17 @@ def agent(**options: Any) -> None:
               help="SQLite state file [OUT/state.sqlite with --out, else in memory].")  # fmt: skip
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Metrics and final heads.")
 @click.option("--log-level", default="warning", show_default=True)
+@click.option("--metrics-port", help="Serve Prometheus /metrics on PORT (127.0.0.1) or HOST:PORT.")
 @tls_options()
 @user_errors
 def aggregate(**options: Any) -> None:
     """Run federated rounds over the fleet's devices and keep the record in SQLite."""
     from rich.console import Console
 
+    from edgefl.cli.dashboard import start_metrics
     from edgefl.data import DIGITS, Dataset, fl_digits_split, load_dataset
     from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
+    from edgefl.roles.metrics_exporter import chain_rounds
 
     strategy, strategy_params = resolve_strategy(options.pop("strategy"), options.pop("params"))
     policy = build_settings(RoundPolicy, options)
@@ -207,7 +210,14 @@ def aggregate(**options: Any) -> None:
             markup=False,
         )
 
-    server = Aggregator(config, eval_dataset=eval_dataset, on_round=progress)
+    metrics = start_metrics(options["metrics_port"], config.fleet)
+    server = Aggregator(
+        config, eval_dataset=eval_dataset,
+        on_round=chain_rounds(metrics.on_round if metrics else None, progress),
+        on_verdict=metrics.on_verdict if metrics else None,
+    )  # fmt: skip
+    if metrics is not None:
+        metrics.watch_presence(server.device_presence)
     stop_on_sigterm(server.stop)
     label = strategy_label(strategy)
     console.print(f"aggregating fleet {config.fleet} at {config.broker_url}: "

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from edgefl.cli.dashboard import (
+    dashboard_options,
+    keep_dashboard_open,
+    start_local_dashboard,
+    start_metrics,
+)
 from edgefl.cli.options import (
     build_settings,
     check_settings,
@@ -26,6 +32,9 @@ from edgefl.core.settings import (
     RoundSettings,
     TrainConfig,
 )
+
+if TYPE_CHECKING:
+    from edgefl.dashboard.service import Dashboard
 
 
 def _quiet_simulation_logs() -> None:
@@ -64,6 +73,8 @@ def _quiet_simulation_logs() -> None:
 @click.option("--out", default="build/simulate", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds the partition, speeds, drops, selection and training.")  # fmt: skip
+@dashboard_options
+@click.option("--metrics-port", help="Serve the aggregator's Prometheus /metrics on [HOST:]PORT.")
 @user_errors
 def simulate(**options: Any) -> None:
     """Simulate a fleet on this machine: real agents and aggregator over a real broker."""
@@ -111,15 +122,35 @@ def simulate(**options: Any) -> None:
     data = load_federated_data(options["dataset"])
     if options["oversample"] > 0:
         data = repeat_pool(data, options["oversample"], devices)
+    exporter = start_metrics(options["metrics_port"], config.fleet)
+    pages: list[Dashboard] = []
     with LiveProgress(console, policy.rounds) as live:
-        simulation = Simulation(config, bundle, data, live.on_round, live.on_status)
-        metrics = simulation.run()
+
+        def serve_page(url: str) -> None:
+            if options["with_dashboard"]:
+                port = options["dashboard_port"]
+                pages.append(start_local_dashboard(url, config.fleet, port, live.on_status))
+
+        simulation = Simulation(
+            config, bundle, data, live.on_round, live.on_status, before_rounds=serve_page,
+            on_verdict=exporter.on_verdict if exporter else None,
+            on_summary=exporter.on_round if exporter else None,
+        )  # fmt: skip
+        if exporter is not None:
+            exporter.watch_presence(simulation.device_presence)
+        try:
+            metrics = simulation.run()
+        except BaseException:
+            for page in pages:
+                page.stop()
+            raise
     rounds = policy.rounds
     out: Path = options["out"]
     console.print(round_table(metrics, f"{devices} devices, {rounds} rounds, {partition}"))
     console.print(summary_line(metrics))
     for path in save_results(metrics, out):
         console.print(f"wrote {path}")
+    keep_dashboard_open(pages[0] if pages else None)
 
 
 @click.command()
@@ -132,19 +163,40 @@ def simulate(**options: Any) -> None:
     "--pretrained-head", is_flag=True,
     help="Federate the pretrained head instead of a fresh one on the compressed backbone.",
 )  # fmt: skip
+@dashboard_options
 @user_errors
 def demo(
-    out: Path, devices: int, rounds: int, recipe: str, profile: str, pretrained_head: bool
+    out: Path,
+    devices: int,
+    rounds: int,
+    recipe: str,
+    profile: str,
+    pretrained_head: bool,
+    with_dashboard: bool,
+    dashboard_port: int,
 ) -> None:
     """The whole story on this machine: compress digits-cnn, deploy it signed to a simulated
     fleet, federate with personalization, plot the rounds."""
     from rich.console import Console
 
-    from edgefl.simulation.demo import DemoConfig, run_demo
+    from edgefl.simulation.demo import DEMO_FLEET, DemoConfig, run_demo
 
     _quiet_simulation_logs()
     config = DemoConfig(
         out=out, devices=devices, rounds=rounds, recipe=recipe, profile=profile,
         fresh_head=not pretrained_head,
     )  # fmt: skip
-    run_demo(config, Console())
+    console = Console()
+    pages: list[Dashboard] = []
+
+    def serve_page(url: str) -> None:
+        if with_dashboard:
+            pages.append(start_local_dashboard(url, DEMO_FLEET, dashboard_port, console.print))
+
+    try:
+        run_demo(config, console, on_broker=serve_page)
+    except BaseException:
+        for page in pages:
+            page.stop()
+        raise
+    keep_dashboard_open(pages[0] if pages else None)

@@ -14,6 +14,7 @@ personalization. `make demo` runs it; every step is the real code a fleet would 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,12 +78,16 @@ def demo_data(seed: int = 0) -> FederatedData:
     return FederatedData(pool, test, "digits (unseen by pretraining)")
 
 
-def run_demo(config: DemoConfig, console: Console) -> DemoResult:
+def run_demo(
+    config: DemoConfig, console: Console, on_broker: Callable[[str], None] | None = None
+) -> DemoResult:
     """Run the demo, printing each step, the compression report and the round table.
 
     Args:
         config: what to run.
         console: where the story is told.
+        on_broker: called with the fleet's broker URL before the deploy (the CLI starts the
+            dashboard here, so the page shows the deploy and the rounds).
 
     Returns:
         The bundle, the federation's metrics and the files written.
@@ -129,6 +134,8 @@ def run_demo(config: DemoConfig, console: Console) -> DemoResult:
         attach_to_agent(agent, devices_dir / agent.device_id, trust_key, preferences)
 
     def deploy_bundle(broker_url: str) -> None:
+        if on_broker is not None:
+            on_broker(broker_url)
         result = deploy(built.path, broker_url, DEMO_FLEET, private_key, timeout=120.0)
         updated[0] = result.count(UPDATED)
         console.print(

@@ -22,6 +22,7 @@ from typing import Any
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.accounting import check_budget_settings
+from edgefl.core.round_state import Verdict
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec, strategy_label
 from edgefl.errors import SimulationError
@@ -167,6 +168,8 @@ class Simulation:
         on_status: StatusCallback | None = None,
         prepare_agent: Callable[[Agent], None] | None = None,
         before_rounds: Callable[[str], None] | None = None,
+        on_verdict: Callable[[Verdict], None] | None = None,
+        on_summary: Callable[[RoundSummary], None] | None = None,
     ) -> None:
         """Plan the fleet; nothing starts until run().
 
@@ -180,6 +183,8 @@ class Simulation:
                 delivery updater here).
             before_rounds: called with the broker URL once the devices are up, before the
                 aggregator starts (the demo deploys the bundle here).
+            on_verdict, on_summary: passed to the aggregator as its `on_verdict` and (before
+                the simulation's own) `on_round` callbacks (metrics).
 
         Raises:
             SimulationError: an invalid setting or a partition that cannot be made.
@@ -192,6 +197,7 @@ class Simulation:
         self.on_status = on_status
         self.prepare_agent = prepare_agent
         self.before_rounds = before_rounds
+        self.on_verdict, self.on_summary = on_verdict, on_summary
         self.plan: FleetPlan = plan_fleet(
             data.pool.y,
             config.devices,
@@ -277,6 +283,7 @@ class Simulation:
                 network=network,
                 eval_dataset=self.data.test,
                 on_round=self._on_round,
+                on_verdict=self.on_verdict,
             )
             startup_s = time.perf_counter() - setup_started
             self._say(f"devices up in {startup_s:.1f} s; running {config.policy.rounds} rounds")
@@ -295,6 +302,10 @@ class Simulation:
             rounds=self.records,
             summary=self._summary(wall_s, startup_s),
         )
+
+    def device_presence(self) -> dict[str, str]:
+        """Return the aggregator's `device_presence()` (empty before it starts)."""
+        return self._aggregator.device_presence() if self._aggregator is not None else {}
 
     # -- devices --
 
@@ -384,6 +395,8 @@ class Simulation:
 
     def _on_round(self, summary: RoundSummary) -> None:
         """Turn the aggregator's round summary into a record; apply churn for the next round."""
+        if self.on_summary is not None:
+            self.on_summary(summary)
         now = time.perf_counter()
         number = summary.round
         metrics = summary.metrics
