@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from edgefl.compression.metric import Metric
 from edgefl.compression.report import CompressionReport
 from edgefl.errors import ChanceAccuracyError
 
@@ -21,23 +22,24 @@ MIN_MARGIN = 0.02
 MAX_MARGIN = 0.10
 
 
-def chance_threshold(labels: np.ndarray, num_classes: int) -> float:
+def chance_threshold(labels: np.ndarray, num_classes: int, metric: Metric | None = None) -> float:
     """Return the accuracy at or below which a classifier counts as guessing.
 
-    Chance is the larger of 1/num_classes (uniform guessing) and the most common class's share
-    of `labels` (always predicting it); the margin is two standard errors of an accuracy at
-    chance on `len(labels)` samples, between `MIN_MARGIN` and `MAX_MARGIN`.
+    Chance is the larger of uniform guessing (1/num_classes for top-1) and always predicting the
+    most common class (its share of `labels`), each scored by `metric`; the margin is two
+    standard errors of an accuracy at chance on `len(labels)` samples, between `MIN_MARGIN` and
+    `MAX_MARGIN`.
 
     Args:
         labels: the test set's class indices.
         num_classes: how many classes the head predicts.
+        metric: the recipe's metric; None is top-1.
 
     Returns:
         The threshold, a share in [0, 1].
     """
     n = max(len(labels), 1)
-    majority = float(np.bincount(labels).max()) / n if len(labels) else 0.0
-    chance = max(1.0 / max(num_classes, 1), majority)
+    chance = (metric or Metric()).chance(labels, num_classes)
     margin = min(MAX_MARGIN, max(MIN_MARGIN, 2.0 * math.sqrt(chance * (1.0 - chance) / n)))
     return min(1.0, chance + margin)
 

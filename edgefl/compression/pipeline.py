@@ -39,7 +39,7 @@ from edgefl.bundle import (
     write_bundle,
 )
 from edgefl.compression.chance import chance_threshold, flag_chance, refuse_chance
-from edgefl.compression.distill import accuracy
+from edgefl.compression.distill import predict
 from edgefl.compression.preprocess import (
     PreprocessOverrides,
     apply_overrides,
@@ -173,7 +173,9 @@ def compress(
             warn(warning)
         elif console is not None:
             console.print(f"warning: {warning}", markup=False, highlight=False)
-    chance = chance_threshold(test.y, len(labels))
+    metric = recipe.accuracy_metric
+    report.metric = metric.name
+    chance = chance_threshold(test.y, len(labels), metric)
     hint = " (its weights are random: give `weights`)" if loaded.random_init else ""
 
     if request.dry_run:
@@ -206,10 +208,11 @@ def compress(
             train=train,
             test=test,
             example=example,
-            original=accuracy(teacher, test.X, test.y),
+            original=metric.score(predict(teacher, test.X), test.y),
             report=report,
             progress=progress,
             seed=request.seed,
+            metric=metric,
         )
         report.stages.append(run.torch_stage("original", teacher))
         # Checked before minutes of pruning and export: a model at chance stays there.

@@ -12,6 +12,7 @@ from typing import Any
 
 import tomllib
 
+from edgefl.compression.metric import Metric
 from edgefl.errors import RecipeError
 from edgefl.plugins import is_plugin_spec, load_attribute
 from edgefl.resources import shipped_dir
@@ -76,7 +77,8 @@ class VerifyStep:
 
 @dataclass
 class Recipe:
-    """A parsed recipe. `max_accuracy_drop` is in accuracy points (1.0 = one percent)."""
+    """A parsed recipe. `max_accuracy_drop` is in accuracy points (1.0 = one percent) of
+    `metric` ("top-1", "top-K" or "within-N", see `edgefl.compression.metric`)."""
 
     name: str
     description: str
@@ -88,10 +90,16 @@ class Recipe:
     max_accuracy_drop: float | None = None
     latency_threads: int = 1
     head_epochs: int = 20
+    metric: str = "top-1"
 
     def tolerance(self, precision: str) -> float:
         """Return the verification tolerance of a precision."""
         return float(self.verify.tolerance.get(precision, DEFAULT_TOLERANCE[precision]))
+
+    @property
+    def accuracy_metric(self) -> Metric:
+        """The parsed `metric` (validated when the recipe loaded)."""
+        return Metric.parse(self.metric)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the recipe as JSON-able data (for the manifest and the report)."""
@@ -172,6 +180,7 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
         # Checked in _validate: a cast here would turn 0 or 1.5 into a silent default.
         latency_threads=data.get("latency_threads", 1),
         head_epochs=data.get("head_epochs", 20),
+        metric=data.get("metric", "top-1"),
     )
     _validate(recipe, path)
     return recipe
@@ -286,6 +295,10 @@ def _validate(recipe: Recipe, path: Path) -> None:
         fail("verify.samples", f"must be an integer >= 1, got {recipe.verify.samples!r}")
     if recipe.max_accuracy_drop is not None and recipe.max_accuracy_drop < 0:
         fail("max_accuracy_drop", "must be >= 0 (accuracy points)")
+    try:
+        Metric.parse(recipe.metric)
+    except ValueError as exc:
+        fail("metric", str(exc).removeprefix("metric "))
     for key in ("latency_threads", "head_epochs"):
         if not _is_count(getattr(recipe, key)):
             fail(key, f"must be an integer >= 1, got {getattr(recipe, key)!r}")

@@ -71,6 +71,9 @@ class CompressionReport:
     chance_accuracy: float | None = None
     # What the accuracies were measured on: `eval_data`, or a share held out of the training data.
     evaluation: str = ""
+    # The recipe's metric ("top-1", "top-K", "within-N"): what `accuracy`, the drops, the chance
+    # level and `top1_agreement` (the agreement with PyTorch under this metric) measure.
+    metric: str = "top-1"
     warnings: list[str] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 
@@ -135,9 +138,9 @@ def render_report(report: CompressionReport, console: Console) -> None:
         "MACs",
         "size",
         "ms",
-        "acc %",
+        "acc %" if report.metric == "top-1" else f"{report.metric} %",
         "rel err",
-        "top1 %",
+        "top1 %" if report.metric == "top-1" else "agree %",
     ):
         left = column in ("stage", "runtime")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
@@ -155,7 +158,8 @@ def render_report(report: CompressionReport, console: Console) -> None:
         )
     console.print(table)
     if report.evaluation:
-        console.print(f"accuracy on {report.evaluation}", markup=False, highlight=False)
+        what = "accuracy" if report.metric == "top-1" else f"{report.metric} accuracy"
+        console.print(f"{what} on {report.evaluation}", markup=False, highlight=False)
     if any(s.at_chance for s in report.stages) and report.chance_accuracy is not None:
         console.print(
             f"! at chance accuracy (<= {100 * report.chance_accuracy:.1f}%): no better than "

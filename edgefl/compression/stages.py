@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from rich.progress import Progress, TaskID
 
-from edgefl.compression.distill import accuracy, distill, predict
+from edgefl.compression.distill import distill, predict
+from edgefl.compression.metric import Metric
 from edgefl.compression.prune import PruningPlan, apply_pruning, count_macs_params
 from edgefl.compression.recipe import ArtifactStep, DistillStep, Recipe
 from edgefl.compression.report import (
@@ -61,6 +62,11 @@ class CompressionRun:
     report: CompressionReport
     progress: Progress
     seed: int = 0
+    metric: Metric = dataclasses.field(default_factory=Metric)
+
+    def score(self, model: SplitModel) -> float:
+        """The recipe's metric of a torch model on the test set."""
+        return self.metric.score(predict(model, self.test.X), self.test.y)
 
     def drop(self, score: float) -> float:
         """Accuracy points `score` loses against the original model."""
@@ -83,7 +89,7 @@ class CompressionRun:
             latency_ms=round(torch_latency_ms(split.backbone, self.test.X, threads), 4),
             params=params,
             macs=macs,
-            accuracy=accuracy(split, self.test.X, self.test.y),
+            accuracy=self.score(split),
         )
 
     def prune_and_distill(self, teacher: SplitModel) -> tuple[SplitModel, PruningPlan | None]:
@@ -123,7 +129,7 @@ class CompressionRun:
                     student, teacher, train, step, epochs=epochs, progress=advance, seed=self.seed
                 )
                 stages.append(self.torch_stage("distilled", student))
-            drop = self.drop(accuracy(student, self.test.X, self.test.y))
+            drop = self.drop(self.score(student))
             ok = self.allows(drop)
             setting = f"prune ratio {ratio:g}, distill {epochs} epochs"
             self.report.backoff.append(BackoffAttempt("prune+distill", setting, drop, kept=ok))
@@ -193,6 +199,7 @@ class CompressionRun:
                 reference.head,
                 recipe.verify.min_top1_agreement,
                 threads=recipe.latency_threads,
+                metric=self.metric,
             )
         except VerificationError:
             if can_back_off and recipe.max_accuracy_drop is not None:
@@ -203,8 +210,7 @@ class CompressionRun:
             raise
         runner = load_backbone(path, threads=recipe.latency_threads)
         features = runner.run(self.test.X)
-        predicted = head_forward(*reference.head, features).argmax(axis=1)
-        score = float((predicted == self.test.y).mean())
+        score = self.metric.score(head_forward(*reference.head, features), self.test.y)
         drop = self.drop(score)
         ok = self.allows(drop)
         self.report.backoff.append(BackoffAttempt(name, setting, drop, kept=ok))

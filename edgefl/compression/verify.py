@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefl.compression.metric import Metric
 from edgefl.errors import VerificationError
 from edgefl.head import head_forward
 from edgefl.runtime import load_backbone
@@ -83,6 +84,7 @@ def verify_artifact(
     head: tuple[Sequence[Mapping[str, Any]], Mapping[str, np.ndarray]] | None = None,
     min_top1: float = 0.0,
     threads: int = 1,
+    metric: Metric | None = None,
 ) -> Agreement:
     """Run an artifact in its real runtime and check it against the reference features.
 
@@ -95,6 +97,8 @@ def verify_artifact(
             top-1 agreement is checked against `min_top1`.
         min_top1: the smallest allowed top-1 agreement (only with `head`).
         threads: runtime threads.
+        metric: how predictions agree (top-1 when None): with "top-K" PyTorch's prediction must
+            be among the artifact's K best, with "within-N" at most N classes away.
 
     Returns:
         The agreement of the features, with top-1 agreement of the head's predictions when a
@@ -117,11 +121,9 @@ def verify_artifact(
     agreement = compare_outputs(reference, features, logits=False)
     if head is not None:
         layers, weights = head
-        agreement.top1_agreement = compare_outputs(
-            head_forward(layers, weights, reference),
-            head_forward(layers, weights, features),
-            logits=True,
-        ).top1_agreement
+        agreement.top1_agreement = (metric or Metric()).agreement(
+            head_forward(layers, weights, reference), head_forward(layers, weights, features)
+        )
     problems = _non_finite(reference, "PyTorch's features") + _non_finite(features, "its features")
     # Written as `not <=` so that a NaN error, which compares False to everything, fails too.
     if not agreement.relative_max_error <= tolerance:
