@@ -77,20 +77,25 @@ class FleetState:
             retained: whether the broker delivered it as retained (on subscribe).
             received_at: the reader's Unix time when it arrived.
         """
-        parsed = topics.parse(topic)
-        if parsed is None or parsed.fleet != self.fleet:
-            return False
         levels = topic.split("/")
+        # Deploy reports (devices/{id}/deploy) are delivery's topics, outside `topics.parse`.
+        report = len(levels) == 6 and levels[3] == "devices" and levels[5] == "deploy"
+        parsed = topics.parse(topic)
+        fleet = levels[2] if report else parsed.fleet if parsed is not None else None
+        if fleet != self.fleet:
+            return False
         changed = False
         try:
-            if parsed.kind == "status" and parsed.device_id is not None:
+            if report:
+                changed = self._report(levels[4], payload)
+            elif parsed is None:
+                return False
+            elif parsed.kind == "status" and parsed.device_id is not None:
                 changed = self._status(parsed.device_id, payload, retained, received_at)
             elif parsed.kind == "result" and parsed.round_number is not None:
                 changed = self._result(parsed.round_number, payload, received_at)
             elif parsed.kind == "task" and parsed.round_number is not None:
                 changed = self._task(parsed.round_number, payload, retained, received_at)
-            elif len(levels) == 6 and levels[3] == "devices" and levels[5] == "deploy":
-                changed = self._report(levels[4], payload)
         except EdgeflError:
             self.ignored += 1
             changed = True
@@ -138,5 +143,7 @@ class FleetState:
         if not payload:
             return self.reports.pop(device, None) is not None
         report = DeployReport.from_bytes(strip_seal(payload))
+        if report.device_id != device:
+            raise EdgeflError(f"deploy report on {device}'s topic claims {report.device_id!r}")
         self.reports[device] = report
         return True

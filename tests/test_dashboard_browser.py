@@ -1,0 +1,136 @@
+"""The dashboard in a real browser: headless Chromium (Selenium) watches a simulated federation
+over a real Mosquitto; devices and rounds appear and update without a reload."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bundles import make_test_bundle
+from conftest import RunningBroker, wait_for
+
+from edgefl.core.settings import RoundPolicy
+from edgefl.dashboard.service import Dashboard, DashboardSettings
+from edgefl.simulation.runner import Simulation, SimulationConfig
+from edgefl.simulation.workload import load_federated_data
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium driven by its chromedriver (no download, no network)."""
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.fail("chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1400,1400"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+def _rows(browser: Any, table: str) -> list[str]:
+    # Read in one script: the page re-renders tables on every event, so elements found one call
+    # earlier may already be replaced.
+    script = "return Array.from(document.querySelectorAll(arguments[0])).map(r => r.innerText);"
+    return [" ".join(t.split()) for t in browser.execute_script(script, f"#{table} tbody tr")]
+
+
+def _text(browser: Any, element_id: str) -> str:
+    return str(browser.execute_script("return document.getElementById(arguments[0]).innerText;",
+                                      element_id))  # fmt: skip
+
+
+def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
+    mosquitto: RunningBroker, browser: Any, tmp_path: Path
+) -> None:
+    devices, rounds = 8, 4
+    bundle = make_test_bundle(tmp_path / "bundle")
+    config = SimulationConfig(
+        devices=devices, broker_url=mosquitto.url, fleet="browser", partition="iid",
+        policy=RoundPolicy(rounds=rounds, deadline_s=10.0),
+        # The slowest device answers 0.5 s late: each round is open long enough to be seen.
+        speed_spread=2.0, speed_unit_s=0.5,
+    )  # fmt: skip
+    page: list[Dashboard] = []
+    page_open, seen_all = threading.Event(), threading.Event()
+
+    def serve_and_wait(url: str) -> None:
+        dashboard = Dashboard(DashboardSettings(url, "browser", port=0, token=TOKEN))
+        dashboard.start()
+        page.append(dashboard)
+        # Rounds start only once the browser shows the fleet: what follows must arrive live.
+        assert page_open.wait(30.0)
+
+    def hold_after_last_round(record: Any) -> None:
+        # The devices leave (and their retained statuses are cleared) once the run ends.
+        if record.round == rounds:
+            seen_all.wait(30.0)
+
+    simulation = Simulation(config, bundle, load_federated_data("digits"),
+                            on_round=hold_after_last_round,
+                            before_rounds=serve_and_wait)  # fmt: skip
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.append(simulation.run()), daemon=True)
+    runner.start()
+    try:
+        assert wait_for(lambda: bool(page), 30.0), "the simulation never reached its rounds"
+        dashboard = page[0]
+        base = dashboard.server.url()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "events", timeout=5)
+        assert refused.value.code == 401
+
+        browser.get(base)
+        assert "needs its token" in browser.find_element("tag name", "body").text
+        browser.get(dashboard.url)  # ?token=...: the page passes it on to its event stream
+        browser.execute_script("window.loadedOnce = true;")
+        assert wait_for(lambda: len(_rows(browser, "devices")) == devices, 15.0), _rows(
+            browser, "devices"
+        )
+        assert _text(browser, "count-online") == str(devices)
+        first = _rows(browser, "devices")[0]
+        assert "online" in first and "v1" in first and "backbone-fp32.onnx onnxruntime" in first
+        page_open.set()
+
+        # Rounds arrive over the event stream: running first, then closed with their accuracy.
+        assert wait_for(lambda: any("running" in r for r in _rows(browser, "rounds")), 20.0)
+        assert wait_for(lambda: len(_rows(browser, "rounds")) == rounds
+                        and all("closed" in r for r in _rows(browser, "rounds")), 60.0), _rows(
+            browser, "rounds"
+        )  # fmt: skip
+        newest = _rows(browser, "rounds")[0]
+        assert newest.startswith(f"{rounds} closed {devices} / {devices}"), newest
+        assert _text(browser, "count-rounds") == str(rounds)
+        accuracy = float(_text(browser, "last-accuracy"))
+        assert 0.5 < accuracy <= 1.0
+        curve = browser.find_elements("css selector", "#chart-accuracy circle")
+        assert len(curve) == rounds
+        assert browser.execute_script("return window.loadedOnce === true;"), "the page reloaded"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        rows = _rows(browser, "devices")
+        assert len(rows) == devices and all("online" in r for r in rows), rows
+        seen_all.set()
+        runner.join(60.0)
+        assert outcome and len(outcome[0].rounds) == rounds
+    finally:
+        page_open.set()
+        seen_all.set()
+        runner.join(60.0)
+        for dashboard in page:
+            dashboard.stop()
