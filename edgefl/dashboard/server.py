@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import uvicorn
 from starlette.applications import Starlette
@@ -257,7 +257,7 @@ class DashboardServer:
     @property
     def port(self) -> int:
         """The port it listens on (the one the OS chose for port 0), once started."""
-        for server in self.server.servers:
+        for server in getattr(self.server, "servers", []):  # set once uvicorn listens
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
         return int(self.server.config.port)
@@ -265,7 +265,7 @@ class DashboardServer:
     def url(self, token: str | None = None) -> str:
         """Return the page's URL (with the token, for a browser)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/" + (f"?token={token}" if token else "")
+        return f"http://{host}:{self.port}/" + (f"?token={quote(token)}" if token else "")
 
     def run(self) -> None:
         """Serve until interrupted (Ctrl-C)."""

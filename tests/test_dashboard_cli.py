@@ -1,0 +1,98 @@
+"""`edgefl dashboard`, `simulate --dashboard --metrics-port`: the commands a user types."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import RunningBroker, free_port, wait_for
+
+from edgefl.cli import main
+from edgefl.roles.record import AggregatorRecord
+from edgefl.transport import topics
+from edgefl.transport.client import MqttClient
+from edgefl.transport.messages import DeviceStatus
+
+EDGEFL = str(Path(sys.executable).parent / "edgefl")
+
+
+def test_binding_beyond_loopback_without_a_token_is_refused() -> None:
+    result = CliRunner().invoke(
+        main, ["dashboard", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--host", "0.0.0.0"]
+    )
+    assert result.exit_code == 2
+    assert "binding 0.0.0.0 (not loopback) needs --token" in result.output
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def test_edgefl_dashboard_serves_the_fleet_and_its_record_behind_the_token(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    fleet = "cli-dash"
+    record = AggregatorRecord(tmp_path / "state.sqlite")
+    record.open_round(1, {"pi-1": "default"}, 0.0, 0, {})
+    record.close_round(1, "closed", {"round": 1, "selected": 1, "accepted": 1, "seconds": 1.5},
+                       {"accuracy": 0.9})  # fmt: skip
+    record.close()
+    publisher = MqttClient(mosquitto.url, "cli-dash-publisher")
+    publisher.connect()
+    status = DeviceStatus("pi-1", "online", profile="jetson")
+    publisher.publish(topics.device_status(fleet, "pi-1"), status.encode(), retain=True).wait()
+    port = free_port()
+    process = subprocess.Popen(
+        [EDGEFL, "dashboard", "--broker", mosquitto.url, "--fleet", fleet, "--port", str(port),
+         "--state", str(tmp_path / "state.sqlite")],
+        env={"EDGEFL_DASHBOARD_TOKEN": "tok", "PATH": "/usr/bin:/bin"},
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        assert wait_for(lambda: _get(base)[0] == 401 or process.poll() is not None, 30.0)
+        assert process.poll() is None, process.communicate()[1]
+        assert "needs its token" in _get(base + "api/view")[1]
+        assert wait_for(lambda: '"id":"pi-1"' in _get(base + "api/view?token=tok")[1], 10.0)
+        view = json.loads(_get(base + "api/view?token=tok")[1])
+        assert [(d["id"], d["profile"]) for d in view["devices"]] == [("pi-1", "jetson")]
+        assert [(r["round"], r["accuracy"], r["seconds"]) for r in view["rounds"]] == [
+            (1, 0.9, 1.5)
+        ]
+        status_code, page = _get(base + "?token=tok")
+        assert status_code == 200 and "edgefl · cli-dash" in page
+    finally:
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=15)
+        publisher.publish(topics.device_status(fleet, "pi-1"), b"", retain=True).wait()
+        publisher.close()
+    assert f"dashboard of fleet {fleet} at http://127.0.0.1:{port}/?token=tok" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_simulate_offers_the_dashboard_and_metrics(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["simulate", "--devices", "3", "--rounds", "2", "--broker", mosquitto.url,
+         "--dashboard", "--dashboard-port", "0", "--metrics-port", "0", "--out",
+         str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "dashboard: http://127.0.0.1:" in result.output
+    assert "metrics: http://127.0.0.1:" in result.output
