@@ -16,7 +16,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgefl.atomic import write_atomic
 from edgefl.errors import KeyFileError, MessageError, SignatureError
 
 PRIVATE_KEY_FILE = "signing.key"
@@ -40,14 +40,20 @@ class KeyPaths:
     public: Path
 
 
-def init_keys(directory: str | Path = DEFAULT_KEY_DIR) -> KeyPaths:
+def init_keys(
+    directory: str | Path = DEFAULT_KEY_DIR,
+    private_name: str = PRIVATE_KEY_FILE,
+    public_name: str = PUBLIC_KEY_FILE,
+) -> KeyPaths:
     """Create an Ed25519 key pair in `directory`.
 
     The private key is created with mode 0600 from the start (never world-readable, even
-    briefly) and is never overwritten: losing a fleet's signing key locks its boards out.
+    briefly), appears whole or not at all (a power cut cannot leave half a key), and is never
+    overwritten: losing a fleet's signing key locks its boards out.
 
     Args:
-        directory: where to write `signing.key` and `signing.pub`; created if missing.
+        directory: where to write the two files; created if missing.
+        private_name, public_name: their names (`signing.key`/`signing.pub` by default).
 
     Returns:
         The paths of the two files.
@@ -56,7 +62,7 @@ def init_keys(directory: str | Path = DEFAULT_KEY_DIR) -> KeyPaths:
         KeyFileError: either file already exists, or the directory cannot be written.
     """
     root = Path(directory).expanduser()
-    paths = KeyPaths(root / PRIVATE_KEY_FILE, root / PUBLIC_KEY_FILE)
+    paths = KeyPaths(root / private_name, root / public_name)
     for path in (paths.private, paths.public):
         if path.exists():
             raise KeyFileError(f"{path} already exists; refusing to overwrite a signing key")
@@ -67,11 +73,9 @@ def init_keys(directory: str | Path = DEFAULT_KEY_DIR) -> KeyPaths:
         serialization.NoEncryption(),
     )
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(paths.private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(private_pem)
-        paths.public.write_bytes(public_pem(key.public_key()))
+        # Written beside the target (created 0600) and renamed into place.
+        write_atomic(paths.private, private_pem, mode=0o600)
+        write_atomic(paths.public, public_pem(key.public_key()), mode=0o644)
     except OSError as exc:
         raise KeyFileError(f"cannot write keys to {root}: {exc.strerror or exc}") from exc
     return paths

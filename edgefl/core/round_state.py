@@ -15,6 +15,7 @@ import numpy as np
 
 from edgefl.core.settings import PrivacySettings
 from edgefl.head import Weights
+from edgefl.transport.messages import RoundTask
 
 # What `RoundEngine.receive` decided about an update.
 ACCEPTED = "accepted"
@@ -90,6 +91,21 @@ class OpenRound:
     def complete(self) -> bool:
         """Whether every selected device has answered (a rejected answer counts)."""
         return len(self.answered) >= len(self.selected)
+
+    def task(self, model_version: int, now: float) -> RoundTask:
+        """Return the task message announcing this round (its heads go beside it)."""
+        return RoundTask(
+            round=self.number,
+            selected=sorted(self.selected),
+            tasks=sorted(set(self.selected.values())),
+            head_version=self.head_version,
+            model_version=model_version,
+            deadline_s=max(0.0, self.deadline - now),
+            config=self.config,
+            run_id=self.run_id,
+            head_digest=self.head_digest,
+            bundle_digest=self.bundle_digest,
+        )
 
 
 @dataclass(frozen=True)

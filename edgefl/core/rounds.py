@@ -50,7 +50,7 @@ from edgefl.core.round_state import (
 )
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import Strategy
-from edgefl.core.validation import UpdateRejected, validate_delta
+from edgefl.core.validation import NOT_AN_ANSWER, UpdateRejected, validate_delta
 from edgefl.errors import MessageError
 from edgefl.head import Weights, head_digest
 from edgefl.transport import presence
@@ -327,7 +327,7 @@ class RoundEngine:
 
         Counted in the open round only when it names that round (or no round: `number` < 0);
         one for another round is the record's to count under that round. From a selected
-        device that had not answered the open round, it is that device's answer.
+        device that had not answered it, it is its answer (codes in NOT_AN_ANSWER never are).
 
         Returns:
             A `LATE` verdict for code "round-closed", else `REJECTED`.
@@ -340,7 +340,7 @@ class RoundEngine:
                 round_.late += 1
             else:
                 round_.rejected[code] += 1
-            if number == round_.number and device in round_.selected and code != "duplicate":
+            if number == round_.number and device in round_.selected and code not in NOT_AN_ANSWER:
                 round_.answered.setdefault(device, sha256)
                 round_.answers.setdefault(device, code)
                 round_.reasons.setdefault(device, reason)

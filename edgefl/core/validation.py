@@ -17,6 +17,10 @@ REJECTION_CODES: tuple[str, ...] = (
     "norm",
 )
 
+# Refusals that are no device's answer: a second copy, or a message the device may never have
+# sent (a forgery in its name must not use up its answer to the round).
+NOT_AN_ANSWER: tuple[str, ...] = ("duplicate", "bad-signature", "unknown-device")
+
 
 class UpdateRejected(Exception):
     """An update that must not be aggregated, with a machine-readable code and a one-line reason.

@@ -18,6 +18,7 @@ from edgefl.delivery.chunks import DEFAULT_CHUNK_SIZE, iter_file_chunks
 from edgefl.delivery.fleet_view import StatusCollector, wait_for_retained
 from edgefl.delivery.release import DeployReport, Release, Targets, build_release, open_release
 from edgefl.errors import EdgeflError, InputError, TransportError
+from edgefl.security.verifiers import DeviceVerifier
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus
@@ -54,6 +55,8 @@ class DeployResult:
     bytes_published: int
     seconds: float
     devices: dict[str, DeviceOutcome] = field(default_factory=dict)
+    # Messages in a board's name whose seal did not verify (never counted): device -> why.
+    refused: dict[str, str] = field(default_factory=dict)
 
     def count(self, outcome: str) -> int:
         """Return how many boards ended with `outcome`."""
@@ -189,6 +192,7 @@ def deploy(
     on_report: ProgressCallback | None = None,
     on_targets: Callable[[set[str], set[str]], None] | None = None,
     tls: TlsSettings | None = None,
+    device_keys: DeviceVerifier | None = None,
 ) -> DeployResult:
     """Sign a bundle and publish it to a fleet; wait for every targeted online board.
 
@@ -207,6 +211,8 @@ def deploy(
             thread.
         on_targets: called once with (online, offline) targeted boards before publishing.
         tls: the CA file and client certificate (an operator's) for an `mqtts://` broker.
+        device_keys: whose seals boards' statuses and deploy reports must carry (None: nothing
+            is checked); a forged report is never counted.
 
     Returns:
         The outcome per board. Callers treat `result.failed` as the exit status.
@@ -230,7 +236,7 @@ def deploy(
     version = bundle.manifest.version
     started = time.monotonic()
 
-    collector = StatusCollector()
+    collector = StatusCollector(device_keys)
     lock = collector.lock
     reports: dict[str, DeployReport] = {}
     retained: dict[str, Release] = {}
@@ -241,11 +247,8 @@ def deploy(
     waiting: set[str] = set()
 
     def on_deploy_report(message: Message) -> None:
-        try:
-            report = DeployReport.from_bytes(message.payload)
-        except EdgeflError:
-            return
-        if report.release_id != release.release_id:
+        report = collector.read_report(message)
+        if report is None or report.release_id != release.release_id:
             return  # a report about an earlier release (retained)
         with lock:
             reports[report.device_id] = report
@@ -296,6 +299,7 @@ def deploy(
         done.wait(max(0.0, timeout - (time.monotonic() - started)))
         with lock:
             outcomes = summarize(online, offline, dict(reports))
+            refused = dict(collector.refused)
     finally:
         client.close()
     return DeployResult(
@@ -306,6 +310,7 @@ def deploy(
         bytes_published=published,
         seconds=time.monotonic() - started,
         devices=outcomes,
+        refused=refused,
     )
 
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from edgefl.delivery.release import DeployReport
 from edgefl.errors import EdgeflError
+from edgefl.security.verifiers import INSECURE, DeviceVerifier
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus, RoundResult
+from edgefl.transport.sealed import SealError, strip_seal
 from edgefl.transport.tls import TlsSettings
 
 # Retained messages arrive right after SUBSCRIBE with no end marker: once none has come for this
@@ -45,6 +47,10 @@ class FleetDevice:
     artifact: str = ""
     runtime: str = ""
     provider: str = ""
+    # How the device's key is known: "enrolled", "pinned" (trust on first use), "revoked",
+    # "unknown"; "" when nothing is checked (--insecure).
+    key: str = ""
+    refused: str = ""  # why the last message in its name was refused ("bad-signature: ...")
 
 
 def fleet_view(
@@ -52,19 +58,26 @@ def fleet_view(
     reports: dict[str, DeployReport],
     seen: dict[str, float] | None = None,
     now: float | None = None,
+    keys: dict[str, str] | None = None,
+    refused: dict[str, str] | None = None,
 ) -> list[FleetDevice]:
     """Join statuses and deploy reports into rows sorted by state (online first), then ID.
 
     `seen` maps a device to when its status counts from (`presence.seen_at`; default: the
     status's own `time`) and `now` is the current Unix time (default: the clock); a device whose
-    status says online but is older than its staleness window shows as "stale".
+    status says online but is older than its staleness window shows as "stale". `keys` maps a
+    device to how its key is known, `refused` to why a message in its name was refused (a device
+    with only refused messages gets a row too).
     """
     now = time.time() if now is None else now
     rows = []
-    for device in sorted(set(statuses) | set(reports)):
+    keys, refused = keys or {}, refused or {}
+    for device in sorted(set(statuses) | set(reports) | set(refused)):
         status = statuses.get(device)
         report = reports.get(device)
-        row = FleetDevice(device_id=device, state="unknown")
+        row = FleetDevice(
+            device, "unknown", key=keys.get(device, ""), refused=refused.get(device, "")
+        )
         if status is not None:
             last_seen = (seen or {}).get(device, status.time)
             row.state = presence.presence(status, last_seen, now)
@@ -157,22 +170,72 @@ class StatusCollector:
     `last_message` are what `wait_for_retained` watches; the client's other callbacks share them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, devices: DeviceVerifier | None = None) -> None:
+        """Args:
+        devices: whose seals are checked (None: nothing is checked).
+        """
+        self.devices = devices or DeviceVerifier(None, INSECURE)
+        self.refused: dict[str, str] = {}  # device -> why its last refused message was refused
+        self.reports: dict[str, DeployReport] = {}
         self.lock = threading.Lock()
         self.statuses: dict[str, DeviceStatus] = {}
         self.seen: dict[str, float] = {}
         self.last_message = [time.monotonic()]
 
     def on_status(self, message: Message) -> None:
-        """Record one status message (a malformed one is the sender's bug and is skipped)."""
+        """Record one status message once its seal verifies (a malformed one is skipped)."""
+        device, payload = self._open(message)
         try:
-            status = DeviceStatus.decode(message.payload)
+            status = DeviceStatus.decode(payload) if payload is not None else None
         except EdgeflError:
+            return
+        if status is None or status.device_id != device:
             return
         with self.lock:
             self.statuses[status.device_id] = status
             self.seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
             self.last_message[0] = time.monotonic()
+
+    def on_report(self, message: Message) -> None:
+        """Record one deploy report once its seal verifies."""
+        self.read_report(message)
+
+    def read_report(self, message: Message) -> DeployReport | None:
+        """Record one deploy report once its seal verifies; return it (None: refused or bad)."""
+        device, payload = self._open(message)
+        try:
+            report = DeployReport.from_bytes(payload) if payload is not None else None
+        except EdgeflError:
+            return None
+        if report is None or report.device_id != device:
+            return None
+        with self.lock:
+            self.reports[report.device_id] = report
+            self.last_message[0] = time.monotonic()
+        return report
+
+    def key_states(self) -> dict[str, str]:
+        """How each device seen is known by key ("" for all when nothing is checked)."""
+        if self.devices.insecure:
+            return {}
+        with self.lock:
+            seen = set(self.statuses) | set(self.reports) | set(self.refused)
+        return {device: self.devices.state(device) for device in seen}
+
+    def _open(self, message: Message) -> tuple[str, bytes | None]:
+        """Return the device a message's topic names and its payload (None: refused)."""
+        parsed = topics.parse(message.topic)
+        if not message.payload or parsed is None or parsed.device_id is None:
+            return "", None
+        try:
+            return parsed.device_id, self.devices.open(
+                message.topic, parsed.device_id, message.payload
+            )
+        except SealError as exc:
+            with self.lock:
+                self.refused[parsed.device_id] = str(exc)
+                self.last_message[0] = time.monotonic()
+            return parsed.device_id, None
 
 
 def read_fleet(
@@ -181,6 +244,7 @@ def read_fleet(
     max_wait: float = 3.0,
     tls: TlsSettings | None = None,
     results: dict[int, RoundResult] | None = None,
+    devices: DeviceVerifier | None = None,
 ) -> list[FleetDevice]:
     """Collect the fleet's retained statuses and deploy reports and return the fleet view.
 
@@ -191,32 +255,24 @@ def read_fleet(
         tls: the CA file and client certificate for an `mqtts://` broker.
         results: when given, filled with the retained round results by round (for
             `privacy_line`).
+        devices: whose seals statuses and deploy reports must carry (None: nothing is
+            checked); a refused message is shown as the row's `refused`, never as its state.
 
     Raises:
         TransportError: the broker cannot be reached.
     """
-    collector = StatusCollector()
-    reports: dict[str, DeployReport] = {}
-
-    def on_report(message: Message) -> None:
-        try:
-            report = DeployReport.from_bytes(message.payload)
-        except EdgeflError:
-            return
-        with collector.lock:
-            reports[report.device_id] = report
-            collector.last_message[0] = time.monotonic()
-
+    collector = StatusCollector(devices)
     client = MqttClient(
         broker_url, client_id=f"edgefl-fleet-{fleet}-{time.time_ns() % 10**9}", tls=tls
     )
     client.subscribe(topics.all_statuses(fleet), collector.on_status)
-    client.subscribe(topics.all_deploy_reports(fleet), on_report)
+    client.subscribe(topics.all_deploy_reports(fleet), collector.on_report)
     if results is not None:
 
         def on_result(message: Message) -> None:
             try:
-                result = RoundResult.decode(message.payload)
+                # Shown, not acted on: the seal is the boards' to check.
+                result = RoundResult.decode(strip_seal(message.payload))
             except EdgeflError:
                 return  # an empty payload clears a topic; anything else is not a result
             with collector.lock:
@@ -229,5 +285,7 @@ def read_fleet(
         wait_for_retained(collector.last_message, collector.lock, max_wait)
     finally:
         client.close()
+    keys = collector.key_states()
     with collector.lock:
-        return fleet_view(dict(collector.statuses), dict(reports), dict(collector.seen))
+        return fleet_view(dict(collector.statuses), dict(collector.reports), dict(collector.seen),
+                          keys=keys, refused=dict(collector.refused))  # fmt: skip

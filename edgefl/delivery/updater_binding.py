@@ -34,6 +34,7 @@ def bind_updater(
     *,
     trust_key: Ed25519PublicKey | None,
     add_handler: Callable[[str, MessageHandler], None] | None = None,
+    seal: Callable[[str, bytes], bytes] | None = None,
     **options: Any,
 ) -> Updater:
     """Create an Updater whose messages travel over `client`, and subscribe it.
@@ -46,6 +47,8 @@ def bind_updater(
         trust_key: the publisher's public key (None refuses every release).
         add_handler: how to register a topic handler; default `client.subscribe`
             (the agent passes its `add_handler`).
+        seal: seals a deploy report with the board's key (the agent's `auth.seal`); None
+            publishes them unsigned.
         **options: the remaining `Updater` arguments (group, preferences, threads,
             on_installed, smoke_test, executor).
 
@@ -59,7 +62,9 @@ def bind_updater(
         updater.on_chunk(message.topic, message.payload)
 
     def report(message: DeployReport) -> None:
-        client.publish(report_topic, message.to_bytes(), qos=1, retain=True)
+        data = message.to_bytes()
+        client.publish(report_topic, seal(report_topic, data) if seal else data, qos=1,
+                       retain=True)  # fmt: skip
 
     updater = Updater(
         store,
@@ -115,6 +120,7 @@ def attach_to_agent(
         preferences=preferences,
         threads=agent.threads,
         add_handler=agent.add_handler,
+        seal=agent.auth.seal,
         on_installed=agent.install_bundle,
         executor=executor,
     )

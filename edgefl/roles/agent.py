@@ -36,6 +36,7 @@ from edgefl.roles.features import FeatureCache, run_backbone
 from edgefl.roles.personal_head_file import PersonalHeadFile
 from edgefl.roles.round_results import ResultWatch
 from edgefl.roles.training_pool import run_in_pool
+from edgefl.security.identity import AgentAuth
 from edgefl.transport import topics
 from edgefl.transport.client import (
     Message,
@@ -45,7 +46,8 @@ from edgefl.transport.client import (
     TimerHandle,
     Will,
 )
-from edgefl.transport.messages import DeviceStatus, RoundTask, decode_round_task
+from edgefl.transport.messages import RoundTask, decode_round_task
+from edgefl.transport.sealed import SealError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Agent:
         """
         config.check()
         self.config = config
+        self.auth = config.auth or AgentAuth.insecure()
         self.profile = load_profile(config.profile) if config.profile else None
         self.threads = config.threads or (self.profile.threads if self.profile else 1)
         self.dataset = dataset
@@ -118,7 +121,7 @@ class Agent:
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-{config.device_id}",
             network=network,
-            will=Will(self._status_topic, self._status("offline").encode(), qos=1, retain=True),
+            will=Will(self._status_topic, self._status_bytes("offline"), qos=1, retain=True),
             persistent_session=True,
             max_payload_bytes=AGENT_MAX_PAYLOAD,
             tls=config.tls,
@@ -131,6 +134,7 @@ class Agent:
             self.client.unsubscribe,
             self._record_answer,
             keep=RESENT_ROUNDS,
+            open_payload=self.auth.open,
         )
 
     # -- public API --
@@ -175,6 +179,8 @@ class Agent:
         self._personal = self._personal_file.load()
         if self.config.bundle_dir is not None:
             self.install_bundle(load_bundle(self.config.bundle_dir))
+        if self.auth.is_insecure:
+            log.warning("%s: insecure: nothing is signed, every task is believed", self.device_id)
         self.client.subscribe(topics.all_tasks(self.config.fleet), self._on_task)
         self.client.on_connect(lambda _session: self._announce())
         self.client.connect(timeout=self.config.connect_timeout_s)
@@ -189,7 +195,7 @@ class Agent:
             self._heartbeat.cancel()
         if self.client.connected:
             handle = self.client.publish(
-                self._status_topic, self._status("offline").encode(), qos=1, retain=True
+                self._status_topic, self._status_bytes("offline"), qos=1, retain=True
             )
             if not self.client.network.in_loop_thread():
                 handle.wait(timeout)
@@ -348,20 +354,17 @@ class Agent:
     def _status_topic(self) -> str:
         return topics.device_status(self.config.fleet, self.config.device_id)
 
-    def _status(self, state: str) -> DeviceStatus:
-        return board_status(
-            self.config,
-            state,
-            self.samples,
-            self.model_version,
+    def _status_bytes(self, state: str) -> bytes:
+        status = board_status(
+            self.config, state, self.samples, self.model_version,
             max((o.round for o in self.outcomes), default=0),
-            self.bundle.digest if self.bundle is not None else "",
-            self._backbone.running,
-        )
+            self.bundle.digest if self.bundle is not None else "", self._backbone.running,
+        )  # fmt: skip
+        return self.auth.seal(self._status_topic, status.encode())
 
     def _announce(self) -> None:
         if not self._stopped.is_set():
-            self.client.publish(self._status_topic, self._status("online").encode(), 1, retain=True)
+            self.client.publish(self._status_topic, self._status_bytes("online"), 1, retain=True)
 
     def _schedule_heartbeat(self) -> None:
         def beat() -> None:
@@ -381,8 +384,8 @@ class Agent:
         if not message.payload:
             return  # a cleared retained task: the round closed
         try:
-            task, heads = decode_round_task(message.payload)
-        except MessageError as exc:
+            task, heads = decode_round_task(self.auth.open(message.topic, message.payload))
+        except (MessageError, SealError) as exc:
             log.warning("%s: ignoring bad task on %s: %s", self.device_id, message.topic, exc)
             return
         if self.config.device_id in task.selected:
@@ -391,11 +394,9 @@ class Agent:
     def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
         """Answer a task this device was selected for: `answer` it, then `publish_update`.
 
-        Runs on the network thread and returns at once: the answer is computed on the training
-        pool (heartbeats go on meanwhile) and published when done. This is the extension point
-        for code that decides whether or when a device answers: a subclass may skip the round
-        or pass `answer_in_background` another way to publish (the simulation's dropouts and
-        slow devices, `edgefl.simulation.simulated_agent`).
+        Runs on the network thread and returns at once; the answer is computed on the training
+        pool. A subclass may skip the round or publish another way (the simulation's dropouts
+        and slow devices, `edgefl.simulation.simulated_agent`).
         """
         self.answer_in_background(task, heads, self.publish_update)
 
@@ -488,7 +489,7 @@ class Agent:
         if self.reads_results:
             self._results.expect(topics.round_result(self.config.fleet, task.round), task.run_id)
         topic = topics.round_update(self.config.fleet, task.round, self.config.device_id)
-        self.client.publish(topic, payload, qos=1)
+        self.client.publish(topic, self.auth.seal(topic, payload), qos=1)
 
     def _record_answer(self, round_number: int, run_id: str, answer: str, reason: str) -> None:
         with self._lock:

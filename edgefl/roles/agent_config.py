@@ -11,6 +11,7 @@ from edgefl.core.codecs import CODEC_NAMES
 from edgefl.core.local_round import BoardSettings
 from edgefl.core.settings import PrivacySettings
 from edgefl.roles.features import RUNTIME_FORMATS
+from edgefl.security.identity import AgentAuth
 from edgefl.transport import topics
 from edgefl.transport.tls import TlsSettings
 
@@ -47,6 +48,9 @@ class AgentConfig:
             time budget per round; beyond them a task is clamped, see edgefl.core.board_limits);
             None takes the profile's `[limits]`, else the defaults.
         tls: the CA file and client certificate for an `mqtts://` broker.
+        auth: the board's key (seals its statuses, updates and deploy reports) and the keys
+            whose tasks and results it believes (`edgefl.security.identity.AgentAuth`); None
+            runs insecure (logged).
     """
 
     broker_url: str
@@ -68,6 +72,7 @@ class AgentConfig:
     profile: str = ""
     limits: BoardLimits | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AgentAuth | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""

@@ -18,18 +18,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 
-import numpy as np
-
 from edgefl.bundle import ModelBundle, load_bundle
 from edgefl.core.accounting import PrivacyBudgetSpent, PrivacyLedger, open_round_privacy
 from edgefl.core.rounds import ACCEPTED, REPEATED, ClosedRound, RoundEngine, Verdict
 from edgefl.core.strategies import Strategy, build_strategies
-from edgefl.data import Dataset, conform
+from edgefl.data import Dataset
 from edgefl.errors import FederationError, MessageError
-from edgefl.head import Weights, head_accuracy
+from edgefl.head import Weights
 from edgefl.roles.aggregator_config import AggregatorConfig
-from edgefl.roles.features import FeatureCache, shared_backbone
 from edgefl.roles.record import AggregatorRecord, FaultHook
+from edgefl.roles.server_eval import ServerEvaluation
 from edgefl.roles.summary import (
     FederationSummary,
     RoundSummary,
@@ -37,15 +35,16 @@ from edgefl.roles.summary import (
     write_heads,
     write_metrics,
 )
+from edgefl.security.identity import AggregatorAuth
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
 from edgefl.transport.messages import (
     DeviceStatus,
     RoundResult,
-    RoundTask,
     decode_round_task,
     encode_round_task,
 )
+from edgefl.transport.sealed import SealError, strip_seal
 
 __all__ = ["Aggregator", "AggregatorConfig", "FederationSummary", "RoundSummary"]
 
@@ -90,6 +89,7 @@ class Aggregator:
         self.config = config
         self.on_round = on_round
         self.on_verdict = on_verdict
+        self.auth = config.auth or AggregatorAuth.insecure()
         self.bundle: ModelBundle = load_bundle(config.bundle_dir)
         self.state = AggregatorRecord(config.state_path or ":memory:", fault)
         self._check_state_identity()
@@ -115,7 +115,9 @@ class Aggregator:
         self._cond = threading.Condition()
         self._task_payload: bytes | None = None  # the open round's task, re-sent on reconnect
         self._stop = threading.Event()
-        self._eval = self._eval_features(eval_dataset)
+        self._eval: ServerEvaluation | None = None
+        if eval_dataset is not None and config.eval_task in self.heads:
+            self._eval = ServerEvaluation(self.bundle, eval_dataset)
         self.client = MqttClient(
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-aggregator",
@@ -158,22 +160,12 @@ class Aggregator:
             self.state.save_head(task, 0, 0, weights)
         return 0, heads
 
-    def _eval_features(self, dataset: Dataset | None) -> tuple[np.ndarray, np.ndarray] | None:
-        if dataset is None or self.config.eval_task not in self.heads:
-            return None
-        dataset = conform(dataset, self.bundle.manifest.input.shape)
-        artifact = self.bundle.manifest.select_backbone([("onnx", "*"), ("tflite", "*")])
-        runner, lock = shared_backbone(self.bundle.file(artifact), artifact.sha256)
-        features = FeatureCache().features(artifact.sha256, dataset.X, runner, lock)
-        return features, dataset.y
-
     def evaluate(self, task: str | None = None) -> float | None:
         """Return the accuracy of a task's current global head on the eval set (None: no set)."""
         task = task or self.config.eval_task
         if self._eval is None or task not in self.heads:
             return None
-        features, labels = self._eval
-        return head_accuracy(self.bundle.head_spec(task).layers, self.heads[task], features, labels)
+        return self._eval.accuracy(task, self.heads[task])
 
     # -- presence --
 
@@ -212,6 +204,8 @@ class Aggregator:
             FederationError: fewer than `min_devices` devices came online in time.
         """
         started = time.perf_counter()
+        if self.auth.is_insecure:
+            log.warning("insecure: tasks and results are not signed, devices are not checked")
         self.run_id = self.state.begin_run(uuid.uuid4().hex)
         with self._cond:
             self.engine.run_id = self.run_id
@@ -274,8 +268,9 @@ class Aggregator:
                 fleet = self.config.fleet
                 self.client.publish(topics.round_task(fleet, last.round), b"", qos=1, retain=True)
                 result = RoundResult.decode(json.dumps(last.result).encode())
-                self.client.publish(topics.round_result(fleet, last.round), result.encode(),
-                                    qos=1, retain=True)  # fmt: skip
+                topic = topics.round_result(fleet, last.round)
+                self.client.publish(topic, self.auth.seal(topic, result.encode()), qos=1,
+                                    retain=True)  # fmt: skip
             return None
         stored = self.state.accepted_updates(record.round)
         with self._cond:
@@ -315,6 +310,7 @@ class Aggregator:
 
     def _run_round(self, number: int, resumed: bool, first: bool) -> RoundSummary:
         started = time.perf_counter()
+        self.auth.devices.refresh()  # enrollments and revocations made while it ran
         if not resumed:
             self._wait_for_devices(settle=first)
             with self._cond:
@@ -331,22 +327,11 @@ class Aggregator:
         else:
             assert self.engine.round is not None
             open_round = self.engine.round
-        task = RoundTask(
-            round=number,
-            selected=sorted(open_round.selected),
-            tasks=sorted(set(open_round.selected.values())),
-            head_version=open_round.head_version,
-            model_version=self.bundle.manifest.version,
-            deadline_s=max(0.0, open_round.deadline - time.time()),
-            config=open_round.config,
-            run_id=open_round.run_id,
-            head_digest=open_round.head_digest,
-            bundle_digest=open_round.bundle_digest,
-        )
-        with self._cond:
-            payload = encode_round_task(task, self.engine.task_heads())
-            self._task_payload = payload
+        task = open_round.task(self.bundle.manifest.version, time.time())
         task_topic = topics.round_task(self.config.fleet, number)
+        with self._cond:
+            payload = self.auth.seal(task_topic, encode_round_task(task, self.engine.task_heads()))
+            self._task_payload = payload
         self.client.publish(task_topic, payload, qos=1, retain=True)
         log.info("round %d: %d devices selected of %d online, %d stale", number,
                  len(open_round.selected), open_round.online, len(open_round.stale))  # fmt: skip
@@ -393,9 +378,9 @@ class Aggregator:
         )  # fmt: skip
         # Clear the retained task so devices that connect later do not train for a closed round.
         self.client.publish(topic, b"", qos=1, retain=True)
-        self.client.publish(
-            topics.round_result(self.config.fleet, number), result.encode(), qos=1, retain=True
-        )
+        result_topic = topics.round_result(self.config.fleet, number)
+        self.client.publish(result_topic, self.auth.seal(result_topic, result.encode()), qos=1,
+                            retain=True)  # fmt: skip
         log.info("round %d %s: %d/%d accepted, head v%d, %s", number, closed.status,
                  closed.accepted, closed.selected, closed.head_version, metrics)  # fmt: skip
         return RoundSummary(
@@ -420,14 +405,15 @@ class Aggregator:
         if not message.retain or not message.payload:
             return
         parsed = topics.parse(message.topic)
+        payload = strip_seal(message.payload)
         try:
             if parsed is not None and parsed.kind == "task":
-                run_id = decode_round_task(message.payload)[0].run_id
+                run_id = decode_round_task(payload)[0].run_id
             else:
-                run_id = RoundResult.decode(message.payload).run_id
+                run_id = RoundResult.decode(payload).run_id
         except MessageError:
             run_id = None  # not a message of this protocol: nobody's, so cleared too
-        if run_id != self.run_id:
+        if run_id != self.run_id or not self.auth.sealed_by_me(message.topic, message.payload):
             log.info("clearing %s, retained by another run", message.topic)
             self.client.publish(message.topic, b"", qos=1, retain=True)
 
@@ -436,7 +422,12 @@ class Aggregator:
         if parsed is None or parsed.device_id is None or not message.payload:
             return
         try:
-            status = DeviceStatus.decode(message.payload)
+            status = DeviceStatus.decode(
+                self.auth.open(message.topic, parsed.device_id, message.payload)
+            )
+        except SealError as exc:
+            log.warning("refused status on %s: %s: %s", message.topic, exc.code, exc.reason)
+            return
         except MessageError as exc:
             log.warning("ignoring bad status on %s: %s", message.topic, exc)
             return
@@ -472,10 +463,16 @@ class Aggregator:
                 return
             if not message.payload:
                 return  # an empty retained message clears a topic; nothing was sent
-            verdict = self.engine.receive(parsed.round_number, parsed.device_id, message.payload)
+            number, device = parsed.round_number, parsed.device_id
+            try:
+                payload = self.auth.open(message.topic, device, message.payload)
+            except SealError as exc:  # a forgery is counted, but is not the device's answer
+                self._record(self.engine.refuse(number, device, exc.code, exc.reason, size))
+                return
+            verdict = self.engine.receive(number, device, payload)
             # Recorded under the lock, before the round can close, so the last update's record
             # is in the batch that closing the round writes.
-            self._record(verdict, message.payload)
+            self._record(verdict, payload)
             if verdict.complete:
                 # Only the last answer wakes run(): waking it per update cost a thread switch
                 # (and, through its periodic flush, a SQLite commit) for every message.

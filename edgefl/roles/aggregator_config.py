@@ -9,6 +9,7 @@ from typing import Any
 from edgefl.core.accounting import check_budget_settings
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec, check_strategy_spec
+from edgefl.security.identity import AggregatorAuth
 from edgefl.transport import topics
 from edgefl.transport.tls import TlsSettings
 
@@ -35,6 +36,8 @@ class AggregatorConfig:
         state_path: the SQLite file (None: in memory).
         out_dir: where metrics.csv/json and the final heads are written (None: nowhere).
         tls: the CA file and client certificate for an `mqtts://` broker.
+        auth: the key that seals tasks and results and the check of devices' seals
+            (`edgefl.security.identity.AggregatorAuth`); None runs insecure (logged).
     """
 
     broker_url: str
@@ -49,6 +52,7 @@ class AggregatorConfig:
     state_path: Path | None = None
     out_dir: Path | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AggregatorAuth | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""

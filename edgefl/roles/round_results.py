@@ -15,6 +15,7 @@ from collections.abc import Callable
 from edgefl.errors import MessageError
 from edgefl.transport.client import Message
 from edgefl.transport.messages import RoundResult
+from edgefl.transport.sealed import SealError
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,19 @@ class ResultWatch:
         unsubscribe: Callable[[str], None],
         record: Record,
         keep: int,
+        open_payload: Callable[[str, bytes], bytes] = lambda _topic, data: data,
     ) -> None:
         """Args:
         device_id: whose answer to read from results.
         subscribe, unsubscribe: start and stop listening on a topic (results come to `receive`).
         record: called with (round, run ID, answer, reason) for each result of an awaited run.
         keep: how many rounds' results are awaited at once; older ones are given up.
+        open_payload: checks a result's seal and returns its payload (raises `SealError`).
         """
         self.device_id = device_id
         self._subscribe, self._unsubscribe, self._record = subscribe, unsubscribe, record
         self._keep = keep
+        self._open = open_payload
         self._awaiting: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -67,8 +71,8 @@ class ResultWatch:
         if not message.payload:
             return  # a cleared retained result
         try:
-            result = RoundResult.decode(message.payload)
-        except MessageError as exc:
+            result = RoundResult.decode(self._open(message.topic, message.payload))
+        except (MessageError, SealError) as exc:
             log.warning("%s: ignoring bad result on %s: %s", self.device_id, message.topic, exc)
             return
         with self._lock:

@@ -28,6 +28,7 @@ from edgefl.core.strategies import StrategySpec, strategy_label
 from edgefl.errors import SimulationError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
+from edgefl.simulation.fleet_keys import SimulatedFleetKeys
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plan import FleetPlan, SimulatedDevice, plan_fleet
 from edgefl.simulation.simulated_agent import SimulatedAgent
@@ -74,6 +75,8 @@ class SimulationConfig:
             receive it by a deploy (see `Simulation`'s `before_rounds`).
         tls: the CA file and client certificate every client uses with an `mqtts://`
             `broker_url` (one shared certificate: not for brokers with per-device ACLs).
+        insecure: nothing sealed or checked; by default every message is sealed with keys made
+            for the run and every device is enrolled (`edgefl.simulation.fleet_keys`).
     """
 
     devices: int = 10
@@ -93,6 +96,7 @@ class SimulationConfig:
     broker_url: str | None = None
     preinstalled: bool = True
     tls: TlsSettings = field(default_factory=TlsSettings)
+    insecure: bool = False
 
     def check(self) -> None:
         """Raise SimulationError naming the first invalid setting."""
@@ -212,6 +216,7 @@ class Simulation:
             for i, device in enumerate(self.plan.devices)
         ]
         self.records: list[RoundRecord] = []
+        self.keys = SimulatedFleetKeys(config.insecure)
         self.agents: dict[str, Agent] = {}
         self._network: NetworkLoop | None = None
         self._aggregator: Aggregator | None = None
@@ -279,6 +284,7 @@ class Simulation:
                     strategy=config.strategy,
                     strategy_params=dict(config.strategy_params),
                     tls=tls,
+                    auth=self.keys.aggregator(),
                 ),
                 network=network,
                 eval_dataset=self.data.test,
@@ -326,6 +332,7 @@ class Simulation:
                     # Heartbeats only refresh the status; in a short run they are noise.
                     heartbeat_s=300.0,
                     tls=TlsSettings() if self.config.broker_url is None else self.config.tls,
+                    auth=self.keys.agent(device.device_id),
                 ),
                 self.behaviours[index[device.device_id]],
                 dataset=self.data.pool.subset(device.indices),

@@ -102,7 +102,7 @@ class ParsedTopic:
     """What an edgefl topic names. Fields that the kind does not use are None."""
 
     fleet: str
-    kind: str  # "status", "model_current", "task", "update", "result"
+    kind: str  # "status", "deploy_report", "model_current", "task", "update", "result"
     device_id: str | None = None
     round_number: int | None = None
 
@@ -123,6 +123,8 @@ def parse(topic: str) -> ParsedTopic | None:
     match rest:
         case ["devices", device, "status"] if device:
             return ParsedTopic(fleet, "status", device_id=device)
+        case ["devices", device, "deploy"] if device:
+            return ParsedTopic(fleet, "deploy_report", device_id=device)
         case ["models", "current"]:
             return ParsedTopic(fleet, "model_current")
         case ["rounds", number, "task"]:

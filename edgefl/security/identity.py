@@ -1,0 +1,150 @@
+"""A role's identity on the wire: the key it seals with and whom it believes.
+
+- A board's key (`device.key`, Ed25519, mode 0600) lives in its state directory and is created
+  on first start unless one is given (`edgefl flash` can create it on the host and print the
+  public key to enroll). `AgentAuth` holds it with the keys the board trusts.
+- The aggregator seals tasks and results with the fleet's signing key (by default the
+  `edgefl keys` pair that signs releases) and checks devices through a `DeviceVerifier`:
+  `AggregatorAuth`.
+
+A role given no auth runs insecure: nothing is sealed or checked, and its log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgefl import signing
+from edgefl.security.verifiers import INSECURE, DeviceVerifier, TrustedSigners
+from edgefl.transport.sealed import SealError, fingerprint, raw_public_key, seal, unseal
+
+log = logging.getLogger(__name__)
+
+DEVICE_KEY_FILE = "device.key"
+DEVICE_PUBLIC_KEY_FILE = "device.pub"
+
+
+def device_key(state_dir: Path | None, key_file: Path | None = None) -> Ed25519PrivateKey:
+    """Return a board's key: `key_file`, else `state_dir/device.key` (created on first start).
+
+    Raises:
+        KeyFileError: the key file cannot be read or written.
+        ValueError: neither a key file nor a state directory (the key would not survive).
+    """
+    if key_file is not None:
+        return signing.load_private_key(key_file)
+    if state_dir is None:
+        raise ValueError("a board keeps its key in `state_dir` (or give `device_key` a file)")
+    path = Path(state_dir).expanduser() / DEVICE_KEY_FILE
+    if not path.exists():
+        paths = signing.init_keys(path.parent, DEVICE_KEY_FILE, DEVICE_PUBLIC_KEY_FILE)
+        log.warning("created this board's key %s (key id %s): enroll %s on the aggregator",
+                    paths.private, key_fingerprint(signing.load_private_key(paths.private)),
+                    paths.public)  # fmt: skip
+    return signing.load_private_key(path)
+
+
+def key_fingerprint(key: Ed25519PrivateKey) -> str:
+    """Return the fingerprint of a private key's public half."""
+    return fingerprint(raw_public_key(key))
+
+
+class Sealer:
+    """Seals messages with one key; without a key (insecure) messages go out as they are."""
+
+    def __init__(self, key: Ed25519PrivateKey | None) -> None:
+        self.key = key
+        self.raw = raw_public_key(key) if key is not None else b""
+
+    def seal(self, topic: str, payload: bytes) -> bytes:
+        """Return `payload` sealed for `topic` (unchanged when insecure or empty)."""
+        if self.key is None:
+            return payload
+        return seal(self.key, topic, payload, self.raw)
+
+
+class AgentAuth(Sealer):
+    """A board's key (seals its statuses, updates and reports) and the keys it trusts."""
+
+    def __init__(self, key: Ed25519PrivateKey | None, trusted: TrustedSigners) -> None:
+        """Args:
+        key: the board's key (None: insecure, nothing sealed).
+        trusted: whose tasks and results it acts on.
+        """
+        super().__init__(key)
+        self.trusted = trusted
+        self.refused: Counter[str] = Counter()  # refused tasks and results, by code
+
+    @classmethod
+    def insecure(cls) -> AgentAuth:
+        """Seal nothing and believe every task and result (logged by the agent)."""
+        return cls(None, TrustedSigners((), insecure=True))
+
+    @property
+    def is_insecure(self) -> bool:
+        """Whether nothing is sealed or checked."""
+        return self.key is None and self.trusted.insecure
+
+    def open(self, topic: str, data: bytes) -> bytes:
+        """Return a task's or result's payload once its seal verifies (`TrustedSigners`).
+
+        Raises:
+            SealError: refused (counted in `refused`).
+        """
+        try:
+            return self.trusted.open(topic, data)
+        except SealError as exc:
+            self.refused[exc.code] += 1
+            raise
+
+
+class AggregatorAuth(Sealer):
+    """The aggregator's key (seals tasks and results) and its check of devices."""
+
+    def __init__(self, key: Ed25519PrivateKey | None, devices: DeviceVerifier) -> None:
+        """Args:
+        key: the aggregator's key (None: insecure, nothing sealed).
+        devices: whose statuses and updates it believes.
+        """
+        super().__init__(key)
+        self.devices = devices
+        self.refused: Counter[str] = Counter()  # refused statuses and updates, by code
+
+    @classmethod
+    def insecure(cls) -> AggregatorAuth:
+        """Seal nothing and believe every device (logged by the aggregator)."""
+        return cls(None, DeviceVerifier(None, INSECURE))
+
+    @property
+    def is_insecure(self) -> bool:
+        """Whether nothing is sealed or checked."""
+        return self.key is None and self.devices.insecure
+
+    def open(self, topic: str, device_id: str, data: bytes) -> bytes:
+        """Return a device's message payload once its seal verifies (`DeviceVerifier`).
+
+        Raises:
+            SealError: refused (counted in `refused`).
+        """
+        try:
+            return self.devices.open(topic, device_id, data)
+        except SealError as exc:
+            self.refused[exc.code] += 1
+            raise
+
+    def sealed_by_me(self, topic: str, data: bytes) -> bool:
+        """Whether `data` carries this aggregator's valid seal (insecure: always)."""
+        if self.key is None:
+            return True
+        try:
+            sealed = unseal(data)
+            if sealed.public_key != self.raw:
+                return False
+            sealed.verify(topic, self.key.public_key())
+        except SealError:
+            return False
+        return True
