@@ -3,6 +3,8 @@ scrape of /metrics during a real run over Mosquitto checked against the SQLite r
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 import threading
 import urllib.request
@@ -172,3 +174,27 @@ def test_a_scrape_during_a_run_matches_the_sqlite_record(
     assert result is not None
     assert scraped[("edgefl_round_participants", (("kind", "accepted"),))] == result["accepted"]
     assert scraped[("edgefl_round_participants", (("kind", "selected"),))] == result["selected"]
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_exporter_serves() -> None:
+    dashboard = json.loads(
+        (Path(__file__).parents[1] / "grafana" / "edgefl-fleet.json").read_text()
+    )
+    metrics = AggregatorMetrics("lab")
+    metrics.on_verdict(Verdict(REJECTED, 1, "a", code="shape"))
+    metrics.on_round(RoundSummary(1, "closed", 1, 1, 1, {}, 0, 1.0, {"accuracy": 0.5}))
+    served = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:edgefl|process)_[a-z_]+)\b", target["expr"])
+    }
+    assert queried and queried <= served, queried - served
+    assert {
+        "edgefl_devices",
+        "edgefl_updates_total",
+        "edgefl_updates_rejected_total",
+        "edgefl_round_duration_seconds_bucket",
+        "edgefl_update_bytes_total",
+    } <= queried
