@@ -31,6 +31,12 @@ class InstallSpec:
     uninstall: list[str] = field(default_factory=list)
     extra_index_urls: list[str] = field(default_factory=list)
     apt: list[str] = field(default_factory=list)
+    # The board's platform, for the wheels an offline install ships (`edgefl flash`): CPU
+    # architecture, Python version and glibc version of its OS. Empty: the board installs from
+    # its package index.
+    arch: str = ""
+    python: str = ""
+    glibc: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ def _parse_preference(text: str, source: Path) -> tuple[str, str]:
 
 
 _PROFILE_KEYS = {"name", "description", "threads", "prefer", "providers", "install", "limits"}
-_INSTALL_KEYS = {"packages", "uninstall", "extra_index_urls", "apt"}
+_INSTALL_KEYS = {"packages", "uninstall", "extra_index_urls", "apt", "arch", "python", "glibc"}
 
 
 def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
@@ -100,6 +106,9 @@ def parse_profile(data: dict[str, Any], directory: Path) -> DeviceProfile:
                 uninstall=[str(p) for p in install.get("uninstall", [])],
                 extra_index_urls=[str(u) for u in install.get("extra_index_urls", [])],
                 apt=[str(p) for p in install.get("apt", [])],
+                arch=str(install.get("arch", "")),
+                python=str(install.get("python", "")),
+                glibc=str(install.get("glibc", "")),
             ),
             directory=directory,
             limits=from_mapping(BoardLimits, dict(data.get("limits", {})), what="limits"),

@@ -133,8 +133,8 @@ def test_a_profile_without_install_sh_gets_one_from_the_template(
     assert (
         'EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-https://a.example/simple'
         ' https://b.example/simple}"\n'
-        'PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "$PREFIX/venv/bin/python" -m pip install'
-        " --quiet 'onnxruntime-openvino>=1.20'\n"
+        'PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "${PIP_INSTALL[@]}"'
+        " 'onnxruntime-openvino>=1.20'\n"
     ) in text
     assert "@" not in text.replace("edgefl-*.whl", "").replace("[@]", "")
     checked = tmp_path / "install.sh"
@@ -157,7 +157,7 @@ def test_ssh_command_lines() -> None:
     options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     assert commands == [
         ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board", "mkdir -p edgefl-install"],
-        ["scp", "-q", *options, "-P", "2222", "-i", "/k/id", "/tmp/a/install.sh",
+        ["scp", "-q", "-r", *options, "-P", "2222", "-i", "/k/id", "/tmp/a/install.sh",
          "/tmp/a/agent.env", "pi@board:edgefl-install/"],
         ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board",
          "cd edgefl-install && sudo ./install.sh"],

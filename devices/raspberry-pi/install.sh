@@ -36,13 +36,19 @@ chmod 0700 "$STATE_DIR" "$STATE_DIR/state" "$STATE_DIR/models" "$STATE_DIR/data"
 install -d -m 0755 "$CONFIG_DIR" "$PREFIX"
 
 "$PYTHON" -m venv "$PREFIX/venv"
-"$PREFIX/venv/bin/python" -m pip install --quiet --upgrade pip
+PIP_INSTALL=("$PREFIX/venv/bin/python" -m pip install --quiet)
+if [ -d "$HERE/wheels" ]; then
+    # An offline bundle: `edgefl flash` downloaded every wheel this board needs (its CPU and
+    # Python) into wheels/, so pip never touches the network and builds nothing from source.
+    PIP_INSTALL+=(--no-index --find-links "$HERE/wheels" --only-binary=:all:)
+fi
+"${PIP_INSTALL[@]}" --upgrade pip
 # A wheel shipped beside this script (offline bundle) wins over the package index.
 WHEEL="$(ls "$HERE"/edgefl-*.whl 2>/dev/null | head -n 1 || true)"
 if [ -n "$WHEEL" ]; then
-    "$PREFIX/venv/bin/python" -m pip install --quiet "${WHEEL}[agent]"
+    "${PIP_INSTALL[@]}" "${WHEEL}[agent]"
 else
-    "$PREFIX/venv/bin/python" -m pip install --quiet "edgefl[agent]"
+    "${PIP_INSTALL[@]}" "edgefl[agent]"
 fi
 # The runtime is what edgefl[agent] brings: onnxruntime and ai-edge-litert.
 
@@ -77,8 +83,15 @@ if [ -f "$HERE/device.crt" ]; then
         "$CONFIG_DIR/tls/device.key"
 fi
 
+install -d -m 0755 /etc/systemd/system
 install -m 0644 "$HERE/edgefl-agent.service" /etc/systemd/system/edgefl-agent.service
-systemctl daemon-reload
-systemctl enable edgefl-agent.service
-systemctl restart edgefl-agent.service
-echo "edgefl agent installed; follow it with: journalctl -u edgefl-agent -f"
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable edgefl-agent.service
+    systemctl restart edgefl-agent.service
+    echo "edgefl agent installed; follow it with: journalctl -u edgefl-agent -f"
+else
+    # A container or chroot: the unit is in place for the next boot with systemd.
+    echo "edgefl agent installed in $PREFIX/venv; systemd is not running here, so start it with"
+    echo "the unit's ExecStart (/etc/systemd/system/edgefl-agent.service, settings in agent.env)"
+fi

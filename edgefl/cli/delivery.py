@@ -203,7 +203,8 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
               help="Public key to trust [~/.config/edgefl/keys/signing.pub].")  # fmt: skip
 @click.option("--port", type=int, default=None, help="ssh port.")
 @click.option("--identity", type=click.Path(path_type=Path), default=None, help="ssh key file.")
-@click.option("--no-wheel", is_flag=True, help="Install edgefl from the index, not a built wheel.")
+@click.option("--no-wheel", is_flag=True,
+              help="Ship no wheels: the board installs everything from its index.")  # fmt: skip
 @tls_options()
 @user_errors
 def flash(
@@ -222,6 +223,8 @@ def flash(
 ) -> None:
     """Install the agent on a board over ssh, or write the same as an offline tarball.
 
+    The board needs no network to install: every wheel it needs, for the architecture and
+    Python of its profile, is downloaded here and shipped (unless --no-wheel).
     --cafile, --cert and --key (the board's, from `edgefl certs issue ID --role device`) are
     installed in /etc/edgefl/tls/ and the agent connects with them (mqtts:// brokers only).
     """
@@ -243,8 +246,8 @@ def flash(
     key = trust_key or signing.DEFAULT_KEY_DIR / signing.PUBLIC_KEY_FILE
     settings = flashing.BoardSettings(broker_url, fleet, device_id, group, tls)
     with tempfile.TemporaryDirectory(prefix="edgefl-wheel-") as tmp:
-        wheel = None if no_wheel else flashing.build_wheel(Path(tmp))
-        files = flashing.build_install_files(profile, settings, key, wheel)
+        wheel, wheels = (None, []) if no_wheel else flashing.board_wheels(profile, Path(tmp))
+        files = flashing.build_install_files(profile, settings, key, wheel, wheels)
         if output is not None:
             flashing.write_offline_bundle(files, output)
             click.echo(f"wrote {output} ({len(files)} files for {device_id}); see INSTALL.md in it")

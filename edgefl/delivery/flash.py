@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import edgefl
 from edgefl.atomic import replacing
+from edgefl.delivery.board_wheels import WHEELS_DIR, download_board_wheels, wheel_target
 from edgefl.delivery.install_script import INSTALL_SCRIPT, install_script
 from edgefl.errors import DeliveryError, InputError, KeyFileError, ProfileError
 from edgefl.profiles import DeviceProfile
@@ -152,9 +154,17 @@ def _env_template(profile: DeviceProfile) -> str:
     return path.read_text()
 
 
-def install_guide(profile: DeviceProfile, settings: BoardSettings, wheel: str | None) -> str:
-    """Return INSTALL.md: how to install the offline bundle on a board."""
+def install_guide(
+    profile: DeviceProfile, settings: BoardSettings, wheel: str | None, offline: bool = False
+) -> str:
+    """Return INSTALL.md: how to install the offline bundle on a board (`offline`: every wheel
+    is in wheels/ and pip does not use the network)."""
     package = f"the bundled wheel `{wheel}`" if wheel else "`edgefl[agent]` from the package index"
+    if offline:
+        package += (
+            f"\nand every dependency from {WHEELS_DIR}/ (`pip install --no-index`: the board needs"
+            " no network to install)"
+        )
     docker = ""
     if (profile.directory / "Dockerfile").is_file():
         docker = (
@@ -203,6 +213,7 @@ def build_install_files(
     settings: BoardSettings,
     trust_key: Path,
     wheel: Path | None = None,
+    wheels: Sequence[Path] = (),
 ) -> dict[str, InstallFile]:
     """Collect the files to install on one board, with agent.env filled in.
 
@@ -212,7 +223,9 @@ def build_install_files(
         settings: broker, fleet, device ID and group for agent.env, and the TLS files to ship
             (named ca.crt, device.crt and device.key in the bundle).
         trust_key: the public key the agent will trust.
-        wheel: an edgefl wheel to ship (offline install); None installs from the index.
+        wheel: an edgefl wheel to ship; None installs edgefl from the index.
+        wheels: every other wheel the board installs (`board_wheels.download_board_wheels`),
+            shipped in wheels/: install.sh then installs with `--no-index`, offline.
 
     Returns:
         File name -> contents and mode.
@@ -248,7 +261,10 @@ def build_install_files(
         ) from None
     if wheel is not None:
         files[wheel.name] = InstallFile(wheel.read_bytes(), 0o644)
-    guide = install_guide(profile, settings, wheel.name if wheel else None)
+    for path in wheels:
+        if wheel is None or path.name != wheel.name:
+            files[f"{WHEELS_DIR}/{path.name}"] = InstallFile(path.read_bytes(), 0o644)
+    guide = install_guide(profile, settings, wheel.name if wheel else None, offline=bool(wheels))
     files["INSTALL.md"] = InstallFile(guide.encode(), 0o644)
     return files
 
@@ -291,6 +307,20 @@ def build_wheel(out_dir: Path) -> Path | None:
     return wheels[-1]
 
 
+def board_wheels(profile: DeviceProfile, out_dir: Path) -> tuple[Path | None, list[Path]]:
+    """Return the edgefl wheel to ship (None: from the index) and every other wheel the board
+    installs, downloaded for its platform (none when its profile names no platform).
+
+    Raises:
+        DeliveryError: the wheel cannot be built or a wheel cannot be downloaded.
+    """
+    wheel = build_wheel(out_dir)
+    if wheel_target(profile) is None:
+        return wheel, []
+    requirement = f"{wheel}[agent]" if wheel else f"edgefl[agent]=={edgefl.__version__}"
+    return wheel, download_board_wheels(profile, out_dir / WHEELS_DIR, requirement)
+
+
 def write_offline_bundle(files: Mapping[str, InstallFile], output: Path) -> Path:
     """Write the files as a .tar.gz under one folder, atomically.
 
@@ -327,7 +357,7 @@ def ssh_commands(
     BatchMode makes a missing key fail at once instead of waiting for a password prompt.
     """
     ssh = ["ssh", *_SSH_OPTIONS]
-    scp = ["scp", "-q", *_SSH_OPTIONS]
+    scp = ["scp", "-q", "-r", *_SSH_OPTIONS]
     if port is not None:
         ssh += ["-p", str(port)]
         scp += ["-P", str(port)]
@@ -374,9 +404,13 @@ def flash_over_ssh(
         paths = []
         for name, item in files.items():
             path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(item.data)
             path.chmod(item.mode)
-            paths.append(path)
+            # A folder (wheels/) is copied whole by scp -r.
+            top = Path(tmp) / Path(name).parts[0]
+            if top not in paths:
+                paths.append(top)
         steps = ("creating the install folder", "copying files", "running install.sh")
         for step, command in zip(steps, ssh_commands(host, paths, port, identity), strict=True):
             if on_step is not None:

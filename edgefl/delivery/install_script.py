@@ -45,11 +45,11 @@ def _runtime_lines(profile: DeviceProfile) -> str:
         "# The board's runtime, from its profile's [install]: what it replaces in edgefl[agent]"
     ]
     lines.append("# and what it adds.")
-    pip = f"{_VENV_PYTHON} -m pip"
     if spec.uninstall:
-        lines.append(f"{pip} uninstall --quiet --yes {_words(spec.uninstall)}")
+        lines.append(f"{_VENV_PYTHON} -m pip uninstall --quiet --yes {_words(spec.uninstall)}")
     if spec.packages:
-        install = f"{pip} install --quiet {_words(spec.packages)}"
+        # PIP_INSTALL: the template's pip command, --no-index with an offline bundle's wheels.
+        install = f'"${{PIP_INSTALL[@]}}" {_words(spec.packages)}'
         if spec.extra_index_urls:
             # pip reads a space-separated list from PIP_EXTRA_INDEX_URL.
             lines.append("# EDGEFL_EXTRA_INDEX_URLS (space-separated) overrides the extra indexes.")
