@@ -170,6 +170,8 @@
   }
 
   render(view);
+  // When the first full render ended, after navigation start (what benchmarks/dashboard.py reads).
+  if (window.performance && performance.mark) performance.mark("edgefl-rendered");
   var stream = new EventSource("events" + query);
   stream.addEventListener("view", function (event) { view = JSON.parse(event.data); render(view); });
   stream.onerror = function () { var l = $("link"); l.textContent = "dashboard unreachable: retrying"; l.className = "pill down"; };
