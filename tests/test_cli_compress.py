@@ -53,6 +53,17 @@ class SigmoidOut(nn.Module):
 
 def sigmoid_out():
     return SigmoidOut()
+
+
+class CumsumOut(SigmoidOut):
+    """A forward that mixes the outputs after the last Linear: no head can hold that."""
+
+    def forward(self, x):
+        return self.fc(self.body(x)).cumsum(1)
+
+
+def cumsum_out():
+    return CumsumOut()
 '''
 
 TFLITE_ONLY = """
@@ -160,9 +171,9 @@ def _bad_inputs(tmp_path: Path, factories: str) -> list[tuple[list[str], str]]:
         ),
         (["--model", f"{factories}:missing", *base], f"module '{factories}' has no 'missing'"),
         (
-            ["--model", f"{factories}:sigmoid_out", *base],
-            "splitting the model at head 'fc' changes its outputs .*: its forward applies "
-            "sigmoid after head 'fc'",
+            ["--model", f"{factories}:cumsum_out", *base],
+            "the model's forward applies cumsum after head 'fc'; after its last Linear a head "
+            "may only apply sigmoid",
         ),
         (["--model", "resnet18", *base], r"shape \[1, 8, 8\] but the model takes \[3, 224, 224\]"),
         (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -43,6 +44,8 @@ from edgefl.cli.shell import user_errors, with_flags
               "folder or a .npz), used for nothing else (default: 20% of --data).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the held-out split, the new head and the training order.")  # fmt: skip
+@click.option("--best-effort", is_flag=True, help="When no setting the back-off tries meets "
+              "max_accuracy_drop, write the one that lost least, then exit 1.")  # fmt: skip
 @user_errors
 def compress(
     model: str,
@@ -65,6 +68,7 @@ def compress(
     verbose: bool,
     eval_data: str | None,
     seed: int,
+    best_effort: bool,
 ) -> None:
     """Prune, distill, quantize and export a model into a verified bundle."""
     from rich.console import Console
@@ -83,11 +87,22 @@ def compress(
         model=model, recipe=recipe, data=data, out=out, weights=weights, head=head,
         num_classes=num_classes, finetune=finetune, force=force, dry_run=dry_run,
         version=bundle_version, name=name, preprocess=overrides, allow_chance=allow_chance,
-        verbose=verbose, eval_data=eval_data, seed=seed,
+        verbose=verbose, eval_data=eval_data, seed=seed, best_effort=best_effort,
     )  # fmt: skip
-    run_compress(
+    result = run_compress(
         request, Console(), warn=lambda text: click.echo(f"warning: {with_flags(text)}", err=True)
     )
+    if result.report is not None and not result.report.within_budget:
+        click.echo(
+            f"error: {out} is a best-effort bundle beyond max_accuracy_drop: "
+            + "; ".join(
+                w.removeprefix("best effort: ")
+                for w in result.report.warnings
+                if w.startswith("best effort: ")
+            ),
+            err=True,
+        )
+        sys.exit(1)
 
 
 @click.command()

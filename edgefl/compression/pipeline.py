@@ -2,9 +2,10 @@
 
 Order: load the model and data, split backbone/head, (transfer-learn a new head), prune, distill,
 export and quantize each artifact, verify it in its runtime, measure it, write the bundle. When
-`max_accuracy_drop` is exceeded the pipeline backs off (more distillation, a lower prune ratio,
-sensitive nodes kept out of int8) and logs every try. Nothing is written until every step passed,
-and then atomically, so any error leaves no partial bundle.
+`max_accuracy_drop` is exceeded the pipeline backs off (more distillation, a search for the
+largest prune ratio that fits, sensitive nodes kept out of int8) and logs every try. Nothing is
+written until every step passed (or, with `best_effort`, kept the try that lost least), and then
+atomically, so any error leaves no partial bundle.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class CompressRequest:
     eval_data: str | Path | None = None
     # Seeds the held-out split, the new head and the shuffling of training and distillation.
     seed: int = 0
+    # When the back-off finds nothing within max_accuracy_drop, write the try that lost least
+    # (report.within_budget is then False) instead of raising AccuracyDropError.
+    best_effort: bool = False
 
 
 @dataclass
@@ -213,6 +217,7 @@ def compress(
             progress=progress,
             seed=request.seed,
             metric=metric,
+            best_effort=request.best_effort,
         )
         report.stages.append(run.torch_stage("original", teacher))
         # Checked before minutes of pruning and export: a model at chance stays there.

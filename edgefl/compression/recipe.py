@@ -51,6 +51,16 @@ class DistillStep:
 
 
 @dataclass
+class BackoffStep:
+    """How long the back-off searches the prune ratio when `max_accuracy_drop` is missed: at most
+    `tries` candidates, `seconds` of wall time (None: no limit), no finer than `resolution`."""
+
+    tries: int = 6
+    seconds: float | None = None
+    resolution: float = 0.05
+
+
+@dataclass
 class ArtifactStep:
     """One backbone artifact to export: format, precision and calibration set size (int8)."""
 
@@ -87,6 +97,7 @@ class Recipe:
     distill: DistillStep | None = None
     artifacts: list[ArtifactStep] = field(default_factory=list)
     verify: VerifyStep = field(default_factory=VerifyStep)
+    backoff: BackoffStep = field(default_factory=BackoffStep)
     max_accuracy_drop: float | None = None
     latency_threads: int = 1
     head_epochs: int = 20
@@ -168,6 +179,7 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
         for i, item in enumerate(raw_artifacts)
     ]
     verify = _section(VerifyStep, data.get("verify", {}), "verify", path)
+    backoff = _section(BackoffStep, data.get("backoff", {}), "backoff", path)
     recipe = Recipe(
         name=path.stem,
         description=str(data.get("description", "")),
@@ -176,6 +188,7 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
         distill=distill,
         artifacts=[a for a in artifacts if a is not None],
         verify=verify or VerifyStep(),
+        backoff=backoff or BackoffStep(),
         max_accuracy_drop=_optional_number(data, "max_accuracy_drop", path),
         # Checked in _validate: a cast here would turn 0 or 1.5 into a silent default.
         latency_threads=data.get("latency_threads", 1),
@@ -295,6 +308,13 @@ def _validate(recipe: Recipe, path: Path) -> None:
         fail("verify.samples", f"must be an integer >= 1, got {recipe.verify.samples!r}")
     if recipe.max_accuracy_drop is not None and recipe.max_accuracy_drop < 0:
         fail("max_accuracy_drop", "must be >= 0 (accuracy points)")
+    b = recipe.backoff
+    if not _is_count(b.tries):
+        fail("backoff.tries", f"must be an integer >= 1, got {b.tries!r}")
+    if b.seconds is not None and (not isinstance(b.seconds, int | float) or b.seconds <= 0):
+        fail("backoff.seconds", f"must be > 0, got {b.seconds!r}")
+    if not isinstance(b.resolution, int | float) or not 0 < b.resolution < 1:
+        fail("backoff.resolution", f"must be in (0, 1), got {b.resolution!r}")
     try:
         Metric.parse(recipe.metric)
     except ValueError as exc:

@@ -47,12 +47,17 @@ class StageReport:
 
 @dataclass
 class BackoffAttempt:
-    """One try of the accuracy-aware loop: what was set, the drop it gave, whether it was kept."""
+    """One try of the accuracy-aware search: what was set, the drop it gave (points lost; negative
+    is a gain), whether it was kept, and what it measured (None where it was not measured)."""
 
     step: str
     setting: str
     accuracy_drop: float | None
     kept: bool
+    accuracy: float | None = None
+    size_bytes: int | None = None
+    latency_ms: float | None = None
+    reason: str = ""  # why a try was not measured, e.g. the verification it failed
 
 
 @dataclass
@@ -74,6 +79,8 @@ class CompressionReport:
     # The recipe's metric ("top-1", "top-K", "within-N"): what `accuracy`, the drops, the chance
     # level and `top1_agreement` (the agreement with PyTorch under this metric) measure.
     metric: str = "top-1"
+    # False when `best_effort` kept a try beyond max_accuracy_drop (the CLI then exits 1).
+    within_budget: bool = True
     warnings: list[str] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 
@@ -166,13 +173,22 @@ def render_report(report: CompressionReport, console: Console) -> None:
             "guessing"
         )
     if any(not a.kept for a in report.backoff):
-        log = Table(title="accuracy back-off")
-        for column in ("step", "setting", "drop (points)", "kept"):
-            log.add_column(column)
+        log = Table(title="accuracy back-off (change in points against the original)")
+        for column in ("step", "setting", "acc %", "change", "size", "ms", "kept"):
+            log.add_column(column, overflow="fold")
         for a in report.backoff:
-            drop = "-" if a.accuracy_drop is None else f"{a.accuracy_drop:.2f}"
-            log.add_row(a.step, a.setting, drop, "yes" if a.kept else "no")
+            log.add_row(
+                a.step,
+                a.setting + (f" ({a.reason})" if a.reason else ""),
+                "-" if a.accuracy is None else f"{100 * a.accuracy:.2f}",
+                "-" if a.accuracy_drop is None else f"{-a.accuracy_drop:+.2f}",
+                "-" if a.size_bytes is None else _bytes(a.size_bytes),
+                "-" if a.latency_ms is None else f"{a.latency_ms:.3f}",
+                "yes" if a.kept else "no",
+            )
         console.print(log)
+    if not report.within_budget:
+        console.print("best effort: the bundle misses max_accuracy_drop (see the back-off)")
 
 
 def render_plan(plan: PruningPlan | None, artifacts: list[str], console: Console) -> None:

@@ -1,8 +1,11 @@
 """The stages of one compression run, each measured against the accuracy budget, with back-off.
 
-`CompressionRun` prunes and distills (distilling longer, then pruning less, while the accuracy drop
-exceeds `max_accuracy_drop`), exports, verifies and measures every artifact, and re-quantizes ONNX
-int8 with its most sensitive nodes in float when it fails. Every try lands in the report.
+`CompressionRun` prunes and distills; while the accuracy drop exceeds `max_accuracy_drop` it
+distills longer, then searches the prune ratio (`edgefl.compression.backoff`) for the largest that
+fits. It exports, verifies and measures every artifact, and re-quantizes ONNX int8 with more and
+more of its most sensitive nodes in float when it fails. Every try lands in the report with its
+setting, accuracy, size and latency. With `best_effort`, a search that finds nothing within the
+budget keeps the try that lost least, and the report says the budget was missed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 from rich.progress import Progress, TaskID
 
+from edgefl.compression.backoff import SearchBudget, bisect_ratio, describe_change
 from edgefl.compression.distill import distill, predict
 from edgefl.compression.metric import Metric
 from edgefl.compression.prune import PruningPlan, apply_pruning, count_macs_params
@@ -34,7 +38,18 @@ from edgefl.head import head_forward
 from edgefl.models.split import SplitModel
 
 # How many of the most sensitive nodes the int8 back-off keeps in float, try by try.
-EXCLUDE_STEPS = (2, 4, 8)
+EXCLUDE_STEPS = (2, 4, 8, 16)
+
+
+@dataclass
+class _Candidate:
+    """One prune+distill try: the student, its plan and stages, and its accuracy drop."""
+
+    student: SplitModel
+    plan: PruningPlan | None
+    stages: list[StageReport]
+    drop: float
+    ok: bool
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,8 @@ class CompressionRun:
     progress: Progress
     seed: int = 0
     metric: Metric = dataclasses.field(default_factory=Metric)
+    # Keep the try that lost least when none fits the budget (the report says so).
+    best_effort: bool = False
 
     def score(self, model: SplitModel) -> float:
         """The recipe's metric of a torch model on the test set."""
@@ -93,53 +110,95 @@ class CompressionRun:
         )
 
     def prune_and_distill(self, teacher: SplitModel) -> tuple[SplitModel, PruningPlan | None]:
-        """Prune and distill a copy of `teacher`, backing off until the accuracy drop fits."""
+        """Prune and distill a copy of `teacher`, searching for a setting whose drop fits."""
         recipe = self.recipe
         prune = recipe.prune if recipe.prune is not None and recipe.prune.ratio > 0 else None
         if prune is None and recipe.distill is None:
             return teacher, None
         step = recipe.distill or DistillStep(epochs=0)
-        tries = [(prune.ratio if prune else 0.0, step.epochs)]
-        if recipe.max_accuracy_drop is not None:
-            # Back-off order: distill longer first (cheap, keeps the size), then prune less.
-            if step.epochs > 0:
-                tries.append((tries[0][0], step.epochs * 2))
-            if prune is not None:
-                tries.append((prune.ratio / 2, step.epochs * 2))
-        train = self.train
-        for ratio, epochs in tries:
-            student = copy.deepcopy(teacher)
-            stages: list[StageReport] = []
-            plan = None
-            if prune is not None:
-                plan = apply_pruning(
-                    student,
-                    self.example,
-                    dataclasses.replace(prune, ratio=ratio),
-                    (train.X, train.y),
-                )
-                stages.append(self.torch_stage("pruned", student))
+        ratio = prune.ratio if prune else 0.0
+        tries = [self._try(teacher, ratio, step, step.epochs)]
+        if recipe.max_accuracy_drop is not None and not tries[-1].ok:
+            # Distilling longer is cheap and keeps the size, so it comes first; then the ratio.
+            epochs = step.epochs * 2
             if epochs > 0:
-                task = self.progress.add_task(f"distilling (ratio {ratio:g})", total=epochs)
+                tries.append(self._try(teacher, ratio, step, epochs))
+            if prune is not None and not tries[-1].ok:
+                budget = SearchBudget(recipe.backoff.tries, recipe.backoff.seconds,
+                                      recipe.backoff.resolution)  # fmt: skip
 
-                def advance(done: int, _total: int, task: TaskID = task) -> None:
-                    self.progress.update(task, completed=done)
+                def fits(candidate_ratio: float) -> bool:
+                    tries.append(self._try(teacher, candidate_ratio, step, epochs))
+                    return tries[-1].ok
 
-                distill(
-                    student, teacher, train, step, epochs=epochs, progress=advance, seed=self.seed
-                )
-                stages.append(self.torch_stage("distilled", student))
-            drop = self.drop(self.score(student))
-            ok = self.allows(drop)
-            setting = f"prune ratio {ratio:g}, distill {epochs} epochs"
-            self.report.backoff.append(BackoffAttempt("prune+distill", setting, drop, kept=ok))
-            if ok:
-                self.report.stages.extend(stages)
-                return student, plan
-        tried = "; ".join(f"{a.setting}: -{a.accuracy_drop} points" for a in self.report.backoff)
-        raise AccuracyDropError(
-            f"pruning and distillation lose more than max_accuracy_drop "
-            f"{recipe.max_accuracy_drop} accuracy points after back-off ({tried})"
+                bisect_ratio(ratio, fits, budget)
+        fitting = [c for c in tries if c.ok]
+        if fitting:
+            # The last fitting try of a bisection prunes the most of those that fit.
+            chosen = max(fitting, key=lambda c: c.plan.ratio if c.plan is not None else 0.0)
+        elif self.best_effort:
+            chosen = min(tries, key=lambda c: c.drop)
+            lost = describe_change(chosen.drop, None)
+            self.miss_budget(f"prune+distill kept the try that lost least ({lost})")
+        else:
+            raise AccuracyDropError(
+                f"pruning and distillation lose more than max_accuracy_drop "
+                f"{recipe.max_accuracy_drop} accuracy points after back-off "
+                f"({self._tried('prune+distill')}); `best_effort` writes the try that lost least"
+            )
+        self.report.stages.extend(chosen.stages)
+        for attempt, candidate in zip(self._attempts("prune+distill"), tries, strict=True):
+            attempt.kept = candidate is chosen
+        return chosen.student, chosen.plan
+
+    def _try(self, teacher: SplitModel, ratio: float, step: DistillStep, epochs: int) -> _Candidate:
+        """Prune a copy of `teacher` to `ratio` and distill it `epochs`; log the try."""
+        prune = self.recipe.prune
+        student = copy.deepcopy(teacher)
+        stages: list[StageReport] = []
+        plan = None
+        if prune is not None and ratio > 0:
+            plan = apply_pruning(
+                student, self.example, dataclasses.replace(prune, ratio=ratio),
+                (self.train.X, self.train.y),
+            )  # fmt: skip
+            stages.append(self.torch_stage("pruned", student))
+        if epochs > 0:
+            task = self.progress.add_task(f"distilling (ratio {ratio:g})", total=epochs)
+
+            def advance(done: int, _total: int, task: TaskID = task) -> None:
+                self.progress.update(task, completed=done)
+
+            distill(
+                student, teacher, self.train, step, epochs=epochs, progress=advance, seed=self.seed
+            )
+            stages.append(self.torch_stage("distilled", student))
+        last = stages[-1] if stages else self.torch_stage("student", student)
+        drop = self.drop(last.accuracy or 0.0)
+        ok = self.allows(drop)
+        setting = f"prune ratio {ratio:g}, distill {epochs} epochs"
+        self.report.backoff.append(
+            BackoffAttempt("prune+distill", setting, drop, kept=ok, accuracy=last.accuracy,
+                           size_bytes=last.size_bytes, latency_ms=last.latency_ms)
+        )  # fmt: skip
+        return _Candidate(student, plan, stages, drop, ok)
+
+    def _attempts(self, step: str) -> list[BackoffAttempt]:
+        return [a for a in self.report.backoff if a.step == step]
+
+    def _tried(self, step: str) -> str:
+        """Every try of a step: its setting and what it measured against the budget."""
+        budget = self.recipe.max_accuracy_drop
+        return "; ".join(
+            f"{a.setting}: {a.reason or describe_change(a.accuracy_drop, budget)}"
+            for a in self._attempts(step)
+        )
+
+    def miss_budget(self, what: str) -> None:
+        """Record that a best-effort stage missed the accuracy budget."""
+        self.report.within_budget = False
+        self.report.warnings.append(
+            f"best effort: {what}, beyond max_accuracy_drop {self.recipe.max_accuracy_drop}"
         )
 
     def export_all(self, student: SplitModel, work: Path) -> dict[str, Path]:
@@ -182,13 +241,15 @@ class CompressionRun:
         path: Path,
         reference: Reference,
         setting: str = "as the recipe says",
+        last_try: bool = False,
     ) -> StageReport | None:
-        """Verify and measure an artifact; None when ONNX int8 may still back off."""
+        """Verify and measure an artifact; None when ONNX int8 may still back off (not on its
+        `last_try`)."""
         from edgefl.compression.verify import verify_artifact
         from edgefl.runtime import load_backbone, measure_latency
 
         recipe = self.recipe
-        can_back_off = artifact.format == "onnx" and artifact.precision == "int8"
+        can_back_off = artifact.format == "onnx" and artifact.precision == "int8" and not last_try
         name = f"{artifact.format} {artifact.precision}"
         try:
             agreement = verify_artifact(
@@ -201,11 +262,11 @@ class CompressionRun:
                 threads=recipe.latency_threads,
                 metric=self.metric,
             )
-        except VerificationError:
+        except VerificationError as exc:
             if can_back_off and recipe.max_accuracy_drop is not None:
-                self.report.backoff.append(
-                    BackoffAttempt(name, f"{setting}: failed verification", None, False)
-                )
+                reason = "failed verification, " + str(exc).split(": ", 1)[-1]
+                attempt = BackoffAttempt(name, setting, None, False, reason=reason)
+                self.report.backoff.append(attempt)
                 return None
             raise
         runner = load_backbone(path, threads=recipe.latency_threads)
@@ -213,16 +274,7 @@ class CompressionRun:
         score = self.metric.score(head_forward(*reference.head, features), self.test.y)
         drop = self.drop(score)
         ok = self.allows(drop)
-        self.report.backoff.append(BackoffAttempt(name, setting, drop, kept=ok))
-        if not ok:
-            if can_back_off:
-                return None
-            raise AccuracyDropError(
-                f"{artifact.file} loses {drop} accuracy points against the original "
-                f"(max_accuracy_drop {recipe.max_accuracy_drop}); no back-off left for "
-                f"{artifact.format} {artifact.precision}"
-            )
-        return StageReport(
+        stage = StageReport(
             stage=name,
             runtime="onnxruntime" if artifact.format == "onnx" else "litert",
             precision=artifact.precision,
@@ -235,6 +287,23 @@ class CompressionRun:
             top1_agreement=agreement.top1_agreement,
             file=artifact.file,
         )
+        self.report.backoff.append(
+            BackoffAttempt(name, setting, drop, kept=ok, accuracy=score,
+                           size_bytes=stage.size_bytes, latency_ms=stage.latency_ms)
+        )  # fmt: skip
+        if not ok:
+            if can_back_off:
+                return None
+            if self.best_effort:
+                self.miss_budget(f"{artifact.file} changes accuracy {describe_change(drop, None)}")
+                return stage
+            raise AccuracyDropError(
+                f"{artifact.file} changes accuracy "
+                f"{describe_change(drop, recipe.max_accuracy_drop)} against the original; no "
+                f"back-off left for {artifact.format} "
+                f"{artifact.precision}; `best_effort` writes it anyway"
+            )
+        return stage
 
     def backoff_int8(
         self,
@@ -248,6 +317,7 @@ class CompressionRun:
         from edgefl.compression.quantize import rank_sensitive_nodes
 
         ranked = rank_sensitive_nodes(fp32, calibration, limit=max(EXCLUDE_STEPS))
+        measured: list[tuple[float, tuple[str, ...]]] = []  # (drop, exclude) that verified
         for count in EXCLUDE_STEPS:
             exclude = tuple(ranked[:count])
             if not exclude:
@@ -257,17 +327,21 @@ class CompressionRun:
             stage = self.measure(artifact, path, reference, setting)
             if stage is not None:
                 return stage
+            last = self.report.backoff[-1]
+            if last.accuracy_drop is not None:
+                measured.append((last.accuracy_drop, exclude))
             if len(exclude) < count:
                 break
-        tried = "; ".join(
-            f"{a.setting}: "
-            + ("failed verification" if a.accuracy_drop is None else f"-{a.accuracy_drop}")
-            for a in self.report.backoff
-            if a.step == "onnx int8"
-        )
+        if self.best_effort and measured:
+            _, exclude = min(measured)
+            make_onnx(artifact, fp32, path, calibration, exclude)
+            setting = f"best effort: {len(exclude)} sensitive nodes kept in float"
+            best = self.measure(artifact, path, reference, setting, last_try=True)
+            if best is not None:
+                return best
         raise AccuracyDropError(
             f"{artifact.file} stays beyond max_accuracy_drop {self.recipe.max_accuracy_drop} "
-            f"or its verification tolerance after back-off ({tried})"
+            f"or its verification tolerance after back-off ({self._tried('onnx int8')})"
         )
 
 
