@@ -168,7 +168,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     command = [
         str(edgefl), "agent", "--broker", url, "--fleet", FLEET, "--device-id", "board-1",
         "--data", str(data), "--bundle", str(bundle), "--state-dir", str(tmp / "state"),
-        "--heartbeat", "2", "--log-level", "warning",
+        "--heartbeat", "2", "--log-level", "warning", "--insecure",
     ]  # fmt: skip
     agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = MemorySampler(agent.pid)

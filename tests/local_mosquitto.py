@@ -13,6 +13,8 @@ from pathlib import Path
 
 from edgefl.errors import TransportError
 from edgefl.transport.broker import free_port
+from edgefl.transport.client import MqttClient
+from edgefl.transport.tls import TlsSettings
 
 
 class LocalMosquitto:
@@ -101,6 +103,17 @@ class LocalMosquitto:
             self.process.terminate()
             self.process.wait(timeout=timeout)
         self.process = None
+
+    def publish(
+        self, topic: str, payload: bytes, retain: bool = True, tls: TlsSettings | None = None
+    ) -> None:
+        """Publish one message from a client of its own (a stranger's, in the rogue tests)."""
+        client = MqttClient(self.url, client_id=f"test-pub-{time.time_ns()}", tls=tls)
+        client.connect(timeout=10.0)
+        try:
+            client.publish(topic, payload, qos=1, retain=retain).wait(10.0)
+        finally:
+            client.close()
 
     def __enter__(self) -> LocalMosquitto:
         self.start()

@@ -19,6 +19,9 @@ from edgefl.core.settings import RoundPolicy
 from edgefl.delivery.deploy import UPDATED, deploy
 from edgefl.delivery.fleet_view import read_fleet
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.security.device_registry import DeviceRegistry
+from edgefl.security.identity import AggregatorAuth
+from edgefl.security.verifiers import TOFU, DeviceVerifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +68,9 @@ def test_agent_from_a_torch_free_venv_takes_a_deploy_and_a_round(
             AggregatorConfig(
                 mosquitto.url, "venv", bundle.path,
                 RoundPolicy(rounds=1, min_devices=1, deadline_s=60, wait_devices_s=30),
+                # The board seals with the key it made on first start; pinned at first contact.
+                auth=AggregatorAuth(signing.load_private_key(keys.private),
+                                    DeviceVerifier(DeviceRegistry(), TOFU)),
             )
         )  # fmt: skip
         summary = aggregator.run()

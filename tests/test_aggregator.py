@@ -254,7 +254,7 @@ def test_aggregator_killed_mid_round_resumes_with_accepted_updates(
     command = [
         str(Path(sys.executable).parent / "edgefl"), "aggregate", "--broker", fresh_mosquitto.url,
         "--fleet", FLEET, "--bundle", str(bundle.path), "--rounds", "1", "--min-devices", "2",
-        "--deadline", "60", "--state", str(state_path),
+        "--deadline", "60", "--state", str(state_path), "--insecure",
     ]  # fmt: skip
     try:
         with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
@@ -425,7 +425,7 @@ def test_cli_shows_stale_devices_in_progress_errors_and_the_fleet_view(
     agent = Agent(AgentConfig(mosquitto.url, fleet, "live", bundle_dir=bundle.path), devices[0])
     agent.start()
     args = ["aggregate", "--broker", mosquitto.url, "--fleet", fleet, "--bundle",
-            str(bundle.path), "--rounds", "1", "--deadline", "20"]  # fmt: skip
+            str(bundle.path), "--rounds", "1", "--deadline", "20", "--insecure"]  # fmt: skip
     runner = CliRunner()
     try:
         bad = runner.invoke(main, [*args, "--stale-after", "0"])
@@ -438,9 +438,9 @@ def test_cli_shows_stale_devices_in_progress_errors_and_the_fleet_view(
         assert ran.exit_code == 0, ran.output
         assert "1/1 online selected  1 stale" in ran.output and "stale: ghost" in ran.output
         shown = runner.invoke(main, ["fleet", "--broker", mosquitto.url, "--fleet", fleet,
-                                     "--json"])  # fmt: skip
+                                     "--json", "--insecure"])  # fmt: skip
         assert shown.exit_code == 0, shown.output
-        states = {r["device_id"]: r["state"] for r in json.loads(shown.output)}
+        states = {r["device_id"]: r["state"] for r in json.loads(shown.stdout)}
         assert states == {"live": "online", "ghost": "stale"}
     finally:
         agent.stop()
@@ -543,7 +543,7 @@ def test_edgefl_aggregate_runs_a_strategy_from_a_users_file(
         result = CliRunner().invoke(main, [
             "aggregate", "--broker", mosquitto.url, "--fleet", fleet, "--bundle",
             str(bundle.path), "--rounds", "1", "--settle", "0.2", "--strategy", f"{module}:make",
-            "--out", str(out),
+            "--out", str(out), "--insecure",
         ])  # fmt: skip
     finally:
         agent.stop()

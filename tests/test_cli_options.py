@@ -77,7 +77,7 @@ def test_options_and_settings_round_trip_with_per_command_defaults() -> None:
 def test_a_refused_setting_is_a_usage_error_naming_the_flag() -> None:
     result = CliRunner().invoke(
         main, ["aggregate", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--bundle", "b",
-               "--deadline", "0"],
+               "--deadline", "0", "--insecure"],
     )  # fmt: skip
     assert result.exit_code == 2
     assert "Invalid value for '--deadline': deadline_s must be positive" in result.output
@@ -127,7 +127,7 @@ def test_strategy_specs(user_module: str) -> None:
 def test_a_module_that_fails_on_import_is_one_line_exit_2(user_module: str) -> None:
     result = CliRunner().invoke(
         main, ["aggregate", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--bundle", "b",
-               "--strategy", f"{user_module}_broken:make"],
+               "--strategy", f"{user_module}_broken:make", "--insecure"],
     )  # fmt: skip
     assert result.exit_code == 2
     assert result.output.strip() == (

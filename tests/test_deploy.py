@@ -53,7 +53,7 @@ class Fleet:
 
     def deploy(self, bundle: Path, *args: str, key: Path | None = None) -> Result:
         command = ["deploy", str(bundle), "--broker", self.broker.url, "--fleet", self.name]
-        command += ["--key", str(key or self.keys.private), "--timeout", "20", *args]
+        command += ["--key", str(key or self.keys.private), "--timeout", "20", "--insecure", *args]
         return CliRunner().invoke(main, command)
 
     def versions(self) -> dict[str, int]:

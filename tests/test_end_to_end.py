@@ -131,7 +131,7 @@ def fleet(
         result = CliRunner().invoke(
             main,
             ["deploy", str(compressed.path), "--broker", mosquitto.url, "--fleet", FLEET,
-             "--key", str(keys.private), "--chunk-size", "16384", "--timeout", "60"],
+             "--key", str(keys.private), "--chunk-size", "16384", "--timeout", "60", "--insecure"],
         )  # fmt: skip
         yield Fleet(compressed, agents, updaters, models, result.output, result.exit_code, test)
     finally:

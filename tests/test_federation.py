@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from bundles import digits_devices, make_test_bundle, write_npz
-from conftest import RunningBroker
+from conftest import RunningBroker, wait_for
 
+from edgefl import signing
 from edgefl.roles.record import AggregatorRecord
 
 EDGEFL = str(Path(sys.executable).parent / "edgefl")
@@ -24,22 +25,35 @@ def test_agents_and_aggregator_as_processes_raise_accuracy_and_persist_state(
     bundle = make_test_bundle(tmp_path / "bundle", feature_size=32)
     devices, test = digits_devices(2)
     eval_file = write_npz(test, tmp_path / "eval.npz")
+    # Signed end to end: the fleet key seals tasks and results; each agent makes its own key
+    # on first start and is enrolled with it before the aggregator runs (strict enrollment).
+    keys = signing.init_keys(tmp_path / "keys")
+    out = tmp_path / "out"
+    state = out / "state.sqlite"
     agents = []
     for index, dataset in enumerate(devices):
         data = write_npz(dataset, tmp_path / f"device-{index}.npz")
         command = [
             EDGEFL, "agent", "--broker", mosquitto.url, "--fleet", "proc", "--device-id",
             f"pi-{index}", "--data", str(data), "--bundle", str(bundle.path),
-            "--state-dir", str(tmp_path / f"agent-{index}"),
+            "--state-dir", str(tmp_path / f"agent-{index}"), "--trust-key", str(keys.public),
         ]  # fmt: skip
         agents.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    out = tmp_path / "out"
     try:
+        for index in range(2):
+            public = tmp_path / f"agent-{index}" / "device.pub"
+            assert wait_for(public.exists, 60), f"agent {index} made no key"
+            enrolled = subprocess.run(
+                [EDGEFL, "devices", "enroll", f"pi-{index}", "--key", str(public),
+                 "--state", str(state)], capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert enrolled.returncode == 0, enrolled.stderr
         result = subprocess.run(
             [
                 EDGEFL, "aggregate", "--broker", mosquitto.url, "--fleet", "proc", "--bundle",
                 str(bundle.path), "--rounds", "4", "--min-devices", "2", "--deadline", "60",
                 "--eval", str(eval_file), "--out", str(out), "--epochs", "2",
+                "--signing-key", str(keys.private),
             ],
             capture_output=True, text=True, timeout=240,
         )  # fmt: skip
@@ -75,7 +89,7 @@ def test_aggregate_reports_missing_devices_in_one_line(
     bundle = make_test_bundle(tmp_path / "bundle")
     result = subprocess.run(
         [EDGEFL, "aggregate", "--broker", mosquitto.url, "--fleet", "empty", "--bundle",
-         str(bundle.path), "--rounds", "1", "--wait-devices", "0.5"],
+         str(bundle.path), "--rounds", "1", "--wait-devices", "0.5", "--insecure"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1
@@ -93,7 +107,7 @@ def test_agent_with_unreachable_broker_fails_in_one_line(tmp_path: Path) -> None
     result = subprocess.run(
         [EDGEFL, "agent", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", "x",
          "--device-id", "pi", "--data", "digits", "--bundle", str(bundle.path),
-         "--connect-timeout", "1"],
+         "--connect-timeout", "1", "--insecure"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1

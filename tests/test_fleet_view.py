@@ -10,6 +10,7 @@ from pathlib import Path
 from bundles import make_test_bundle
 from click.testing import CliRunner
 from conftest import RunningBroker
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefl import signing
 from edgefl.cli import main
@@ -22,7 +23,12 @@ from edgefl.delivery.fleet_view import (
 from edgefl.delivery.release import DeployReport
 from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.roles.agent import Agent, AgentConfig
+from edgefl.security.device_registry import DeviceRegistry
+from edgefl.security.identity import AgentAuth
+from edgefl.security.verifiers import TrustedSigners
+from edgefl.transport import topics
 from edgefl.transport.messages import DeviceStatus
+from edgefl.transport.sealed import raw_public_key, seal
 
 
 def test_fleet_view_joins_statuses_and_reports() -> None:
@@ -74,11 +80,17 @@ def test_cli_fleet_lists_online_and_offline_boards(
     mosquitto: RunningBroker, tmp_path: Path
 ) -> None:
     keys = signing.init_keys(tmp_path / "keys")
+    state = tmp_path / "state.sqlite"
+    registry = DeviceRegistry(state)
+    trusted = TrustedSigners([signing.load_public_key(keys.public)])
     agents = []
     for device, group in (("pi-1", "a"), ("pi-2", "b")):
+        device_key = Ed25519PrivateKey.generate()
+        registry.enroll(device, raw_public_key(device_key))
         config = AgentConfig(
-            mosquitto.url, "viewfleet", device, group=group, profile="raspberry-pi"
-        )
+            mosquitto.url, "viewfleet", device, group=group, profile="raspberry-pi",
+            auth=AgentAuth(device_key, trusted),
+        )  # fmt: skip
         agent = Agent(config)
         attach_to_agent(agent, tmp_path / device, signing.load_public_key(keys.public))
         agent.start()
@@ -88,17 +100,27 @@ def test_cli_fleet_lists_online_and_offline_boards(
         deployed = CliRunner().invoke(
             main,
             ["deploy", str(bundle.path), "--broker", mosquitto.url, "--fleet", "viewfleet",
-             "--key", str(keys.private)],
+             "--key", str(keys.private), "--state", str(state)],
         )  # fmt: skip
         assert deployed.exit_code == 0, deployed.output
         agents[1].stop()
-        args = ["fleet", "--broker", mosquitto.url, "--fleet", "viewfleet"]
+        # A stranger says pi-2 is online, sealed with its own key: refused, and said so.
+        rogue = Ed25519PrivateKey.generate()
+        forged = DeviceStatus("pi-2", "online", model_version=9, time=time.time()).encode()
+        topic = topics.device_status("viewfleet", "pi-2")
+        mosquitto.publish(topic, seal(rogue, topic, forged))
+        args = ["fleet", "--broker", mosquitto.url, "--fleet", "viewfleet", "--state", str(state)]
         shown = CliRunner().invoke(main, [*args, "--json"])
         assert shown.exit_code == 0, shown.output
         rows = {r["device_id"]: r for r in json.loads(shown.output)}
-        assert rows["pi-1"]["state"] == "online" and rows["pi-2"]["state"] == "offline"
+        # On this broker without an ACL the forgery replaced pi-2's retained "offline": it is
+        # not believed, so pi-2's state is unknown (its deploy report still says v5).
+        assert rows["pi-1"]["state"] == "online" and rows["pi-2"]["state"] == "unknown"
         assert rows["pi-1"]["model_version"] == 5 and rows["pi-2"]["model_version"] == 5
-        assert rows["pi-1"]["profile"] == "raspberry-pi" and rows["pi-2"]["group"] == "b"
+        assert rows["pi-1"]["key"] == "enrolled" and rows["pi-2"]["refused"].startswith(
+            "bad-signature: signed with key"
+        )
+        assert rows["pi-1"]["profile"] == "raspberry-pi" and rows["pi-1"]["group"] == "a"
         assert rows["pi-1"]["last_deploy"] == "v5 installed"
         # Each board shows the digest of the full bundle, though it downloaded only some files.
         assert rows["pi-1"]["bundle_digest"] == bundle.digest
@@ -108,15 +130,22 @@ def test_cli_fleet_lists_online_and_offline_boards(
         table = CliRunner().invoke(main, args)
         assert table.exit_code == 0
         assert "1/2 online" in table.output and "pi-2" in table.output
+        assert "refused a message in the name of pi-2: bad-signature" in table.output
         assert bundle.digest[:12] in table.output and bundle.digest not in table.output
         assert "backbone-fp32.onnx" in table.output and "CPUExecutionProvider" in table.output
     finally:
         agents[0].stop()
         agents[1].stop()
-    empty = CliRunner().invoke(main, ["fleet", "--broker", mosquitto.url, "--fleet", "nobody"])
-    assert "no devices" in empty.output
-    unreachable = CliRunner().invoke(main, ["fleet", "--broker", "ftp://x", "--fleet", "a"])
+    empty = CliRunner().invoke(
+        main, ["fleet", "--broker", mosquitto.url, "--fleet", "nobody", "--insecure"]
+    )
+    assert "no devices" in empty.output and "--insecure" in empty.output
+    unreachable = CliRunner().invoke(
+        main, ["fleet", "--broker", "ftp://x", "--fleet", "a", "--insecure"]
+    )
     assert unreachable.exit_code == 2 and "mqtt://" in unreachable.output
+    unchecked = CliRunner().invoke(main, ["fleet", "--broker", mosquitto.url, "--fleet", "a"])
+    assert unchecked.exit_code == 2 and "--state" in unchecked.output
 
 
 def test_wait_for_retained_counts_quiet_from_the_call_not_from_before_connect() -> None:
@@ -162,7 +191,7 @@ def test_cli_fleet_shows_the_epsilon_of_the_retained_results(mosquitto: RunningB
         client.publish(topics.round_result("epsfleet", 2), result.encode(), qos=1,
                        retain=True).wait(5.0)  # fmt: skip
         shown = CliRunner().invoke(
-            main, ["fleet", "--broker", mosquitto.url, "--fleet", "epsfleet"]
+            main, ["fleet", "--broker", mosquitto.url, "--fleet", "epsfleet", "--insecure"]
         )
         assert shown.exit_code == 0, shown.output
         assert "privacy: ε=7.09 spent at δ=1e-05 after round 2 (run abc)" in shown.output

@@ -186,7 +186,9 @@ def test_fleet_refuses_a_client_the_broker_does_not_trust(
         other = secure.other_ca
         args = [*ca, "--cert", str(other / "pi-1.crt"), "--key", str(other / "pi-1.key")]
     started = time.monotonic()
-    result = CliRunner().invoke(main, ["fleet", "--broker", secure.url, "--fleet", FLEET, *args])
+    result = CliRunner().invoke(
+        main, ["fleet", "--broker", secure.url, "--fleet", FLEET, "--insecure", *args]
+    )
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert secure.url in result.output  # names the broker
@@ -196,11 +198,11 @@ def test_fleet_refuses_a_client_the_broker_does_not_trust(
 def test_fleet_over_mtls_as_the_operator(secure: SecureBroker) -> None:
     tls = secure.tls("operator-ci")
     result = CliRunner().invoke(
-        main, ["fleet", "--broker", secure.url, "--fleet", FLEET, "--json",
+        main, ["fleet", "--broker", secure.url, "--fleet", FLEET, "--json", "--insecure",
                "--cafile", str(tls.cafile), "--cert", str(tls.certfile), "--key", str(tls.keyfile)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "[]"
+    assert result.stdout.strip() == "[]"
 
 
 def test_tls_files_with_a_plain_url_or_a_cert_without_key_are_usage_errors(
@@ -208,10 +210,10 @@ def test_tls_files_with_a_plain_url_or_a_cert_without_key_are_usage_errors(
 ) -> None:
     ca = str(secure.certs / "ca.crt")
     plain = CliRunner().invoke(main, ["fleet", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f",
-                                      "--cafile", ca])  # fmt: skip
+                                      "--cafile", ca, "--insecure"])  # fmt: skip
     assert plain.exit_code == 2
     assert "need an mqtts:// broker URL" in plain.output
-    half = CliRunner().invoke(main, ["fleet", "--broker", secure.url, "--fleet", "f",
+    half = CliRunner().invoke(main, ["fleet", "--broker", secure.url, "--fleet", "f", "--insecure",
                                      "--cert", str(secure.certs / "pi-1.crt")])  # fmt: skip
     assert half.exit_code == 2
 

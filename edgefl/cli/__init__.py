@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from edgefl import __version__
+from edgefl.cli.auth import devices
 from edgefl.cli.compress import compress, recipes
 from edgefl.cli.dashboard import dashboard
 from edgefl.cli.delivery import deploy, flash, fleet, keys
@@ -24,7 +25,7 @@ def main() -> None:
 
 
 for _command in (compress, recipes, broker, agent, aggregate, keys, deploy, fleet, flash, simulate,
-                 demo, certs, broker_config, dashboard):  # fmt: skip
+                 demo, certs, broker_config, dashboard, devices):  # fmt: skip
     main.add_command(_command)
 
 __all__ = ["main"]

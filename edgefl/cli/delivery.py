@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from edgefl.cli.auth import device_verifier, reader_auth_options
 from edgefl.cli.options import tls_options, tls_settings
 from edgefl.cli.shell import user_errors
 
@@ -48,6 +49,7 @@ def _default_key_file() -> Path:
 @click.option("--chunk-size", default=1024 * 1024, show_default=True, type=int, help="Bytes.")
 @click.option("--timeout", default=120.0, show_default=True, type=float,
               help="Seconds to wait for the online boards to report.")  # fmt: skip
+@reader_auth_options
 @tls_options(key_flag="--tls-key")
 @user_errors
 def deploy(
@@ -59,6 +61,8 @@ def deploy(
     key_file: Path | None,
     chunk_size: int,
     timeout: float,
+    state_path: Path | None,
+    insecure: bool,
     **tls_files: str | None,
 ) -> None:
     """Sign BUNDLE and ship it to a fleet; boards install it and report (retained for late ones).
@@ -85,6 +89,7 @@ def deploy(
     except ChunkError as exc:
         raise click.BadParameter(str(exc), param_hint="'--chunk-size'") from None
     key = signing.load_private_key(key_file or _default_key_file())
+    device_keys = device_verifier({"state_path": state_path, "insecure": insecure}, "deploy")
     tls = tls_settings(tls_files)
     console = Console(stderr=True)
     progress = Progress(
@@ -117,7 +122,7 @@ def deploy(
         result = run_deploy(
             bundle, broker_url, fleet, key, group=group, devices=device_list,
             chunk_size=chunk_size, timeout=timeout, on_report=on_report, on_targets=on_targets,
-            tls=tls,
+            tls=tls, device_keys=device_keys,
         )  # fmt: skip
     table = Table(title=f"{result.name} v{result.version} -> {result.targets.describe()}")
     for column in ("device", "outcome", "state", "running", "reason"):
@@ -137,6 +142,8 @@ def deploy(
         f"{result.count(OFFLINE)} offline; {result.bytes_published} bytes published "
         f"in {result.seconds:.1f} s (release {result.release_id})"
     )
+    for device, why in sorted(result.refused.items()):
+        click.echo(f"refused a message in the name of {device}: {why}")
     if not result.devices:
         click.echo("no targeted board is known yet; the release stays retained for new boards")
     if result.failed:
@@ -147,9 +154,17 @@ def deploy(
 @click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT] or mqtts://...")
 @click.option("--fleet", required=True, help="Fleet name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@reader_auth_options
 @tls_options()
 @user_errors
-def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -> None:
+def fleet(
+    broker_url: str,
+    fleet: str,
+    as_json: bool,
+    state_path: Path | None,
+    insecure: bool,
+    **tls_files: str | None,
+) -> None:
     """Show the fleet's boards: online or not, profile, model version and bundle digest, what runs
     the backbone (artifact, runtime, provider), samples, last seen, last round."""
     import json
@@ -162,8 +177,10 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
     from edgefl.delivery.fleet_view import privacy_line, read_fleet, running_text, short_digest
     from edgefl.transport.messages import RoundResult
 
+    devices = device_verifier({"state_path": state_path, "insecure": insecure}, "fleet")
     results: dict[int, RoundResult] = {}
-    rows = read_fleet(broker_url, fleet, tls=tls_settings(tls_files), results=results)
+    rows = read_fleet(broker_url, fleet, tls=tls_settings(tls_files), results=results,
+                      devices=devices)  # fmt: skip
     if as_json:
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
@@ -172,20 +189,23 @@ def fleet(broker_url: str, fleet: str, as_json: bool, **tls_files: str | None) -
         return
     online = sum(r.state == "online" for r in rows)
     table = Table(title=f"fleet {fleet}: {online}/{len(rows)} online")
-    for column in ("device", "state", "profile", "group", "model", "bundle", "runs", "samples",
-                   "last seen", "last round", "last deploy"):  # fmt: skip
+    for column in ("device", "state", "key", "profile", "group", "model", "bundle", "runs",
+                   "samples", "last seen", "last round", "last deploy"):  # fmt: skip
         table.add_column(column)
     now = time.time()
     for r in rows:
         seen = "-" if not r.last_seen else f"{max(0, now - r.last_seen):.0f} s ago"
         deploy_text = r.last_deploy + (f" ({r.deploy_reason})" if r.deploy_reason else "")
         table.add_row(
-            r.device_id, r.state, r.profile or "-", r.group or "-",
+            r.device_id, r.state, r.key or "unchecked", r.profile or "-", r.group or "-",
             f"v{r.model_version}" if r.model_version else "-", short_digest(r.bundle_digest),
             running_text(r), str(r.samples), seen, str(r.last_round) if r.last_round else "-",
             deploy_text or "-",
         )  # fmt: skip
     Console(width=200).print(table)
+    for r in rows:
+        if r.refused:
+            click.echo(f"refused a message in the name of {r.device_id}: {r.refused}")
     click.echo(privacy_line(results.values()))
 
 

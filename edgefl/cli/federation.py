@@ -8,6 +8,12 @@ from typing import Any
 
 import click
 
+from edgefl.cli.auth import (
+    agent_auth,
+    agent_auth_options,
+    aggregator_auth,
+    aggregator_auth_options,
+)
 from edgefl.cli.options import (
     build_settings,
     check_settings,
@@ -95,6 +101,7 @@ def broker(
 @click.option("--profile", "device_profile", default="",
               help="Board profile (raspberry-pi, jetson, a profile.toml).")  # fmt: skip
 @click.option("--group", default="", help="Group of this device, for `deploy --group`.")
+@agent_auth_options
 @tls_options()
 @user_errors
 def agent(**options: Any) -> None:
@@ -113,6 +120,8 @@ def agent(**options: Any) -> None:
         limits = replace(base, **{k: v for k, v in given.items() if v is not None})
     models_dir, trust_key = options.pop("models_dir"), options.pop("trust_key")
     tls = tls_settings(options)
+    setup_logging(options["log_level"])
+    auth = agent_auth(options, trust_key, options["state_dir"])
     config = AgentConfig(
         broker_url=options["broker_url"], fleet=options["fleet"], device_id=options["device_id"],
         data=options["data"], bundle_dir=options["bundle_dir"], state_dir=options["state_dir"],
@@ -121,6 +130,7 @@ def agent(**options: Any) -> None:
         personalize=not options["no_personalize"],
         connect_timeout_s=options["connect_timeout"], privacy=privacy,
         group=options["group"], profile=options["device_profile"], limits=limits, tls=tls,
+        auth=auth,
     )  # fmt: skip
     check_settings(
         config,
@@ -128,7 +138,6 @@ def agent(**options: Any) -> None:
         + ["clip_norm", "noise_multiplier"]
         + [f.name for f in fields(BoardLimits)],
     )
-    setup_logging(options["log_level"])
     device = Agent(config)
     # Over-the-air updates go into --models-dir, checked against --trust-key.
     if models_dir is not None or trust_key is not None:
@@ -157,6 +166,7 @@ def agent(**options: Any) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Metrics and final heads.")
 @click.option("--log-level", default="warning", show_default=True)
 @click.option("--metrics-port", help="Serve Prometheus /metrics on PORT (127.0.0.1) or HOST:PORT.")
+@aggregator_auth_options
 @tls_options()
 @user_errors
 def aggregate(**options: Any) -> None:
@@ -177,12 +187,13 @@ def aggregate(**options: Any) -> None:
     )
     acceptance = build_settings(AcceptancePolicy, options)
     out_dir: Path | None = options["out_dir"]
+    state_path = options["state_path"] or (out_dir / "state.sqlite" if out_dir else None)
+    auth = aggregator_auth(options, state_path)
     config = AggregatorConfig(
         broker_url=options["broker_url"], fleet=options["fleet"],
         bundle_dir=options["bundle_dir"], policy=policy, settings=settings,
         acceptance=acceptance, strategy=strategy, strategy_params=strategy_params,
-        state_path=options["state_path"] or (out_dir / "state.sqlite" if out_dir else None),
-        out_dir=out_dir, tls=tls_settings(options),
+        state_path=state_path, out_dir=out_dir, tls=tls_settings(options), auth=auth,
     )  # fmt: skip
     check_settings(config, ["fleet"])
     setup_logging(options["log_level"])

@@ -75,6 +75,11 @@ def _quiet_simulation_logs() -> None:
               help="Seeds the partition, speeds, drops, selection and training.")  # fmt: skip
 @dashboard_options
 @click.option("--metrics-port", help="Serve the aggregator's Prometheus /metrics on [HOST:]PORT.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Seal nothing (by default every message is sealed with keys made for the run).",
+)
 @user_errors
 def simulate(**options: Any) -> None:
     """Simulate a fleet on this machine: real agents and aggregator over a real broker."""
@@ -107,6 +112,7 @@ def simulate(**options: Any) -> None:
         personalize=not options["no_personalize"], seed=seed, broker_url=options["broker_url"],
         policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
         acceptance=build_settings(AcceptancePolicy, options), tls=tls,
+        insecure=options["insecure"],
     )  # fmt: skip
     check_settings(config, [f.name for f in fields(SimulationConfig)])
     parse_partition(partition)
