@@ -8,7 +8,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,33 @@ from bundles import digits_devices, make_test_bundle
 from click.testing import CliRunner
 from conftest import wait_for
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from local_mosquitto import LocalMosquitto
 
 from edgefl.cli import main
 from edgefl.core.settings import RoundPolicy
+from edgefl.delivery.deploy import deploy
+from edgefl.delivery.fleet_view import read_fleet
+from edgefl.delivery.release import DeployReport
+from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.errors import InputError, TransportError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.security import broker_config, certs
+from edgefl.security.device_registry import DeviceRegistry
+from edgefl.security.identity import AgentAuth, AggregatorAuth
+from edgefl.security.verifiers import STRICT, DeviceVerifier, TrustedSigners
 from edgefl.transport import MqttClient, TlsSettings, topics
 from edgefl.transport.broker import free_port
+from edgefl.transport.client import Message
+from edgefl.transport.messages import (
+    DeviceStatus,
+    RoundTask,
+    UpdateHeader,
+    encode_round_task,
+    encode_update_error,
+)
+from edgefl.transport.sealed import raw_public_key, seal
 
 FLEET = "secure"
 
@@ -218,31 +235,89 @@ def test_tls_files_with_a_plain_url_or_a_cert_without_key_are_usage_errors(
     assert half.exit_code == 2
 
 
-def test_a_federation_runs_its_rounds_over_mtls_and_acls(
+def test_a_signed_federation_and_deploy_over_mtls_and_acls_refuse_a_rogue_board(
     secure: SecureBroker, tmp_path: Path
 ) -> None:
+    """Every layer on: mTLS, the generated ACL, sealed messages, strict enrollment. A rogue
+    holding pi-1's certificate (not its signing key) tries the attacks of test_rogue_clients;
+    the broker refuses those outside pi-1's own topics, edgefl the rest."""
     bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
     datasets, _ = digits_devices(2)
-    agents = [
-        Agent(
-            AgentConfig(secure.url, FLEET, name, bundle_dir=bundle.path, tls=secure.tls(name)),
+    fleet_key = Ed25519PrivateKey.generate()
+    state = tmp_path / "state.sqlite"
+    registry = DeviceRegistry(state)
+    trusted = TrustedSigners([fleet_key.public_key()])
+    agents = []
+    for name, dataset in zip(("pi-1", "pi-2"), datasets, strict=True):
+        key = Ed25519PrivateKey.generate()
+        registry.enroll(name, raw_public_key(key))
+        agent = Agent(
+            AgentConfig(
+                secure.url,
+                FLEET,
+                name,
+                bundle_dir=bundle.path,
+                tls=secure.tls(name),
+                auth=AgentAuth(key, trusted),
+            ),
             dataset,
         )
-        for name, dataset in zip(("pi-1", "pi-2"), datasets, strict=True)
-    ]
+        attach_to_agent(agent, tmp_path / f"models-{name}", fleet_key.public_key())
+        agents.append(agent)
+    rogue_key = Ed25519PrivateKey.generate()
+    rogue = MqttClient(secure.url, "rogue-with-pi-1-cert", tls=secure.tls("pi-1"))
+
+    def forge(topic: str, payload: bytes) -> None:
+        rogue.publish(topic, seal(rogue_key, topic, payload), qos=1)
+
+    def attack(message: Message) -> None:
+        if not message.payload or topics.parse(message.topic).round_number != 1:  # type: ignore[union-attr]
+            return
+        error = UpdateHeader(round=1, device_id="pi-2", task="default", samples=1,
+                             head_version=0, status="error")  # fmt: skip
+        task = RoundTask(round=90, selected=["pi-1", "pi-2"], tasks=["default"], head_version=0,
+                         model_version=1)  # fmt: skip
+        forge(topics.round_task(FLEET, 90), encode_round_task(task, {}))  # not its topic
+        forge(topics.round_update(FLEET, 1, "pi-2"), encode_update_error(error))  # not its topic
+        forge(topics.device_status(FLEET, "pi-2"), DeviceStatus("pi-2", "offline").encode())
+        forge(topics.deploy_report(FLEET, "pi-2"),
+              DeployReport("pi-2", 11, "installed", running_version=11).to_bytes())  # fmt: skip
+        own = replace(error, device_id="pi-1")  # its own topics pass the ACL: edgefl refuses
+        forge(topics.round_update(FLEET, 1, "pi-1"), encode_update_error(own))
+        forge(topics.device_status(FLEET, "pi-1"), DeviceStatus("pi-1", "offline").encode())
+
+    rogue.subscribe(topics.all_tasks(FLEET), attack)
+    rogue.connect(timeout=10)
     for agent in agents:
         agent.start()
+    auth = AggregatorAuth(fleet_key, DeviceVerifier(registry, STRICT))
     try:
         aggregator = Aggregator(AggregatorConfig(
             secure.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
-            tls=secure.tls("aggregator"),
+            tls=secure.tls("aggregator"), state_path=state, auth=auth,
         ))  # fmt: skip
         summary = aggregator.run()
+        checked = DeviceVerifier(DeviceRegistry(state), STRICT)
+        release = deploy(make_test_bundle(tmp_path / "v2", version=2, feature_size=16).path,
+                         secure.url, FLEET, fleet_key, timeout=60, tls=secure.tls("operator-ci"),
+                         device_keys=checked)  # fmt: skip
+        view = {r.device_id: r for r in read_fleet(secure.url, FLEET, tls=secure.tls("operator-ci"),
+                                                   devices=checked)}  # fmt: skip
     finally:
         for agent in agents:
             agent.stop()
+        rogue.close()
     assert [(r.status, r.accepted) for r in summary.rounds] == [("closed", 2), ("closed", 2)]
     assert summary.head_version == 2
+    # Only what pi-1's certificate may publish reached edgefl: its own update and status.
+    assert dict(auth.refused) == {"bad-signature": 2}
+    assert [dict(a.auth.refused) for a in agents] == [{}, {}]  # the forged task never came
+    assert {d: o.outcome for d, o in release.devices.items()} == {
+        "pi-1": "updated",
+        "pi-2": "updated",
+    }
+    assert release.refused == {} and view["pi-2"].last_deploy == "v2 installed"
+    assert all(view[d].key == "enrolled" and not view[d].refused for d in ("pi-1", "pi-2"))
 
 
 # -- the embedded broker: a password file, TLS --
