@@ -220,6 +220,21 @@ def test_simulation_over_the_embedded_broker_learns(
     )
 
 
+def test_a_sealed_run_learns_as_an_insecure_one(
+    bundle: ModelBundle, digits: FederatedData, mosquitto: RunningBroker
+) -> None:
+    # Sealing is on by default (keys made for the run, every device enrolled); it changes
+    # nothing the federation learns.
+    runs = [
+        _run(bundle, digits, devices=6, rounds=3, partition="iid", broker_url=mosquitto.url,
+             fleet=f"sim-{name}", insecure=name == "plain")[0]
+        for name in ("sealed", "plain")
+    ]  # fmt: skip
+    sealed, plain = ([r.accuracy for r in run.rounds] for run in runs)
+    assert [r.reported for r in runs[0].rounds] == [6, 6, 6]
+    assert sealed == pytest.approx(plain, abs=0.02) and sealed[-1] > 0.6
+
+
 def test_simulation_over_mosquitto_with_dropout_slow_devices_and_churn(
     bundle: ModelBundle, digits: FederatedData, mosquitto: RunningBroker
 ) -> None:
