@@ -16,6 +16,7 @@ from edgefl.cli.delivery import deploy, flash, fleet, keys
 from edgefl.cli.federation import agent, aggregate, broker
 from edgefl.cli.security import broker_config, certs
 from edgefl.cli.simulation import demo, simulate
+from edgefl.cli.tune import tune
 
 
 @click.group()
@@ -25,7 +26,7 @@ def main() -> None:
 
 
 for _command in (compress, recipes, broker, agent, aggregate, keys, deploy, fleet, flash, simulate,
-                 demo, certs, broker_config, dashboard, devices):  # fmt: skip
+                 demo, certs, broker_config, dashboard, devices, tune):  # fmt: skip
     main.add_command(_command)
 
 __all__ = ["main"]

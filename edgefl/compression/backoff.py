@@ -61,5 +61,5 @@ def describe_change(drop: float | None, budget: float | None) -> str:
     """Say what a try lost or gained: "-1.20 points (budget 1.0)", "+0.30 points"."""
     if drop is None:
         return "not measured"
-    change = f"{-drop:+.2f} points"
+    change = f"{0.0 - drop:+.2f} points"  # 0.0 - 0.0 is 0.0; -0.0 would print as -0.00
     return change if budget is None else f"{change} (budget -{budget:g})"

@@ -49,7 +49,7 @@ from edgefl.compression.preprocess import (
 )
 from edgefl.compression.prune import PruningPlan, count_macs_params, plan_pruning
 from edgefl.compression.quiet import third_party_quiet
-from edgefl.compression.recipe import load_recipe
+from edgefl.compression.recipe import Recipe, load_recipe
 from edgefl.compression.report import CompressionReport, render_plan, render_report
 from edgefl.compression.stages import CompressionRun
 from edgefl.compression.transfer import parse_finetune, replace_head, train_head
@@ -67,7 +67,8 @@ class CompressRequest:
     """What `edgefl compress` was asked to do (the CLI flags, as library values)."""
 
     model: str
-    recipe: str | Path
+    # A shipped recipe's name, a .toml file, or (from Python, as `edgefl tune` does) a Recipe.
+    recipe: str | Path | Recipe
     data: str | Path
     out: Path
     weights: Path | None = None
@@ -131,7 +132,7 @@ def compress(
         ChanceAccuracyError: a stage scores at chance level and `allow_chance` is not set.
     """
     started = time.perf_counter()
-    recipe = load_recipe(request.recipe)
+    recipe = request.recipe if isinstance(request.recipe, Recipe) else load_recipe(request.recipe)
     finetune = parse_finetune(request.finetune)
     out = Path(request.out)
     if not request.dry_run:

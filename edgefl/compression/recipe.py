@@ -6,6 +6,7 @@ checked: a misspelt key is an error naming the key and the file, never silently 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,42 @@ class Recipe:
         if self.prune is not None and not isinstance(self.prune.importance, str):
             data["prune"]["importance"] = type(self.prune.importance).__name__
         return data
+
+
+def recipe_toml(recipe: Recipe) -> str:
+    """Return a recipe as TOML text that `load_recipe` reads back to the same recipe.
+
+    Raises:
+        RecipeError: the pruning importance is an object, which TOML cannot name.
+    """
+    if recipe.prune is not None and not isinstance(recipe.prune.importance, str):
+        raise RecipeError("a recipe with an importance object cannot be written as TOML")
+    data = recipe.to_dict()
+    lines = [f"description = {_toml_value(recipe.description)}"]
+    for key in ("max_accuracy_drop", "latency_threads", "head_epochs", "metric"):
+        if data[key] is not None:
+            lines.append(f"{key} = {_toml_value(data[key])}")
+    for section in ("prune", "distill", "verify", "backoff"):
+        if data[section] is not None:
+            lines += ["", f"[{section}]", *_toml_table(data[section])]
+    for artifact in data["artifacts"]:
+        lines += ["", "[[artifacts]]", *_toml_table(artifact)]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_table(table: dict[str, Any]) -> list[str]:
+    return [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # JSON's strings and numbers are TOML's (a float keeps its point: 1.0, not 1).
+    return json.dumps(value)
 
 
 def available_recipes() -> dict[str, Path]:

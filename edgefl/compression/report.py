@@ -181,7 +181,7 @@ def render_report(report: CompressionReport, console: Console) -> None:
                 a.step,
                 a.setting + (f" ({a.reason})" if a.reason else ""),
                 "-" if a.accuracy is None else f"{100 * a.accuracy:.2f}",
-                "-" if a.accuracy_drop is None else f"{-a.accuracy_drop:+.2f}",
+                "-" if a.accuracy_drop is None else f"{0.0 - a.accuracy_drop:+.2f}",
                 "-" if a.size_bytes is None else _bytes(a.size_bytes),
                 "-" if a.latency_ms is None else f"{a.latency_ms:.3f}",
                 "yes" if a.kept else "no",
