@@ -37,6 +37,7 @@ from edgefl.transport.messages import (
     read_update_header,
     update_metadata,
 )
+from edgefl.transport.sealed import SealError, seal, unseal
 
 VECTORS = Path(__file__).parent / "vectors"
 CASES = sorted(path.stem for path in VECTORS.glob("*.json"))
@@ -72,7 +73,8 @@ def safetensors_parts(data: bytes) -> tuple[int, dict[str, Any], bytes]:
 
 def test_there_is_a_vector_of_every_kind() -> None:
     kinds = {load(name)[1]["kind"] for name in CASES}
-    assert {"status", "result", "task", "update", "manifest", "signature", "release"} <= kinds
+    assert {"status", "result", "task", "update", "manifest", "signature", "release",
+            "sealed"} <= kinds  # fmt: skip
     refused = {name for name in CASES if "refused" in load(name)[1]}
     assert len(refused) >= 5 and len(CASES) - len(refused) >= 12
 
@@ -106,6 +108,9 @@ def test_vector_decodes_as_expected(name: str) -> None:
     if expected["kind"] in ("status", "task", "update", "result"):
         parsed = topics.parse(expected["topic"])
         assert parsed is not None and parsed.kind == expected["kind"]
+    if expected["kind"] == "sealed":
+        check_sealed(data, expected)
+        return
     if "refused" in expected and expected["kind"] == "release":
         public = signing.load_public_key(VECTORS / expected["public_key_file"])
         with pytest.raises((MessageError, SignatureError)) as refused:
@@ -235,6 +240,22 @@ def check_signature(data: bytes, expected: dict[str, Any]) -> None:
     signing.verify(public, data, expected["signature"])
     # Ed25519 signatures are deterministic: the same key and bytes give the same signature.
     assert signing.sign(private, data) == expected["signature"]
+
+
+def check_sealed(data: bytes, expected: dict[str, Any]) -> None:
+    public = signing.load_public_key(VECTORS / expected["public_key_file"])
+    sealed = unseal(data)
+    assert data[:4] == b"EFS1" and sealed.public_key.hex() == expected["public_key_raw_hex"]
+    if "refused" in expected:
+        with pytest.raises(SealError) as refused:
+            sealed.verify(expected["topic"], public)
+        assert str(refused.value) == expected["refused"]
+        return
+    assert sealed.verify(expected["topic"], public) == expected["payload"].encode()
+    # The signature is Ed25519 over the preimage the protocol describes, byte for byte.
+    public.verify(sealed.signature, bytes.fromhex(expected["signed_preimage_hex"]))
+    private = signing.load_private_key(VECTORS / "keys" / "operator.key")
+    assert seal(private, expected["topic"], sealed.payload) == data  # deterministic
 
 
 def check_release(data: bytes, expected: dict[str, Any]) -> None:

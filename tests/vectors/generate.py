@@ -697,6 +697,50 @@ def key_cases() -> dict[str, Case]:
     }
 
 
+def sealed_cases() -> dict[str, Case]:
+    """A status sealed by the vectors' key (standing in for a board's), one moved to another
+    device's topic, and one altered: the seal's layout in docs/protocol.md, "Sealed messages"."""
+    from edgefl.transport.sealed import SealError, seal, unseal
+
+    key = vector_key()
+    status = DeviceStatus(device_id=DEVICE, state="online", samples=12, model_version=3, time=TIME)
+    topic = topics.device_status(FLEET, DEVICE)
+    payload = status.encode()
+    sealed = seal(key, topic, payload)
+    raw_public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    common = {"kind": "sealed", "public_key_raw_hex": raw_public.hex(),
+              "public_key_file": "keys/operator.pub"}  # fmt: skip
+
+    def refusal(data: bytes, at: str) -> str:
+        try:
+            unseal(data).verify(at, key.public_key())
+        except SealError as exc:
+            return str(exc)
+        raise RuntimeError("a sealed vector meant to be refused was accepted")
+
+    other = topics.device_status(FLEET, "pi-0")
+    altered = sealed[:-2] + b"9}"
+    return {
+        "sealed-status": (sealed, {
+            **common, "description": "a status sealed for its topic: magic, raw public key, "
+            "signature over the domain, topic and payload, then the payload unchanged",
+            "topic": topic, "signed_preimage_hex": (b"edgefl-seal-v1\0" + topic.encode()
+                                                    + b"\0" + payload).hex(),
+            "payload": payload.decode(), "canonical": True,
+        }),
+        "refuse-sealed-moved": (sealed, {
+            **common, "description": "the same bytes published on another device's topic",
+            "topic": other, "refused": refusal(sealed, other),
+        }),
+        "refuse-sealed-altered": (altered, {
+            **common, "description": "the payload changed after sealing", "topic": topic,
+            "refused": refusal(altered, topic),
+        }),
+    }  # fmt: skip
+
+
 def key_files() -> dict[str, bytes]:
     """Return the vectors' PEM key files by relative path."""
     key = vector_key()
@@ -824,7 +868,7 @@ def all_cases() -> dict[str, Case]:
     cases: dict[str, Case] = {}
     for group in (
         status_cases, result_cases, bundle_cases, task_cases, update_cases, key_cases,
-        release_cases, refused_cases,
+        release_cases, refused_cases, sealed_cases,
     ):  # fmt: skip
         cases.update(group())
     return cases
