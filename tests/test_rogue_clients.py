@@ -17,7 +17,7 @@ from bundles import digits_devices, make_test_bundle
 from conftest import RunningBroker, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefl.core.settings import RoundPolicy
+from edgefl.core.settings import AcceptancePolicy, RoundPolicy
 from edgefl.delivery.fleet_view import read_fleet
 from edgefl.delivery.release import DeployReport
 from edgefl.roles.agent import Agent, AgentConfig
@@ -79,6 +79,8 @@ class Rogue:
             header = UpdateHeader(round=1, device_id="pi-2", task="default", samples=10_000,
                                   head_version=0, status="error")  # fmt: skip
             self.publish(topics.round_update(FLEET, 1, "pi-2"), encode_update_error(header))
+            # Too big to be read, so its seal cannot be checked: counted, nobody's answer.
+            self.client.publish(topics.round_update(FLEET, 1, "pi-2"), b"x" * 100_000, qos=1)
         elif number == 2:
             # pi-1's genuine signed update of round 1, replayed as its answer to round 2.
             with self.lock:
@@ -124,7 +126,8 @@ def test_every_rogue_message_is_refused_and_counted(
         assert wait_for(lambda: all(a.auth.refused for a in agents), 10)
         aggregator = Aggregator(AggregatorConfig(
             mosquitto.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
-            state_path=state, auth=aggregator_auth,
+            acceptance=AcceptancePolicy(max_update_bytes=64_000), state_path=state,
+            auth=aggregator_auth,
         ))  # fmt: skip
         summary = aggregator.run()
         checked = DeviceVerifier(DeviceRegistry(state), STRICT)
@@ -146,7 +149,7 @@ def test_every_rogue_message_is_refused_and_counted(
         rejected = {r.round: dict(r.result["rejected"]) for r in record.rounds()}
     finally:
         record.close()
-    assert rejected == {1: {"bad-signature": 2}, 2: {"bad-signature": 1}}
+    assert rejected == {1: {"bad-signature": 2, "oversized": 1}, 2: {"bad-signature": 1}}
     # Statuses: the ghost is unknown, pi-1's forged "offline" is not its key's.
     assert aggregator_auth.refused == {"bad-signature": 4, "unknown-device": 1}
     assert "ghost" not in aggregator.device_presence()

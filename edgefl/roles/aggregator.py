@@ -443,6 +443,8 @@ class Aggregator:
     def _on_oversized(self, topic: str, size: int) -> None:
         parsed = topics.parse(topic)
         number = parsed.round_number if parsed and parsed.round_number is not None else -1
+        if not self.auth.is_insecure:  # dropped unread, so its seal unchecked: never an answer
+            number = -1
         device = parsed.device_id if parsed and parsed.device_id else "?"
         limit = self.config.acceptance.max_update_bytes
         with self._cond:
