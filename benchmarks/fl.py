@@ -19,7 +19,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +140,14 @@ def device_fleet(
     client.close()
 
 
-def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) -> dict[str, float]:
-    """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers."""
+def ingest(
+    url: str, workdir: Path, devices: int, features: int, rounds: int, metrics: bool = False
+) -> dict[str, float]:
+    """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers.
+
+    With `metrics`, the Prometheus exporter is attached (`on_verdict`, `on_round`, presence) and
+    /metrics is scraped every second from this process while the rounds run, so its CPU counts.
+    """
     bundle = make_bundle(workdir / f"bundle-{features}", features)
     ready = mp.Event()
     digest = load_bundle(bundle).digest
@@ -150,12 +158,38 @@ def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) ->
         # Every device must be online (min_devices), so the online set has nothing to settle.
         url, FLEET, bundle,
         RoundPolicy(rounds=rounds, min_devices=devices, deadline_s=120, settle_s=0.0),
-        state_path=workdir / f"state-{features}.sqlite",
+        state_path=workdir / f"state-{features}{'-metrics' if metrics else ''}.sqlite",
     )  # fmt: skip
     # CPU seconds of this process (the aggregator's threads; the devices are another process):
     # unlike updates/s, it hardly moves with the load other jobs put on the machine.
     cpu = time.process_time()
-    summary = Aggregator(config).run()
+    exporter, scraper, scrapes = None, None, [0]
+    if metrics:
+        from edgefl.roles.metrics_exporter import AggregatorMetrics
+
+        exporter = AggregatorMetrics(FLEET)
+        port = exporter.serve(0)
+        done = threading.Event()
+
+        def scrape() -> None:
+            while not done.wait(1.0):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                scrapes[0] += 1
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+    server = Aggregator(
+        config,
+        on_verdict=exporter.on_verdict if exporter else None,
+        on_round=exporter.on_round if exporter else None,
+    )
+    if exporter is not None:
+        exporter.watch_presence(server.device_presence)
+    summary = server.run()
+    if exporter is not None and scraper is not None:
+        done.set()
+        scraper.join()
+        exporter.close()
     cpu = time.process_time() - cpu
     fleet.join(60)
     rates = [r.accepted / r.seconds for r in summary.rounds]
@@ -169,7 +203,32 @@ def ingest(url: str, workdir: Path, devices: int, features: int, rounds: int) ->
         "round_seconds_median": statistics.median(r.seconds for r in summary.rounds),
         "aggregator_cpu_ms_per_update": 1000 * cpu / (devices * rounds),
         "bytes_per_update": summary.rounds[0].metrics["bytes_per_update"],
+        "metrics_scrapes": scrapes[0],
     }
+
+
+def exporter_costs(devices: int, updates: int = 200_000, scrapes: int = 200) -> dict[str, float]:
+    """CPU the exporter costs, part by part: `on_verdict` per update (the only per-update
+    work) and one scrape of /metrics (collection, with `devices` devices' presence, and text
+    exposition; the HTTP round trip is in the end-to-end runs)."""
+    from prometheus_client import generate_latest
+
+    from edgefl.core.round_state import ACCEPTED, REJECTED, Verdict
+    from edgefl.roles.metrics_exporter import AggregatorMetrics
+
+    exporter = AggregatorMetrics(FLEET)
+    presence = {f"dev-{i:04d}": "online" for i in range(devices)}
+    exporter.watch_presence(lambda: presence)
+    verdicts = [Verdict(ACCEPTED, 1, "d", size=3000)] * 9 + [Verdict(REJECTED, 1, "d", "shape")]
+    started = time.process_time()
+    for i in range(updates):
+        exporter.on_verdict(verdicts[i % 10])
+    per_update = time.process_time() - started
+    started = time.process_time()
+    for _ in range(scrapes):
+        generate_latest(exporter.registry)
+    per_scrape = time.process_time() - started
+    return {"on_verdict_us": 1e6 * per_update / updates, "scrape_ms": 1e3 * per_scrape / scrapes}
 
 
 def codec_sizes(features: int) -> list[dict[str, float | str]]:
@@ -200,6 +259,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--metrics-repeats", type=int, default=3,
+                        help="Runs without and with the metrics exporter (0: none).")  # fmt: skip
     args = parser.parse_args()
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto is not installed (apt-get install mosquitto)")
@@ -209,6 +270,15 @@ def main() -> None:
     url = broker.url
     try:
         ingest_rows = [ingest(url, workdir, args.devices, f, args.rounds) for f in (64, 1280)]
+        # Alternating runs without and with the exporter, so drift in the machine's load
+        # falls on both alike.
+        pairs = [
+            tuple(
+                ingest(url, workdir / f"ab-{i}-{m}", args.devices, 64, args.rounds, metrics=m)
+                for m in (False, True)
+            )
+            for i in range(args.metrics_repeats)
+        ]
     finally:
         broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -226,8 +296,41 @@ def main() -> None:
     for row in size_rows:
         print(f"{row['head']:>8} {row['codec']:>8} {row['bytes']:>8} "
               f"{row['ratio_to_float32']:>10.3f}")  # fmt: skip
+    results: dict[str, object] = {"ingest": ingest_rows, "codecs": size_rows}
+    if pairs:
+        without = [p[0]["aggregator_cpu_ms_per_update"] for p in pairs]
+        with_ = [p[1]["aggregator_cpu_ms_per_update"] for p in pairs]
+        costs = exporter_costs(args.devices)
+        plain = statistics.median(without)
+        rate = statistics.median(p[0]["updates_per_s_median"] for p in pairs)
+        # Per update: on_verdict, plus a share of one scrape (every 15 s, Prometheus's default,
+        # and every 1 s as in the end-to-end runs) at this ingest rate.
+        share_15s = costs["scrape_ms"] * 1000 / (15 * rate)
+        share_1s = costs["scrape_ms"] * 1000 / rate
+        overhead = {
+            "cpu_ms_per_update_without": without,
+            "cpu_ms_per_update_with": with_,
+            "end_to_end_overhead_pct_of_medians": 100 * (statistics.median(with_) - plain) / plain,
+            **costs,
+            "per_update_us_scrape_every_15s": costs["on_verdict_us"] + share_15s,
+            "per_update_us_scrape_every_1s": costs["on_verdict_us"] + share_1s,
+            "overhead_pct_scrape_every_15s": (costs["on_verdict_us"] + share_15s) / (10 * plain),
+            "overhead_pct_scrape_every_1s": (costs["on_verdict_us"] + share_1s) / (10 * plain),
+        }
+        results["metrics_overhead"] = overhead
+        print(f"\nPrometheus exporter, 64x10, {args.devices} devices: aggregator CPU ms/update in"
+              f" {len(pairs)} alternating runs")  # fmt: skip
+        print(f"  without: {' '.join(f'{v:.3f}' for v in without)}  (median {plain:.3f})")
+        print(f"  with:    {' '.join(f'{v:.3f}' for v in with_)}  (median "
+              f"{statistics.median(with_):.3f}; /metrics scraped every 1 s)")  # fmt: skip
+        print(f"  parts: on_verdict {costs['on_verdict_us']:.2f} us/update; one scrape "
+              f"{costs['scrape_ms']:.2f} ms ({args.devices} devices)")  # fmt: skip
+        print(f"  per update: {overhead['per_update_us_scrape_every_15s']:.2f} us = "
+              f"{overhead['overhead_pct_scrape_every_15s']:.2f}% (scrape every 15 s); "
+              f"{overhead['per_update_us_scrape_every_1s']:.2f} us = "
+              f"{overhead['overhead_pct_scrape_every_1s']:.2f}% (every 1 s)")  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "fl.json").write_text(json.dumps({"ingest": ingest_rows, "codecs": size_rows}, indent=2))
+    (OUT / "fl.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {OUT / 'fl.json'}")
 
 
