@@ -19,6 +19,9 @@ from edgefl.core.settings import RoundPolicy
 from edgefl.dashboard.service import Dashboard, DashboardSettings
 from edgefl.simulation.runner import Simulation, SimulationConfig
 from edgefl.simulation.workload import load_federated_data
+from edgefl.transport import topics
+from edgefl.transport.client import MqttClient
+from edgefl.transport.messages import DeviceStatus
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
 TOKEN = "s3cret-token"
@@ -45,9 +48,10 @@ def browser() -> Iterator[Any]:
 
 def _rows(browser: Any, table: str) -> list[str]:
     # Read in one script: the page re-renders tables on every event, so elements found one call
-    # earlier may already be replaced.
+    # earlier may already be replaced. Device rows carry data-device (the rest pad the scroll).
     script = "return Array.from(document.querySelectorAll(arguments[0])).map(r => r.innerText);"
-    return [" ".join(t.split()) for t in browser.execute_script(script, f"#{table} tbody tr")]
+    rows = f"#{table} tbody tr" + ("[data-device]" if table == "devices" else "")
+    return [" ".join(t.split()) for t in browser.execute_script(script, rows)]
 
 
 def _text(browser: Any, element_id: str) -> str:
@@ -67,10 +71,13 @@ def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
         speed_spread=2.0, speed_unit_s=0.5,
     )  # fmt: skip
     page: list[Dashboard] = []
+    published: list[str] = []
     page_open, seen_all = threading.Event(), threading.Event()
 
     def serve_and_wait(url: str) -> None:
         dashboard = Dashboard(DashboardSettings(url, "browser", port=0, token=TOKEN))
+        # Read-only: anything it would publish is recorded here instead of sent.
+        dashboard.watcher.client.publish = lambda topic, *_a, **_k: published.append(topic)
         dashboard.start()
         page.append(dashboard)
         # Rounds start only once the browser shows the fleet: what follows must arrive live.
@@ -128,9 +135,49 @@ def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
         seen_all.set()
         runner.join(60.0)
         assert outcome and len(outcome[0].rounds) == rounds
+        assert published == []
     finally:
         page_open.set()
         seen_all.set()
         runner.join(60.0)
         for dashboard in page:
             dashboard.stop()
+
+
+def test_a_thousand_devices_scroll_and_filter(
+    mosquitto: RunningBroker, browser: Any, tmp_path: Path
+) -> None:
+    fleet, devices = "browser-1000", 1000
+    publisher = MqttClient(mosquitto.url, "browser-1000-publisher")
+    publisher.connect()
+    ids = [f"dev-{i:04d}" for i in range(devices)]
+    handles = [
+        publisher.publish(topics.device_status(fleet, device),
+                          DeviceStatus(device, "online", profile="raspberry-pi").encode(),
+                          retain=True)
+        for device in ids
+    ]  # fmt: skip
+    assert handles[-1].wait(10.0)
+    dashboard = Dashboard(DashboardSettings(mosquitto.url, fleet, port=0))
+    dashboard.start()
+    try:
+        assert wait_for(lambda: dashboard.source.view()["counts"]["online"] == devices, 20.0)
+        browser.get(dashboard.url)
+        assert _text(browser, "footer").startswith(f"{devices} of {devices} devices shown")
+        assert _text(browser, "count-online") == str(devices)
+        shown = _rows(browser, "devices")
+        # Only the rows in view are drawn; scrolling draws the others.
+        assert shown[0].startswith("dev-0000") and len(shown) < 100
+        browser.execute_script("const b = document.getElementById('devices').parentNode;"
+                               "b.scrollTop = b.scrollHeight;")  # fmt: skip
+        assert wait_for(lambda: _rows(browser, "devices")[-1].startswith("dev-0999"), 5.0)
+        search = browser.find_element("id", "filter")
+        search.send_keys("dev-0500")
+        assert wait_for(lambda: [r.split()[0] for r in _rows(browser, "devices")] == ["dev-0500"])
+        assert _text(browser, "footer").startswith(f"1 of {devices} devices shown")
+    finally:
+        dashboard.stop()
+        for device in ids:
+            publisher.publish(topics.device_status(fleet, device), b"", retain=True)
+        publisher.publish(topics.device_status(fleet, ids[-1]), b"", retain=True).wait(10.0)
+        publisher.close()
