@@ -168,6 +168,9 @@ def test_the_record_is_read_through_a_read_only_connection(tmp_path: Path) -> No
     # A record that does not exist yet is not created: the dashboard shows no rounds until it is.
     missing = RecordPoller(tmp_path / "later.sqlite")
     assert missing.summaries() == [] and "no aggregator record" in missing.error
+    view = build_view(FleetState(FLEET), missing.summaries(), NOW, True, "later.sqlite",
+                      missing.error)  # fmt: skip
+    assert "no aggregator record" in view["record_error"]
     assert not (tmp_path / "later.sqlite").exists()
 
 

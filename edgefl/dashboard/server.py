@@ -110,9 +110,11 @@ class ViewSource:
             self._polled_at = now
         with self.watcher.lock:
             state = self.watcher.state.copy()
+        record = self.record
         return build_view(
             state, self._summaries, now, self.watcher.connected,
-            self.record.path.as_posix() if self.record is not None else None,
+            record.path.as_posix() if record is not None else None,
+            record.error if record is not None else "",
         )  # fmt: skip
 
     def current(self) -> RenderedView:

@@ -156,6 +156,7 @@ def build_view(
     now: float = 0.0,
     connected: bool = True,
     record: str | None = None,
+    record_error: str = "",
 ) -> dict[str, Any]:
     """Return the whole page's data as a JSON-ready dict.
 
@@ -166,6 +167,7 @@ def build_view(
         now: the current Unix time (presence turns stale by time passing alone).
         connected: whether the dashboard's MQTT connection is up (the page says when not).
         record: the record's path, shown on the page (None: no record given).
+        record_error: why the record could not be read just now ("" when it could).
     """
     devices = device_rows(state, now)
     rounds = round_rows(state, summaries)
@@ -179,6 +181,7 @@ def build_view(
         "now": now,
         "connected": connected,
         "record": record,
+        "record_error": record_error,
         "version": state.version,
         "ignored_messages": state.ignored,
         "counts": {name: counts.get(name, 0) for name in STATES},

@@ -171,7 +171,7 @@
     });
     drawDeviceWindow();
     $("footer").textContent = deviceRows.length + " of " + devices.length + " devices shown" +
-      (view.record ? " · record " + view.record : "") +
+      (view.record ? " · record " + view.record + (view.record_error ? " (unreadable: " + view.record_error + ")" : "") : "") +
       (view.ignored_messages ? " · " + view.ignored_messages + " messages could not be decoded" : "");
   }
 
