@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-arm64 lint typecheck unit bench clean
 
 # One environment with the host side, the TFLite extra and the dev tools.
 # torch==2.13.0 is pinned in the `host` extra: pip takes the CPU wheel that is on disk.
@@ -30,6 +30,13 @@ unit: $(BIN)/.edgefl-installed
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# edgefl on an emulated Raspberry Pi: a Debian bookworm arm64 root file system (debootstrap,
+# cached in $${EDGEFL_ARM64_CACHE:-~/.cache/edgefl/arm64}) under qemu-user; an offline install
+# from `edgefl flash`, a signed deploy, 3 rounds beside x86 agents, a round on the jetson bundle.
+# As root, with debootstrap, qemu-user-static, binfmt-support and mosquitto (.ci/run installs them).
+test-arm64: $(BIN)/.edgefl-installed
+	PYTHON=$(BIN)/python boards/arm64/test.sh
 
 bench: $(BIN)/.edgefl-installed
 	$(BIN)/python benchmarks/compress.py
