@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from bundles import digits_devices, make_test_bundle
+from bundles import make_test_bundle
 from click.testing import CliRunner
 from conftest import wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from local_mosquitto import LocalMosquitto
+from signed_fleet import signed_fleet
 
 from edgefl.cli import main
 from edgefl.core.settings import RoundPolicy
@@ -26,12 +27,10 @@ from edgefl.delivery.fleet_view import read_fleet
 from edgefl.delivery.release import DeployReport
 from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.errors import InputError, TransportError
-from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.security import broker_config, certs
 from edgefl.security.device_registry import DeviceRegistry
-from edgefl.security.identity import AgentAuth, AggregatorAuth
-from edgefl.security.verifiers import STRICT, DeviceVerifier, TrustedSigners
+from edgefl.security.verifiers import STRICT, DeviceVerifier
 from edgefl.transport import MqttClient, TlsSettings, topics
 from edgefl.transport.broker import free_port
 from edgefl.transport.client import Message
@@ -42,7 +41,7 @@ from edgefl.transport.messages import (
     encode_round_task,
     encode_update_error,
 )
-from edgefl.transport.sealed import raw_public_key, seal
+from edgefl.transport.sealed import seal
 
 FLEET = "secure"
 
@@ -242,28 +241,13 @@ def test_a_signed_federation_and_deploy_over_mtls_and_acls_refuse_a_rogue_board(
     holding pi-1's certificate (not its signing key) tries the attacks of test_rogue_clients;
     the broker refuses those outside pi-1's own topics, edgefl the rest."""
     bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
-    datasets, _ = digits_devices(2)
-    fleet_key = Ed25519PrivateKey.generate()
     state = tmp_path / "state.sqlite"
-    registry = DeviceRegistry(state)
-    trusted = TrustedSigners([fleet_key.public_key()])
-    agents = []
-    for name, dataset in zip(("pi-1", "pi-2"), datasets, strict=True):
-        key = Ed25519PrivateKey.generate()
-        registry.enroll(name, raw_public_key(key))
-        agent = Agent(
-            AgentConfig(
-                secure.url,
-                FLEET,
-                name,
-                bundle_dir=bundle.path,
-                tls=secure.tls(name),
-                auth=AgentAuth(key, trusted),
-            ),
-            dataset,
-        )
-        attach_to_agent(agent, tmp_path / f"models-{name}", fleet_key.public_key())
-        agents.append(agent)
+    names = ("pi-1", "pi-2")
+    fleet = signed_fleet(secure.url, FLEET, bundle.path, state, names,
+                         tls={name: secure.tls(name) for name in names})  # fmt: skip
+    fleet_key, agents = fleet.key, fleet.agents
+    for agent in agents:
+        attach_to_agent(agent, tmp_path / f"models-{agent.device_id}", fleet_key.public_key())
     rogue_key = Ed25519PrivateKey.generate()
     rogue = MqttClient(secure.url, "rogue-with-pi-1-cert", tls=secure.tls("pi-1"))
 
@@ -290,7 +274,7 @@ def test_a_signed_federation_and_deploy_over_mtls_and_acls_refuse_a_rogue_board(
     rogue.connect(timeout=10)
     for agent in agents:
         agent.start()
-    auth = AggregatorAuth(fleet_key, DeviceVerifier(registry, STRICT))
+    auth = fleet.aggregator_auth()
     try:
         aggregator = Aggregator(AggregatorConfig(
             secure.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
