@@ -6,15 +6,18 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from bundles import digits_devices, make_test_bundle
 from click.testing import CliRunner
 from conftest import RunningBroker, free_port, wait_for
 
 from edgefl.cli import main
+from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.record import AggregatorRecord
 from edgefl.transport import topics
 from edgefl.transport.client import MqttClient
@@ -96,3 +99,47 @@ def test_simulate_offers_the_dashboard_and_metrics(
     assert result.exit_code == 0, result.output
     assert "dashboard: http://127.0.0.1:" in result.output
     assert "metrics: http://127.0.0.1:" in result.output
+
+
+def test_edgefl_aggregate_serves_metrics_while_it_runs(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    fleet, port = "cli-metrics", free_port()
+    bundle = make_test_bundle(tmp_path / "bundle")
+    datasets, _test = digits_devices(2)
+    agents = [
+        Agent(AgentConfig(mosquitto.url, fleet, f"pi-{i}", bundle_dir=bundle.path), data)
+        for i, data in enumerate(datasets)
+    ]
+    for agent in agents:
+        agent.start()
+    scraped: list[str] = []
+
+    def scrape() -> None:
+        # Once a round is counted, keep the page as the run left it after that round.
+        while wait_for(lambda: _get(f"http://127.0.0.1:{port}/metrics")[0] == 200, 30.0):
+            text = _get(f"http://127.0.0.1:{port}/metrics")[1]
+            if 'edgefl_rounds_total{status="closed"} 1.0' in text:
+                scraped.append(text)
+                return
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        result = CliRunner().invoke(
+            main,
+            ["aggregate", "--broker", mosquitto.url, "--fleet", fleet, "--bundle",
+             str(bundle.path), "--rounds", "3", "--min-devices", "2", "--settle", "0.2",
+             "--deadline", "30", "--insecure", "--metrics-port", str(port),
+             "--state", str(tmp_path / "state.sqlite")],
+        )  # fmt: skip
+    finally:
+        for agent in agents:
+            agent.stop()
+    scraper.join(5.0)
+    assert result.exit_code == 0, result.output
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in result.output
+    assert scraped, "no scrape saw round 1 counted"
+    assert 'edgefl_updates_total{outcome="accepted"}' in scraped[0]
+    assert 'edgefl_devices{state="online"} 2.0' in scraped[0]
+    assert 'edgefl_aggregator_info{fleet="cli-metrics"} 1.0' in scraped[0]
