@@ -3,6 +3,7 @@ over a real Mosquitto; devices and rounds appear and update without a reload."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import urllib.error
@@ -15,8 +16,9 @@ import pytest
 from bundles import make_test_bundle
 from conftest import RunningBroker, wait_for
 
-from edgefl.core.settings import RoundPolicy
+from edgefl.core.settings import PrivacySettings, RoundPolicy, RoundSettings
 from edgefl.dashboard.service import Dashboard, DashboardSettings
+from edgefl.delivery.release import DeployReport
 from edgefl.simulation.runner import Simulation, SimulationConfig
 from edgefl.simulation.workload import load_federated_data
 from edgefl.transport import topics
@@ -67,6 +69,8 @@ def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
     config = SimulationConfig(
         devices=devices, broker_url=mosquitto.url, fleet="browser", partition="iid",
         policy=RoundPolicy(rounds=rounds, deadline_s=10.0),
+        # DP-FedAvg: every round is noised, so the page shows the privacy spent.
+        settings=RoundSettings(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)),
         # The slowest device answers 0.5 s late: each round is open long enough to be seen.
         speed_spread=2.0, speed_unit_s=0.5,
     )  # fmt: skip
@@ -124,7 +128,13 @@ def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
         assert newest.startswith(f"{rounds} closed {devices} / {devices}"), newest
         assert _text(browser, "count-rounds") == str(rounds)
         accuracy = float(_text(browser, "last-accuracy"))
-        assert 0.5 < accuracy <= 1.0
+        assert 0.0 <= accuracy <= 1.0
+        epsilon = json.loads(urllib.request.urlopen(dashboard.url.replace("/?", "/api/view?"))
+                             .read())["privacy"]["epsilon"]  # fmt: skip
+        assert epsilon > 0 and _text(browser, "epsilon") == f"ε = {epsilon:.3g} at δ = 0.00001"
+        assert f"ε={epsilon:.3g} spent at δ=1e-05 after round {rounds}" in _text(
+            browser, "privacy-line"
+        )
         curve = browser.find_elements("css selector", "#chart-accuracy circle")
         assert len(curve) == rounds
         assert browser.execute_script("return window.loadedOnce === true;"), "the page reloaded"
@@ -158,6 +168,13 @@ def test_a_thousand_devices_scroll_and_filter(
         for device in ids
     ]  # fmt: skip
     assert handles[-1].wait(10.0)
+    reports = [
+        DeployReport("dev-0002", 4, "installed"),
+        DeployReport("dev-0001", 4, "downloading", received_bytes=512, total_bytes=2048),
+    ]
+    for report in reports:
+        topic = topics.deploy_report(fleet, report.device_id)
+        assert publisher.publish(topic, report.to_bytes(), retain=True).wait(10.0)
     dashboard = Dashboard(DashboardSettings(mosquitto.url, fleet, port=0))
     dashboard.start()
     try:
@@ -165,6 +182,11 @@ def test_a_thousand_devices_scroll_and_filter(
         browser.get(dashboard.url)
         assert _text(browser, "footer").startswith(f"{devices} of {devices} devices shown")
         assert _text(browser, "count-online") == str(devices)
+        # Deploys in progress first, with their progress; then the boards that are done.
+        assert _rows(browser, "deploys") == [
+            "dev-0001 v4 downloading 512 B / 2.0 kB", "dev-0002 v4 installed",
+        ]  # fmt: skip
+        assert _text(browser, "deploy-summary") == "downloading 1, installed 1"
         shown = _rows(browser, "devices")
         # Only the rows in view are drawn; scrolling draws the others.
         assert shown[0].startswith("dev-0000") and len(shown) < 100
@@ -179,5 +201,7 @@ def test_a_thousand_devices_scroll_and_filter(
         dashboard.stop()
         for device in ids:
             publisher.publish(topics.device_status(fleet, device), b"", retain=True)
+        for report in reports:
+            publisher.publish(topics.deploy_report(fleet, report.device_id), b"", retain=True)
         publisher.publish(topics.device_status(fleet, ids[-1]), b"", retain=True).wait(10.0)
         publisher.close()
