@@ -142,6 +142,12 @@ def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         rows = _rows(browser, "devices")
         assert len(rows) == devices and all("online" in r for r in rows), rows
+        # Each device's last round comes from the round results, before its next heartbeat.
+        last_rounds = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#devices tr[data-device]'))"
+            ".map(r => r.cells[6].innerText);"
+        )
+        assert last_rounds == [str(rounds)] * devices
         seen_all.set()
         runner.join(60.0)
         assert outcome and len(outcome[0].rounds) == rounds

@@ -79,10 +79,12 @@ def test_rounds_show_accuracy_participants_rejections_bytes_duration_and_epsilon
     state.observe(
         topics.round_result(FLEET, 1),
         result(1, selected=3, accepted=2, online=4, rejected={"shape": 1},
+               answers={"a": "accepted", "b": "shape", "c": "accepted"},
                metrics={"accuracy": 0.75, "bytes_per_update": 1000.0, "epsilon": 1.5,
                         "delta": 1e-5}),
         False, NOW + 2.6,
     )  # fmt: skip
+    state.observe(topics.device_status(FLEET, "b"), status("b", last_round=0), False, NOW)
     view = build_view(state, now=NOW + 3)
     (row,) = view["rounds"]
     assert (row["status"], row["accepted"], row["selected"], row["online"]) == ("closed", 2, 3, 4)
@@ -93,6 +95,9 @@ def test_rounds_show_accuracy_participants_rejections_bytes_duration_and_epsilon
     assert view["privacy"]["epsilon"] == 1.5 and view["privacy"]["delta"] == 1e-5
     assert "ε=1.5 spent" in view["privacy"]["line"]
     assert view["rejected_by_code"] == {"shape": 1}
+    # The result says at once which round a device answered, before its next heartbeat does.
+    (device,) = view["devices"]
+    assert (device["id"], device["last_round"], device["last_answer"]) == ("b", 1, "shape")
     json.dumps(view, allow_nan=False)  # what the server sends: strict JSON
 
 

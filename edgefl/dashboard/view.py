@@ -25,10 +25,18 @@ def _finite(value: float | None) -> float | None:
 
 def device_rows(state: FleetState, now: float) -> list[dict[str, Any]]:
     """Return one row per device (online first, then by ID) with presence, profile, bundle,
-    what runs the backbone, the last round it trained in, when it was last heard and its deploy.
+    what runs the backbone, the last round it was selected in and its answer there ("accepted"
+    or a rejection code), when it was last heard and its deploy.
     """
+    # A board re-announces its last round only with its heartbeat; the retained results say at
+    # once which round each selected device answered, and how.
+    answered: dict[str, tuple[int, str]] = {}
+    for number in sorted(state.results):
+        for device, answer in state.results[number].answers.items():
+            answered[device] = (number, answer)
     rows = []
     for row in fleet_view(state.statuses, state.reports, state.seen, now):
+        last_round, last_answer = answered.get(row.device_id, (0, ""))
         rows.append(
             {
                 "id": row.device_id,
@@ -42,7 +50,8 @@ def device_rows(state: FleetState, now: float) -> list[dict[str, Any]]:
                 "provider": row.provider,
                 "running": running_text(row),
                 "samples": row.samples,
-                "last_round": row.last_round,
+                "last_round": max(row.last_round, last_round),
+                "last_answer": last_answer if last_round >= row.last_round else "",
                 "last_seen": state.seen.get(row.device_id, row.last_seen) or None,
                 "deploy": row.last_deploy,
             }

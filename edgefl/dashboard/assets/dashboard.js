@@ -147,7 +147,8 @@
     var bundle = d.model_version ? "v" + d.model_version + " <code>" + esc(d.bundle_digest.slice(0, 12) || "-") + "</code>" : "–";
     return '<tr data-device="' + esc(d.id) + '"><td>' + esc(d.id) + "</td><td>" + badge(d.state) + "</td><td>" +
       esc(d.profile || "–") + "</td><td>" + bundle + "</td><td>" + esc(d.running) + '</td><td class="num">' + d.samples +
-      '</td><td class="num">' + (d.last_round || "–") + "</td><td>" + ago(d.last_seen) + "</td><td>" + esc(d.deploy || "–") + "</td></tr>";
+      '</td><td class="num">' + (d.last_round || "–") +
+      (d.last_answer && d.last_answer !== "accepted" ? ' <span class="bad">' + esc(d.last_answer) + "</span>" : "") + "</td><td>" + ago(d.last_seen) + "</td><td>" + esc(d.deploy || "–") + "</td></tr>";
   }
 
   function drawDeviceWindow() {
