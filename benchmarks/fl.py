@@ -13,6 +13,7 @@ Prints a table and writes benchmarks/out/fl.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import shutil
@@ -25,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, load_bundle, write_bundle
@@ -32,9 +34,13 @@ from edgefl.core.codecs import ErrorFeedback, encode_delta
 from edgefl.core.settings import RoundPolicy
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.security.device_registry import DeviceRegistry
+from edgefl.security.identity import AggregatorAuth
+from edgefl.security.verifiers import STRICT, DeviceVerifier
 from edgefl.transport import topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus, UpdateHeader, decode_round_task, update_metadata
+from edgefl.transport.sealed import raw_public_key, seal, strip_seal
 
 # The tests' Mosquitto launcher: a broker for one run, not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -75,11 +81,23 @@ def make_bundle(out: Path, features: int) -> Path:
 RUN_SLOT, HEAD_SLOT = "r" * 32, "h" * 64
 
 
+def bench_key(name: str) -> Ed25519PrivateKey:
+    """The same key in both processes, derived from a name (a benchmark's keys are no secret)."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"bench {name}".encode()).digest())
+
+
 def device_fleet(
-    url: str, devices: int, features: int, rounds: int, bundle_digest: str, ready: mp.Event
-) -> None:
-    """Child process: announce `devices` devices, answer each task with every device's update."""
+    url: str, devices: int, features: int, rounds: int, bundle_digest: str, ready: mp.Event,
+    sealed: bool = False,
+) -> None:  # fmt: skip
+    """Child process: announce `devices` devices, answer each task with every device's update;
+    with `sealed`, each device seals its status and updates with its own key."""
     ids = [f"dev-{i:04d}" for i in range(devices)]
+    keys = {device: bench_key(device) for device in ids} if sealed else {}
+
+    def out(topic: str, device: str, payload: bytes) -> bytes:
+        return seal(keys[device], topic, payload) if sealed else payload
+
     rng = np.random.default_rng(1)
     shapes = {"0.weight": (10, features), "0.bias": (10,)}
     deltas = [
@@ -116,11 +134,11 @@ def device_fleet(
     def on_task(message: Message) -> None:
         if not message.payload:
             return
-        task, _ = decode_round_task(message.payload)
+        task, _ = decode_round_task(strip_seal(message.payload))
         run, head = task.run_id.encode(), task.head_digest.encode()
-        for topic, payload in payloads.get(task.round, []):
+        for (topic, payload), device in zip(payloads.get(task.round, []), ids, strict=True):
             payload = payload.replace(RUN_SLOT.encode(), run).replace(HEAD_SLOT.encode(), head)
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, out(topic, device, payload), qos=1)
         if task.round == rounds:
             done.set()
 
@@ -130,7 +148,8 @@ def device_fleet(
         status = DeviceStatus(
             device, "online", samples=10, model_version=1, bundle_digest=bundle_digest
         )
-        client.publish(topics.device_status(FLEET, device), status.encode(), retain=True)
+        topic = topics.device_status(FLEET, device)
+        client.publish(topic, out(topic, device, status.encode()), retain=True)
     ready.set()
     done.wait(600)
     time.sleep(2)
@@ -141,9 +160,13 @@ def device_fleet(
 
 
 def ingest(
-    url: str, workdir: Path, devices: int, features: int, rounds: int, metrics: bool = False
-) -> dict[str, float]:
+    url: str, workdir: Path, devices: int, features: int, rounds: int, metrics: bool = False,
+    sealed: bool = False,
+) -> dict[str, float]:  # fmt: skip
     """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers.
+
+    With `sealed`, every device is enrolled and seals its messages, and the aggregator checks
+    every seal (strict enrollment) and seals its tasks and results, as a secure fleet runs.
 
     With `metrics`, the Prometheus exporter is attached (`on_verdict`, `on_round`, presence) and
     /metrics is scraped every second from this process while the rounds run, so its CPU counts.
@@ -151,7 +174,9 @@ def ingest(
     bundle = make_bundle(workdir / f"bundle-{features}", features)
     ready = mp.Event()
     digest = load_bundle(bundle).digest
-    fleet = mp.Process(target=device_fleet, args=(url, devices, features, rounds, digest, ready))
+    fleet = mp.Process(
+        target=device_fleet, args=(url, devices, features, rounds, digest, ready, sealed)
+    )
     fleet.start()
     ready.wait(120)
     config = AggregatorConfig(
@@ -159,6 +184,7 @@ def ingest(
         url, FLEET, bundle,
         RoundPolicy(rounds=rounds, min_devices=devices, deadline_s=120, settle_s=0.0),
         state_path=workdir / f"state-{features}{'-metrics' if metrics else ''}.sqlite",
+        auth=fleet_auth(devices) if sealed else None,
     )  # fmt: skip
     # CPU seconds of this process (the aggregator's threads; the devices are another process):
     # unlike updates/s, it hardly moves with the load other jobs put on the machine.
@@ -205,6 +231,33 @@ def ingest(
         "bytes_per_update": summary.rounds[0].metrics["bytes_per_update"],
         "metrics_scrapes": scrapes[0],
     }
+
+
+def fleet_auth(devices: int) -> AggregatorAuth:
+    """The aggregator's key and a registry with every synthetic device enrolled (strict)."""
+    registry = DeviceRegistry()
+    for i in range(devices):
+        device = f"dev-{i:04d}"
+        registry.enroll(device, raw_public_key(bench_key(device)))
+    return AggregatorAuth(bench_key("aggregator"), DeviceVerifier(registry, STRICT))
+
+
+def seal_costs(payload_bytes: int, n: int = 20_000) -> dict[str, float]:
+    """CPU of one seal and one check (strict: registry lookup, key match, Ed25519 verify) of a
+    `payload_bytes` message, alone, in microseconds."""
+    key = bench_key("dev-0000")
+    auth = fleet_auth(1)
+    topic = topics.round_update(FLEET, 1, "dev-0000")
+    payload = bytes(payload_bytes)
+    started = time.process_time()
+    for _ in range(n):
+        sealed = seal(key, topic, payload)
+    sealing = time.process_time() - started
+    started = time.process_time()
+    for _ in range(n):
+        auth.open(topic, "dev-0000", sealed)
+    checking = time.process_time() - started
+    return {"seal_us": 1e6 * sealing / n, "check_us": 1e6 * checking / n}
 
 
 def exporter_costs(devices: int, updates: int = 200_000, scrapes: int = 200) -> dict[str, float]:
@@ -254,6 +307,26 @@ def codec_sizes(features: int) -> list[dict[str, float | str]]:
     ]  # fmt: skip
 
 
+def report_sealing(pairs: list[tuple[dict[str, float], ...]], devices: int) -> dict[str, object]:
+    """Print and return what sealing costs the aggregator per validated 64x10 update."""
+    plain = [p[0]["aggregator_cpu_ms_per_update"] for p in pairs]
+    sealed = [p[1]["aggregator_cpu_ms_per_update"] for p in pairs]
+    costs = seal_costs(int(pairs[0][0]["bytes_per_update"]))
+    base = statistics.median(plain)
+    overhead = 100 * (statistics.median(sealed) - base) / base
+    print(f"\nSealed messages, 64x10, {devices} devices: aggregator CPU ms/update in "
+          f"{len(pairs)} alternating runs")  # fmt: skip
+    print(f"  insecure: {' '.join(f'{v:.3f}' for v in plain)}  (median {base:.3f})")
+    print(f"  sealed:   {' '.join(f'{v:.3f}' for v in sealed)}  (median "
+          f"{statistics.median(sealed):.3f}; +{overhead:.1f}%)")  # fmt: skip
+    print(
+        f"  parts: seal {costs['seal_us']:.1f} us (a board), check {costs['check_us']:.1f} us "
+        f"(the aggregator) = {costs['check_us'] / (10 * base):.1f}% of an insecure update"
+    )
+    return {"cpu_ms_per_update_insecure": plain, "cpu_ms_per_update_sealed": sealed,
+            "overhead_pct_of_medians": overhead, **costs}  # fmt: skip
+
+
 def main() -> None:
     """Run the benchmark and write benchmarks/out/fl.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -261,6 +334,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--metrics-repeats", type=int, default=3,
                         help="Runs without and with the metrics exporter (0: none).")  # fmt: skip
+    parser.add_argument("--seal-repeats", type=int, default=3,
+                        help="Runs insecure and sealed, alternating (0: none).")  # fmt: skip
     args = parser.parse_args()
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto is not installed (apt-get install mosquitto)")
@@ -278,6 +353,13 @@ def main() -> None:
                 for m in (False, True)
             )
             for i in range(args.metrics_repeats)
+        ]
+        seal_pairs = [
+            tuple(
+                ingest(url, workdir / f"seal-{i}-{s}", args.devices, 64, args.rounds, sealed=s)
+                for s in (False, True)
+            )
+            for i in range(args.seal_repeats)
         ]
     finally:
         broker.stop()
@@ -329,6 +411,8 @@ def main() -> None:
               f"{overhead['overhead_pct_scrape_every_15s']:.2f}% (scrape every 15 s); "
               f"{overhead['per_update_us_scrape_every_1s']:.2f} us = "
               f"{overhead['overhead_pct_scrape_every_1s']:.2f}% (every 1 s)")  # fmt: skip
+    if seal_pairs:
+        results["sealing"] = report_sealing(seal_pairs, args.devices)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "fl.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {OUT / 'fl.json'}")

@@ -53,6 +53,25 @@ def test_a_seal_verifies_only_for_its_topic_and_exact_bytes() -> None:
     assert strip_seal(data) == PAYLOAD and strip_seal(PAYLOAD) == PAYLOAD
 
 
+def test_libsodium_and_openssl_agree_on_every_seal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgefl.transport import sealed as sealed_module
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    data = seal(key, UPDATE_1, PAYLOAD)
+    verdicts = []
+    for backend in (sealed_module._sodium_open, None):  # libsodium (host extra), then OpenSSL
+        monkeypatch.setattr(sealed_module, "_sodium_open", backend)
+        results = []
+        for topic, trusted in ((UPDATE_1, key), (UPDATE_2, key), (UPDATE_1, other)):
+            for form in (trusted.public_key(), raw_public_key(trusted)):
+                try:
+                    results.append(unseal(data).verify(topic, form) == PAYLOAD)
+                except SealError:
+                    results.append(False)
+        verdicts.append(results)
+    assert verdicts[0] == verdicts[1] == [True, True, False, False, False, False]
+
+
 def _registry_with(tmp_path: Path, **keys: Ed25519PrivateKey) -> DeviceRegistry:
     registry = DeviceRegistry(tmp_path / "state.sqlite")
     for device, key in keys.items():

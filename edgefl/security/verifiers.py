@@ -59,7 +59,6 @@ class DeviceVerifier:
         self.mode = mode
         self._lock = threading.Lock()
         self._known: dict[str, DeviceKey] = {}
-        self._keys: dict[bytes, Ed25519PublicKey] = {}
         self._refreshed = float("-inf")
         self.refresh()
 
@@ -96,7 +95,7 @@ class DeviceVerifier:
         sealed = unseal(data)
         entry = self._lookup(device_id)
         if entry is None and self.mode == TOFU:
-            sealed.verify(topic, self._key(sealed.public_key))
+            sealed.verify(topic, sealed.public_key)
             assert self.registry is not None
             if self.registry.pin(device_id, sealed.public_key):
                 log.warning("trust on first use: pinned key %s for device %s",
@@ -113,7 +112,7 @@ class DeviceVerifier:
                 f"signed with key {fingerprint(sealed.public_key)}, but device {device_id} is "
                 f"{entry.state} with key {entry.key_id}",
             )
-        return sealed.verify(topic, self._key(entry.public_key))
+        return sealed.verify(topic, entry.public_key)
 
     def _lookup(self, device_id: str) -> DeviceKey | None:
         with self._lock:
@@ -124,14 +123,6 @@ class DeviceVerifier:
             with self._lock:
                 entry = self._known.get(device_id)
         return entry
-
-    def _key(self, raw: bytes) -> Ed25519PublicKey:
-        key = self._keys.get(raw)
-        if key is None:
-            key = Ed25519PublicKey.from_public_bytes(raw)
-            if len(self._keys) < 100_000:  # a stranger's keys cannot grow it without bound
-                self._keys[raw] = key
-        return key
 
 
 class TrustedSigners:

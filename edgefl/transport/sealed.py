@@ -21,11 +21,22 @@ This module is pure: bytes in, bytes out; who is trusted is decided in
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+_sodium_open: Callable[[bytes, bytes], bytes] | None
+try:  # libsodium, when installed (the host extra): the faster Ed25519 verification
+    from nacl.bindings import crypto_sign_open as _sodium_open
+    from nacl.exceptions import BadSignatureError
+
+    _SODIUM_ERRORS: tuple[type[Exception], ...] = (BadSignatureError, ValueError)
+except ImportError:  # a board: `cryptography` alone
+    _sodium_open = None
+    _SODIUM_ERRORS = ()
 
 MAGIC = b"EFS1"
 DOMAIN = b"edgefl-seal-v1\0"
@@ -55,21 +66,40 @@ class Sealed:
     signature: bytes
     payload: bytes
 
-    def verify(self, topic: str, key: Ed25519PublicKey) -> bytes:
-        """Check the signature with `key` (which must be the signer's); return the payload.
+    def verify(self, topic: str, key: Ed25519PublicKey | bytes) -> bytes:
+        """Check the signature with the trusted `key` (an object or its raw 32 bytes); return the
+        payload.
+
+        libsodium (PyNaCl, in the `host` extra: the aggregator checks every update) verifies in
+        about half the time of OpenSSL's Ed25519; without it, `cryptography` does.
 
         Raises:
             SealError: `bad-signature`, the signature does not match topic and payload.
         """
-        try:
-            key.verify(self.signature, _signed_bytes(topic, self.payload))
-        except InvalidSignature:
-            raise SealError(
-                BAD_SIGNATURE,
-                f"the signature of key {fingerprint(self.public_key)} does not match the "
-                f"message on {topic} (forged, altered or moved from another topic)",
-            ) from None
-        return self.payload
+        signed = _signed_bytes(topic, self.payload)
+        if _sodium_open is not None:
+            raw = key if isinstance(key, bytes) else raw_public_key(key)
+            try:
+                _sodium_open(self.signature + signed, raw)
+                return self.payload
+            except _SODIUM_ERRORS:
+                pass
+        else:
+            public = (
+                key
+                if isinstance(key, Ed25519PublicKey)
+                else Ed25519PublicKey.from_public_bytes(key)
+            )
+            try:
+                public.verify(self.signature, signed)
+                return self.payload
+            except InvalidSignature:
+                pass
+        raise SealError(
+            BAD_SIGNATURE,
+            f"the signature of key {fingerprint(self.public_key)} does not match the "
+            f"message on {topic} (forged, altered or moved from another topic)",
+        )
 
 
 def raw_public_key(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
