@@ -31,9 +31,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from edgefl.core.accounting import check_applied_privacy
 from edgefl.core.codecs import decode_delta
-from edgefl.core.influence import InfluenceBound, bound_updates
 from edgefl.core.round_state import (
     ACCEPTED,
     DEVICE_METRICS,
@@ -50,16 +48,24 @@ from edgefl.core.round_state import (
 )
 from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import Strategy
-from edgefl.core.validation import NOT_AN_ANSWER, UpdateRejected, validate_delta
+from edgefl.core.task_aggregation import aggregate_tasks
+from edgefl.core.update_checks import (
+    TaskIdentity,
+    check_run,
+    check_update,
+    read_header,
+    refuse_error_update,
+)
+from edgefl.core.validation import NOT_AN_ANSWER, UpdateRejected
 from edgefl.errors import MessageError
 from edgefl.head import Weights, head_digest
 from edgefl.transport import presence
-from edgefl.transport.messages import DeviceStatus, UpdateHeader, read_update_header
+from edgefl.transport.messages import DeviceStatus, UpdateHeader
 
 __all__ = [
     "ACCEPTED", "DEVICE_METRICS", "LATE", "NO_ANSWER", "REJECTED", "REPEATED", "AcceptedUpdate",
     "ClosedRound", "OpenRound", "RoundEngine", "StoredAnswer", "StoredRejection", "Verdict",
-    "update_metrics",
+    "decode_stored", "update_metrics",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -262,13 +268,17 @@ class RoundEngine:
                 f"round {number} was opened on head v{head_version}, the heads are "
                 f"v{self.head_version}"
             )
-        round_ = self._new_round(number, selected, config, now)
+        self.round = self._new_round(number, selected, config, now)
+        self._restore_answers(self.round, stored, rejected)
+        return self.round
+
+    def _restore_answers(
+        self, round_: OpenRound, stored: Iterable[StoredAnswer], rejected: Iterable[StoredRejection]
+    ) -> None:
+        """Put a reopened round's stored answers back (see `resume`)."""
         for update in stored:
-            try:
-                delta, _ = decode_delta(update.payload)
-            except MessageError as exc:  # stored by this code, so only a corrupt file gets here
-                log.error("round %d: stored update of %s unreadable: %s", number,
-                          update.device_id, exc)  # fmt: skip
+            delta = decode_stored(round_.number, update)
+            if delta is None:
                 continue
             round_.accepted[update.device_id] = AcceptedUpdate(
                 delta, update.samples, update.sha256, len(update.payload), dict(update.metrics)
@@ -279,8 +289,6 @@ class RoundEngine:
             if device in round_.selected and device not in round_.answered:
                 round_.answered[device] = sha256
                 round_.answers[device], round_.reasons[device] = code, reason
-        self.round = round_
-        return round_
 
     def count_presence(self, now: float) -> None:
         """Note in the open round how many eligible devices are online and which are stale."""
@@ -306,19 +314,28 @@ class RoundEngine:
             The verdict; never raises for anything a device can send.
         """
         digest = hashlib.sha256(payload).hexdigest()
-        round_ = self.round
-        if round_ is not None and not round_.closed and number == round_.number:
-            previous = round_.answered.get(device)
-            if previous == digest:
-                return Verdict(REPEATED, number, device, task=round_.selected[device],
-                               sha256=digest, size=len(payload))  # fmt: skip
-            if previous is not None:
-                reason = f"{device} already answered round {number}"
-                return self.refuse(number, device, "duplicate", reason, len(payload))
+        previous = self._answer_of(number, device)
+        if previous == digest:
+            return self._repeated(number, device, digest, len(payload))
+        if previous is not None:
+            reason = f"{device} already answered round {number}"
+            return self.refuse(number, device, "duplicate", reason, len(payload))
         try:
             return self._admit(number, device, payload, digest)
         except UpdateRejected as exc:
             return self.refuse(number, device, exc.code, exc.reason, len(payload), digest)
+
+    def _answer_of(self, number: int, device: str) -> str | None:
+        """Return the SHA-256 of what `device` already answered round `number` with (None:
+        nothing counted, or not the open round)."""
+        round_ = self.round
+        if round_ is not None and not round_.closed and number == round_.number:
+            return round_.answered.get(device)
+        return None
+
+    def _repeated(self, number: int, device: str, digest: str, size: int) -> Verdict:
+        task = self.round.selected[device] if self.round is not None else ""
+        return Verdict(REPEATED, number, device, task=task, sha256=digest, size=size)
 
     def refuse(
         self, number: int, device: str, code: str, reason: str, size: int, sha256: str = ""
@@ -350,14 +367,9 @@ class RoundEngine:
                        complete=complete)  # fmt: skip
 
     def _admit(self, number: int, device: str, payload: bytes, digest: str) -> Verdict:
-        header = self._read_header(device, number, payload)
+        header = read_header(device, number, payload, self._allow)
         round_, task = self._identify(number, device, header)
-        if header.status == "error":
-            raise UpdateRejected(
-                f"device:{header.error_code or 'error'}",
-                header.reason or "device reported failure",
-            )
-        delta = self._check_update(header, round_, task, payload)
+        delta = self._checked_delta(header, round_, task, payload)
         round_.accepted[device] = AcceptedUpdate(
             delta, header.samples, digest, len(payload), dict(header.metrics)
         )
@@ -368,23 +380,18 @@ class RoundEngine:
             size=len(payload), metrics=dict(header.metrics), complete=round_.complete,
         )  # fmt: skip
 
-    def _read_header(self, device: str, number: int, payload: bytes) -> UpdateHeader:
-        """Check the sender may send at all, and that the header matches the topic."""
-        if self._allow is not None and device not in self._allow:
-            raise UpdateRejected("unknown-device", f"device {device!r} is not in the fleet list")
-        try:
-            header = read_update_header(payload)
-        except MessageError as exc:
-            raise UpdateRejected("malformed", str(exc)) from None
-        if header.device_id != device:
-            raise UpdateRejected(
-                "device-mismatch", f"update from {header.device_id!r} on {device!r}'s topic"
-            )
-        if header.round != number:
-            raise UpdateRejected(
-                "round-mismatch", f"update for round {header.round} on round {number}'s topic"
-            )
-        return header
+    def _checked_delta(
+        self, header: UpdateHeader, round_: OpenRound, task: str, payload: bytes
+    ) -> Weights:
+        """Return the validated delta of an update answering `round_`'s task (see
+        `edgefl.core.update_checks`); an error update is refused with the device's code."""
+        refuse_error_update(header)
+        identity = TaskIdentity(
+            round_.bundle_digest, round_.head_digest, round_.head_version, round_.privacy
+        )
+        return check_update(
+            header, task, identity, self.heads[task], self.acceptance.max_norm, payload
+        )
 
     def _identify(self, number: int, device: str, header: UpdateHeader) -> tuple[OpenRound, str]:
         """Return the open round an update answers and the device's task in it.
@@ -392,10 +399,7 @@ class RoundEngine:
         The one place that matches an update to a round: by run ID first (a round number alone
         is shared by every run), then round and selection.
         """
-        if header.run_id != self.run_id:
-            raise UpdateRejected(
-                "run-mismatch", f"update for run {header.run_id or '(none)'}, not {self.run_id}"
-            )
+        check_run(header, self.run_id)
         round_ = self.round
         if round_ is None or number > round_.number:
             raise UpdateRejected("round-unknown", f"round {number} has not started")
@@ -404,37 +408,6 @@ class RoundEngine:
         if device not in round_.selected:
             raise UpdateRejected("not-selected", f"{device} was not selected for round {number}")
         return round_, round_.selected[device]
-
-    def _check_update(
-        self, header: UpdateHeader, round_: OpenRound, task: str, payload: bytes
-    ) -> Weights:
-        """Check what an "ok" update claims (bundle, task, head) and return its validated delta."""
-        if header.bundle_digest != round_.bundle_digest:
-            raise UpdateRejected(
-                "bundle-mismatch",
-                f"update from bundle {header.bundle_digest[:12] or '(none)'}, round federates "
-                f"{round_.bundle_digest[:12]}",
-            )
-        if header.task != task:
-            raise UpdateRejected(
-                "task-mismatch", f"update is for task {header.task!r}, not {task!r}"
-            )
-        if header.head_digest != round_.head_digest or header.head_version != round_.head_version:
-            raise UpdateRejected(
-                "head-mismatch",
-                f"trained from head v{header.head_version} "
-                f"({header.head_digest[:12] or 'no digest'}), round sends v{round_.head_version} "
-                f"({round_.head_digest[:12]})",
-            )
-        check_applied_privacy(round_.privacy, header.clip_norm, header.noise_multiplier)
-        if header.samples < 1:
-            raise UpdateRejected("no-samples", "update reports no training samples")
-        try:
-            delta, _ = decode_delta(payload)
-        except MessageError as exc:
-            raise UpdateRejected("malformed", str(exc)) from None
-        validate_delta(delta, self.heads[task], self.acceptance.max_norm)
-        return delta
 
     # -- closing --
 
@@ -454,10 +427,7 @@ class RoundEngine:
             RuntimeError: no round is open.
             ValueError: the strategy refused the deltas (a bug: they were validated).
         """
-        round_ = self.round
-        if round_ is None or round_.closed:
-            raise RuntimeError("no round is open")
-        round_.closed = True
+        round_ = self._closing()
         accepted = round_.accepted
         needed = max(1, math.ceil(self.policy.quorum * len(round_.selected)))
         status = "closed" if len(accepted) >= needed else "failed"
@@ -476,25 +446,31 @@ class RoundEngine:
             list(round_.stale), metrics, answers, reasons,
         )  # fmt: skip
 
+    def _closing(self) -> OpenRound:
+        """Mark the open round closed and return it (RuntimeError: none is open)."""
+        if self.round is None or self.round.closed:
+            raise RuntimeError("no round is open")
+        self.round.closed = True
+        return self.round
+
     def _aggregate(self, round_: OpenRound) -> tuple[int, int]:
         """Bound each task's updates, aggregate them into new heads; return (clipped, capped)."""
-        bound = InfluenceBound(
-            self.acceptance.influence_factor or None, self.acceptance.max_samples
-        )
-        by_task: dict[str, dict[str, tuple[Weights, int]]] = {}
         # By device ID, not arrival: the float sums (and a simulation's result) must not depend
         # on which board happened to answer first.
-        for device, update in sorted(round_.accepted.items()):
-            by_task.setdefault(round_.selected[device], {})[device] = (
-                update.delta, update.samples,
-            )  # fmt: skip
-        heads = dict(self.heads)
-        clipped = capped = 0
-        for task, updates in by_task.items():
-            bounded = bound_updates(updates, round_.announced, bound)
-            clipped += sum(b.clipped_norm is not None for b in bounded.values())
-            capped += sum(b.capped_samples is not None for b in bounded.values())
-            deltas = [(b.delta, b.samples) for b in bounded.values()]
-            heads[task] = self.strategies[task].aggregate(self.heads[task], deltas)
-        self.heads = heads
+        updates = {
+            device: (round_.selected[device], update.delta, update.samples)
+            for device, update in sorted(round_.accepted.items())
+        }
+        self.heads, clipped, capped = aggregate_tasks(
+            self.heads, self.strategies, updates, round_.announced, self.acceptance
+        )
         return clipped, capped
+
+
+def decode_stored(number: int, update: StoredAnswer) -> Weights | None:
+    """Return a stored accepted update's delta; None (logged) when it cannot be decoded."""
+    try:
+        return decode_delta(update.payload)[0]
+    except MessageError as exc:  # stored by this code, so only a corrupt file gets here
+        log.error("round %d: stored update of %s unreadable: %s", number, update.device_id, exc)
+        return None

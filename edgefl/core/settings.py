@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from edgefl.core.codecs import CODEC_NAMES
+from edgefl.core.staleness import parse_staleness
 
 T = TypeVar("T")
 
@@ -292,3 +293,42 @@ class AcceptancePolicy:
             raise ValueError("influence_factor must be at least 1 (0: no relative cap)")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError("max_samples must be at least 1")
+
+
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """Buffered asynchronous aggregation (FedBuff; `edgefl.core.async_rounds`): boards train
+    whenever idle on the newest head, and every `buffer` accepted updates make a new head."""
+
+    mode: str = setting(
+        "sync",
+        "sync: rounds wait for the selected devices; async: a new head every --buffer updates.",
+        choices=("sync", "async"),
+    )
+    buffer: int = setting(10, "async: accepted updates aggregated into each new head (K).")
+    max_staleness: int = setting(
+        10, "async: refuse updates trained on a head more than this many versions old."
+    )
+    staleness: str = setting(
+        "poly:0.5", "async: weight of an update S versions old: poly:A (1+S)^-A, const, hinge:A,B."
+    )
+    time_limit_s: float | None = setting(
+        None, "async: stop after this many seconds, closing the buffer being filled."
+    )
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the aggregator runs in async mode."""
+        return self.mode == "async"
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be sync or async, not {self.mode!r}")
+        if self.buffer < 1:
+            raise ValueError("buffer must be at least 1")
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must not be negative")
+        parse_staleness(self.staleness)
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError("time_limit_s must be positive")
