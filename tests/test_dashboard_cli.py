@@ -84,6 +84,7 @@ def test_edgefl_dashboard_serves_the_fleet_and_its_record_behind_the_token(
         publisher.close()
     assert f"dashboard of fleet {fleet} at http://127.0.0.1:{port}/?token=tok" in err
     assert "Traceback" not in err
+    assert process.returncode == 0 and err.rstrip().endswith("stopped")  # Ctrl-C ends it cleanly
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgefl.cli.options import tls_options, tls_settings
-from edgefl.cli.shell import setup_logging, user_errors
+from edgefl.cli.shell import setup_logging, stop_on_sigterm, user_errors
 
 if TYPE_CHECKING:
     from edgefl.dashboard.service import Dashboard
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 def dashboard(**options: Any) -> None:
     """Serve a live, read-only web page of a fleet: devices, rounds, deploys, privacy spent."""
     from edgefl.dashboard.service import Dashboard, DashboardSettings
+    from edgefl.errors import EdgeflError
 
     settings = DashboardSettings(
         broker_url=options["broker_url"], fleet=options["fleet"],
@@ -44,8 +45,18 @@ def dashboard(**options: Any) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(options["log_level"])
-    click.echo(f"dashboard of fleet {settings.fleet} at {page.url} (Ctrl-C to stop)", err=True)
-    page.run()
+    try:
+        url = page.start()
+    except OSError as exc:
+        raise EdgeflError(f"{exc}; choose another with --port") from None
+    click.echo(f"dashboard of fleet {settings.fleet} at {url} (Ctrl-C to stop)", err=True)
+    stop_on_sigterm(page.stop)
+    try:
+        page.wait()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        page.stop()
 
 
 def dashboard_options(command: Any) -> Any:

@@ -245,7 +245,7 @@ def build_app(source: ViewSource, token: str | None = None) -> ASGIApp:
 
 
 class DashboardServer:
-    """uvicorn serving the dashboard, in the foreground (`run`) or on a thread (`start`)."""
+    """uvicorn serving the dashboard on a thread (`start`, `wait`, `stop`)."""
 
     def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 8050) -> None:
         config = uvicorn.Config(
@@ -269,10 +269,6 @@ class DashboardServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/" + (f"?token={quote(token)}" if token else "")
 
-    def run(self) -> None:
-        """Serve until interrupted (Ctrl-C)."""
-        self.server.run()
-
     def start(self, timeout: float = 10.0) -> None:
         """Serve on a daemon thread; return once it listens.
 
@@ -288,6 +284,11 @@ class DashboardServer:
                 raise OSError(f"the dashboard could not listen on {self.host}:"
                               f"{self.server.config.port}")  # fmt: skip
             time.sleep(0.01)
+
+    def wait(self) -> None:
+        """Block until the serving thread ends (after `stop`)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)  # a timeout, so Ctrl-C reaches the waiting thread
 
     def stop(self) -> None:
         """Stop serving (open event streams are closed)."""

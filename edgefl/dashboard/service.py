@@ -38,7 +38,7 @@ class DashboardSettings:
 
 
 class Dashboard:
-    """Serves a fleet's dashboard: `start()` on a thread beside other work, or `run()`."""
+    """Serves a fleet's dashboard on a thread: `start()`, then `wait()` or other work, `stop()`."""
 
     def __init__(self, settings: DashboardSettings) -> None:
         """Check the settings; nothing connects or listens yet.
@@ -56,6 +56,7 @@ class Dashboard:
             build_app(self.source, settings.token), settings.host, settings.port
         )
         self.source.stopping = lambda: bool(self.server.server.should_exit)
+        self._stopped = False
 
     @property
     def url(self) -> str:
@@ -77,19 +78,14 @@ class Dashboard:
             raise
         return self.url
 
-    def run(self, connect_timeout: float = 10.0) -> None:
-        """Connect and serve in the foreground until interrupted (Ctrl-C).
-
-        Raises:
-            TransportError: the broker cannot be reached.
-        """
-        self.watcher.start(connect_timeout)
-        try:
-            self.server.run()
-        finally:
-            self.watcher.stop()
+    def wait(self) -> None:
+        """Block until the server stops (`stop`, from another thread or a signal handler)."""
+        self.server.wait()
 
     def stop(self) -> None:
-        """Stop serving and disconnect."""
+        """Stop serving and disconnect (again: nothing more happens)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.server.stop()
         self.watcher.stop()
