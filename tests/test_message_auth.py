@@ -201,3 +201,22 @@ def test_cli_devices_enroll_list_revoke(tmp_path: Path) -> None:
     not_a_key = runner.invoke(main, ["devices", "enroll", "pi-2", "--key", str(state),
                                      "--state", str(state)])  # fmt: skip
     assert not_a_key.exit_code == 2 and "not a PEM public key" in not_a_key.output
+
+
+def test_signing_is_on_unless_insecure_and_each_missing_piece_is_named(tmp_path: Path) -> None:
+    runner = CliRunner(env={"HOME": str(tmp_path / "home")})  # no keys in the default place
+    agent = ["agent", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--device-id", "pi",
+             "--data", "digits", "--connect-timeout", "0.1"]  # fmt: skip
+    no_trust = runner.invoke(main, agent)
+    assert no_trust.exit_code == 2 and "no trusted key" in no_trust.output
+    keys = signing.init_keys(tmp_path / "keys")
+    no_state = runner.invoke(main, [*agent, "--trust-key", str(keys.public)])
+    assert no_state.exit_code == 2 and "--state-dir" in no_state.output
+    aggregate = ["aggregate", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--bundle", "b"]
+    no_key = runner.invoke(main, aggregate)
+    assert no_key.exit_code == 2 and "edgefl keys init" in no_key.output
+    strict = runner.invoke(main, [*aggregate, "--signing-key", str(keys.private)])
+    assert strict.exit_code == 2 and "--enrollment tofu" in strict.output
+    # --insecure gets past all of that (to the broker, which is not there: exit 1), and says so.
+    insecure = runner.invoke(main, [*agent, "--insecure"])
+    assert insecure.exit_code == 1 and "runs --insecure" in insecure.output
