@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from edgefl.security.device_registry import DeviceRegistry
 from edgefl.security.identity import AggregatorAuth
 from edgefl.security.verifiers import STRICT, DeviceVerifier
 from edgefl.transport import topics
+from edgefl.transport.broker import free_port
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import DeviceStatus, UpdateHeader, decode_round_task, update_metadata
 from edgefl.transport.sealed import raw_public_key, seal, strip_seal
@@ -169,7 +171,9 @@ def ingest(
     every seal (strict enrollment) and seals its tasks and results, as a secure fleet runs.
 
     With `metrics`, the Prometheus exporter is attached (`on_verdict`, `on_round`, presence) and
-    /metrics is scraped every second from this process while the rounds run, so its CPU counts.
+    /metrics is scraped every second from this process while the rounds run, so its CPU counts;
+    and an `edgefl dashboard` process watches the fleet and reads the record, with a page's
+    event stream open (its own CPU is its process's; what it costs the aggregator counts).
     """
     bundle = make_bundle(workdir / f"bundle-{features}", features)
     ready = mp.Event()
@@ -204,6 +208,7 @@ def ingest(
 
         scraper = threading.Thread(target=scrape, daemon=True)
         scraper.start()
+        page = watch_with_dashboard(url, config.state_path)
     server = Aggregator(
         config,
         on_verdict=exporter.on_verdict if exporter else None,
@@ -216,6 +221,9 @@ def ingest(
         done.set()
         scraper.join()
         exporter.close()
+        for process in page:
+            process.terminate()
+            process.wait(10)
     cpu = time.process_time() - cpu
     fleet.join(60)
     rates = [r.accepted / r.seconds for r in summary.rounds]
@@ -258,6 +266,29 @@ def seal_costs(payload_bytes: int, n: int = 20_000) -> dict[str, float]:
         auth.open(topic, "dev-0000", sealed)
     checking = time.process_time() - started
     return {"seal_us": 1e6 * sealing / n, "check_us": 1e6 * checking / n}
+
+
+def watch_with_dashboard(url: str, state: Path | None) -> list[subprocess.Popen[bytes]]:
+    """Start `edgefl dashboard` on the fleet and its record, and keep its event stream open."""
+    port = free_port()
+    edgefl = str(Path(sys.executable).parent / "edgefl")
+    command = [edgefl, "dashboard", "--broker", url, "--fleet", FLEET, "--port", str(port)]
+    if state is not None:
+        command += ["--state", str(state)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        raise RuntimeError("edgefl dashboard did not start within 30 s")
+    stream = subprocess.Popen(
+        ["curl", "-sN", f"http://127.0.0.1:{port}/events"], stdout=subprocess.DEVNULL
+    )
+    return [stream, server]
 
 
 def exporter_costs(devices: int, updates: int = 200_000, scrapes: int = 200) -> dict[str, float]:
@@ -400,7 +431,8 @@ def main() -> None:
             "overhead_pct_scrape_every_1s": (costs["on_verdict_us"] + share_1s) / (10 * plain),
         }
         results["metrics_overhead"] = overhead
-        print(f"\nPrometheus exporter, 64x10, {args.devices} devices: aggregator CPU ms/update in"
+        print(f"\nPrometheus exporter and a dashboard watching, 64x10, {args.devices} devices:"
+              " aggregator CPU ms/update in"
               f" {len(pairs)} alternating runs")  # fmt: skip
         print(f"  without: {' '.join(f'{v:.3f}' for v in without)}  (median {plain:.3f})")
         print(f"  with:    {' '.join(f'{v:.3f}' for v in with_)}  (median "
