@@ -131,7 +131,7 @@ def test_the_page_shows_a_federation_learn_live_and_needs_its_token(
         assert 0.0 <= accuracy <= 1.0
         epsilon = json.loads(urllib.request.urlopen(dashboard.url.replace("/?", "/api/view?"))
                              .read())["privacy"]["epsilon"]  # fmt: skip
-        assert epsilon > 0 and _text(browser, "epsilon") == f"ε = {epsilon:.3g} at δ = 0.00001"
+        assert epsilon > 0 and _text(browser, "epsilon") == f"ε = {epsilon:.3g} at δ = 1e-5"
         assert f"ε={epsilon:.3g} spent at δ=1e-05 after round {rounds}" in _text(
             browser, "privacy-line"
         )

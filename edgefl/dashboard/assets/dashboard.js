@@ -45,7 +45,7 @@
     var withAcc = done.filter(function (r) { return r.accuracy !== null; });
     $("last-accuracy").textContent = withAcc.length ? withAcc[withAcc.length - 1].accuracy.toFixed(3) : "–";
     var p = v.privacy;
-    $("epsilon").textContent = p.epsilon === null ? "–" : "ε = " + p.epsilon.toPrecision(3) + " at δ = " + p.delta;
+    $("epsilon").textContent = p.epsilon === null ? "–" : "ε = " + p.epsilon.toPrecision(3) + " at δ = " + p.delta.toExponential(0);
     $("privacy-line").textContent = p.line;
     var link = $("link");
     link.textContent = v.connected ? "live · broker connected" : "broker disconnected";
