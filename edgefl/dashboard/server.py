@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, quote
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -203,19 +204,22 @@ def build_app(source: ViewSource, token: str | None = None) -> ASGIApp:
         "Cache-Control": "no-store",
     }
 
+    # A rebuild takes tens of ms with a thousand devices: on a worker thread, the event loop
+    # keeps serving other requests meanwhile.
     async def index(_request: Request) -> Response:
-        rendered = source.current()
+        rendered = await run_in_threadpool(source.current)
         return HTMLResponse(page.render(source.watcher.state.fleet, rendered.text), headers=headers)
 
     async def api_view(_request: Request) -> Response:
-        return Response(source.current().text, media_type="application/json", headers=headers)
+        rendered = await run_in_threadpool(source.current)
+        return Response(rendered.text, media_type="application/json", headers=headers)
 
     async def events(request: Request) -> Response:
         async def stream() -> AsyncIterator[str]:
             sent = ""
             quiet_since = time.monotonic()
             while not source.stopping() and not await request.is_disconnected():
-                rendered = source.current()
+                rendered = await run_in_threadpool(source.current)
                 if rendered.content != sent:
                     sent = rendered.content
                     quiet_since = time.monotonic()
