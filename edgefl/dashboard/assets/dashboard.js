@@ -109,8 +109,10 @@
     $("chart-participants").innerHTML = out.join("");
   }
 
+  var ROUND_ROWS = 200; // the newest; a months-long run's thousands of rounds live in the chart
+
   function renderRounds(rounds) {
-    var rows = rounds.slice().reverse().map(function (r) {
+    var rows = rounds.slice(-ROUND_ROWS).reverse().map(function (r) {
       var duration = r.seconds === null ? (r.status === "running" ? "running" : "–") : r.seconds.toFixed(2) + " s";
       return '<tr data-round="' + r.round + '"><td class="num">' + r.round + "</td><td>" + badge(r.status) +
         '</td><td class="num">' + (r.accepted === null ? "–" : r.accepted) + " / " + r.selected +
@@ -121,6 +123,10 @@
         '</td><td class="num">' + duration + '</td><td class="num">' +
         (r.epsilon === null ? "–" : r.epsilon.toPrecision(3)) + "</td></tr>";
     });
+    if (rounds.length > ROUND_ROWS) {
+      rows.push('<tr><td colspan="11" class="dim">' + (rounds.length - ROUND_ROWS) +
+        " older rounds: in the chart, the record and metrics.csv</td></tr>");
+    }
     $("rounds").tBodies[0].innerHTML = rows.join("");
   }
 
