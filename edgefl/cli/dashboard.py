@@ -1,4 +1,6 @@
-"""`edgefl dashboard`: a fleet's live web page; and the dashboard `simulate` and `demo` offer."""
+"""Watching a fleet from the CLI: `edgefl dashboard`, the page `simulate` and `demo` offer with
+`--dashboard`, and the Prometheus endpoint `aggregate` and `simulate` serve with `--metrics-port`.
+"""
 
 from __future__ import annotations
 
