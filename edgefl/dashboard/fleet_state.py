@@ -3,33 +3,18 @@
 Pure: messages arrive as (topic, payload, retained, received_at) and nothing here reads a clock,
 a socket or a file, so tests feed it literal messages. Payloads are decoded with the protocol's
 own decoders; a sealed payload (`edgefl.transport.sealed`) is displayed without its seal being
-checked: the dashboard trusts nothing it shows to act on, it only shows.
+checked: the dashboard acts on nothing it shows (`edgefl fleet --state` checks every seal).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgefl.delivery.release import DeployReport
 from edgefl.errors import EdgeflError
 from edgefl.transport import presence, topics
 from edgefl.transport.messages import DeviceStatus, RoundResult, decode_round_task
-
-
-def _seal_stripper() -> Callable[[bytes], bytes]:
-    # Signed envelopes are being added to the transport; until a fleet seals its messages the
-    # payloads are plain, and a tree without the module reads them as they are.
-    try:
-        module = importlib.import_module("edgefl.transport.sealed")
-    except ImportError:
-        return bytes
-    strip: Callable[[bytes], bytes] | None = getattr(module, "strip_seal", None)
-    return strip if strip is not None else bytes
-
-
-strip_seal = _seal_stripper()
+from edgefl.transport.sealed import strip_seal
 
 
 @dataclass

@@ -8,8 +8,6 @@ mode lets it read while the aggregator writes.
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 from edgefl.roles.record import AggregatorRecord
@@ -29,19 +27,7 @@ class ReadOnlyRecord(AggregatorRecord):
         Raises:
             sqlite3.OperationalError: the file does not exist or is not readable.
         """
-        resolved = Path(path).resolve()
-        if not resolved.is_file():
-            raise sqlite3.OperationalError(f"no aggregator record at {resolved}")
-        # The base class's attributes, without its schema creation and PRAGMAs (both write).
-        self.path = str(resolved)
-        self._fault = None
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            f"{resolved.as_uri()}?mode=ro", uri=True, check_same_thread=False,
-            isolation_level=None,
-        )  # fmt: skip
-        self._pending = []
-        self._last_flush = time.monotonic()
+        super().__init__(path, read_only=True)
 
 
 class RecordPoller:

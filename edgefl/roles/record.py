@@ -112,26 +112,40 @@ FaultHook = Callable[[str], None]
 class AggregatorRecord:
     """The SQLite store. Thread-safe: updates are recorded from the network thread."""
 
-    def __init__(self, path: str | Path, fault: FaultHook | None = None) -> None:
+    def __init__(
+        self, path: str | Path, fault: FaultHook | None = None, read_only: bool = False
+    ) -> None:
         """Open (and create) the store; `":memory:"` keeps it in memory.
 
         Args:
             path: the SQLite file.
             fault: called with each step's name while a round closes (crash tests).
+            read_only: open an existing file through a `?mode=ro` URI: SQLite refuses every
+                write (a dashboard beside a running aggregator); its writing methods raise.
+
+        Raises:
+            sqlite3.OperationalError: `read_only` and the file cannot be opened.
         """
         self.path = str(path)
         self._fault = fault
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Any, ...]] = []
+        self._last_flush = time.monotonic()
+        if read_only:
+            resolved = Path(path).resolve()
+            if not resolved.is_file():
+                raise sqlite3.OperationalError(f"no aggregator record at {resolved}")
+            self._db = sqlite3.connect(f"{resolved.as_uri()}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)  # fmt: skip
+            return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash; only a power cut can lose the
         # last few, and the update rate needs the cheaper commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._pending: list[tuple[Any, ...]] = []
-        self._last_flush = time.monotonic()
 
     def close(self) -> None:
         """Write buffered records and close the database."""
