@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from edgefl import signing
 from edgefl.cli import main
-from edgefl.delivery import board_wheels
+from edgefl.delivery import board_wheels, flash
 from edgefl.delivery.board_wheels import WheelTarget, download_board_wheels, missing_requirements
 from edgefl.errors import DeliveryError
 from edgefl.profiles import load_profile
@@ -205,3 +205,27 @@ def test_the_tarball_installs_with_no_index(tmp_path: Path) -> None:
         env=clean, capture_output=True, text=True,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
+
+
+def test_flash_over_ssh_copies_the_wheels_folder(tmp_path: Path) -> None:
+    """`edgefl flash --host` ships the same wheels: the board installs with no network."""
+    key = signing.init_keys(tmp_path / "keys").public
+    wheels = [fake_wheel(tmp_path, "numpy", tag="cp311-cp311-manylinux_2_17_aarch64")]
+    wheels.append(fake_wheel(tmp_path, "pip"))
+    settings = flash.BoardSettings("mqtt://b:1883", "lab", "pi-7")
+    files = flash.build_install_files(load_profile("raspberry-pi"), settings, key, None, wheels)
+    assert {n for n in files if n.startswith("wheels/")} == {f"wheels/{w.name}" for w in wheels}
+    assert "every dependency from wheels/" in files["INSTALL.md"].data.decode()
+    copied: list[str] = []
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        if command[0] == "scp":
+            assert "-r" in command
+            sources = [Path(word) for word in command if word.startswith("/")]
+            (folder,) = [p for p in sources if p.is_dir()]
+            assert folder.name == "wheels"
+            copied.extend(sorted(p.name for p in folder.iterdir()))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    flash.flash_over_ssh("pi@b", files, run=run)
+    assert copied == sorted(w.name for w in wheels)
