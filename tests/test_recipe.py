@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefl.compression.recipe import available_recipes, load_recipe
+from edgefl.compression.recipe import available_recipes, load_recipe, recipe_toml
 from edgefl.errors import RecipeError
 
 MINIMAL = """
@@ -96,6 +96,10 @@ def test_unknown_key_inside_an_artifact(tmp_path: Path) -> None:
         (MINIMAL + "[verify]\nmin_top1_agreement = 'high'\n", "'verify.min_top1_agreement'"),
         (MINIMAL + "[verify]\ntolerance = 0.1\n", "'verify.tolerance' must be a table"),
         (MINIMAL + "[prune]\niterative_steps = true\n", "'prune.iterative_steps' must be"),
+        (MINIMAL + 'activations = "int4"\n', "'artifacts\\[0\\].activations' must be one of"),
+        (MINIMAL + "[backoff]\ntries = 0\n", "'backoff.tries' must be an integer >= 1"),
+        (MINIMAL + "[backoff]\nresolution = 1.5\n", "'backoff.resolution' must be in"),
+        (MINIMAL + "[backoff]\nseconds = -1\n", "'backoff.seconds' must be > 0"),
     ],
 )
 def test_bad_values_are_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -117,3 +121,11 @@ def test_a_recipe_importance_may_name_a_users_factory(
         load_recipe(broken)
     with pytest.raises(RecipeError, match=r"or package\.module:factory, got 'l3'"):
         load_recipe(write(tmp_path, MINIMAL + '[prune]\nimportance = "l3"\n'))
+
+
+@pytest.mark.parametrize("name", ["raspberry-pi", "generic", "jetson"])
+def test_a_recipe_written_as_toml_reads_back_the_same(tmp_path: Path, name: str) -> None:
+    recipe = load_recipe(name)
+    again = load_recipe(write(tmp_path, recipe_toml(recipe)))
+    ignored = {"path": "", "name": ""}
+    assert {**again.to_dict(), **ignored} == {**recipe.to_dict(), **ignored}

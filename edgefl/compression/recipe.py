@@ -21,6 +21,7 @@ from edgefl.resources import shipped_dir
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 FORMATS = ("onnx", "tflite")
 PRECISIONS = {"onnx": ("fp32", "fp16", "int8", "int8-dynamic"), "tflite": ("fp32", "int8")}
+ACTIVATIONS = ("uint8", "int8")
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5, "int8-dynamic": 0.5}
 
 
@@ -63,11 +64,16 @@ class BackoffStep:
 
 @dataclass
 class ArtifactStep:
-    """One backbone artifact to export: format, precision and calibration set size (int8)."""
+    """One backbone artifact to export: format, precision and calibration set size (int8).
+
+    `activations` is the type of ONNX static int8 activations: "uint8" (asymmetric, the default:
+    fast on x86 without VNNI) or "int8" (symmetric); TFLite int8 is always symmetric int8.
+    """
 
     format: str
     precision: str = "fp32"
     calibration_samples: int = 256
+    activations: str = "uint8"
 
     @property
     def file(self) -> str:
@@ -324,6 +330,11 @@ def _validate(recipe: Recipe, path: Path) -> None:
             )
         if not _is_count(artifact.calibration_samples):
             fail(f"{key}.calibration_samples", "must be an integer >= 1")
+        if artifact.activations not in ACTIVATIONS:
+            fail(
+                f"{key}.activations",
+                f"must be one of {', '.join(ACTIVATIONS)}, got {artifact.activations!r}",
+            )
         if artifact.file in seen:
             fail(key, f"repeats {artifact.format}/{artifact.precision}")
         seen.add(artifact.file)

@@ -145,9 +145,9 @@ def render_report(report: CompressionReport, console: Console) -> None:
         "MACs",
         "size",
         "ms",
-        "acc %" if report.metric == "top-1" else f"{report.metric} %",
+        "acc %",
         "rel err",
-        "top1 %" if report.metric == "top-1" else "agree %",
+        "top1 %" if report.metric == "top-1" else "agr %",
     ):
         left = column in ("stage", "runtime")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
@@ -167,6 +167,8 @@ def render_report(report: CompressionReport, console: Console) -> None:
     if report.evaluation:
         what = "accuracy" if report.metric == "top-1" else f"{report.metric} accuracy"
         console.print(f"{what} on {report.evaluation}", markup=False, highlight=False)
+    if report.metric != "top-1":
+        console.print(f"agr %: the artifact's predictions scored {report.metric} against PyTorch's")
     if any(s.at_chance for s in report.stages) and report.chance_accuracy is not None:
         console.print(
             f"! at chance accuracy (<= {100 * report.chance_accuracy:.1f}%): no better than "

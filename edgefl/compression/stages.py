@@ -370,7 +370,10 @@ def make_onnx(
     if artifact.precision == "fp32":
         path.write_bytes(fp32.read_bytes())
     elif artifact.precision == "int8":
-        quantize_onnx_static(fp32, path, calibration, per_channel=True, exclude_nodes=exclude)
+        quantize_onnx_static(
+            fp32, path, calibration, per_channel=True, exclude_nodes=exclude,
+            activation_type=artifact.activations,
+        )  # fmt: skip
     elif artifact.precision == "int8-dynamic":
         quantize_onnx_dynamic(fp32, path)
     else:

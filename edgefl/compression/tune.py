@@ -1,13 +1,14 @@
 """`edgefl tune`: a multi-objective search for the recipe that suits a board.
 
 Optuna's NSGA-II sampler proposes recipes (prune ratio and importance, distillation epochs and
-temperature, the artifact's precision and calibration size); each trial is a real `compress` of
-the model into its own bundle, scored on the evaluation set by the recipe's metric, its latency
-measured in the board's runtime (the profile's artifact format and thread count) and its size on
-disk. Objectives: accuracy up, latency and size down; the budgets (accuracy drop, latency, size)
-are constraints, so infeasible trials still guide the search but never make the front. The study
-lives in SQLite, so a second run with the same `--study` continues it. The first trial of a new
-study is the base recipe's own setting, the reference the front is compared against.
+temperature, the artifact's precision, calibration size and, for ONNX, activation type); each
+trial is a real `compress` of the model into its own bundle, scored on the evaluation set by the
+recipe's metric, its latency measured in the board's runtime (the profile's artifact format and
+thread count) and its size on disk. Objectives: accuracy up, latency and size down; the budgets
+(accuracy drop, latency, size) are constraints, so infeasible trials still guide the search but
+never make the front. The study lives in SQLite, so a second run with the same `--study`
+continues it. The first trial of a new study is the base recipe's own setting, the reference the
+front is compared against.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ def search_space(trial: Any, base: Recipe, fmt: str, threads: int) -> Recipe:
     temperature = trial.suggest_float("temperature", 1.0, 8.0, step=0.5)
     precision = trial.suggest_categorical("precision", list(TUNED_PRECISIONS[fmt]))
     calibration = trial.suggest_categorical("calibration_samples", list(CALIBRATION_SIZES))
+    # Only ONNX static int8 has a choice (TFLite int8 is symmetric int8); a study's format is
+    # fixed, so its search space is too.
+    activations = (
+        trial.suggest_categorical("activations", ["uint8", "int8"]) if fmt == "onnx" else "uint8"
+    )
     prune_base = base.prune or PruneStep()
     distill_base = base.distill or DistillStep()
     return dataclasses.replace(
@@ -114,7 +120,7 @@ def search_space(trial: Any, base: Recipe, fmt: str, threads: int) -> Recipe:
         distill=dataclasses.replace(distill_base, epochs=epochs, temperature=temperature)
         if epochs > 0
         else None,
-        artifacts=[ArtifactStep(fmt, precision, calibration)],
+        artifacts=[ArtifactStep(fmt, precision, calibration, activations)],
         max_accuracy_drop=None,
         latency_threads=threads,
     )
@@ -127,7 +133,8 @@ def baseline_params(base: Recipe, fmt: str) -> dict[str, Any]:
     precisions = [a.precision for a in base.artifacts if a.format == fmt]
     precision = precisions[0] if precisions else "fp32"
     calibration = next((a.calibration_samples for a in base.artifacts if a.format == fmt), 256)
-    return {
+    activations = next((a.activations for a in base.artifacts if a.format == fmt), "uint8")
+    params: dict[str, Any] = {
         "prune_ratio": min(0.8, round(prune.ratio / 0.05) * 0.05) if prune is not None else 0.0,
         "importance": importance if importance in ("l1", "l2") else "l2",
         "distill_epochs": min(24, round(distill.epochs / 4) * 4) if distill is not None else 0,
@@ -137,6 +144,9 @@ def baseline_params(base: Recipe, fmt: str) -> dict[str, Any]:
         "precision": precision if precision in TUNED_PRECISIONS[fmt] else "fp32",
         "calibration_samples": min(CALIBRATION_SIZES, key=lambda n: abs(n - calibration)),
     }
+    if fmt == "onnx":
+        params["activations"] = activations
+    return params
 
 
 def pareto_front(trials: list[TrialResult]) -> list[TrialResult]:

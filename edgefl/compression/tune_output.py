@@ -62,8 +62,10 @@ def render_pareto(result: TuneResult, console: Console) -> None:
             speedup,
         )
     console.print(table)
-    console.print("* chosen (fastest on the front), b baseline (the base recipe's setting); "
-                  "change in points against the original model")  # fmt: skip
+    baseline = result.baseline
+    where = "" if baseline is None or baseline.pareto else ", not on the front"
+    console.print(f"* chosen (fastest on the front), b baseline (the base recipe's setting"
+                  f"{where}); change in points against the original model")  # fmt: skip
 
 
 def write_outputs(result: TuneResult, out: Path) -> None:

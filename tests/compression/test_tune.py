@@ -54,7 +54,9 @@ def test_the_first_trial_is_the_base_recipes_setting() -> None:
         "temperature": 4.0,
         "precision": "int8",
         "calibration_samples": 256,
+        "activations": "uint8",
     }
+    assert "activations" not in baseline_params(load_recipe("raspberry-pi"), "tflite")
 
 
 @pytest.mark.slow
