@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from edgefl.core.board_limits import BoardLimits
 from edgefl.core.codecs import CODEC_NAMES
 from edgefl.core.settings import (
     AcceptancePolicy,
+    AsyncPolicy,
     CodecSettings,
     PrivacySettings,
     RoundPolicy,
@@ -160,6 +163,7 @@ def agent(**options: Any) -> None:
 @settings_options(CodecSettings)
 @settings_options(PrivacySettings)
 @settings_options(AcceptancePolicy)
+@settings_options(AsyncPolicy)
 @click.option("--eval", "eval_source", help="Server-side eval set: 'digits' or a .npz/folder.")
 @click.option("--state", "state_path", type=click.Path(path_type=Path),
               help="SQLite state file [OUT/state.sqlite with --out, else in memory].")  # fmt: skip
@@ -186,6 +190,7 @@ def aggregate(**options: Any) -> None:
         codec=build_settings(CodecSettings, options),
     )
     acceptance = build_settings(AcceptancePolicy, options)
+    asynchronous = build_settings(AsyncPolicy, options)
     out_dir: Path | None = options["out_dir"]
     state_path = options["state_path"] or (out_dir / "state.sqlite" if out_dir else None)
     auth = aggregator_auth(options, state_path)
@@ -222,7 +227,12 @@ def aggregate(**options: Any) -> None:
         )
 
     metrics = start_metrics(options["metrics_port"], config.fleet)
-    server = Aggregator(
+    make: Callable[..., Aggregator] = Aggregator
+    if asynchronous.is_async:
+        from edgefl.roles.async_aggregator import AsyncAggregator
+
+        make = partial(AsyncAggregator, asynchronous=asynchronous)
+    server = make(
         config, eval_dataset=eval_dataset,
         on_round=chain_rounds(metrics.on_round if metrics else None, progress),
         on_verdict=metrics.on_verdict if metrics else None,
@@ -231,6 +241,9 @@ def aggregate(**options: Any) -> None:
         metrics.watch_presence(server.device_presence)
     stop_on_sigterm(server.stop)
     label = strategy_label(strategy)
+    if asynchronous.is_async:
+        label += (f", async: a head version every {asynchronous.buffer} updates, staleness "
+                  f"<= {asynchronous.max_staleness} weighted {asynchronous.staleness}")  # fmt: skip
     console.print(f"aggregating fleet {config.fleet} at {config.broker_url}: "
                   f"{policy.rounds} rounds of {label}")  # fmt: skip
     summary = server.run()

@@ -26,6 +26,7 @@ from edgefl.cli.options import (
 from edgefl.cli.shell import setup_logging, user_errors
 from edgefl.core.settings import (
     AcceptancePolicy,
+    AsyncPolicy,
     CodecSettings,
     PrivacySettings,
     RoundPolicy,
@@ -62,6 +63,7 @@ def _quiet_simulation_logs() -> None:
 @settings_options(CodecSettings)
 @settings_options(PrivacySettings)
 @settings_options(AcceptancePolicy, exclude=("allow",))
+@settings_options(AsyncPolicy)
 @click.option("--speed-spread", default=1.0, show_default=True, type=float,
               help="Slowest/fastest device ratio (1: all equally fast).")  # fmt: skip
 @click.option("--dropout", default=0.0, show_default=True, type=float,
@@ -112,7 +114,7 @@ def simulate(**options: Any) -> None:
         personalize=not options["no_personalize"], seed=seed, broker_url=options["broker_url"],
         policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
         acceptance=build_settings(AcceptancePolicy, options), tls=tls,
-        insecure=options["insecure"],
+        insecure=options["insecure"], asynchronous=build_settings(AsyncPolicy, options),
     )  # fmt: skip
     check_settings(config, [f.name for f in fields(SimulationConfig)])
     parse_partition(partition)

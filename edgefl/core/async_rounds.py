@@ -63,7 +63,7 @@ class BufferedUpdate(AcceptedUpdate):
 
     task: str = "default"
     trained_round: int = 0
-    staleness: int = 0
+    trained_version: int = 0  # the head version it trained from: its staleness when aggregated
 
 
 @dataclass
@@ -99,6 +99,10 @@ class AsyncRoundEngine(RoundEngine):
         # (device, trained round) -> SHA-256 of its accepted update: a device answers each task
         # once, and the same bytes again (a re-delivery) change nothing.
         self.answered: dict[BufferKey, str] = {}
+        # The open round's buffer, or the next round's between a close and an open. Updates
+        # arriving after it holds K, before the round closes, join it too: queueing them for
+        # the next version instead made every later version staler (a backlog that grows
+        # whenever updates arrive faster than versions are made).
         self.buffer = Buffer(1)
 
     # -- opening --
@@ -158,7 +162,7 @@ class AsyncRoundEngine(RoundEngine):
     def restore_buffer(self, number: int, stored: Iterable[StoredAnswer]) -> None:
         """Refill the buffer of round `number` with its stored accepted updates (arrival order);
         one that cannot be decoded, or answers a task no longer known, is logged and left out."""
-        self.buffer = Buffer(number)
+        buffer = self.buffer = Buffer(number)
         for update in stored:
             trained = int(update.metrics.get("trained_round", number))
             task_round = self.tasks.get(trained)
@@ -168,12 +172,12 @@ class AsyncRoundEngine(RoundEngine):
                     log.error("round %d: stored update of %s answers round %d, not known",
                               number, update.device_id, trained)  # fmt: skip
                 continue
-            staleness = int(update.metrics.get("staleness", 0))
-            self.buffer.updates[(update.device_id, trained)] = BufferedUpdate(
+            buffer.updates[(update.device_id, trained)] = BufferedUpdate(
                 delta, update.samples, update.sha256, len(update.payload), dict(update.metrics),
-                task_round.selected.get(update.device_id, "default"), trained, staleness,
+                task_round.selected.get(update.device_id, "default"), trained,
+                task_round.head_version,
             )  # fmt: skip
-            self.buffer.answers[update.device_id] = ACCEPTED
+            buffer.answers[update.device_id] = ACCEPTED
             self.answered[(update.device_id, trained)] = update.sha256
 
     def _forget_old_tasks(self) -> None:
@@ -237,20 +241,23 @@ class AsyncRoundEngine(RoundEngine):
         task = round_.selected[device]
         delta = self._checked_delta(header, round_, task, payload)
         metrics = {**header.metrics, "trained_round": float(number), "staleness": float(staleness)}
-        self.buffer.updates[(device, number)] = BufferedUpdate(
-            delta, header.samples, digest, len(payload), metrics, task, number, staleness
-        )
+        buffer = self.buffer
+        buffer.updates[(device, number)] = BufferedUpdate(
+            delta, header.samples, digest, len(payload), metrics, task, number,
+            round_.head_version,
+        )  # fmt: skip
         self.answered[(device, number)] = digest
-        self.buffer.answers[device] = ACCEPTED
-        self.buffer.reasons.pop(device, None)
+        buffer.answers[device] = ACCEPTED
+        buffer.reasons.pop(device, None)
         return Verdict(
-            ACCEPTED, self.buffer.number, device, task=task, samples=header.samples,
+            ACCEPTED, buffer.number, device, task=task, samples=header.samples,
             sha256=digest, size=len(payload), metrics=metrics, complete=self.buffer_full,
         )  # fmt: skip
 
     @property
     def buffer_full(self) -> bool:
-        """Whether the buffer holds `AsyncPolicy.buffer` accepted updates."""
+        """Whether the buffer holds `AsyncPolicy.buffer` accepted updates (or more: those that
+        arrive before the round closes join it)."""
         return len(self.buffer.updates) >= self.asynchronous.buffer
 
     # -- closing --
@@ -281,7 +288,9 @@ class AsyncRoundEngine(RoundEngine):
         )  # fmt: skip
         metrics = update_metrics(updates.values())
         if updates:
-            staleness = np.array([u.staleness for u in updates.values()], dtype=np.float64)
+            staleness = np.array(
+                [self.head_version - u.trained_version for u in updates.values()], np.float64
+            )
             clipped, capped = self._aggregate_buffer(updates)
             metrics.update(
                 clipped=float(clipped), capped=float(capped), buffer=float(len(updates)),
@@ -310,7 +319,7 @@ class AsyncRoundEngine(RoundEngine):
             task_round = self.tasks.get(trained)
             if task_round is not None and device in task_round.announced:
                 announced[key] = task_round.announced[device]
-            weights[key] = self.weight(update.staleness)
+            weights[key] = self.weight(self.head_version - update.trained_version)
         self.heads, clipped, capped = aggregate_tasks(
             self.heads, self.strategies, keyed, announced, self.acceptance, weights
         )

@@ -12,30 +12,33 @@ from __future__ import annotations
 import logging
 import resource
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.accounting import check_budget_settings
 from edgefl.core.round_state import Verdict
-from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
+from edgefl.core.settings import AcceptancePolicy, AsyncPolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec, strategy_label
 from edgefl.errors import SimulationError
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
+from edgefl.roles.async_aggregator import AsyncAggregator
+from edgefl.simulation.async_agent import AsyncSimulatedAgent
 from edgefl.simulation.fleet_keys import SimulatedFleetKeys
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plan import FleetPlan, SimulatedDevice, plan_fleet
 from edgefl.simulation.simulated_agent import SimulatedAgent
+from edgefl.simulation.task_observer import TaskObserver
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.broker import EmbeddedBroker
-from edgefl.transport.client import Message, MqttClient, NetworkLoop
+from edgefl.transport.client import NetworkLoop
 from edgefl.transport.tls import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,9 @@ class SimulationConfig:
             `broker_url` (one shared certificate: not for brokers with per-device ACLs).
         insecure: nothing sealed or checked; by default every message is sealed with keys made
             for the run and every device is enrolled (`edgefl.simulation.fleet_keys`).
+        asynchronous: sync rounds, or async (FedBuff) with its buffer and staleness; in async
+            mode a device is busy for its delay after each task and then takes the newest one
+            (`edgefl.simulation.async_agent`), and dropout skips a head version.
     """
 
     devices: int = 10
@@ -97,6 +103,7 @@ class SimulationConfig:
     preinstalled: bool = True
     tls: TlsSettings = field(default_factory=TlsSettings)
     insecure: bool = False
+    asynchronous: AsyncPolicy = field(default_factory=AsyncPolicy)
 
     def check(self) -> None:
         """Raise SimulationError naming the first invalid setting."""
@@ -109,6 +116,7 @@ class SimulationConfig:
         if self.speed_unit_s < 0:
             raise SimulationError("the speed unit must not be negative")
         try:
+            self.asynchronous.check()
             check_budget_settings(self.policy, self.settings.privacy)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
@@ -129,35 +137,6 @@ class _DeviceBehaviour:
             self.dropped.add(round_number)
             return None
         return self.delay_s
-
-
-class _TaskObserver:
-    """Counts the bytes of each round's task as devices receive it (one subscriber's view)."""
-
-    def __init__(
-        self, broker_url: str, fleet: str, network: NetworkLoop, tls: TlsSettings | None = None
-    ) -> None:
-        self.sizes: dict[int, int] = {}
-        self.client = MqttClient(
-            broker_url, client_id=f"edgefl-{fleet}-sim-observer", network=network, tls=tls
-        )
-        self.client.subscribe(topics.all_tasks(fleet), self._on_task)
-
-        self._seen = threading.Condition()
-
-    def _on_task(self, message: Message) -> None:
-        parsed = topics.parse(message.topic)
-        if parsed is not None and parsed.round_number is not None and message.payload:
-            with self._seen:
-                self.sizes[parsed.round_number] = len(message.payload)
-                self._seen.notify_all()
-
-    def task_size(self, round_number: int, timeout: float = 2.0) -> int:
-        """Return the size of a round's task, waiting briefly: the network thread may still be
-        delivering it to this observer when the round has already closed."""
-        with self._seen:
-            self._seen.wait_for(lambda: round_number in self.sizes, timeout)
-            return self.sizes.get(round_number, 0)
 
 
 class Simulation:
@@ -221,7 +200,7 @@ class Simulation:
         self._network: NetworkLoop | None = None
         self._aggregator: Aggregator | None = None
         self._stopped = ""  # why the aggregator ended the run early (the privacy budget)
-        self._observer: _TaskObserver | None = None
+        self._observer: TaskObserver | None = None
         self._started = 0.0
         self._round_started = 0.0
 
@@ -257,14 +236,19 @@ class Simulation:
         network = self._network = NetworkLoop(name="edgefl-simulation")
         network.start()
         try:
-            self._observer = _TaskObserver(url, config.fleet, network, tls)
+            self._observer = TaskObserver(url, config.fleet, network, tls)
             self._observer.client.connect(timeout=30.0)
             first = self.plan.online_in(1)
             self._say(f"starting {len(first)} of {len(self.plan.devices)} devices on {url}")
             self._start_agents(url, first)
             if self.before_rounds is not None:
                 self.before_rounds(url)
-            self._aggregator = Aggregator(
+            aggregator = (
+                partial(AsyncAggregator, asynchronous=config.asynchronous)
+                if config.asynchronous.is_async
+                else Aggregator
+            )
+            self._aggregator = aggregator(
                 AggregatorConfig(
                     broker_url=url,
                     fleet=config.fleet,
@@ -321,7 +305,8 @@ class Simulation:
         started: list[Agent] = []
         index = {p.device_id: i for i, p in enumerate(self.plan.devices)}
         for device in devices:
-            agent: Agent = SimulatedAgent(
+            kind = AsyncSimulatedAgent if self.config.asynchronous.is_async else SimulatedAgent
+            agent: Agent = kind(
                 AgentConfig(
                     broker_url=url,
                     fleet=self.config.fleet,
@@ -407,7 +392,8 @@ class Simulation:
         now = time.perf_counter()
         number = summary.round
         metrics = summary.metrics
-        task_bytes = self._observer.task_size(number) if self._observer else 0
+        wait_s = 0.0 if self.config.asynchronous.is_async else 2.0
+        task_bytes = self._observer.task_size(number, wait_s) if self._observer else 0
         record = RoundRecord(
             round=number,
             online=len(self.plan.online_in(number)),

@@ -174,6 +174,16 @@ def test_updates_between_a_close_and_the_next_open_fill_the_next_buffer() -> Non
     assert list(rounds.buffer.updates) == [("c", 1)] and rounds.buffer.number == 2
 
 
+def test_updates_arriving_before_a_full_buffer_closes_join_it() -> None:
+    rounds = engine(buffer=1)
+    assert rounds.receive(1, "a", update(rounds, 1, "a", 0.2)).complete
+    late = rounds.receive(1, "b", update(rounds, 1, "b", 0.4))
+    assert (late.outcome, late.round, late.complete) == (ACCEPTED, 1, True)
+    closed = rounds.close_round()
+    assert closed.accepted == 2 and closed.metrics["buffer"] == 2
+    assert bias(rounds) == [0.3, 0.3]
+
+
 def test_the_deadline_aggregates_a_partial_buffer_and_fails_an_empty_one() -> None:
     rounds = engine(buffer=3)
     rounds.receive(1, "a", update(rounds, 1, "a", 0.4))
