@@ -211,30 +211,36 @@ class AsyncRoundEngine(RoundEngine):
         return Verdict(REJECTED, self.buffer.number, device, code, reason, size=size,
                        sha256=sha256)  # fmt: skip
 
-    def staleness_of(self, number: int) -> int:
+    def staleness_of(self, number: int, claimed_version: int) -> int:
         """Return how many head versions were made after round `number`'s task.
+
+        Args:
+            number: the round the update answers.
+            claimed_version: the head version its header names, used only to say how old an
+                update answering a forgotten round is.
 
         Raises:
             UpdateRejected: "round-unknown" (no such task yet) or "stale" (beyond the bound,
-                or too old to be remembered).
+                its task forgotten for that reason).
         """
-        latest = max(self.tasks, default=0)
-        if number > latest:
+        if number > max(self.tasks, default=0):
             raise UpdateRejected("round-unknown", f"round {number} has not started")
         bound = self.asynchronous.max_staleness
         round_ = self.tasks.get(number)
-        staleness = self.head_version - round_.head_version if round_ is not None else None
-        if staleness is None or staleness > bound:
-            what = f"{staleness} versions old" if staleness is not None else "too old"
+        trained = round_.head_version if round_ is not None else claimed_version
+        staleness = self.head_version - trained
+        if round_ is None or staleness > bound:
             raise UpdateRejected(
-                "stale", f"update trained on round {number}'s head is {what} (bound {bound})"
+                "stale",
+                f"update trained on round {number}'s head is {staleness} versions old "
+                f"(bound {bound})",
             )
         return staleness
 
     def _admit(self, number: int, device: str, payload: bytes, digest: str) -> Verdict:
         header = read_header(device, number, payload, self._allow)
         check_run(header, self.run_id)
-        staleness = self.staleness_of(number)
+        staleness = self.staleness_of(number, header.head_version)
         round_ = self.tasks[number]
         if device not in round_.selected:
             raise UpdateRejected("not-selected", f"{device} was not selected for round {number}")

@@ -121,7 +121,7 @@ def test_updates_beyond_the_staleness_bound_are_refused_stale_in_the_current_buf
     assert rounds.head_version == 2
     verdict = rounds.receive(1, "b", update(rounds, 1, "b"))
     assert (verdict.outcome, verdict.code, verdict.round) == (REJECTED, "stale", 3)
-    assert "too old" in verdict.reason or "2 versions old" in verdict.reason
+    assert "round 1's head is 2 versions old (bound 1)" in verdict.reason
     # One version old is within the bound.
     assert rounds.receive(2, "b", update(rounds, 2, "b")).outcome == ACCEPTED
     closed = rounds.close_round()
