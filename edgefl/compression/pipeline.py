@@ -99,6 +99,7 @@ class CompressResult:
 
     `data` is every sample as the model input the pipeline used (after preprocessing), before
     the held-out split: what a board gets from the same files with the manifest's preprocessing.
+    `test` is the set every stage was scored on (`eval_data`, or the held-out share).
     """
 
     bundle: ModelBundle | None
@@ -106,6 +107,7 @@ class CompressResult:
     report: CompressionReport | None
     artifacts: list[str] = field(default_factory=list)
     data: Dataset | None = None
+    test: Dataset | None = None
 
 
 def compress(
@@ -263,7 +265,8 @@ def compress(
     if console is not None:
         render_report(report, console)
         console.print(f"bundle written to {out} (version {manifest.version})")
-    return CompressResult(bundle, plan, report, [a.file for a in recipe.artifacts], dataset)
+    artifacts = [a.file for a in recipe.artifacts]
+    return CompressResult(bundle, plan, report, artifacts, dataset, test)
 
 
 def _eval_set(request: CompressRequest, preprocess: Preprocess, data: Dataset) -> Dataset:

@@ -90,6 +90,9 @@ class TuneResult:
     chosen: TrialResult | None = None
     baseline: TrialResult | None = None
     budgets: dict[str, float | None] = field(default_factory=dict)
+    # When no single trial fits but 2-3 that each fit the latency budget do together: their
+    # numbers, accuracy (mean of their probabilities), summed latency and size. Proposed only.
+    ensemble: dict[str, Any] | None = None
 
 
 def search_space(trial: Any, base: Recipe, fmt: str, threads: int) -> Recipe:
@@ -229,6 +232,7 @@ def tune(request: TuneRequest, on_trial: Callable[[TrialResult], None] | None = 
     )
     if not study.trials:
         study.enqueue_trial(baseline_params(base, fmt), user_attrs={"baseline": True})
+    scored: dict[str, Any] = {}  # the evaluation set and the original's score, from any trial
 
     def objective(trial: Any) -> tuple[float, float, float]:
         recipe = search_space(trial, base, fmt, threads)
@@ -242,6 +246,7 @@ def tune(request: TuneRequest, on_trial: Callable[[TrialResult], None] | None = 
         )  # fmt: skip
         assert result.report is not None
         original, artifact = result.report.stages[0], result.report.stages[-1]
+        scored.update(test=result.test, original=float(original.accuracy or 0.0))
         accuracy = float(artifact.accuracy or 0.0)
         drop = round(100.0 * (float(original.accuracy or 0.0) - accuracy), 3)
         latency = float(artifact.latency_ms or 0.0)
@@ -278,6 +283,9 @@ def tune(request: TuneRequest, on_trial: Callable[[TrialResult], None] | None = 
     chosen = front[0] if front else None
     baseline = next((t for t in trials if t.baseline), None)
     result = TuneResult(url, trials, front, chosen, baseline, budgets)
+    if chosen is None and request.max_latency_ms is not None and scored:
+        result.ensemble = _propose_ensemble(trials, request, base, threads, scored)
+    _drop_unusable_bundles(result, request)
     if chosen is not None:
         recipe = dataclasses.replace(
             load_recipe(request.recipe), **_recipe_fields(chosen.recipe, request)
@@ -291,6 +299,64 @@ def tune(request: TuneRequest, on_trial: Callable[[TrialResult], None] | None = 
         staging.rename(target)
     write_outputs(result, out)
     return result
+
+
+def _propose_ensemble(
+    trials: list[TrialResult],
+    request: TuneRequest,
+    base: Recipe,
+    threads: int,
+    scored: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The best ensemble of trials that each fit the latency and size budgets, if it meets the
+    accuracy budget together (measured, as a board would run it, on the evaluation set)."""
+    from edgefl.compression.ensemble import Member, best_ensemble, bundle_probabilities
+
+    test = scored["test"]
+    fits = [
+        t
+        for t in trials
+        if Path(t.bundle).is_dir()
+        and _within(t.latency_ms, request.max_latency_ms)
+        and _within(t.size_kb, request.max_size_kb)
+    ]
+    fits = sorted(fits, key=lambda t: -t.accuracy)[:8]  # at most 56 triples to score
+    members = [
+        Member(t.number, bundle_probabilities(t.bundle, test.X, threads), t.latency_ms, t.size_kb)
+        for t in fits
+    ]
+    best = best_ensemble(
+        members, test.y, base.accuracy_metric, request.max_latency_ms, request.max_size_kb
+    )
+    if best is None:
+        return None
+    drop = round(100.0 * (scored["original"] - best.accuracy), 3)
+    if drop > request.max_accuracy_drop:
+        return None
+    return {
+        "trials": list(best.members),
+        "accuracy": best.accuracy,
+        "accuracy_drop": drop,
+        "latency_ms": best.latency_ms,
+        "size_kb": best.size_kb,
+    }
+
+
+def _within(value: float, budget: float | None) -> bool:
+    return budget is None or value <= budget
+
+
+def _drop_unusable_bundles(result: TuneResult, request: TuneRequest) -> None:
+    """Delete trial bundles that can never be chosen: dominated ones (dominance is permanent)
+    that cannot join an ensemble either (over the latency budget, or none is set)."""
+    keep = {t.number for t in result.pareto}
+    keep |= {result.baseline.number} if result.baseline is not None else set()
+    keep |= set(result.ensemble["trials"]) if result.ensemble is not None else set()
+    for trial in result.trials:
+        if trial.number in keep or not trial.bundle:
+            continue
+        if request.max_latency_ms is None or trial.latency_ms > request.max_latency_ms:
+            shutil.rmtree(trial.bundle, ignore_errors=True)
 
 
 def _recipe_fields(data: dict[str, Any], request: TuneRequest) -> dict[str, Any]:

@@ -62,6 +62,14 @@ def render_pareto(result: TuneResult, console: Console) -> None:
             speedup,
         )
     console.print(table)
+    if result.ensemble is not None:
+        e = result.ensemble
+        console.print(
+            f"no single trial fits; an ensemble of trials {' + '.join(map(str, e['trials']))} "
+            f"does: {100 * e['accuracy']:.2f}% ({0.0 - e['accuracy_drop']:+.2f} points), "
+            f"{e['latency_ms']:.3f} ms run one after the other, {e['size_kb']:.1f} kB "
+            "(proposed only: a bundle holds one backbone)"
+        )
     baseline = result.baseline
     where = "" if baseline is None or baseline.pareto else ", not on the front"
     console.print(f"* chosen (fastest on the front), b baseline (the base recipe's setting"
@@ -76,6 +84,7 @@ def write_outputs(result: TuneResult, out: Path) -> None:
         "chosen": result.chosen.number if result.chosen is not None else None,
         "baseline": result.baseline.number if result.baseline is not None else None,
         "pareto": [t.number for t in result.pareto],
+        "ensemble": result.ensemble,
         "trials": [asdict(t) for t in result.trials],
     }
     (out / "pareto.json").write_text(json.dumps(data, indent=2))

@@ -91,6 +91,10 @@ def test_tune_searches_writes_the_front_and_the_chosen_bundle_and_resumes(tmp_pa
     ) == pytest.approx(result.chosen.accuracy)
     written = json.loads((out / "pareto.json").read_text())
     assert written["chosen"] == result.chosen.number and len(written["trials"]) == 3
+    assert written["ensemble"] is None  # a trial fits: no ensemble is proposed
+    # Without a latency budget, bundles of trials off the front (never to be chosen) are gone.
+    kept = {t.number for t in result.pareto} | {0}
+    assert {int(p.name) for p in (out / "trials").iterdir()} == kept
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The same study continues: one more trial, four in all; the CLI prints the front.
     cli = CliRunner().invoke(
