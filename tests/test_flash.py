@@ -435,7 +435,7 @@ def test_install_sh_keeps_agent_env_and_the_agent_state_private(
     assert files["agent.env"].mode == 0o600
     script = files["install.sh"].data.decode()
     # install.sh's directory step and its agent.env step, run alone under tmp_path.
-    dirs = script[script.index("# The agent's state") : script.index('"$PYTHON" -m venv')]
+    dirs = script[script.index("# The agent's state") : script.index("PIP_INSTALL=(")]
     env_step = script[script.index('if [ -f "$HERE/agent.env" ]') : script.index("# TLS files")]
     here, config, state = tmp_path / "here", tmp_path / "etc", tmp_path / "var"
     here.mkdir()

@@ -8,7 +8,6 @@ import platform
 import subprocess
 import sys
 import tarfile
-import venv
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,14 +191,18 @@ def test_the_tarball_installs_with_no_index(tmp_path: Path) -> None:
     assert any(n.startswith("onnxruntime-") for n in names)
     script = (root / "install.sh").read_text()
     assert '--no-index --find-links "$HERE/wheels" --only-binary=:all:' in script
-    board = tmp_path / "venv"
-    venv.create(board, with_pip=True)
-    (wheel,) = root.glob("edgefl-*.whl")
-    pip = [str(board / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-index"]
-    command = [*pip, "--find-links", str(root / "wheels"), "--only-binary=:all:", f"{wheel}[agent]"]
+    # install.sh's venv and pip steps, run alone into tmp_path, in a clean environment.
+    steps = script[script.index("PIP_INSTALL=(") : script.index('if "$PREFIX/venv/bin/python" -c')]
+    prefix = tmp_path / "opt"
+    prelude = f"set -euo pipefail\nHERE={root}\nPREFIX={prefix}\nPYTHON={sys._base_executable}\n"
     clean = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}
-    done = subprocess.run(command, env=clean, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "-c", prelude + steps], env=clean, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    board = prefix / "venv"
+    assert not (board / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+                / "site-packages" / "setuptools").exists()  # fmt: skip
     probe = subprocess.run(
         [str(board / "bin" / "python"), "-c", "import onnxruntime, PIL, edgefl.runtime"],
         env=clean, capture_output=True, text=True,

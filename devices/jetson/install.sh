@@ -35,14 +35,21 @@ install -d -m 0700 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$STATE_DI
 chmod 0700 "$STATE_DIR" "$STATE_DIR/state" "$STATE_DIR/models" "$STATE_DIR/data"
 install -d -m 0755 "$CONFIG_DIR" "$PREFIX"
 
-"$PYTHON" -m venv "$PREFIX/venv"
 PIP_INSTALL=("$PREFIX/venv/bin/python" -m pip install --quiet)
 if [ -d "$HERE/wheels" ]; then
     # An offline bundle: `edgefl flash` downloaded every wheel this board needs (its CPU and
     # Python) into wheels/, so pip never touches the network and builds nothing from source.
     PIP_INSTALL+=(--no-index --find-links "$HERE/wheels" --only-binary=:all:)
+    # The shipped pip installs itself (pip runs from its wheel): no ensurepip, which would
+    # install an older pip and setuptools first, slowly on a small board.
+    "$PYTHON" -m venv --without-pip "$PREFIX/venv"
+    PIP_WHEEL="$(ls "$HERE"/wheels/pip-*.whl | head -n 1)"
+    "$PREFIX/venv/bin/python" "$PIP_WHEEL/pip" install --quiet --no-index \
+        --find-links "$HERE/wheels" pip
+else
+    "$PYTHON" -m venv "$PREFIX/venv"
+    "${PIP_INSTALL[@]}" --upgrade pip
 fi
-"${PIP_INSTALL[@]}" --upgrade pip
 # A wheel shipped beside this script (offline bundle) wins over the package index.
 WHEEL="$(ls "$HERE"/edgefl-*.whl 2>/dev/null | head -n 1 || true)"
 if [ -n "$WHEEL" ]; then
