@@ -156,7 +156,8 @@ def test_ssh_command_lines() -> None:
     commands = flash.ssh_commands("pi@board", files, port=2222, identity=Path("/k/id"))
     options = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     assert commands == [
-        ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board", "mkdir -p edgefl-install"],
+        ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board",
+         "rm -rf edgefl-install && mkdir -p edgefl-install"],
         ["scp", "-q", "-r", *options, "-P", "2222", "-i", "/k/id", "/tmp/a/install.sh",
          "/tmp/a/agent.env", "pi@board:edgefl-install/"],
         ["ssh", *options, "-p", "2222", "-i", "/k/id", "pi@board",

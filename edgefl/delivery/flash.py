@@ -353,7 +353,8 @@ def ssh_commands(
 ) -> list[list[str]]:
     """Return the command lines that install the agent on `host` (USER@HOST) over ssh/scp.
 
-    1. create the remote folder, 2. copy the files into it, 3. run install.sh with sudo.
+    1. create the remote folder, empty (a wheel left by an earlier flash would be installed
+    instead of the new one), 2. copy the files into it, 3. run install.sh with sudo.
     BatchMode makes a missing key fail at once instead of waiting for a password prompt.
     """
     ssh = ["ssh", *_SSH_OPTIONS]
@@ -366,7 +367,7 @@ def ssh_commands(
         scp += ["-i", str(identity)]
     quoted = shlex.quote(remote_dir)
     return [
-        [*ssh, host, f"mkdir -p {quoted}"],
+        [*ssh, host, f"rm -rf {quoted} && mkdir -p {quoted}"],
         [*scp, *[str(p) for p in local_files], f"{host}:{remote_dir}/"],
         [*ssh, host, f"cd {quoted} && sudo ./{INSTALL_SCRIPT}"],
     ]
