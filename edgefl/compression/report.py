@@ -81,6 +81,9 @@ class CompressionReport:
     metric: str = "top-1"
     # False when `best_effort` kept a try beyond max_accuracy_drop (the CLI then exits 1).
     within_budget: bool = True
+    # Accuracy points lost pruning each layer alone at the recipe's ratio, most sensitive first
+    # (measured only when the back-off needed it).
+    pruning_sensitivity: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 

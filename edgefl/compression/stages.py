@@ -1,8 +1,9 @@
 """The stages of one compression run, each measured against the accuracy budget, with back-off.
 
 `CompressionRun` prunes and distills; while the accuracy drop exceeds `max_accuracy_drop` it
-distills longer, then searches the prune ratio (`edgefl.compression.backoff`) for the largest that
-fits. It exports, verifies and measures every artifact, and re-quantizes ONNX int8 with more and
+distills longer, keeps the layers most sensitive to pruning whole, then searches the prune ratio
+(`edgefl.compression.backoff`) for the largest that fits; of the tries that fit it keeps the
+smallest. It exports, verifies and measures every artifact, and re-quantizes ONNX int8 with more and
 more of its most sensitive nodes in float when it fails. Every try lands in the report with its
 setting, accuracy, size and latency. With `best_effort`, a search that finds nothing within the
 budget keeps the try that lost least, and the report says the budget was missed.
@@ -23,8 +24,13 @@ from rich.progress import Progress, TaskID
 from edgefl.compression.backoff import SearchBudget, bisect_ratio, describe_change
 from edgefl.compression.distill import distill, predict
 from edgefl.compression.metric import Metric
-from edgefl.compression.prune import PruningPlan, apply_pruning, count_macs_params
-from edgefl.compression.recipe import ArtifactStep, DistillStep, Recipe
+from edgefl.compression.prune import (
+    PruningPlan,
+    apply_pruning,
+    count_macs_params,
+    plan_pruning,
+)
+from edgefl.compression.recipe import ArtifactStep, DistillStep, PruneStep, Recipe
 from edgefl.compression.report import (
     BackoffAttempt,
     CompressionReport,
@@ -39,6 +45,8 @@ from edgefl.models.split import SplitModel
 
 # How many of the most sensitive nodes the int8 back-off keeps in float, try by try.
 EXCLUDE_STEPS = (2, 4, 8, 16)
+# At most this many layers are pruned one by one to rank their sensitivity.
+SENSITIVITY_LAYERS = 24
 
 
 @dataclass
@@ -50,6 +58,7 @@ class _Candidate:
     stages: list[StageReport]
     drop: float
     ok: bool
+    size: int = 0  # the backbone's weights in bytes
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,14 @@ class CompressionRun:
             if epochs > 0:
                 tries.append(self._try(teacher, ratio, step, epochs))
             if prune is not None and not tries[-1].ok:
+                # Prune the layers that lose most when pruned alone less: keep them whole.
+                ranked = self._pruning_sensitivity(teacher, prune, ratio)
+                for count in (1, 2):
+                    if count >= len(ranked) or tries[-1].ok:
+                        break
+                    keep = [name for name, _ in ranked[:count]]
+                    tries.append(self._try(teacher, ratio, step, epochs, keep))
+            if prune is not None and not any(c.ok for c in tries):
                 budget = SearchBudget(recipe.backoff.tries, recipe.backoff.seconds,
                                       recipe.backoff.resolution)  # fmt: skip
 
@@ -134,8 +151,10 @@ class CompressionRun:
                 bisect_ratio(ratio, fits, budget)
         fitting = [c for c in tries if c.ok]
         if fitting:
-            # The last fitting try of a bisection prunes the most of those that fit.
-            chosen = max(fitting, key=lambda c: c.plan.ratio if c.plan is not None else 0.0)
+            # The smallest backbone that fits; of equal ones, the one pruned most.
+            chosen = min(
+                fitting, key=lambda c: (c.size, -(c.plan.ratio if c.plan is not None else 0.0))
+            )
         elif self.best_effort:
             chosen = min(tries, key=lambda c: c.drop)
             lost = describe_change(chosen.drop, None)
@@ -151,17 +170,44 @@ class CompressionRun:
             attempt.kept = candidate is chosen
         return chosen.student, chosen.plan
 
-    def _try(self, teacher: SplitModel, ratio: float, step: DistillStep, epochs: int) -> _Candidate:
-        """Prune a copy of `teacher` to `ratio` and distill it `epochs`; log the try."""
+    def _pruning_sensitivity(
+        self, teacher: SplitModel, prune: PruneStep, ratio: float
+    ) -> list[tuple[str, float]]:
+        """Each layer the recipe prunes, with the points lost pruning it alone (no
+        distillation), most sensitive first; the ranking lands in the report."""
+        plan = plan_pruning(teacher, self.example, dataclasses.replace(prune, ratio=ratio))
+        names = [change.name for change in plan.layers]
+        drops: list[tuple[str, float]] = []
+        for name in names[:SENSITIVITY_LAYERS]:
+            others = [n for n in names if n != name]
+            alone = copy.deepcopy(teacher)
+            step = dataclasses.replace(
+                prune, ratio=ratio, ignore_layers=[*prune.ignore_layers, *others]
+            )
+            apply_pruning(alone, self.example, step, (self.train.X, self.train.y))
+            drops.append((name, self.drop(self.score(alone))))
+        ranked = sorted(drops, key=lambda item: -item[1])
+        self.report.pruning_sensitivity = dict(ranked)
+        return ranked
+
+    def _try(
+        self,
+        teacher: SplitModel,
+        ratio: float,
+        step: DistillStep,
+        epochs: int,
+        keep: list[str] | None = None,
+    ) -> _Candidate:
+        """Prune a copy of `teacher` to `ratio` (the layers in `keep` left whole) and distill it
+        `epochs`; log the try."""
         prune = self.recipe.prune
         student = copy.deepcopy(teacher)
         stages: list[StageReport] = []
         plan = None
         if prune is not None and ratio > 0:
-            plan = apply_pruning(
-                student, self.example, dataclasses.replace(prune, ratio=ratio),
-                (self.train.X, self.train.y),
-            )  # fmt: skip
+            ignore = [*prune.ignore_layers, *(keep or [])]
+            pruning = dataclasses.replace(prune, ratio=ratio, ignore_layers=ignore)
+            plan = apply_pruning(student, self.example, pruning, (self.train.X, self.train.y))
             stages.append(self.torch_stage("pruned", student))
         if epochs > 0:
             task = self.progress.add_task(f"distilling (ratio {ratio:g})", total=epochs)
@@ -176,12 +222,13 @@ class CompressionRun:
         last = stages[-1] if stages else self.torch_stage("student", student)
         drop = self.drop(last.accuracy or 0.0)
         ok = self.allows(drop)
-        setting = f"prune ratio {ratio:g}, distill {epochs} epochs"
+        kept_whole = f" except {', '.join(keep)} (most sensitive)" if keep else ""
+        setting = f"prune ratio {ratio:g}{kept_whole}, distill {epochs} epochs"
         self.report.backoff.append(
             BackoffAttempt("prune+distill", setting, drop, kept=ok, accuracy=last.accuracy,
                            size_bytes=last.size_bytes, latency_ms=last.latency_ms)
         )  # fmt: skip
-        return _Candidate(student, plan, stages, drop, ok)
+        return _Candidate(student, plan, stages, drop, ok, last.size_bytes)
 
     def _attempts(self, step: str) -> list[BackoffAttempt]:
         return [a for a in self.report.backoff if a.step == step]
