@@ -220,3 +220,34 @@ def test_signing_is_on_unless_insecure_and_each_missing_piece_is_named(tmp_path:
     # --insecure gets past all of that (to the broker, which is not there: exit 1), and says so.
     insecure = runner.invoke(main, [*agent, "--insecure"])
     assert insecure.exit_code == 1 and "runs --insecure" in insecure.output
+
+
+def test_updates_carry_a_mac_under_the_key_one_board_shares_with_the_aggregator(
+    tmp_path: Path,
+) -> None:
+    from edgefl.security.identity import AgentAuth
+
+    fleet_key, board_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    registry = _registry_with(tmp_path, pi_1=board_key)
+    aggregator = AggregatorAuth(fleet_key, DeviceVerifier(registry, STRICT))
+    board = AgentAuth(board_key, TrustedSigners([fleet_key.public_key()]))
+    # Each announces its X25519 key under its seal: the board in its status, the aggregator in
+    # its task. Without the task's key a board seals its update (Ed25519) instead.
+    assert board.seal_update(UPDATE_1, PAYLOAD, "")[:4] == b"EFS1"
+    update = board.seal_update(UPDATE_1, PAYLOAD, aggregator.mac_public)
+    assert update[:4] == b"EFM1" and update.endswith(PAYLOAD) and len(update) == 36 + len(PAYLOAD)
+    with pytest.raises(SealError, match="no MAC key agreed"):  # no status of pi-1 seen yet
+        aggregator.open(UPDATE_1, "pi-1", update)
+    aggregator.learn_mac_key("pi-1", board.mac_public)
+    assert aggregator.open(UPDATE_1, "pi-1", update) == PAYLOAD
+    with pytest.raises(SealError, match="MAC does not match"):  # replayed in round 2
+        aggregator.open(UPDATE_2, "pi-1", update)
+    stranger = AgentAuth(Ed25519PrivateKey.generate(), TrustedSigners([fleet_key.public_key()]))
+    with pytest.raises(SealError, match="MAC does not match"):  # a key it does not share
+        aggregator.open(UPDATE_1, "pi-1", stranger.seal_update(UPDATE_1, PAYLOAD,
+                                                               aggregator.mac_public))  # fmt: skip
+    registry.revoke("pi-1")
+    aggregator.devices.refresh()
+    with pytest.raises(SealError, match="revoked"):
+        aggregator.open(UPDATE_1, "pi-1", update)
+    assert aggregator.refused == {"bad-signature": 3, "unknown-device": 1}

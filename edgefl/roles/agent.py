@@ -489,7 +489,7 @@ class Agent:
         if self.reads_results:
             self._results.expect(topics.round_result(self.config.fleet, task.round), task.run_id)
         topic = topics.round_update(self.config.fleet, task.round, self.config.device_id)
-        self.client.publish(topic, self.auth.seal(topic, payload), qos=1)
+        self.client.publish(topic, self.auth.seal_update(topic, payload, task.mac_key), qos=1)
 
     def _record_answer(self, round_number: int, run_id: str, answer: str, reason: str) -> None:
         with self._lock:

@@ -328,6 +328,7 @@ class Aggregator:
             assert self.engine.round is not None
             open_round = self.engine.round
         task = open_round.task(self.bundle.manifest.version, time.time())
+        task.mac_key = self.auth.mac_public
         task_topic = topics.round_task(self.config.fleet, number)
         with self._cond:
             payload = self.auth.seal(task_topic, encode_round_task(task, self.engine.task_heads()))
@@ -434,6 +435,7 @@ class Aggregator:
         if status.device_id != parsed.device_id:
             log.warning("ignoring status on %s claiming device %r", message.topic, status.device_id)
             return
+        self.auth.learn_mac_key(status.device_id, status.mac_key)  # its seal checked above
         now = time.time()
         seen = presence.seen_at(status, now, message.retain)
         with self._cond:

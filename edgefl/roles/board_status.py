@@ -71,4 +71,5 @@ def board_status(
         artifact=running.artifact if running else "",
         runtime=running.runtime if running else "",
         provider=running.provider if running else "",
+        mac_key=config.auth.mac_public if config.auth is not None else "",
     )

@@ -19,8 +19,24 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefl import signing
+from edgefl.security.update_mac import (
+    exchange_key,
+    exchange_public_hex,
+    is_mac_sealed,
+    mac_open,
+    mac_seal,
+    shared_mac_key,
+)
 from edgefl.security.verifiers import INSECURE, DeviceVerifier, TrustedSigners
-from edgefl.transport.sealed import SealError, fingerprint, raw_public_key, seal, unseal
+from edgefl.transport import topics
+from edgefl.transport.sealed import (
+    BAD_SIGNATURE,
+    SealError,
+    fingerprint,
+    raw_public_key,
+    seal,
+    unseal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +70,27 @@ def key_fingerprint(key: Ed25519PrivateKey) -> str:
 
 
 class Sealer:
-    """Seals messages with one key; without a key (insecure) messages go out as they are."""
+    """Seals messages with one key; without a key (insecure) messages go out as they are.
+
+    `mac_public` is the X25519 key derived from it that the role announces (statuses, tasks) so
+    that updates can carry a MAC under a key shared by one board and the aggregator.
+    """
 
     def __init__(self, key: Ed25519PrivateKey | None) -> None:
         self.key = key
         self.raw = raw_public_key(key) if key is not None else b""
+        self.exchange = exchange_key(key) if key is not None else None
+        self.mac_public = exchange_public_hex(self.exchange) if self.exchange is not None else ""
+        self._mac_keys: dict[str, tuple[str, bytes]] = {}  # device -> (peer's mac_key, key)
+
+    def _mac_key(self, device_id: str, peer_hex: str) -> bytes:
+        """The key shared with the peer announcing `peer_hex`, for `device_id` (cached)."""
+        assert self.exchange is not None
+        known = self._mac_keys.get(device_id)
+        if known is None or known[0] != peer_hex:
+            known = (peer_hex, shared_mac_key(self.exchange, peer_hex, device_id))
+            self._mac_keys[device_id] = known
+        return known[1]
 
     def seal(self, topic: str, payload: bytes) -> bytes:
         """Return `payload` sealed for `topic` (unchanged when insecure or empty)."""
@@ -88,6 +120,17 @@ class AgentAuth(Sealer):
     def is_insecure(self) -> bool:
         """Whether nothing is sealed or checked."""
         return self.key is None and self.trusted.insecure
+
+    def seal_update(self, topic: str, payload: bytes, aggregator_mac_key: str) -> bytes:
+        """Return an update for `topic`: MAC'd under the key shared with the aggregator when its
+        task announced one (`RoundTask.mac_key`), else sealed (unchanged when insecure)."""
+        parsed = topics.parse(topic)
+        if self.key is None or not aggregator_mac_key or parsed is None or not parsed.device_id:
+            return self.seal(topic, payload)
+        try:
+            return mac_seal(self._mac_key(parsed.device_id, aggregator_mac_key), topic, payload)
+        except SealError:  # not a key: the task is sealed by a trusted key, so never here
+            return self.seal(topic, payload)
 
     def open(self, topic: str, data: bytes) -> bytes:
         """Return a task's or result's payload once its seal verifies (`TrustedSigners`).
@@ -124,13 +167,31 @@ class AggregatorAuth(Sealer):
         """Whether nothing is sealed or checked."""
         return self.key is None and self.devices.insecure
 
+    def learn_mac_key(self, device_id: str, peer_hex: str) -> None:
+        """Agree the update MAC key with a device whose verified status announced `peer_hex`."""
+        if self.exchange is None or not peer_hex:
+            self._mac_keys.pop(device_id, None)
+            return
+        try:
+            self._mac_key(device_id, peer_hex)
+        except SealError:
+            self._mac_keys.pop(device_id, None)
+
     def open(self, topic: str, device_id: str, data: bytes) -> bytes:
-        """Return a device's message payload once its seal verifies (`DeviceVerifier`).
+        """Return a device's message payload once its seal (or, for an update, its MAC under the
+        key agreed with the device) verifies (`DeviceVerifier`).
 
         Raises:
             SealError: refused (counted in `refused`).
         """
         try:
+            if self.exchange is not None and is_mac_sealed(data):
+                self.devices.check_known(device_id)  # revoked: its key is no longer believed
+                known = self._mac_keys.get(device_id)
+                if known is None:
+                    why = f"no MAC key agreed with {device_id} (no status announced one)"
+                    raise SealError(BAD_SIGNATURE, why)
+                return mac_open(known[1], topic, data)
             return self.devices.open(topic, device_id, data)
         except SealError as exc:
             self.refused[exc.code] += 1

@@ -102,10 +102,7 @@ class DeviceVerifier:
                             fingerprint(sealed.public_key), device_id)  # fmt: skip
             self.refresh()
             entry = self._lookup(device_id)
-        if entry is None:
-            raise SealError(UNKNOWN_DEVICE, f"device {device_id} is not enrolled")
-        if entry.state == REVOKED:
-            raise SealError(UNKNOWN_DEVICE, f"device {device_id} was revoked")
+        entry = self.check_known(device_id, entry)
         if sealed.public_key != entry.public_key:
             raise SealError(
                 BAD_SIGNATURE,
@@ -113,6 +110,19 @@ class DeviceVerifier:
                 f"{entry.state} with key {entry.key_id}",
             )
         return sealed.verify(topic, entry.public_key)
+
+    def check_known(self, device_id: str, entry: DeviceKey | None = None) -> DeviceKey:
+        """Return a device's registry entry (looked up unless given) if it may speak.
+
+        Raises:
+            SealError: `unknown-device`, not enrolled (or pinned), or revoked.
+        """
+        entry = entry or self._lookup(device_id)
+        if entry is None:
+            raise SealError(UNKNOWN_DEVICE, f"device {device_id} is not enrolled")
+        if entry.state == REVOKED:
+            raise SealError(UNKNOWN_DEVICE, f"device {device_id} was revoked")
+        return entry
 
     def _lookup(self, device_id: str) -> DeviceKey | None:
         with self._lock:

@@ -204,6 +204,9 @@ class DeviceStatus(_JsonMessage):
     artifact: str = ""
     runtime: str = ""
     provider: str = ""
+    # The board's X25519 public key (hex) for the key it shares with the aggregator to MAC its
+    # updates (`edgefl.security.update_mac`); "" when it seals nothing.
+    mac_key: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
@@ -270,6 +273,9 @@ class RoundTask:
     run_id: str = ""
     head_digest: str = ""
     bundle_digest: str = ""
+    # The aggregator's X25519 public key (hex): boards that announced theirs MAC their updates
+    # under the key the two agree (`edgefl.security.update_mac`); "": they seal them.
+    mac_key: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:
