@@ -27,8 +27,10 @@ from edgefl.cli.shell import user_errors
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after S seconds.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
               help="Accuracy points a trial may lose against the original model.")  # fmt: skip
-@click.option("--max-latency-ms", type=float, default=None, help="Latency budget (ms).")
-@click.option("--max-size-kb", type=float, default=None, help="Artifact size budget (kB).")
+@click.option("--max-latency-ms", "--budget-ms", "max_latency_ms", type=float, default=None,
+              help="Latency budget (ms).")  # fmt: skip
+@click.option("--max-size-kb", "--budget-kb", "max_size_kb", type=float, default=None,
+              help="Artifact size budget (kB).")  # fmt: skip
 @click.option("--study", default=None, help="sqlite:///file.db or a file; the same study "
               "continues where it stopped (default: OUT/study.db).")  # fmt: skip
 @click.option("--study-name", default=None, help="Name of the study in its storage.")

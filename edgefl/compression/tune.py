@@ -273,7 +273,8 @@ def tune(request: TuneRequest, on_trial: Callable[[TrialResult], None] | None = 
         objective,
         n_trials=request.trials,
         timeout=request.timeout,
-        catch=(EdgeflError,),
+        # One trial failing (an exporter refusing a pruned graph) ends that trial, not the search.
+        catch=(EdgeflError, RuntimeError, ValueError),
         callbacks=[report_trial],
     )
     trials = [_trial_result(t) for t in study.trials if t.values is not None]

@@ -106,3 +106,19 @@ def test_tune_searches_writes_the_front_and_the_chosen_bundle_and_resumes(tmp_pa
     assert cli.exit_code == 0, cli.output
     assert "Pareto front of 4 trials" in cli.output and "chosen trial" in cli.output
     assert len(json.loads((out / "pareto.json").read_text())["trials"]) == 4
+
+
+@pytest.mark.slow
+def test_tune_exits_1_when_no_trial_meets_the_budgets(tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(
+        main,
+        ["tune", "--model", "digits-mlp", "--data", "digits", "--out", str(out), "--format",
+         "onnx", "--threads", "1", "--trials", "1", "--budget-ms", "0.000001"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "trial 0: " in result.output and "(outside the budgets)" in result.output
+    assert "no trial met the budgets; nothing chosen" in result.stderr
+    written = json.loads((out / "pareto.json").read_text())
+    assert written["chosen"] is None and written["budgets"]["max_latency_ms"] == 0.000001
+    assert not (out / "bundle").exists() and not (out / "recipe.toml").exists()
