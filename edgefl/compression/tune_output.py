@@ -43,8 +43,8 @@ def render_pareto(result: TuneResult, console: Console) -> None:
     for trial in rows:
         p = trial.params
         speedup = (
-            f"{result.baseline.latency_ms / trial.latency_ms:.2f}x"
-            if result.baseline is not None and trial.latency_ms > 0
+            f"{_latency(result.baseline) / _latency(trial):.2f}x"
+            if result.baseline is not None and _latency(trial) > 0
             else "-"
         )
         mark = "*" if trial is result.chosen else ("b" if trial.baseline else "")
@@ -57,7 +57,7 @@ def render_pareto(result: TuneResult, console: Console) -> None:
             str(p.get("precision")),
             f"{100 * trial.accuracy:.2f}",
             f"{0.0 - trial.accuracy_drop:+.2f}",
-            f"{trial.latency_ms:.3f}",
+            f"{_latency(trial):.3f}",
             f"{trial.size_kb:.1f}",
             speedup,
         )
@@ -74,6 +74,12 @@ def render_pareto(result: TuneResult, console: Console) -> None:
     where = "" if baseline is None or baseline.pareto else ", not on the front"
     console.print(f"* chosen (fastest on the front), b baseline (the base recipe's setting"
                   f"{where}); change in points against the original model")  # fmt: skip
+    if any(t.retimed_ms is not None for t in rows):
+        console.print("ms: re-timed after the search, round-robin over these rows")
+
+
+def _latency(trial: TrialResult) -> float:
+    return trial.retimed_ms if trial.retimed_ms is not None else trial.latency_ms
 
 
 def write_outputs(result: TuneResult, out: Path) -> None:
