@@ -138,6 +138,34 @@ def test_each_buffer_makes_a_version_and_stale_updates_are_refused(
     assert (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_the_time_limit_aggregates_the_partial_buffer_and_finishes_the_run(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    def script(task: RoundTask, head: Weights) -> list:
+        return [(topics.round_update(FLEET, task.round, "lone"), answer(task, "lone", head, 0.1))]
+
+    boards = ScriptedBoards(mosquitto.url, ["lone"], script)
+    boards.start(bundle.digest)
+    config = AggregatorConfig(
+        mosquitto.url, FLEET, bundle.path, RoundPolicy(rounds=5, deadline_s=60, settle_s=0.1),
+        state_path=tmp_path / "state.sqlite",
+    )  # fmt: skip
+    try:
+        summary = AsyncAggregator(config, AsyncPolicy(buffer=5, time_limit_s=1.0)).run()
+    finally:
+        boards.stop()
+    assert summary.stopped == "time limit of 1 s reached"
+    (only,) = summary.rounds
+    assert (only.status, only.accepted, only.head_version) == ("closed", 1, 1)
+    record = AggregatorRecord(tmp_path / "state.sqlite")
+    try:
+        result = record.rounds()[0].result
+        assert result is not None and result["reason"].endswith("with 1 of 5 updates buffered")
+        assert record.begin_run("next") == "next"  # the run finished: a new one starts fresh
+    finally:
+        record.close()
+
+
 def test_a_sealed_async_simulation_learns(mosquitto: RunningBroker, tmp_path: Path) -> None:
     config = SimulationConfig(
         devices=12, policy=RoundPolicy(rounds=10, deadline_s=20.0),

@@ -290,7 +290,7 @@ class AsyncRoundEngine(RoundEngine):
         wanted = self.asynchronous.buffer
         status = "closed" if updates else "failed"
         reason = "" if len(updates) >= wanted else (
-            f"deadline passed with {len(updates)} of {wanted} updates buffered"
+            f"closed at its deadline (or a stop) with {len(updates)} of {wanted} updates buffered"
         )  # fmt: skip
         metrics = update_metrics(updates.values())
         if updates:

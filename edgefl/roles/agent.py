@@ -112,7 +112,7 @@ class Agent:
         self._sent: OrderedDict[TaskKey, bytes] = OrderedDict()
         self._training: set[TaskKey] = set()  # tasks on the training pool now
         self._lock = threading.RLock()
-        self._train_lock = threading.Lock()  # one round trains at a time on a board
+        self._train_lock = threading.RLock()  # one round trains at a time on a board
         self._stopped = threading.Event()
         self._heartbeat: TimerHandle | None = None
         cache_dir = config.state_dir / "features" if config.state_dir else None
@@ -401,16 +401,13 @@ class Agent:
         self.answer_in_background(task, heads, self.publish_update)
 
     def answer_in_background(
-        self,
-        task: RoundTask,
-        heads: dict[str, Weights],
-        then: Callable[[RoundTask, bytes], None],
+        self, task: RoundTask, heads: dict[str, Weights], then: Callable[[RoundTask, bytes], None]
     ) -> None:
         """Compute the answer to `task` on the training pool, then call `then(task, payload)`.
 
-        The answer already sent for the same task is passed on at once; a task already on the
-        pool (a re-delivered retained task) is not trained twice. Nothing is passed on once the
-        agent stopped.
+        The answer already sent for the same task is passed on at once; a task on the pool (a
+        re-delivered retained task) is not trained twice, nor one that waited while a newer task
+        of its run came (async mode: one per head version). Nothing goes once the agent stopped.
         """
         key = task_key(task, heads)
         with self._lock:
@@ -425,11 +422,15 @@ class Agent:
 
         def work() -> None:
             try:
-                payload = self.answer(task, heads)
+                with self._train_lock:  # answer() takes it again: the check and training are one
+                    with self._lock:
+                        known = (*self._training, *self._sent)  # waiting, or trained already
+                        newer = any(k[0] == key[0] and k[1] > key[1] for k in known)
+                    payload = None if newer else self.answer(task, heads)
             finally:
                 with self._lock:
                     self._training.discard(key)
-            if not self._stopped.is_set():
+            if payload is not None and not self._stopped.is_set():
                 then(task, payload)
 
         run_in_pool(work, f"{self.device_id}: round {task.round}")
