@@ -456,3 +456,58 @@ def test_install_sh_keeps_agent_env_and_the_agent_state_private(
     assert "user:secret" in (config / "agent.env").read_text()
     for path in (state, state / "state", state / "models", state / "data"):
         assert path.stat().st_mode & 0o777 == 0o700, path
+
+
+def test_flash_makes_the_board_key_records_it_and_install_sh_keeps_an_existing_one(
+    tmp_path: Path, public_key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefl import signing
+    from edgefl.security.device_registry import DeviceRegistry
+    from edgefl.transport.sealed import raw_public_key
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out, state = tmp_path / "agent.tar.gz", tmp_path / "agg" / "state.sqlite"
+    result = CliRunner().invoke(
+        main,
+        ["flash", "--profile", "raspberry-pi", "--output", str(out), "--trust-key",
+         str(public_key), "--fleet", "home", "--device-id", "pi-7", "--no-wheel",
+         "--enroll", str(state)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with tarfile.open(out) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    root = tmp_path / "x" / "edgefl-agent"
+    shipped = signing.load_private_key(root / "board-signing.key")
+    assert (root / "board-signing.key").stat().st_mode & 0o777 == 0o600
+    recorded = tmp_path / "home" / ".config" / "edgefl" / "devices" / "home" / "pi-7.pub"
+    assert raw_public_key(signing.load_public_key(recorded)) == raw_public_key(shipped)
+    assert f"public half in {recorded}" in result.output and "enrolled pi-7" in result.output
+    entry = DeviceRegistry(state).get("pi-7")
+    assert entry is not None and entry.public_key == raw_public_key(shipped)
+    # install.sh's key step: installs the key on a fresh board, keeps the key of a board that
+    # has one (its identity), and says which to enroll.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        grp.getgrnam(user)
+    except KeyError:
+        pytest.skip(f"no group named {user}: install.sh gives the key to user and group edgefl")
+    script = (root / "install.sh").read_text()
+    step = script[script.index("# The board's signing key") :]
+    step = step[: step.index("\nfi\n", step.index("else")) + 4]
+    board = tmp_path / "board"
+    (board / "state").mkdir(parents=True)
+    prelude = f"set -euo pipefail\nHERE={root}\nSTATE_DIR={board}\nSERVICE_USER={user}\n"
+    for _ in range(2):
+        done = subprocess.run(["bash", "-c", prelude + step], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert (board / "state" / "device.key").read_bytes() == (
+        root / "board-signing.key"
+    ).read_bytes()
+    assert (board / "state" / "device.key").stat().st_mode & 0o777 == 0o600
+    assert "keeping this board's signing key" in done.stderr  # the second run
+    no_key = CliRunner().invoke(
+        main,
+        ["flash", "--profile", "raspberry-pi", "--output", str(tmp_path / "b.tar.gz"),
+         "--trust-key", str(public_key), "--no-wheel", "--no-board-key"],
+    )  # fmt: skip
+    assert no_key.exit_code == 0 and "board key" not in no_key.output

@@ -94,6 +94,19 @@ if [ -f "$HERE/device.crt" ]; then
     install -m 0600 -o "$SERVICE_USER" -g "$SERVICE_USER" "$HERE/device.key" \
         "$CONFIG_DIR/tls/device.key"
 fi
+# The board's signing key (edgefl flash made it; the host recorded its public half to enroll).
+# A board that already has one keeps it: that key is its identity in the fleet.
+if [ -f "$HERE/board-signing.key" ]; then
+    if [ -f "$STATE_DIR/state/device.key" ]; then
+        echo "install.sh: keeping this board's signing key $STATE_DIR/state/device.key;" \
+            "enroll $STATE_DIR/state/device.pub, not the one edgefl flash made" >&2
+    else
+        install -m 0600 -o "$SERVICE_USER" -g "$SERVICE_USER" "$HERE/board-signing.key" \
+            "$STATE_DIR/state/device.key"
+        install -m 0644 -o "$SERVICE_USER" -g "$SERVICE_USER" "$HERE/board-signing.pub" \
+            "$STATE_DIR/state/device.pub"
+    fi
+fi
 
 install -d -m 0755 /etc/systemd/system
 install -m 0644 "$HERE/edgefl-agent.service" /etc/systemd/system/edgefl-agent.service

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefl.cli.auth import device_verifier, reader_auth_options
 from edgefl.cli.options import tls_options, tls_settings
@@ -225,6 +226,10 @@ def fleet(
 @click.option("--identity", type=click.Path(path_type=Path), default=None, help="ssh key file.")
 @click.option("--no-wheel", is_flag=True,
               help="Ship no wheels: the board installs everything from its index.")  # fmt: skip
+@click.option("--no-board-key", is_flag=True,
+              help="Make no board key here: the agent makes one on first start.")  # fmt: skip
+@click.option("--enroll", "enroll_state", type=click.Path(path_type=Path, dir_okay=False),
+              help="Enroll the board's key in this aggregator state file.")  # fmt: skip
 @tls_options()
 @user_errors
 def flash(
@@ -239,9 +244,15 @@ def flash(
     port: int | None,
     identity: Path | None,
     no_wheel: bool,
+    no_board_key: bool,
+    enroll_state: Path | None,
     **tls_files: str | None,
 ) -> None:
     """Install the agent on a board over ssh, or write the same as an offline tarball.
+
+    The board's own signing key is made here and installed in its state directory (kept if the
+    board has one); its public half is recorded in ~/.config/edgefl/devices/FLEET/ID.pub, to
+    enroll on the aggregator (`edgefl devices enroll`, or --enroll STATE now).
 
     The board needs no network to install: every wheel it needs, for the architecture and
     Python of its profile, is downloaded here and shipped (unless --no-wheel).
@@ -267,11 +278,34 @@ def flash(
     settings = flashing.BoardSettings(broker_url, fleet, device_id, group, tls)
     with tempfile.TemporaryDirectory(prefix="edgefl-wheel-") as tmp:
         wheel, wheels = (None, []) if no_wheel else flashing.board_wheels(profile, Path(tmp))
-        files = flashing.build_install_files(profile, settings, key, wheel, wheels)
+        board_key = None if no_board_key else Ed25519PrivateKey.generate()
+        files = flashing.build_install_files(profile, settings, key, wheel, wheels, board_key)
         if output is not None:
             flashing.write_offline_bundle(files, output)
             click.echo(f"wrote {output} ({len(files)} files for {device_id}); see INSTALL.md in it")
-            return
-        assert host is not None
-        flashing.flash_over_ssh(host, files, port, identity, on_step=click.echo)
-    click.echo(f"{host}: edgefl agent installed as {device_id} (systemd unit edgefl-agent)")
+        else:
+            assert host is not None
+            flashing.flash_over_ssh(host, files, port, identity, on_step=click.echo)
+            click.echo(f"{host}: edgefl agent installed as {device_id} (systemd unit edgefl-agent)")
+    if board_key is not None:
+        _record_board_key(board_key, fleet, device_id, enroll_state)
+
+
+def _record_board_key(
+    board_key: Ed25519PrivateKey, fleet: str, device_id: str, enroll_state: Path | None
+) -> None:
+    """Keep the public half of a key flash made, and enroll it if asked; say which."""
+    from edgefl import signing
+    from edgefl.atomic import write_atomic
+    from edgefl.security.device_registry import DeviceRegistry
+    from edgefl.transport.sealed import raw_public_key
+
+    public = board_key.public_key()
+    record = (signing.DEFAULT_KEY_DIR.parent / "devices" / fleet / f"{device_id}.pub").expanduser()
+    write_atomic(record, signing.public_pem(public), mode=0o644)
+    click.echo(f"board key {signing.key_id(public)}: public half in {record}")
+    if enroll_state is not None:
+        DeviceRegistry(enroll_state).enroll(device_id, raw_public_key(public))
+        click.echo(f"enrolled {device_id} in {enroll_state}")
+    else:
+        click.echo(f"enroll it: edgefl devices enroll {device_id} --key {record} --state STATE")

@@ -17,12 +17,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 import edgefl
 from edgefl.atomic import replacing
 from edgefl.delivery.board_wheels import WHEELS_DIR, download_board_wheels, wheel_target
 from edgefl.delivery.install_script import INSTALL_SCRIPT, install_script
 from edgefl.errors import DeliveryError, InputError, KeyFileError, ProfileError
 from edgefl.profiles import DeviceProfile
+from edgefl.signing import public_pem
 from edgefl.transport import topics
 from edgefl.transport.broker import parse_broker_url
 from edgefl.transport.tls import TlsSettings, check_tls
@@ -30,6 +34,9 @@ from edgefl.transport.tls import TlsSettings, check_tls
 UNIT_FILE = "edgefl-agent.service"
 ENV_FILE = "agent.env"
 PUBLIC_KEY_NAME = "signing.pub"
+# The board's own Ed25519 key, made by flash (install.sh puts it in the agent's state directory
+# as device.key/device.pub unless the board has one): its identity, enrolled on the aggregator.
+BOARD_KEY_NAME, BOARD_PUBLIC_KEY_NAME = "board-signing.key", "board-signing.pub"
 REMOTE_DIR = "edgefl-install"
 TARBALL_ROOT = "edgefl-agent"
 # Where install.sh puts a board's TLS files; agent.env points the agent at them.
@@ -171,6 +178,7 @@ def install_guide(
             "\n## Or as a container\n\nThe `Dockerfile` here builds the agent on the board's L4T "
             "base image; its header says how to build and run it.\n"
         )
+    enroll_key = f"~/.config/edgefl/devices/{settings.fleet}/{settings.device_id}.pub"
     tls_text, operator = "", ""
     if settings.tls.given:
         names = [name for a, (name, _, _) in TLS_FILES.items() if getattr(settings.tls, a)]
@@ -202,6 +210,9 @@ and reboots.
 - Put local labelled data in /var/lib/edgefl/data (one folder per label), or set `EDGEFL_DATA`
   in /etc/edgefl/agent.env, then `sudo systemctl restart edgefl-agent`.
 - Follow the agent: `journalctl -u edgefl-agent -f`.
+- On the aggregator, enroll the board's key (`edgefl flash` printed where its public half is):
+  `edgefl devices enroll {settings.device_id} --key {enroll_key} --state STATE`;
+  the agent seals everything it sends with it, and the aggregator believes only enrolled keys.
 - From the host: `edgefl fleet --broker {settings.broker} --fleet {settings.fleet}`{operator} shows
   the board once it is online; `edgefl deploy BUNDLE --broker ... --fleet {settings.fleet}` ships
   it a model signed with the key whose public half is `signing.pub`.
@@ -214,6 +225,7 @@ def build_install_files(
     trust_key: Path,
     wheel: Path | None = None,
     wheels: Sequence[Path] = (),
+    board_key: Ed25519PrivateKey | None = None,
 ) -> dict[str, InstallFile]:
     """Collect the files to install on one board, with agent.env filled in.
 
@@ -226,6 +238,8 @@ def build_install_files(
         wheel: an edgefl wheel to ship; None installs edgefl from the index.
         wheels: every other wheel the board installs (`board_wheels.download_board_wheels`),
             shipped in wheels/: install.sh then installs with `--no-index`, offline.
+        board_key: the board's own key (its identity: statuses and updates are sealed with it);
+            None leaves it to the agent, which makes one on first start.
 
     Returns:
         File name -> contents and mode.
@@ -259,6 +273,12 @@ def build_install_files(
             f"public key {trust_key} not found (create one with `edgefl keys init`"
             " or give `trust_key`)"
         ) from None
+    if board_key is not None:
+        private = board_key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())  # fmt: skip
+        files[BOARD_KEY_NAME] = InstallFile(private, 0o600)
+        files[BOARD_PUBLIC_KEY_NAME] = InstallFile(public_pem(board_key.public_key()), 0o644)
     if wheel is not None:
         files[wheel.name] = InstallFile(wheel.read_bytes(), 0o644)
     for path in wheels:
