@@ -10,7 +10,7 @@ import pytest
 from edgefl.core.async_rounds import AsyncRoundEngine
 from edgefl.core.codecs import encode_delta
 from edgefl.core.rounds import ACCEPTED, REJECTED, REPEATED
-from edgefl.core.settings import AsyncPolicy, RoundPolicy
+from edgefl.core.settings import AsyncPolicy, PrivacySettings, RoundPolicy, RoundSettings
 from edgefl.core.staleness import parse_staleness
 from edgefl.core.strategies import build_strategies
 from edgefl.head import Weights, head_digest
@@ -146,6 +146,26 @@ def test_the_synchronous_checks_apply_to_every_update(
     verdict = rounds.receive(number, device, update(rounds, number, device, **kwargs))  # type: ignore[arg-type]
     assert (verdict.outcome, verdict.code, verdict.round) == (REJECTED, code, 1)
     assert rounds.buffer.rejected == {code: 1} and not rounds.buffer.updates
+
+
+def test_privacy_and_codecs_are_checked_against_the_task_the_update_answers() -> None:
+    heads = {"default": dict(HEAD)}
+    settings = RoundSettings(privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=0.5))
+    rounds = AsyncRoundEngine(
+        heads, 0, build_strategies("fedavg", {}, heads), BUNDLE, RoundPolicy(deadline_s=10.0),
+        settings, run_id=RUN, asynchronous=AsyncPolicy("async", buffer=2),
+    )  # fmt: skip
+    rounds.observe_status(status("a"), NOW)
+    rounds.open_round(1, NOW)
+    task = rounds.tasks[1]
+    header = UpdateHeader(1, "a", "default", 10, 0, run_id=RUN, head_digest=task.head_digest,
+                          bundle_digest=BUNDLE)  # fmt: skip
+    unclipped = encode_delta(delta(0.1), "float32", metadata=update_metadata(header))
+    verdict = rounds.receive(1, "a", unclipped)
+    assert (verdict.outcome, verdict.code) == (REJECTED, "privacy")
+    header.clip_norm, header.noise_multiplier = 1.0, 0.5
+    int8 = encode_delta(delta(0.1), "int8", metadata=update_metadata(header))
+    assert rounds.receive(1, "a", int8).outcome == ACCEPTED
 
 
 def test_a_device_answers_each_task_once_even_after_its_buffer_closed() -> None:
