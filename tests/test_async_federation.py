@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundles import make_test_bundle
+from bundles import digits_devices, make_test_bundle
 from conftest import RunningBroker, wait_for
 
 from edgefl.bundle import ModelBundle
 from edgefl.core.codecs import encode_delta
 from edgefl.core.settings import AsyncPolicy, RoundPolicy, RoundSettings, TrainConfig
 from edgefl.head import Weights
+from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import AggregatorConfig
 from edgefl.roles.async_aggregator import AsyncAggregator
 from edgefl.roles.record import AggregatorRecord
@@ -164,6 +165,38 @@ def test_the_time_limit_aggregates_the_partial_buffer_and_finishes_the_run(
         assert record.begin_run("next") == "next"  # the run finished: a new one starts fresh
     finally:
         record.close()
+
+
+def test_real_agents_federate_asynchronously(
+    mosquitto: RunningBroker, bundle: ModelBundle, tmp_path: Path
+) -> None:
+    devices, _ = digits_devices(3)
+    agents = [
+        Agent(AgentConfig(mosquitto.url, FLEET, f"pi-{i}", bundle_dir=bundle.path), data)
+        for i, data in enumerate(devices)
+    ]
+    for agent in agents:
+        agent.start()
+    config = AggregatorConfig(
+        mosquitto.url, FLEET, bundle.path,
+        RoundPolicy(rounds=4, min_devices=3, deadline_s=30, settle_s=0.1),
+        state_path=tmp_path / "state.sqlite",
+    )  # fmt: skip
+    aggregator = AsyncAggregator(config, AsyncPolicy(buffer=2))
+    try:
+        summary = aggregator.run()
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert [(r.status, r.head_version) for r in summary.rounds] == [
+        ("closed", n) for n in range(1, 5)
+    ]
+    assert all(r.accepted >= 2 for r in summary.rounds)
+    before = bundle.head_weights("default")["0.weight"]
+    assert not np.allclose(aggregator.heads["default"]["0.weight"], before)
+    # Every board trained on the newest task it had: none answered a round twice.
+    answered = [(agent.device_id, o.round) for agent in agents for o in agent.outcomes]
+    assert len(answered) == len(set(answered)) >= 8
 
 
 def test_a_sealed_async_simulation_learns(mosquitto: RunningBroker, tmp_path: Path) -> None:
