@@ -66,6 +66,8 @@ def _quiet_simulation_logs() -> None:
 @settings_options(AsyncPolicy)
 @click.option("--speed-spread", default=1.0, show_default=True, type=float,
               help="Slowest/fastest device ratio (1: all equally fast).")  # fmt: skip
+@click.option("--speed-unit", default=0.1, show_default=True, type=float,
+              help="Seconds per unit of slowness: speed s answers (s-1) x this late.")  # fmt: skip
 @click.option("--dropout", default=0.0, show_default=True, type=float,
               help="Probability that a selected device skips a round.")  # fmt: skip
 @click.option("--churn", default="", help="Devices joining/leaving, e.g. join:0.2@3,leave:0.1@5.")
@@ -110,6 +112,7 @@ def simulate(**options: Any) -> None:
     partition: str = options["partition"]
     config = SimulationConfig(
         devices=devices, partition=partition, speed_spread=options["speed_spread"],
+        speed_unit_s=options["speed_unit"],
         dropout=options["dropout"], churn=options["churn"],
         personalize=not options["no_personalize"], seed=seed, broker_url=options["broker_url"],
         policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
