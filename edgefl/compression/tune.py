@@ -77,8 +77,8 @@ class TrialResult:
     feasible: bool = False
     pareto: bool = False
     baseline: bool = False
-    # The latency re-timed after the search, round-robin with the other front members and the
-    # baseline (None when not re-timed): steadier than one trial's timing on a busy machine.
+    # The latency re-timed after the search beside the other front members and the baseline
+    # (None when not re-timed): steadier than one trial's timing on a busy machine.
     retimed_ms: float | None = None
 
 
@@ -355,10 +355,17 @@ def _timing(trial: TrialResult) -> tuple[float, float]:
 
 
 def _retime(
-    trials: list[TrialResult], scored: dict[str, Any], threads: int, rounds: int = 300
+    trials: list[TrialResult], scored: dict[str, Any], threads: int, passes: int = 5
 ) -> None:
-    """Time the trials' backbones again, one sample, median of `rounds` round-robin calls, so
-    load from other processes hits each alike; sets `retimed_ms`."""
+    """Time the trials' backbones again on one sample and set `retimed_ms`: the median of
+    `passes` rounds in which each backbone runs a block of 60 calls after 10 warm-up calls.
+
+    Blocks, not single calls taken in turn: a runtime's thread pool keeps spinning a while after
+    each call, so alternating call by call between several multi-threaded interpreters makes
+    them compete for the cores (measured: 0.07-0.21 ms instead of 0.011 for the same model).
+    The rounds spread each backbone's timing over the whole measurement, so a burst of load
+    from another process hits every backbone alike.
+    """
     import statistics
     import time
 
@@ -373,13 +380,14 @@ def _retime(
             path = bundle.file(bundle.manifest.backbones()[0])
             runners[trial.number] = load_backbone(path, threads=threads)
     times: dict[int, list[float]] = {number: [] for number in runners}
-    for runner in runners.values():
-        runner.run(sample)  # the first calls allocate; a board's steady state is what counts
-    for _ in range(rounds):
+    for _ in range(passes):
         for number, runner in runners.items():
-            start = time.perf_counter()
-            runner.run(sample)
-            times[number].append(time.perf_counter() - start)
+            for _ in range(10):
+                runner.run(sample)
+            for _ in range(60):
+                start = time.perf_counter()
+                runner.run(sample)
+                times[number].append(time.perf_counter() - start)
     for trial in trials:
         if trial.number in times:
             trial.retimed_ms = round(1000.0 * statistics.median(times[trial.number]), 4)

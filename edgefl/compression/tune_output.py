@@ -75,7 +75,7 @@ def render_pareto(result: TuneResult, console: Console) -> None:
     console.print(f"* chosen (fastest on the front), b baseline (the base recipe's setting"
                   f"{where}); change in points against the original model")  # fmt: skip
     if any(t.retimed_ms is not None for t in rows):
-        console.print("ms: re-timed after the search, round-robin over these rows")
+        console.print("ms: re-timed after the search, these rows side by side")
 
 
 def _latency(trial: TrialResult) -> float:
