@@ -261,6 +261,30 @@ def test_a_restarted_engine_rebuilds_its_buffer_and_the_answers_already_counted(
                                   live.heads["default"]["0.bias"])  # fmt: skip
 
 
+def test_updates_buffered_before_a_restart_between_rounds_fill_the_next_round() -> None:
+    live = engine(buffer=1)
+    live.receive(1, "a", update(live, 1, "a", 0.1))
+    live.close_round()  # killed here: round 2 not opened, "b"'s update already recorded
+    from_b = update(live, 1, "b", 0.3)
+    taken = live.receive(1, "b", from_b)
+    assert taken.round == 2
+    restarted = AsyncRoundEngine(
+        dict(live.heads), 1, build_strategies("fedavg", {}, live.heads), BUNDLE,
+        RoundPolicy(deadline_s=10.0), run_id=RUN, asynchronous=live.asynchronous,
+    )  # fmt: skip
+    for device in ("a", "b", "c"):
+        restarted.observe_status(status(device), NOW)
+    task1 = live.tasks[1]
+    restarted.remember_task(1, task1.selected, 0, task1.config, task1.head_digest)
+    restarted.restore_buffer(
+        2, [StoredUpdate("b", "default", 10, taken.sha256, from_b, taken.metrics)]
+    )
+    restarted.open_round(2, NOW + 5)
+    assert restarted.due(NOW + 5)  # the restored update already fills the buffer
+    assert restarted.close_round().accepted == 1
+    assert bias(restarted) == [round(0.1 + 0.3 * 2**-0.5, 6)] * 2
+
+
 @pytest.mark.parametrize(
     ("spec", "weights"),
     [
