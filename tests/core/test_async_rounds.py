@@ -224,6 +224,17 @@ def test_each_task_aggregates_its_own_updates() -> None:
     assert bias(rounds) == [0.1, 0.1] and bias(rounds, "pets") == [0.3, 0.3]
 
 
+def restart(live: AsyncRoundEngine) -> AsyncRoundEngine:
+    """A new engine on what a record keeps of `live`: its heads and version, statuses again."""
+    restarted = AsyncRoundEngine(
+        dict(live.heads), live.head_version, build_strategies("fedavg", {}, live.heads), BUNDLE,
+        RoundPolicy(deadline_s=10.0), run_id=RUN, asynchronous=live.asynchronous,
+    )  # fmt: skip
+    for device in ("a", "b", "c"):
+        restarted.observe_status(status(device), NOW)
+    return restarted
+
+
 def test_a_restarted_engine_rebuilds_its_buffer_and_the_answers_already_counted() -> None:
     # Uninterrupted: round 1 closes with "a"; round 2 buffers "b" (stale) and "c".
     live = engine(buffer=2)
@@ -237,12 +248,7 @@ def test_a_restarted_engine_rebuilds_its_buffer_and_the_answers_already_counted(
     accepted = live.receive(1, "c", stale)
     first_of_2 = {"a": update(live, 2, "a", 0.2)}
     # The restarted engine, from what a record keeps: heads v1, round 1's task, round 2 open.
-    restarted = AsyncRoundEngine(
-        dict(live.heads), 1, build_strategies("fedavg", {}, live.heads), BUNDLE,
-        RoundPolicy(deadline_s=10.0), run_id=RUN, asynchronous=live.asynchronous,
-    )  # fmt: skip
-    for device in ("a", "b", "c"):
-        restarted.observe_status(status(device), NOW)
+    restarted = restart(live)
     restarted.remember_task(1, task1.selected, 0, task1.config, task1.head_digest)
     restarted.remember_answers([
         StoredUpdate("a", "default", 10, live.answered[("a", 1)], b"", {"trained_round": 1.0}),
@@ -268,12 +274,7 @@ def test_updates_buffered_before_a_restart_between_rounds_fill_the_next_round() 
     from_b = update(live, 1, "b", 0.3)
     taken = live.receive(1, "b", from_b)
     assert taken.round == 2
-    restarted = AsyncRoundEngine(
-        dict(live.heads), 1, build_strategies("fedavg", {}, live.heads), BUNDLE,
-        RoundPolicy(deadline_s=10.0), run_id=RUN, asynchronous=live.asynchronous,
-    )  # fmt: skip
-    for device in ("a", "b", "c"):
-        restarted.observe_status(status(device), NOW)
+    restarted = restart(live)
     task1 = live.tasks[1]
     restarted.remember_task(1, task1.selected, 0, task1.config, task1.head_digest)
     restarted.restore_buffer(
