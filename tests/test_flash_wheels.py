@@ -138,6 +138,22 @@ def test_a_wheel_pip_cannot_find_is_one_line(tmp_path: Path) -> None:
         download_board_wheels(load_profile("jetson"), tmp_path, "edgefl[agent]", run)
 
 
+def test_an_unreachable_index_is_named(tmp_path: Path) -> None:
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        stderr = (
+            "WARNING: Retrying (Retry(total=0)) after connection broken by 'NameResolutionError("
+            "\"HTTPSConnection(host='pypi.jetson-ai-lab.io', port=443): Failed to resolve\")'\n"
+            "ERROR: No matching distribution found for onnxruntime-gpu\n"
+        )
+        return subprocess.CompletedProcess(command, 1, "", stderr)
+
+    with pytest.raises(
+        DeliveryError,
+        match=r"found for onnxruntime-gpu \(pip could not reach pypi.jetson-ai-lab.io\)$",
+    ):
+        download_board_wheels(load_profile("jetson"), tmp_path, "edgefl[agent]", run)
+
+
 def test_a_profile_naming_its_platform_in_part_is_refused(tmp_path: Path) -> None:
     board = tmp_path / "half"
     board.mkdir()

@@ -197,14 +197,9 @@ def download_board_wheels(
         command = download_command(target, wanted, dest, profile.install.extra_index_urls)
         done = run(command)
         if done.returncode != 0:
-            lines = [
-                line for line in (done.stderr or done.stdout or "").splitlines()
-                if line.strip() and "is ignored" not in line
-            ]  # fmt: skip
-            last = lines[-1].strip() if lines else "no output"
             raise DeliveryError(
                 f"downloading the wheels for {profile.name} ({target.arch}, Python"
-                f" {target.python}) failed: {last}"
+                f" {target.python}) failed: {_pip_error(done.stderr or done.stdout or '')}"
             )
         local_roots = [_local_requirement(r) for r in roots]
         wanted = missing_requirements(local_roots, dest.glob("*.whl"), target)
@@ -214,6 +209,18 @@ def download_board_wheels(
         f"no wheel for {', '.join(wanted)} on {profile.name} ({target.arch}, Python"
         f" {target.python}) after {_MAX_PASSES} downloads"
     )
+
+
+def _pip_error(output: str) -> str:
+    """Return pip's last error line, naming the index hosts it could not reach (a missing
+    package and an unreachable index both end in "No matching distribution")."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "is ignored" not in line]
+    last = errors[-1] if errors else "no output"
+    unreachable = sorted(set(re.findall(r"host='([^']+)'", output)))
+    if unreachable:
+        last += f" (pip could not reach {', '.join(unreachable)})"
+    return last
 
 
 def _local_requirement(requirement: str) -> str:
