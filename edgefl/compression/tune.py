@@ -103,7 +103,8 @@ def search_space(trial: Any, base: Recipe, fmt: str, threads: int) -> Recipe:
 
     The trial recipe has no `max_accuracy_drop`: the search is its back-off.
     """
-    ratio = trial.suggest_float("prune_ratio", 0.0, 0.8, step=0.05)
+    # Rounded: a stepped float can come back as 0.7000000000000001, which recipes would keep.
+    ratio = round(trial.suggest_float("prune_ratio", 0.0, 0.8, step=0.05), 4)
     importance = trial.suggest_categorical("importance", ["l1", "l2"])
     epochs = trial.suggest_int("distill_epochs", 0, 24, step=4)
     temperature = trial.suggest_float("temperature", 1.0, 8.0, step=0.5)
