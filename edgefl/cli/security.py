@@ -64,6 +64,14 @@ def certs_issue(
               help="The name the broker's certificate was issued under.")  # fmt: skip
 @click.option("--user", default=None,
               help="Account Mosquitto switches to when started as root [mosquitto].")  # fmt: skip
+@click.option("--bridge-to", metavar="HOST:PORT",
+              help="Make a site broker bridging the fleet's topics to this centre.")  # fmt: skip
+@click.option("--bridge-cert", metavar="NAME",
+              help="With --bridge-to: the certificate (in --certs, CN NAME) the bridge presents "
+                   "to the centre.")  # fmt: skip
+@click.option("--site-bridge", "site_bridges", metavar="NAME", multiple=True,
+              help="On the centre: a site bridge's certificate name allowed to forward its "
+                   "boards' topics here (repeat).")  # fmt: skip
 @user_errors
 def broker_config(
     fleet: str,
@@ -73,13 +81,26 @@ def broker_config(
     bind: str,
     broker_name: str,
     user: str | None,
+    bridge_to: str | None,
+    bridge_cert: str | None,
+    site_bridges: tuple[str, ...],
 ) -> None:
     """Write a Mosquitto configuration (mTLS listener, identities from certificates,
-    persistence) and the fleet's ACL; run it with `mosquitto -c OUT/mosquitto.conf`."""
+    persistence) and the fleet's ACL; run it with `mosquitto -c OUT/mosquitto.conf`.
+
+    With --bridge-to, a site broker: its boards connect to it, and its bridge sends their
+    statuses, updates and deploy reports to the centre and brings tasks, results, releases and
+    chunks back."""
     from edgefl.security.broker_config import write_broker_config
 
+    if (bridge_to is None) != (bridge_cert is None):
+        raise click.UsageError("--bridge-to and --bridge-cert go together")
     files = write_broker_config(
-        fleet, certs_dir, out_dir, port=port, bind=bind, broker_name=broker_name, user=user
-    )
+        fleet, certs_dir, out_dir, port=port, bind=bind, broker_name=broker_name, user=user,
+        bridge_to=bridge_to, bridge_name=bridge_cert, site_bridges=site_bridges,
+    )  # fmt: skip
     click.echo(f"wrote {files.config} and {files.acl}")
+    if bridge_to:
+        click.echo(f"bridge: {bridge_cert} to {bridge_to}; on the centre, run broker-config "
+                   f"with --site-bridge {bridge_cert}")  # fmt: skip
     click.echo(f"run: mosquitto -c {files.config}")

@@ -12,6 +12,9 @@ The broker sees each client as the common name (CN) of its certificate
 Mosquitto cannot match user names by prefix, so the aggregator and operator names are listed in
 the ACL; `edgefl broker-config` lists `aggregator`, `operator` and every `aggregator-*` or
 `operator-*` certificate it finds in the certificate directory.
+
+A site broker bridged to a central one (`edgefl.security.bridge_config`) gets the same listener
+and ACL for its boards, plus the bridge; the centre lists each site bridge's CN in its ACL.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from edgefl.errors import InputError
+from edgefl.security.bridge_config import BridgeTls, bridge_acl_text, bridge_text
 from edgefl.transport import topics
 
 AGGREGATOR = "aggregator"
@@ -66,13 +70,16 @@ class BrokerFiles:
     acl: Path
 
 
-def acl_text(fleet: str, aggregators: list[str], operators: list[str]) -> str:
+def acl_text(
+    fleet: str, aggregators: list[str], operators: list[str], bridges: list[str] | None = None
+) -> str:
     """Return the ACL of one fleet (Mosquitto `acl_file` syntax; %u is the client's CN).
 
     Args:
         fleet: the fleet name.
         aggregators: the CNs with the aggregator's rights.
         operators: the CNs with the operator's rights.
+        bridges: the CNs of site bridges forwarding their boards' topics to this broker.
     """
     root = topics.fleet_root(fleet)
     lines = [
@@ -111,7 +118,7 @@ def acl_text(fleet: str, aggregators: list[str], operators: list[str]) -> str:
             f"topic read {root}/devices/+/deploy",
             f"topic read {root}/devices/+/status",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + bridge_acl_text(fleet, bridges or [])
 
 
 def config_text(
@@ -194,6 +201,9 @@ def write_broker_config(
     broker_name: str = "broker",
     max_packet_size: int = DEFAULT_MAX_PACKET,
     user: str | None = None,
+    bridge_to: str | None = None,
+    bridge_name: str | None = None,
+    site_bridges: tuple[str, ...] = (),
 ) -> BrokerFiles:
     """Write `mosquitto.conf` and `acl` for `fleet` into `out_dir` (`mosquitto -c` runs it).
 
@@ -207,6 +217,12 @@ def write_broker_config(
         broker_name: the name the broker's certificate was issued under.
         max_packet_size: the broker's packet limit in bytes.
         user: see `config_text`.
+        bridge_to: the central broker's "HOST:PORT": this is a site broker whose bridge
+            forwards the fleet's topics to and from it (`bridge_config.bridge_text`), over TLS
+            with `ca.crt` and `BRIDGE_NAME.crt`/`.key` from `certs_dir`.
+        bridge_name: the CN of the certificate the site's bridge presents to the centre
+            (needed with `bridge_to`).
+        site_bridges: on the centre, the CNs of the site bridges allowed to forward here.
 
     Returns:
         The paths written.
@@ -221,6 +237,24 @@ def write_broker_config(
     certs_dir = Path(certs_dir)
     cafile = certs_dir / "ca.crt"
     certfile, keyfile = certs_dir / f"{broker_name}.crt", certs_dir / f"{broker_name}.key"
+    bridge_tls = None
+    if bridge_to is not None:
+        if not bridge_name:
+            raise InputError("a bridge to the centre needs the name of its certificate")
+        bridge_tls = BridgeTls(
+            cafile, certs_dir / f"{bridge_name}.crt", certs_dir / f"{bridge_name}.key"
+        )
+        for path in (bridge_tls.certfile, bridge_tls.keyfile):
+            if not path.is_file():
+                raise InputError(
+                    f"{path} is missing: issue the bridge's certificate with "
+                    f"`edgefl certs issue {bridge_name} --role device`"
+                )
+    for name in site_bridges:
+        try:
+            topics.check_name(name, "site bridge name")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     for path in (cafile, certfile, keyfile):
         if not path.is_file():
             raise InputError(
@@ -231,8 +265,16 @@ def write_broker_config(
     out_dir.mkdir(parents=True, exist_ok=True)
     acl_path = out_dir / "acl"
     acl_path.write_text(
-        acl_text(fleet, role_names(certs_dir, AGGREGATOR), role_names(certs_dir, OPERATOR))
+        acl_text(
+            fleet,
+            role_names(certs_dir, AGGREGATOR),
+            role_names(certs_dir, OPERATOR),
+            sorted(set(site_bridges)),
+        )
     )
+    bridge = ""
+    if bridge_to is not None and bridge_name:
+        bridge = "\n" + bridge_text(fleet, bridge_name, bridge_to, tls=bridge_tls)
     config_path = out_dir / "mosquitto.conf"
     config_path.write_text(
         config_text(
@@ -245,5 +287,6 @@ def write_broker_config(
             max_packet_size=max_packet_size,
             user=user,
         )
+        + bridge
     )
     return BrokerFiles(config_path, acl_path)
