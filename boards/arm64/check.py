@@ -1,9 +1,10 @@
 """`make test-arm64`: edgefl on an emulated Raspberry Pi, driven through the CLI as a user would.
 
 On a Debian bookworm arm64 root file system (debootstrap, cached) run by qemu-user:
-1. `edgefl flash --output` on the host; the tarball's install.sh runs on the board with its network
-   cut (`unshare --net`): every wheel (aarch64, CPython 3.11) comes from the tarball, none from
-   an index, none built from source, no torch.
+1. `edgefl flash --output --enroll` on the host (the board's key made and enrolled there); the
+   tarball's install.sh runs on the board with its network cut (`unshare --net`): every wheel
+   (aarch64, CPython 3.11) comes from the tarball, none from an index, none built from source,
+   no torch.
 2. Against a Mosquitto on the host's loopback, the board's agent starts as its systemd unit would
    (ExecStart filled in from agent.env, as user edgefl) with no model; a signed `edgefl deploy` of
    the raspberry-pi bundle gives it only the int8 TFLite backbone (LiteRT), and it federates
@@ -78,12 +79,18 @@ class Run:
     work: Path
     numbers: dict[str, float | int | str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        (self.work / "home").mkdir(parents=True, exist_ok=True)
+        self.env = host_env(self.work / "home")
 
     def cli(self, *args: str, timeout: float = 300) -> str:
         """Run `edgefl ARGS` on the host; return its output, or fail with it."""
         done = subprocess.run(
-            [EDGEFL, *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
+            [EDGEFL, *args], capture_output=True, text=True, timeout=timeout, check=False,
+            env=self.env,
+        )  # fmt: skip
         check(
             done.returncode == 0,
             f"edgefl {args[0]} exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}",
@@ -93,7 +100,7 @@ class Run:
     def start(self, command: list[str], name: str) -> subprocess.Popen[bytes]:
         """Start a long-running process whose output goes to WORK/NAME.log."""
         log = (self.work / f"{name}.log").open("wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         self.processes.append(process)
         return process
 
@@ -101,6 +108,19 @@ class Run:
         """Stop one of the processes started here (`stop`) and forget it."""
         self.processes.remove(process)
         return stop(process)
+
+
+def host_env(home: Path) -> dict[str, str]:
+    """The environment of the host's edgefl commands: a HOME of this run's own (flash records the
+    board's key under ~/.config/edgefl), with this machine's pip cache and user pip config."""
+    env = dict(os.environ)
+    real = Path.home()
+    env["HOME"] = str(home)
+    env.setdefault("PIP_CACHE_DIR", str(real / ".cache" / "pip"))
+    for config in (real / ".config" / "pip" / "pip.conf", real / ".pip" / "pip.conf"):
+        if config.is_file() and "PIP_CONFIG_FILE" not in env:
+            env["PIP_CONFIG_FILE"] = str(config)
+    return env
 
 
 def stop(process: subprocess.Popen[bytes]) -> tuple[int, float]:
@@ -282,11 +302,9 @@ def federate_on_the_pi_bundle(run: Run, board: Path, broker: str, data: dict[str
         for name in X86
     ]  # fmt: skip
     out = run.work / "runs-pi"
-    state = out / "state.sqlite"
-    out.mkdir()
+    state = out / "state.sqlite"  # the board was enrolled there by `edgefl flash --enroll`
     started = time.monotonic()
-    board_key = board / "var" / "lib" / "edgefl" / "state" / "device.pub"
-    enroll(run, state, {PI: board_key, **{n: run.work / f"state-{n}" / "device.pub" for n in X86}})
+    enroll(run, state, {n: run.work / f"state-{n}" / "device.pub" for n in X86})
     rows = wait_online(run, broker, FLEET, state, [PI, *X86], timeout=240)
     run.numbers["agent_start_s"] = round(time.monotonic() - started, 1)
     check(
@@ -415,9 +433,11 @@ def main() -> int:
         (run.work / "broker").mkdir()
         broker = LocalMosquitto(run.work / "broker", port=free_port())
         tarball = run.work / "agent.tar.gz"
-        run.cli("flash", "--profile", "raspberry-pi", "--output", str(tarball), "--broker",
-                broker.url, "--fleet", FLEET, "--device-id", PI, "--trust-key",
-                str(run.work / "keys" / "signing.pub"))  # fmt: skip
+        (run.work / "runs-pi").mkdir()
+        print(run.cli("flash", "--profile", "raspberry-pi", "--output", str(tarball), "--broker",
+                      broker.url, "--fleet", FLEET, "--device-id", PI, "--trust-key",
+                      str(run.work / "keys" / "signing.pub"), "--enroll",
+                      str(run.work / "runs-pi" / "state.sqlite")), end="")  # fmt: skip
         install_offline(run, board, tarball)
         print(f"installed offline in {run.numbers['install_s']} s: {run.numbers['wheels']} wheels,"
               f" venv {run.numbers['venv_mb']} MB")  # fmt: skip
