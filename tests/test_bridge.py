@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from signed_fleet import signed_fleet
 from edgefl.cli import main
 from edgefl.core.settings import RoundPolicy
 from edgefl.delivery.deploy import deploy
-from edgefl.delivery.fleet_view import read_fleet
+from edgefl.delivery.fleet_view import FleetDevice, read_fleet
 from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.errors import InputError
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
@@ -128,13 +129,22 @@ def test_broker_config_bridge_flags_are_checked(tmp_path: Path) -> None:
 # -- two real Mosquittos, bridged --
 
 
-def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Boards on the site's broker, the aggregator and `deploy` on the centre's; every message
-    sealed, mTLS and the generated ACLs on both. The site broker is down when round 2's task is
-    published and comes back a second later: the task waits at the centre for the bridge's
-    session, the boards reconnect, and the round closes with both answers."""
+@dataclass
+class BridgedPair:
+    """A central and a site Mosquitto run from `broker-config`'s files (not started yet)."""
+
+    pki: Path
+    centre: LocalMosquitto
+    site: LocalMosquitto
+
+    def tls(self, name: str) -> TlsSettings:
+        """The client TLS files of certificate `name`."""
+        pki = self.pki
+        return TlsSettings(str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key"))
+
+
+def _bridged_pair(tmp_path: Path) -> BridgedPair:
+    """Issue the fleet's certificates and write both brokers' files through the CLI."""
     pki = tmp_path / "pki"
     certs.init_ca(pki)
     certs.issue("broker", "broker", pki, pki, hosts=("127.0.0.1",))
@@ -153,15 +163,68 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
                             config_file=tmp_path / "centre" / "mosquitto.conf")  # fmt: skip
     site = LocalMosquitto(tmp_path / "site", port=site_port, tls=True,
                           config_file=tmp_path / "site" / "mosquitto.conf")  # fmt: skip
+    return BridgedPair(pki, centre, site)
 
-    def tls(name: str) -> TlsSettings:
-        return TlsSettings(str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key"))
+
+def test_qos1_messages_wait_for_a_site_or_a_centre_that_is_down(tmp_path: Path) -> None:
+    """Not retained, so only the sessions carry them: a result published at the centre while
+    the site broker is down reaches a board's persistent session at the site once the site is
+    back; an update published at the site while the centre is down reaches the aggregator's."""
+    pair = _bridged_pair(tmp_path)
+    centre, site = pair.centre, pair.site
+    at_site: list[bytes] = []
+    at_centre: list[bytes] = []
+    board = MqttClient(site.url, "edgefl-farm-pi-1", persistent_session=True,
+                       tls=pair.tls("pi-1"), backoff_max_s=0.5)  # fmt: skip
+    board.subscribe(topics.all_results(FLEET), lambda m: at_site.append(m.payload))
+    server = MqttClient(centre.url, "edgefl-farm-aggregator", persistent_session=True,
+                        tls=pair.tls("aggregator"), backoff_max_s=0.5)  # fmt: skip
+    server.subscribe(topics.all_updates(FLEET), lambda m: at_centre.append(m.payload))
+    centre.start()
+    site.start()
+    try:
+        board.connect(timeout=10)
+        server.connect(timeout=10)
+
+        def crossed() -> bool:  # the bridge is up once a probe crosses both ways
+            board.publish(topics.round_update(FLEET, 0, "pi-1"), b"probe", retain=False)
+            server.publish(topics.round_result(FLEET, 0), b"probe", retain=False)
+            return wait_for(lambda: b"probe" in at_site and b"probe" in at_centre, timeout=0.5)
+
+        assert wait_for(crossed, timeout=15)
+        site.stop()
+        down = server.publish(topics.round_result(FLEET, 5), b"while the site was down")
+        assert down.wait()
+        site.start()
+        assert wait_for(lambda: b"while the site was down" in at_site)
+        centre.stop()
+        down = board.publish(topics.round_update(FLEET, 5, "pi-1"), b"while the centre was down")
+        assert down.wait()
+        centre.start()
+        assert wait_for(lambda: b"while the centre was down" in at_centre)
+    finally:
+        board.close()
+        server.close()
+        site.stop()
+        centre.stop()
+
+
+def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Boards on the site's broker, the aggregator and `deploy` on the centre's; every message
+    sealed, mTLS and the generated ACLs on both. The site broker is down when round 2's task is
+    published and comes back a second later: the task waits at the centre for the bridge's
+    session, the boards reconnect, and the round closes with both answers."""
+    pair = _bridged_pair(tmp_path)
+    centre, site, tls = pair.centre, pair.site, pair.tls
 
     bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
     state = tmp_path / "state.sqlite"
-    names = ("pi-1", "pi-2")
+    names = ("pi-1", "pi-2", "pi-late")  # pi-late connects to the site after the deploy
     fleet = signed_fleet(site.url, FLEET, bundle.path, state, names,
                          tls={name: tls(name) for name in names})  # fmt: skip
+    late = fleet.agents[2]
     for agent in fleet.agents:
         attach_to_agent(agent, tmp_path / f"models-{agent.device_id}", fleet.key.public_key())
     auth = fleet.aggregator_auth()
@@ -192,7 +255,7 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
     centre.start()
     site.start()
     try:
-        for agent in fleet.agents:
+        for agent in fleet.agents[:2]:
             agent.start()
         summary = aggregator.run()
         restarter[0].join()
@@ -200,8 +263,20 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
         release = deploy(make_test_bundle(tmp_path / "v2", version=2, feature_size=16).path,
                          centre.url, FLEET, fleet.key, timeout=60, tls=tls("operator"),
                          device_keys=checked)  # fmt: skip
-        view = {d.device_id: d for d in read_fleet(centre.url, FLEET, tls=tls("operator"),
-                                                   devices=checked)}  # fmt: skip
+        # A board that connects to the site later installs the release the site retained
+        # (release and chunks), and its report reaches the centre.
+        late.start()
+
+        def view() -> dict[str, FleetDevice]:
+            rows = read_fleet(centre.url, FLEET, tls=tls("operator"), devices=checked, max_wait=1)
+            return {row.device_id: row for row in rows}
+
+        assert wait_for(lambda: view()["pi-late"].last_deploy == "v2 installed", timeout=30)
+        # A release for one device crosses on that device's release topic.
+        only_late = deploy(make_test_bundle(tmp_path / "v3", version=3, feature_size=16).path,
+                           centre.url, FLEET, fleet.key, devices=["pi-late"], timeout=60,
+                           tls=tls("operator"), device_keys=checked)  # fmt: skip
+        fleet_view = view()
         # A board connecting to the site later finds what the centre retained: the release
         # and round 2's result (published across the restart). Round 3's result is not used:
         # the aggregator closes its connection right after publishing it, and even the centre
@@ -209,7 +284,7 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
         wanted = [topics.fleet_release(FLEET), topics.round_result(FLEET, 2)]
         at_centre = _retained(centre.url, tls("operator"), [wanted[0]])
         at_centre.update(_retained(centre.url, tls("aggregator"), [wanted[1]]))
-        at_site = _retained(site.url, tls("pi-late"), wanted)
+        at_site = _retained(site.url, tls("pi-1"), wanted)
     finally:
         for agent in fleet.agents:
             agent.stop()
@@ -219,12 +294,16 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
     assert [(r.status, r.accepted) for r in summary.rounds] == [("closed", 2)] * 3
     assert summary.head_version == 3
     assert dict(auth.refused) == {}
-    assert [dict(a.auth.refused) for a in fleet.agents] == [{}, {}]
+    assert [dict(a.auth.refused) for a in fleet.agents] == [{}, {}, {}]
     assert {d: o.outcome for d, o in release.devices.items()} == {
         "pi-1": "updated", "pi-2": "updated"
     }  # fmt: skip
     assert release.refused == {}
-    assert all(view[d].key == "enrolled" and view[d].last_deploy == "v2 installed" for d in names)
+    assert {d: o.outcome for d, o in only_late.devices.items()} == {"pi-late": "updated"}
+    assert {d: (row.key, row.last_deploy) for d, row in fleet_view.items()} == {
+        "pi-1": ("enrolled", "v2 installed"), "pi-2": ("enrolled", "v2 installed"),
+        "pi-late": ("enrolled", "v3 installed"),
+    }  # fmt: skip
     assert at_site == at_centre and all(at_site[t] for t in wanted)
 
 
