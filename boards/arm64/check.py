@@ -8,7 +8,8 @@ On a Debian bookworm arm64 root file system (debootstrap, cached) run by qemu-us
 2. Against a Mosquitto on the host's loopback, the board's agent starts as its systemd unit would
    (ExecStart filled in from agent.env, as user edgefl) with no model; a signed `edgefl deploy` of
    the raspberry-pi bundle gives it only the int8 TFLite backbone (LiteRT), and it federates
-   3 rounds of `edgefl aggregate` beside two x86 agents, every one of its updates accepted.
+   3 rounds of `edgefl aggregate` beside two x86 agents, every one of its updates accepted; a
+   deploy signed with another key is refused and changes nothing.
 3. A board of the jetson profile takes a signed deploy of the jetson bundle (fp16 ONNX, run by
    onnxruntime on the CPU provider after skipping TensorRT and CUDA) and a round on it.
 Prints the wall times, the venv's size and each arm64 agent's peak RSS (qemu included) and writes
@@ -335,11 +336,30 @@ def federate_on_the_pi_bundle(run: Run, board: Path, broker: str, data: dict[str
     row = wait_online(run, broker, FLEET, state, [PI], timeout=30)[PI]
     check((row["artifact"], row["runtime"]) == ("backbone-int8.tflite", "litert"),
           f"the board does not say it runs the int8 TFLite in LiteRT: {row}")  # fmt: skip
+    refuse_a_wrongly_signed_deploy(run, board, broker, state)
     code, rss = run.stop(pi)
     check(code == 0, f"the board's agent exited {code} on SIGTERM (see {run.work}/{PI}.log)")
     run.numbers["pi_agent_peak_rss_mb"] = round(rss, 1)
     # The same agent natively (x86, the host's venv), for scale: qemu adds its own memory.
     run.numbers["x86_agent_peak_rss_mb"] = round(max(run.stop(p)[1] for p in x86), 1)
+
+
+def refuse_a_wrongly_signed_deploy(run: Run, board: Path, broker: str, state: Path) -> None:
+    """A release signed with a key the board does not trust is refused and changes nothing."""
+    rogue = run.work / "rogue-keys"
+    run.cli("keys", "init", "--dir", str(rogue))
+    done = subprocess.run(
+        [EDGEFL, "deploy", str(run.work / "bundle-jetson"), "--broker", broker, "--fleet", FLEET,
+         "--devices", PI, "--key", str(rogue / "signing.key"), "--state", str(state),
+         "--timeout", "60"],
+        capture_output=True, text=True, timeout=120, check=False, env=run.env,
+    )  # fmt: skip
+    print(done.stdout, end="")
+    check(done.returncode == 1, f"a wrongly signed deploy exited {done.returncode}, not 1")
+    check("signature" in done.stdout, "the board's refusal does not name the signature")
+    current = board / "var" / "lib" / "edgefl" / "models" / "current"
+    backbones = sorted(p.name for p in current.glob("backbone*"))
+    check(backbones == ["backbone-int8.tflite"], f"a wrongly signed deploy changed {backbones}")
 
 
 def round_on_the_jetson_bundle(run: Run, board: Path, broker: str) -> None:
