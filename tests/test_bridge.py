@@ -34,6 +34,7 @@ from edgefl.security.bridge_config import (
     bridged_topics,
     parse_address,
 )
+from edgefl.security.broker_config import write_broker_config
 from edgefl.security.device_registry import DeviceRegistry
 from edgefl.security.verifiers import STRICT, DeviceVerifier
 from edgefl.transport import MqttClient, TlsSettings, topics
@@ -98,7 +99,7 @@ def test_bridge_section_keeps_topics_and_sessions(tmp_path: Path) -> None:
     assert f"bridge_cafile {tmp_path.resolve() / 'ca.crt'}" in with_tls
 
 
-def test_centre_acl_lets_a_bridge_write_only_devices_topics(tmp_path: Path) -> None:
+def test_centre_acl_lets_a_bridge_write_only_devices_topics() -> None:
     acl = bridge_acl_text(FLEET, ["site-north"]).splitlines()
     assert acl[1] == "user site-north"
     assert "topic write edgefl/v1/farm/rounds/+/update/+" in acl
@@ -106,6 +107,22 @@ def test_centre_acl_lets_a_bridge_write_only_devices_topics(tmp_path: Path) -> N
     assert "topic read edgefl/v1/farm/models/+/+/chunk/+" in acl
     assert not [line for line in acl if "write" in line and ("task" in line or "models" in line)]
     assert bridge_acl_text(FLEET, []) == ""
+
+
+def test_site_and_centre_files(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    certs.issue("broker", "broker", tmp_path, tmp_path, hosts=("127.0.0.1",))
+    certs.issue("site-north", "device", tmp_path, tmp_path)
+    site = write_broker_config(FLEET, tmp_path, tmp_path / "site", bridge_to="centre.lan:8883",
+                               bridge_name="site-north")  # fmt: skip
+    config = site.config.read_text().splitlines()
+    # The site's own mTLS listener for its boards, then the bridge over TLS with the fleet CA.
+    assert config.index("require_certificate true") < config.index("address centre.lan:8883")
+    assert f"bridge_keyfile {(tmp_path / 'site-north.key').resolve()}" in config
+    assert "user site-north" not in site.acl.read_text()
+    centre = write_broker_config(FLEET, tmp_path, tmp_path / "centre", site_bridges=("site-north",))
+    assert not [line for line in centre.config.read_text().splitlines() if "bridge" in line]
+    assert centre.acl.read_text().endswith(bridge_acl_text(FLEET, ["site-north"]))
 
 
 @pytest.mark.parametrize("address", ["centre.lan", "centre.lan:0", ":8883", "centre.lan:http"])

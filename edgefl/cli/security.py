@@ -55,7 +55,8 @@ def certs_issue(
 @click.command("broker-config")
 @click.option("--fleet", required=True, help="Fleet name.")
 @click.option("--certs", "certs_dir", required=True, type=click.Path(path_type=Path),
-              help="Holds ca.crt, broker.crt/.key, aggregator/operator certificates.")  # fmt: skip
+              help="Holds ca.crt, broker.crt/.key and the clients' certificates "
+                   "(aggregators, operators, a site's bridge).")  # fmt: skip
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Where mosquitto.conf, acl and the persistence file go.")  # fmt: skip
 @click.option("--port", default=8883, show_default=True, type=int, help="TLS port.")
