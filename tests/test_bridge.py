@@ -242,6 +242,7 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
     fleet = signed_fleet(site.url, FLEET, bundle.path, state, names,
                          tls={name: tls(name) for name in names})  # fmt: skip
     late = fleet.agents[2]
+    fleet.agents[1].config.group = "barn"  # pi-2
     for agent in fleet.agents:
         attach_to_agent(agent, tmp_path / f"models-{agent.device_id}", fleet.key.public_key())
     auth = fleet.aggregator_auth()
@@ -289,8 +290,11 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
             return {row.device_id: row for row in rows}
 
         assert wait_for(lambda: view()["pi-late"].last_deploy == "v2 installed", timeout=30)
-        # A release for one device crosses on that device's release topic.
-        only_late = deploy(make_test_bundle(tmp_path / "v3", version=3, feature_size=16).path,
+        # Releases for one group and for one device cross on their own topics.
+        to_group = deploy(make_test_bundle(tmp_path / "v3", version=3, feature_size=16).path,
+                          centre.url, FLEET, fleet.key, group="barn", timeout=60,
+                          tls=tls("operator"), device_keys=checked)  # fmt: skip
+        to_device = deploy(make_test_bundle(tmp_path / "v4", version=4, feature_size=16).path,
                            centre.url, FLEET, fleet.key, devices=["pi-late"], timeout=60,
                            tls=tls("operator"), device_keys=checked)  # fmt: skip
         fleet_view = view()
@@ -316,10 +320,11 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
         "pi-1": "updated", "pi-2": "updated"
     }  # fmt: skip
     assert release.refused == {}
-    assert {d: o.outcome for d, o in only_late.devices.items()} == {"pi-late": "updated"}
+    assert {d: o.outcome for d, o in to_group.devices.items()} == {"pi-2": "updated"}
+    assert {d: o.outcome for d, o in to_device.devices.items()} == {"pi-late": "updated"}
     assert {d: (row.key, row.last_deploy) for d, row in fleet_view.items()} == {
-        "pi-1": ("enrolled", "v2 installed"), "pi-2": ("enrolled", "v2 installed"),
-        "pi-late": ("enrolled", "v3 installed"),
+        "pi-1": ("enrolled", "v2 installed"), "pi-2": ("enrolled", "v3 installed"),
+        "pi-late": ("enrolled", "v4 installed"),
     }  # fmt: skip
     assert at_site == at_centre and all(at_site[t] for t in wanted)
 
