@@ -22,6 +22,14 @@ from edgefl.delivery.board_wheels import WheelTarget, download_board_wheels, mis
 from edgefl.errors import DeliveryError
 from edgefl.profiles import load_profile
 
+# Jetson's onnxruntime-gpu comes from NVIDIA's index, which the user gives (none is shipped).
+JETSON_INDEX = "https://jetson-index.invalid/jp6/simple"
+
+
+@pytest.fixture(autouse=True)
+def jetson_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFL_EXTRA_INDEX_URLS", JETSON_INDEX)
+
 
 def fake_wheel(
     folder: Path, name: str, requires: Sequence[str] = (), tag: str = "py3-none-any"
@@ -80,7 +88,7 @@ def test_the_pip_command_asks_for_the_boards_binary_wheels_only(tmp_path: Path) 
     assert command[command.index("--implementation") + 1] == "cp"
     platforms = [command[i + 1] for i, word in enumerate(command) if word == "--platform"]
     assert platforms == WheelTarget("aarch64", "3.10", "2.35").platforms()
-    assert command[command.index("--extra-index-url") + 1] == jetson.install.extra_index_urls[0]
+    assert command[command.index("--extra-index-url") + 1] == JETSON_INDEX
     assert command[-3:] == ["/x/edgefl-0.1.0-py3-none-any.whl[agent]", "onnxruntime-gpu", "pip"]
 
 
@@ -142,16 +150,29 @@ def test_an_unreachable_index_is_named(tmp_path: Path) -> None:
     def run(command: list[str]) -> subprocess.CompletedProcess[str]:
         stderr = (
             "WARNING: Retrying (Retry(total=0)) after connection broken by 'NameResolutionError("
-            "\"HTTPSConnection(host='pypi.jetson-ai-lab.io', port=443): Failed to resolve\")'\n"
+            "\"HTTPSConnection(host='jetson-index.invalid', port=443): Failed to resolve\")'\n"
             "ERROR: No matching distribution found for onnxruntime-gpu\n"
         )
         return subprocess.CompletedProcess(command, 1, "", stderr)
 
     with pytest.raises(
         DeliveryError,
-        match=r"found for onnxruntime-gpu \(pip could not reach pypi.jetson-ai-lab.io\)$",
+        match=r"found for onnxruntime-gpu \(pip could not reach jetson-index.invalid\)$",
     ):
         download_board_wheels(load_profile("jetson"), tmp_path, "edgefl[agent]", run)
+
+
+def test_jetson_needs_the_index_of_its_gpu_runtime_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGEFL_EXTRA_INDEX_URLS")
+    with pytest.raises(DeliveryError, match="give it as EDGEFL_EXTRA_INDEX_URLS"):
+        download_board_wheels(load_profile("jetson"), tmp_path, "edgefl[agent]", lambda c: None)  # type: ignore[arg-type,return-value]
+    script = flash.install_script(load_profile("jetson")).decode()
+    # Online, install.sh swaps in onnxruntime-gpu only with an index given (or shipped wheels).
+    assert 'EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-}"' in script
+    assert 'if [ -n "$EXTRA_INDEX_URLS" ] || [ -d "$HERE/wheels" ]; then' in script
+    assert "keeping the runtime of edgefl[agent]" in script
 
 
 def test_a_profile_naming_its_platform_in_part_is_refused(tmp_path: Path) -> None:

@@ -59,10 +59,13 @@ else
 fi
 # The board's runtime, from its profile's [install]: what it replaces in edgefl[agent]
 # and what it adds.
-"$PREFIX/venv/bin/python" -m pip uninstall --quiet --yes onnxruntime
-# EDGEFL_EXTRA_INDEX_URLS (space-separated) overrides the extra indexes.
-EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-https://pypi.jetson-ai-lab.io/jp6/cu126}"
-PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "${PIP_INSTALL[@]}" onnxruntime-gpu
+EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-}"
+if [ -n "$EXTRA_INDEX_URLS" ] || [ -d "$HERE/wheels" ]; then
+    "$PREFIX/venv/bin/python" -m pip uninstall --quiet --yes onnxruntime
+    PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "${PIP_INSTALL[@]}" onnxruntime-gpu
+else
+    echo "install.sh: no EDGEFL_EXTRA_INDEX_URLS: onnxruntime-gpu not installed; keeping the runtime of edgefl[agent]" >&2
+fi
 
 if "$PREFIX/venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
     echo "install.sh: warning: torch ended up in $PREFIX/venv; boards do not need it" >&2

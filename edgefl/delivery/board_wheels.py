@@ -8,6 +8,7 @@ environment (`missing_requirements`) and what is missing is downloaded by name.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -184,6 +185,11 @@ def download_board_wheels(
         DeliveryError: the profile names no platform, pip failed (with its last error line), or
             a requirement of the board still has no wheel after the passes.
     """
+    if profile.install.packages and not extra_indexes(profile):
+        raise DeliveryError(
+            f"profile {profile.name} installs {', '.join(profile.install.packages)} from an extra "
+            "package index: give it as EDGEFL_EXTRA_INDEX_URLS (space-separated URLs)"
+        )
     target = wheel_target(profile)
     if target is None:
         raise DeliveryError(
@@ -194,7 +200,7 @@ def download_board_wheels(
     roots = [edgefl_requirement, *profile.install.packages, "pip"]
     wanted = roots
     for _ in range(_MAX_PASSES):
-        command = download_command(target, wanted, dest, profile.install.extra_index_urls)
+        command = download_command(target, wanted, dest, extra_indexes(profile))
         done = run(command)
         if done.returncode != 0:
             raise DeliveryError(
@@ -209,6 +215,13 @@ def download_board_wheels(
         f"no wheel for {', '.join(wanted)} on {profile.name} ({target.arch}, Python"
         f" {target.python}) after {_MAX_PASSES} downloads"
     )
+
+
+def extra_indexes(profile: DeviceProfile) -> list[str]:
+    """The extra package indexes of a board's packages: EDGEFL_EXTRA_INDEX_URLS (space-separated)
+    when set, else the profile's `extra_index_urls` (no index host is shipped in a profile)."""
+    given = os.environ.get("EDGEFL_EXTRA_INDEX_URLS", "").split()
+    return given or list(profile.install.extra_index_urls)
 
 
 def _pip_error(output: str) -> str:

@@ -45,20 +45,26 @@ def _runtime_lines(profile: DeviceProfile) -> str:
         "# The board's runtime, from its profile's [install]: what it replaces in edgefl[agent]"
     ]
     lines.append("# and what it adds.")
+    uninstall = f"{_VENV_PYTHON} -m pip uninstall --quiet --yes {_words(spec.uninstall)}"
+    if not spec.packages:
+        lines.append(uninstall)
+        return "\n".join(lines)
+    # The packages come from an extra index (the profile's, or EDGEFL_EXTRA_INDEX_URLS,
+    # space-separated, as pip reads PIP_EXTRA_INDEX_URL), or from an offline bundle's wheels/
+    # (PIP_INSTALL is then --no-index). Without either the board keeps what edgefl[agent] brings.
+    lines += [
+        f'EXTRA_INDEX_URLS="${{EDGEFL_EXTRA_INDEX_URLS:-{" ".join(spec.extra_index_urls)}}}"',
+        'if [ -n "$EXTRA_INDEX_URLS" ] || [ -d "$HERE/wheels" ]; then',
+    ]
     if spec.uninstall:
-        lines.append(f"{_VENV_PYTHON} -m pip uninstall --quiet --yes {_words(spec.uninstall)}")
-    if spec.packages:
-        # PIP_INSTALL: the template's pip command, --no-index with an offline bundle's wheels.
-        install = f'"${{PIP_INSTALL[@]}}" {_words(spec.packages)}'
-        if spec.extra_index_urls:
-            # pip reads a space-separated list from PIP_EXTRA_INDEX_URL.
-            lines.append("# EDGEFL_EXTRA_INDEX_URLS (space-separated) overrides the extra indexes.")
-            lines.append(
-                "EXTRA_INDEX_URLS="
-                f'"${{EDGEFL_EXTRA_INDEX_URLS:-{" ".join(spec.extra_index_urls)}}}"'
-            )
-            install = f'PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" {install}'
-        lines.append(install)
+        lines.append(f"    {uninstall}")
+    lines += [
+        '    PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "${PIP_INSTALL[@]}" ' + _words(spec.packages),
+        "else",
+        f'    echo "install.sh: no EDGEFL_EXTRA_INDEX_URLS: {_words(spec.packages)} not installed;'
+        ' keeping the runtime of edgefl[agent]" >&2',
+        "fi",
+    ]
     return "\n".join(lines)
 
 
