@@ -255,10 +255,10 @@ def test_federation_and_deploy_across_a_bridge_survive_a_site_broker_restart(
     for agent in fleet.agents:
         attach_to_agent(agent, tmp_path / f"models-{agent.device_id}", fleet.key.public_key())
         # A stopping Mosquitto publishes its clients' wills ("offline"), and the restarted
-        # site's bridge re-sends them to the centre. In 2 of about 14 runs with the default
-        # 30 s heartbeat, a board read offline at the centre after its reconnect until round
-        # 3 gave up (a re-sent will arriving after its new "online", we believe); its next
-        # heartbeat corrects that (README, "Sites bridged to a centre").
+        # site's bridge re-sends them, at times after the board's new "online" (3 of 15
+        # restarts with plain clients): with the default 30 s heartbeat a board then read
+        # offline at the centre until round 3 gave up (2 of about 14 runs); its next heartbeat
+        # corrects that (README, "Sites bridged to a centre").
         agent.config.heartbeat_s = 2.0
     auth = fleet.aggregator_auth()
     aggregator = Aggregator(AggregatorConfig(
