@@ -143,6 +143,10 @@ def test_broker_config_bridge_flags_are_checked(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "site.crt is missing" in missing.output
     bad = CliRunner().invoke(main, [*base, "--site-bridge", "a/b"])
     assert bad.exit_code == 2 and "without '/'" in bad.output
+    certs.issue("site", "device", tmp_path, tmp_path)
+    no_port = CliRunner().invoke(main, [*base, "--bridge-to", "c", "--bridge-cert", "site"])
+    assert no_port.exit_code == 2 and "HOST:PORT" in no_port.output
+    assert not (tmp_path / "mosquitto.conf").exists() and not (tmp_path / "acl").exists()
 
 
 # -- two real Mosquittos, bridged --

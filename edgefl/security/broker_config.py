@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from edgefl.errors import InputError
-from edgefl.security.bridge_config import BridgeTls, bridge_acl_text, bridge_text
+from edgefl.security.bridge_config import BridgeTls, bridge_acl_text, bridge_text, parse_address
 from edgefl.transport import topics
 
 AGGREGATOR = "aggregator"
@@ -241,6 +241,7 @@ def write_broker_config(
     if bridge_to is not None:
         if not bridge_name:
             raise InputError("a bridge to the centre needs the name of its certificate")
+        parse_address(bridge_to)  # refused before anything is written
         bridge_tls = BridgeTls(
             cafile, certs_dir / f"{bridge_name}.crt", certs_dir / f"{bridge_name}.key"
         )
