@@ -8,6 +8,7 @@ is only a fallback: its last release (2.14) crashes under numpy 2.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -327,13 +328,23 @@ def measure_latency(
 
 
 def available_runtimes() -> list[str]:
-    """Return the artifact formats this machine can run: a subset of ["onnx", "tflite"]."""
+    """Return the artifact formats this machine has a runtime for: a subset of ["onnx", "tflite"].
+
+    Found without importing them: a board runs one backbone, and importing the other runtime
+    too only to say it is there would cost its memory for as long as the agent runs (about
+    50 MB for onnxruntime on a board running TFLite). A runtime that is installed but broken
+    fails when a backbone is loaded, with its error.
+    """
     found = []
-    try:
-        importlib.import_module("onnxruntime")
+    if importlib.util.find_spec("onnxruntime") is not None:
         found.append("onnx")
-    except ImportError:
-        pass
-    if _litert()[1] is not None:
+    if any(_installed(name) for name in ("ai_edge_litert", "tflite_runtime")):
         found.append("tflite")
     return found
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

@@ -134,7 +134,7 @@ def test_a_profile_without_install_sh_gets_one_from_the_template(
         'EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-https://a.example/simple'
         ' https://b.example/simple}"\n'
         'if [ -n "$EXTRA_INDEX_URLS" ] || [ -d "$HERE/wheels" ]; then\n'
-        '    "$PREFIX/venv/bin/python" -m pip uninstall --quiet --yes onnxruntime\n'
+        '    "${PIP[@]}" uninstall --quiet --yes onnxruntime\n'
         '    PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "${PIP_INSTALL[@]}"'
         " 'onnxruntime-openvino>=1.20'\n"
     ) in text
@@ -438,7 +438,7 @@ def test_install_sh_keeps_agent_env_and_the_agent_state_private(
     assert files["agent.env"].mode == 0o600
     script = files["install.sh"].data.decode()
     # install.sh's directory step and its agent.env step, run alone under tmp_path.
-    dirs = script[script.index("# The agent's state") : script.index("PIP_INSTALL=(")]
+    dirs = script[script.index("# The agent's state") : script.index("PIP=(")]
     env_step = script[script.index('if [ -f "$HERE/agent.env" ]') : script.index("# TLS files")]
     here, config, state = tmp_path / "here", tmp_path / "etc", tmp_path / "var"
     here.mkdir()

@@ -35,19 +35,21 @@ install -d -m 0700 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$STATE_DI
 chmod 0700 "$STATE_DIR" "$STATE_DIR/state" "$STATE_DIR/models" "$STATE_DIR/data"
 install -d -m 0755 "$CONFIG_DIR" "$PREFIX"
 
-PIP_INSTALL=("$PREFIX/venv/bin/python" -m pip install --quiet)
+PIP=("$PREFIX/venv/bin/python" -m pip)
 if [ -d "$HERE/wheels" ]; then
     # An offline bundle: `edgefl flash` downloaded every wheel this board needs (its CPU and
     # Python) into wheels/, so pip never touches the network and builds nothing from source.
-    PIP_INSTALL+=(--no-index --find-links "$HERE/wheels" --only-binary=:all:)
-    # The shipped pip installs itself (pip runs from its wheel): no ensurepip, which would
-    # install an older pip and setuptools first, slowly on a small board.
+    # pip runs from its shipped wheel with the venv's Python, so it installs into the venv
+    # without being installed there: no ensurepip (an older pip and setuptools, slowly on a
+    # small board) and no pip in the venv the agent runs from (a re-flash installs again).
     "$PYTHON" -m venv --without-pip "$PREFIX/venv"
     PIP_WHEEL="$(ls "$HERE"/wheels/pip-*.whl | head -n 1)"
-    "$PREFIX/venv/bin/python" "$PIP_WHEEL/pip" install --quiet --no-index \
-        --find-links "$HERE/wheels" pip
+    PIP=("$PREFIX/venv/bin/python" "$PIP_WHEEL/pip")
+    PIP_INSTALL=("${PIP[@]}" install --quiet --no-index --find-links "$HERE/wheels" \
+        --only-binary=:all:)
 else
     "$PYTHON" -m venv "$PREFIX/venv"
+    PIP_INSTALL=("${PIP[@]}" install --quiet)
     "${PIP_INSTALL[@]}" --upgrade pip
 fi
 # A wheel shipped beside this script (offline bundle) wins over the package index.
@@ -61,7 +63,7 @@ fi
 # and what it adds.
 EXTRA_INDEX_URLS="${EDGEFL_EXTRA_INDEX_URLS:-}"
 if [ -n "$EXTRA_INDEX_URLS" ] || [ -d "$HERE/wheels" ]; then
-    "$PREFIX/venv/bin/python" -m pip uninstall --quiet --yes onnxruntime
+    "${PIP[@]}" uninstall --quiet --yes onnxruntime
     PIP_EXTRA_INDEX_URL="$EXTRA_INDEX_URLS" "${PIP_INSTALL[@]}" onnxruntime-gpu
 else
     echo "install.sh: no EDGEFL_EXTRA_INDEX_URLS: onnxruntime-gpu not installed; keeping the runtime of edgefl[agent]" >&2

@@ -19,7 +19,6 @@ from edgefl.resources import shipped_dir
 
 INSTALL_SCRIPT = "install.sh"
 TEMPLATE = "install.sh.template"
-_VENV_PYTHON = '"$PREFIX/venv/bin/python"'
 
 
 def _words(values: list[str]) -> str:
@@ -45,7 +44,8 @@ def _runtime_lines(profile: DeviceProfile) -> str:
         "# The board's runtime, from its profile's [install]: what it replaces in edgefl[agent]"
     ]
     lines.append("# and what it adds.")
-    uninstall = f"{_VENV_PYTHON} -m pip uninstall --quiet --yes {_words(spec.uninstall)}"
+    # PIP: the template's pip (the venv's, or an offline bundle's shipped wheel).
+    uninstall = f'"${{PIP[@]}}" uninstall --quiet --yes {_words(spec.uninstall)}'
     if not spec.packages:
         lines.append(uninstall)
         return "\n".join(lines)
