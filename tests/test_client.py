@@ -165,3 +165,22 @@ def test_call_later_runs_on_the_loop_thread() -> None:
         assert ran == [True]
     finally:
         loop.stop()
+
+
+def test_close_right_after_publishing_loses_nothing(mosquitto: RunningBroker) -> None:
+    # The aggregator publishes a run's last result and closes at once: the result must stay.
+    publisher = MqttClient(mosquitto.url, "closes-at-once")
+    publisher.connect()
+    for i in range(200):
+        publisher.publish(f"edgefl-test/close/{i}", b"r" * 2000, qos=1, retain=True)
+    publisher.close()
+    seen: set[str] = set()
+    reader = MqttClient(mosquitto.url, "reads-retained")
+    reader.subscribe("edgefl-test/close/#", lambda m: seen.add(m.topic) if m.payload else None)
+    reader.connect()
+    try:
+        assert wait_for(lambda: len(seen) == 200, 10), f"{len(seen)} of 200 retained"
+    finally:
+        for i in range(200):
+            reader.publish(f"edgefl-test/close/{i}", b"", qos=1, retain=True)
+        reader.close()

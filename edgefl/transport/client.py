@@ -14,6 +14,7 @@ import random
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -153,6 +154,8 @@ class MqttClient:
         self._connect_hooks: list[ConnectHandler] = []
         self._connected = threading.Event()
         self._closing = False
+        # The last QoS >= 1 publishes, bounded: close() waits for their acknowledgements.
+        self._recent: deque[PublishHandle] = deque(maxlen=1024)
         self._started = False
         self._reconnect_timer: TimerHandle | None = None
         self._last_error = ""
@@ -275,13 +278,25 @@ class MqttClient:
         While disconnected, QoS >= 1 messages stay queued and go out after the reconnect.
         """
         data = payload.encode() if isinstance(payload, str) else payload
-        info = self._paho.publish(topic, data, qos=qos, retain=retain)
-        return PublishHandle(info)
+        handle = PublishHandle(self._paho.publish(topic, data, qos=qos, retain=retain))
+        if qos > 0:
+            self._recent.append(handle)  # close() waits for these before it disconnects
+        return handle
 
     def close(self, timeout: float = 5.0) -> None:
-        """Disconnect cleanly (no last will) and stop retrying; safe to call twice."""
+        """Disconnect cleanly (no last will) and stop retrying; safe to call twice.
+
+        Called off the network thread while connected, it first waits (within `timeout`) for
+        the broker to acknowledge the QoS >= 1 messages published last (a run's final result
+        is not lost to the disconnect that follows it).
+        """
         if not self._started:
             return
+        if self.connected and not self.network.in_loop_thread():
+            deadline = time.monotonic() + timeout / 2
+            for handle in list(self._recent):
+                if not handle.wait(max(0.0, deadline - time.monotonic())):
+                    break
         self._closing = True
         self._started = False
         done = threading.Event()
