@@ -53,7 +53,8 @@ def smoke_inference(bundle: ModelBundle, backbone: Artifact, threads: int = 1) -
                 f" the backbone gives {width}"
             )
         try:
-            logits = head_forward(spec.layers, bundle.head_weights(task), features)
+            # The head as the model ran it: its output operations (a sigmoid, ...) included.
+            logits = head_forward(spec.layers, bundle.head_weights(task), features, spec.outputs)
         except (EdgeflError, KeyError, ValueError) as exc:
             raise SmokeTestError(f"smoke inference failed: head {task!r}: {exc}") from exc
         if logits.shape != (1, spec.num_outputs) or not np.isfinite(logits).all():

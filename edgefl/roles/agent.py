@@ -232,8 +232,8 @@ class Agent:
         # Training conforms the local data to the bundle's input; predict takes the same data.
         x = conform_batch(np.asarray(x, dtype=np.float32), self.bundle.manifest.input.shape)
         features = self._compute_features(x, cache=False)
-        layers = self.bundle.head_spec(self.config.task).layers
-        return head_forward(layers, head, features).argmax(axis=1)
+        spec = self.bundle.head_spec(self.config.task)  # its output operations run too
+        return head_forward(spec.layers, head, features, spec.outputs).argmax(axis=1)
 
     # -- the bundle hook (delivery plugs signed, chunked deploys in here) --
 
