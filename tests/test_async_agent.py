@@ -45,12 +45,17 @@ def test_a_busy_board_trains_on_the_newest_task_it_was_sent(
                     bundle_digest=bundle.digest,
                 )  # fmt: skip
                 topic = topics.round_task(FLEET, number)
-                server.publish(topic, encode_round_task(task, heads), qos=1).wait(5)
+                # Retained, as the aggregator publishes tasks: the agent's subscription may still
+                # be on its way to the broker (a loaded machine), and gets them all the same.
+                payload = encode_round_task(task, heads)
+                server.publish(topic, payload, qos=1, retain=True).wait(5)
             assert wait_for(lambda: len(agent._training) == 3, 30)
         assert wait_for(lambda: len(updates) >= 1, 30)
         assert not wait_for(lambda: len(updates) > 1, 1.0)
     finally:
         agent.stop()
+        for number in (1, 2, 3):
+            server.publish(topics.round_task(FLEET, number), b"", qos=1, retain=True).wait(5)
         server.close()
     # Rounds 1 and 2 waited behind the training and were superseded: only the newest answered.
     assert updates == [3]
