@@ -7,6 +7,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
 from edgefl.roles.metrics_exporter import AggregatorMetrics, chain_rounds, parse_listen
 from edgefl.transport import topics
 from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.messages import DeviceStatus
 
 
 def test_verdicts_and_rounds_become_counters_and_gauges() -> None:
@@ -91,10 +93,12 @@ def test_a_scrape_during_a_run_matches_the_sqlite_record(
     datasets, _test = digits_devices(3)
     ids = [f"pi-{i}" for i in range(3)]
     state_path = tmp_path / "state.sqlite"
+    # pi-silent is online and selected but never answers: every round runs to its deadline, so
+    # the intruder's junk lands in its round however loaded the machine (not after its close).
     config = AggregatorConfig(
         mosquitto.url, fleet, bundle.path,
-        RoundPolicy(rounds=rounds, min_devices=3, deadline_s=20.0, settle_s=0.2),
-        acceptance=AcceptancePolicy(allow=tuple(ids)), state_path=state_path,
+        RoundPolicy(rounds=rounds, min_devices=4, deadline_s=3.0, settle_s=0.2),
+        acceptance=AcceptancePolicy(allow=(*ids, "pi-silent")), state_path=state_path,
     )  # fmt: skip
     metrics = AggregatorMetrics(fleet)
     port = metrics.serve(0)
@@ -126,6 +130,12 @@ def test_a_scrape_during_a_run_matches_the_sqlite_record(
 
     intruder.subscribe(topics.all_tasks(fleet), on_task)
     intruder.connect()
+    silent = DeviceStatus(
+        "pi-silent", "online", samples=10, time=time.time(),
+        model_version=bundle.manifest.version, bundle_digest=bundle.digest,
+    )  # fmt: skip
+    silent_topic = topics.device_status(fleet, "pi-silent")
+    intruder.publish(silent_topic, silent.encode(), qos=1, retain=True).wait(5)
     agents = [
         Agent(AgentConfig(mosquitto.url, fleet, device, bundle_dir=bundle.path), data)
         for device, data in zip(ids, datasets, strict=True)
@@ -139,6 +149,7 @@ def test_a_scrape_during_a_run_matches_the_sqlite_record(
         runner.join(120.0)
         assert result, "the run did not finish"
     finally:
+        intruder.publish(silent_topic, b"", qos=1, retain=True).wait(5)
         intruder.close()
         for agent in agents:
             agent.stop()
@@ -168,7 +179,7 @@ def test_a_scrape_during_a_run_matches_the_sqlite_record(
     assert scraped[("edgefl_rounds_total", (("status", "closed"),))] == closed == rounds
     assert scraped[("edgefl_round", ())] == last_round
     assert scraped[("edgefl_round_duration_seconds_count", ())] == rounds
-    assert scraped[("edgefl_devices", (("state", "online"),))] == len(agents)
+    assert scraped[("edgefl_devices", (("state", "online"),))] == len(agents) + 1  # pi-silent
     # The junk came first on pi-0's topic, so it is pi-0's answer: 2 of 3 accepted per round.
     result = record.rounds()[-1].result
     assert result is not None
