@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -104,9 +104,8 @@ def check_finite(dataset: Dataset, source: str | Path) -> Dataset:
 class DataSource:
     """Labelled samples on disk (a `.npz` or an ImageFolder), read in batches when needed.
 
-    The labels and the sample count are read up front; the samples are not. A board computes
-    its backbone features from `batches()` and keeps only those: raw 224x224 images are 0.6 MB
-    each as model inputs, and holding them all broke the agent's memory budget.
+    Labels and count are read up front, samples only by `batches()`: a board keeps just their
+    features (224x224 inputs are 0.6 MB each; holding them all broke its memory budget).
 
     Attributes:
         path: the `.npz` file or the ImageFolder directory.
@@ -148,22 +147,23 @@ class DataSource:
             yield np.ascontiguousarray(batch, dtype=np.float32)
 
     def digest(self, preprocess: Preprocess | None = None) -> str:
-        """Return a short hex digest of the sample files' bytes and the preprocessing.
-
-        Hashing the files (streamed, never held) rather than the model inputs keys a feature
-        cache without decoding any image; the preprocessing is part of the key because the same
-        files give other inputs under another one.
-        """
+        """Return a short hex digest of the sample files' bytes and the preprocessing: a feature
+        cache key made without decoding any image (other preprocessing, other inputs)."""
         digest = hashlib.sha256(json.dumps(asdict(preprocess)).encode() if preprocess else b"-")
         for file in self.files or (self.path,):
             digest.update(str(file.relative_to(self.path.parent)).encode() + b"\0")
-            try:
-                with file.open("rb") as handle:
-                    while block := handle.read(1 << 20):
-                        digest.update(block)
-            except OSError as exc:
-                raise DataError(f"cannot read {file}: {exc}") from exc
+            hash_file(digest, file)
         return digest.hexdigest()[:16]
+
+
+def hash_file(digest: Any, file: Path) -> None:
+    """Stream `file`'s bytes into `digest` (a hashlib object); DataError if it is unreadable."""
+    try:
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read {file}: {exc}") from exc
 
 
 def open_source(source: str | Path) -> DataSource:

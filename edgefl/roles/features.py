@@ -24,8 +24,7 @@ import numpy as np
 
 from edgefl.atomic import replacing
 from edgefl.bundle import InputSpec
-from edgefl.data import DataSource, conform_batch
-from edgefl.errors import DataError
+from edgefl.data import DataSource, conform_batch, hash_file
 
 
 class Runner(Protocol):
@@ -152,12 +151,7 @@ def file_digest(file: Path, spec: InputSpec) -> str:
         DataError: the file cannot be read.
     """
     digest = hashlib.sha256(json.dumps([asdict(spec.preprocess), list(spec.shape)]).encode())
-    try:
-        with file.open("rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    except OSError as exc:
-        raise DataError(f"cannot read {file}: {exc}") from exc
+    hash_file(digest, file)
     return digest.hexdigest()[:16]
 
 
