@@ -197,15 +197,17 @@ class AsyncRoundEngine(RoundEngine):
         return Verdict(REPEATED, self.buffer.number, device, sha256=digest, size=size)
 
     def refuse(
-        self, number: int, device: str, code: str, reason: str, size: int, sha256: str = ""
-    ) -> Verdict:
-        """Count a refused update in the buffer being filled, whatever round it names.
+        self, number: int, device: str, code: str, reason: str, size: int, sha256: str = "",
+        answers: bool = True,
+    ) -> Verdict:  # fmt: skip
+        """Count a refused update in the buffer being filled, whatever round it names; as the
+        device's answer unless `answers` is False or the code is in NOT_AN_ANSWER.
 
         Returns:
             A `REJECTED` verdict (async mode has no "late": an old update is "stale").
         """
         self.buffer.rejected[code] += 1
-        if code not in NOT_AN_ANSWER and device != "?":
+        if answers and code not in NOT_AN_ANSWER and device != "?":
             self.buffer.answers[device], self.buffer.reasons[device] = code, reason
         log.warning("round %d: rejected update from %s: %s: %s", number, device, code, reason)
         return Verdict(REJECTED, self.buffer.number, device, code, reason, size=size,

@@ -338,13 +338,15 @@ class RoundEngine:
         return Verdict(REPEATED, number, device, task=task, sha256=digest, size=size)
 
     def refuse(
-        self, number: int, device: str, code: str, reason: str, size: int, sha256: str = ""
-    ) -> Verdict:
+        self, number: int, device: str, code: str, reason: str, size: int, sha256: str = "",
+        answers: bool = True,
+    ) -> Verdict:  # fmt: skip
         """Count an update refused before or while reading it (e.g. "oversized", "bad-topic").
 
         Counted in the open round only when it names that round (or no round: `number` < 0);
         one for another round is the record's to count under that round. From a selected
-        device that had not answered it, it is its answer (codes in NOT_AN_ANSWER never are).
+        device that had not answered it, it is its answer (codes in NOT_AN_ANSWER never are,
+        nor a message with `answers` False: one that cannot be attributed to its device).
 
         Returns:
             A `LATE` verdict for code "round-closed", else `REJECTED`.
@@ -357,7 +359,8 @@ class RoundEngine:
                 round_.late += 1
             else:
                 round_.rejected[code] += 1
-            if number == round_.number and device in round_.selected and code not in NOT_AN_ANSWER:
+            answer = answers and code not in NOT_AN_ANSWER
+            if number == round_.number and device in round_.selected and answer:
                 round_.answered.setdefault(device, sha256)
                 round_.answers.setdefault(device, code)
                 round_.reasons.setdefault(device, reason)

@@ -445,14 +445,14 @@ class Aggregator:
     def _on_oversized(self, topic: str, size: int) -> None:
         parsed = topics.parse(topic)
         number = parsed.round_number if parsed and parsed.round_number is not None else -1
-        if not self.auth.is_insecure:  # dropped unread, so its seal unchecked: never an answer
-            number = -1
         device = parsed.device_id if parsed and parsed.device_id else "?"
         limit = self.config.acceptance.max_update_bytes
         with self._cond:
+            # Dropped unread: with seals on, nothing says it came from the device it names.
             verdict = self.engine.refuse(
-                number, device, "oversized", f"{size} bytes exceeds the limit {limit}", size
-            )
+                number, device, "oversized", f"{size} bytes exceeds the limit {limit}", size,
+                answers=self.auth.is_insecure,
+            )  # fmt: skip
             self._record(verdict)
             if verdict.complete:
                 self._cond.notify_all()
