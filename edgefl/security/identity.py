@@ -35,7 +35,6 @@ from edgefl.transport.sealed import (
     fingerprint,
     raw_public_key,
     seal,
-    unseal,
 )
 
 log = logging.getLogger(__name__)
@@ -155,6 +154,8 @@ class AggregatorAuth(Sealer):
         """
         super().__init__(key)
         self.devices = devices
+        # Its own seal, checked as a board checks it (retained tasks and results of other runs).
+        self._own = TrustedSigners([key.public_key()]) if key is not None else None
         self.refused: Counter[str] = Counter()  # refused statuses and updates, by code
 
     @classmethod
@@ -199,13 +200,10 @@ class AggregatorAuth(Sealer):
 
     def sealed_by_me(self, topic: str, data: bytes) -> bool:
         """Whether `data` carries this aggregator's valid seal (insecure: always)."""
-        if self.key is None:
+        if self._own is None:
             return True
         try:
-            sealed = unseal(data)
-            if sealed.public_key != self.raw:
-                return False
-            sealed.verify(topic, self.key.public_key())
+            self._own.open(topic, data)
         except SealError:
             return False
         return True
