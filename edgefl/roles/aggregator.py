@@ -35,6 +35,7 @@ from edgefl.roles.summary import (
     write_heads,
     write_metrics,
 )
+from edgefl.roles.update_intake import UpdateIntake
 from edgefl.security.identity import AggregatorAuth
 from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient, NetworkLoop
@@ -118,12 +119,16 @@ class Aggregator:
         self._eval: ServerEvaluation | None = None
         if eval_dataset is not None and config.eval_task in self.heads:
             self._eval = ServerEvaluation(self.bundle, eval_dataset)
+        self.intake = UpdateIntake(
+            lambda: self.engine, self._cond, self.auth,
+            lambda: config.acceptance.max_update_bytes, self._record,
+        )  # fmt: skip
         self.client = MqttClient(
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-aggregator",
             network=network,
             max_payload_bytes=config.acceptance.max_update_bytes,
-            on_oversized=self._on_oversized,
+            on_oversized=self.intake.on_oversized,
             tls=config.tls,
         )
 
@@ -211,7 +216,7 @@ class Aggregator:
             self.engine.run_id = self.run_id
         fleet = self.config.fleet
         self.client.subscribe(topics.all_statuses(fleet), self._on_status)
-        self.client.subscribe(topics.all_updates(fleet), self._on_update)
+        self.client.subscribe(topics.all_updates(fleet), self.intake.on_update)
         self.client.subscribe(topics.all_tasks(fleet), self._on_retained)
         self.client.subscribe(topics.all_results(fleet), self._on_retained)
         self.client.on_connect(self._on_connect)
@@ -441,46 +446,6 @@ class Aggregator:
         with self._cond:
             self.engine.observe_status(status, seen, now)
             self._cond.notify_all()
-
-    def _on_oversized(self, topic: str, size: int) -> None:
-        parsed = topics.parse(topic)
-        number = parsed.round_number if parsed and parsed.round_number is not None else -1
-        device = parsed.device_id if parsed and parsed.device_id else "?"
-        limit = self.config.acceptance.max_update_bytes
-        with self._cond:
-            # Dropped unread: with seals on, nothing says it came from the device it names.
-            verdict = self.engine.refuse(
-                number, device, "oversized", f"{size} bytes exceeds the limit {limit}", size,
-                answers=self.auth.is_insecure,
-            )  # fmt: skip
-            self._record(verdict)
-            if verdict.complete:
-                self._cond.notify_all()
-
-    def _on_update(self, message: Message) -> None:
-        parsed = topics.parse(message.topic)
-        size = len(message.payload)
-        with self._cond:
-            if parsed is None or parsed.round_number is None or parsed.device_id is None:
-                reason = f"{message.topic} is not an update topic"
-                self._record(self.engine.refuse(-1, "?", "bad-topic", reason, size))
-                return
-            if not message.payload:
-                return  # an empty retained message clears a topic; nothing was sent
-            number, device = parsed.round_number, parsed.device_id
-            try:
-                payload = self.auth.open(message.topic, device, message.payload)
-            except SealError as exc:  # a forgery is counted, but is not the device's answer
-                self._record(self.engine.refuse(number, device, exc.code, exc.reason, size))
-                return
-            verdict = self.engine.receive(number, device, payload)
-            # Recorded under the lock, before the round can close, so the last update's record
-            # is in the batch that closing the round writes.
-            self._record(verdict, payload)
-            if verdict.complete:
-                # Only the last answer wakes run(): waking it per update cost a thread switch
-                # (and, through its periodic flush, a SQLite commit) for every message.
-                self._cond.notify_all()
 
     def _record(self, verdict: Verdict, payload: bytes | None = None) -> None:
         if self.on_verdict is not None:
