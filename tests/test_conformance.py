@@ -20,7 +20,7 @@ import pytest
 
 from edgefl import signing
 from edgefl.bundle import Manifest, decode_head, encode_head, manifest_digest
-from edgefl.core.codecs import decode_delta, encode_delta
+from edgefl.core.codecs import decode_delta, decode_payload, encode_delta, encode_payload
 from edgefl.core.settings import RoundSettings
 from edgefl.delivery.release import open_release
 from edgefl.errors import MessageError, SignatureError
@@ -38,6 +38,7 @@ from edgefl.transport.messages import (
     update_metadata,
 )
 from edgefl.transport.sealed import SealError, seal, unseal
+from edgefl.transport.update_frame import encode_compact, read_compact, task_ref
 
 VECTORS = Path(__file__).parent / "vectors"
 CASES = sorted(path.stem for path in VECTORS.glob("*.json"))
@@ -105,9 +106,9 @@ def load_generator() -> ModuleType:
 @pytest.mark.parametrize("name", CASES)
 def test_vector_decodes_as_expected(name: str) -> None:
     data, expected = load(name)
-    if expected["kind"] in ("status", "task", "update", "result"):
+    if expected["kind"] in ("status", "task", "update", "result", "compact-update"):
         parsed = topics.parse(expected["topic"])
-        assert parsed is not None and parsed.kind == expected["kind"]
+        assert parsed is not None and parsed.kind == expected["kind"].removeprefix("compact-")
     if expected["kind"] == "sealed":
         check_sealed(data, expected)
         return
@@ -133,6 +134,8 @@ def decode(kind: str, data: bytes) -> Any:
         return RoundResult.decode(data)
     if kind == "task":
         return decode_round_task(data)
+    if kind == "compact-update":
+        return read_compact(data)
     header = read_update_header(data)
     return header, decode_delta(data) if header.status == "ok" else None
 
@@ -288,7 +291,33 @@ def check_artifact(data: bytes, expected: dict[str, Any]) -> None:
     assert hashlib.sha256(data).hexdigest() == expected["sha256"]
 
 
+def check_compact_update(data: bytes, expected: dict[str, Any]) -> None:
+    header = read_compact(data)
+    assert header.codec == expected["codec"] and header.samples == expected["samples"]
+    assert header.metrics == expected["metrics"]
+    assert (header.clip_norm, header.noise_multiplier) == (
+        expected["clip_norm"], expected["noise_multiplier"])  # fmt: skip
+    preimage = expected["ref_preimage"].replace("\\0", "\0").encode()
+    assert hashlib.sha256(preimage).digest()[:8].hex() == expected["ref"] == header.ref.hex()
+    task, heads = decode_round_task(load(expected["answers"])[0])
+    assert task.update_frame >= 1
+    assert task_ref(task.run_id, task.round, "default", task.head_digest, task.head_version,
+                    task.bundle_digest) == header.ref  # fmt: skip
+    # The tensors are shaped as the head the task sent, in byte-wise order of their names.
+    head = heads["default"]
+    assert [[key, list(head[key].shape)] for key in sorted(head)] == expected["shapes"]
+    delta = decode_payload(header.codec, data[header.body_offset :],
+                           [(key, head[key].shape) for key in sorted(head)])  # fmt: skip
+    assert_same_tensors(delta, expected["delta"])
+    assert header.body_offset == expected["header_bytes"]
+    again = encode_compact(header.codec, header.ref, header.samples,
+                           encode_payload(delta, header.codec), header.metrics,
+                           header.clip_norm, header.noise_multiplier)  # fmt: skip
+    assert again == data
+
+
 CHECKS = {
+    "compact-update": check_compact_update,
     "release": check_release,
     "artifact": check_artifact,
     "status": check_json_message,

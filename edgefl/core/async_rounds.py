@@ -48,6 +48,7 @@ from edgefl.core.task_aggregation import aggregate_tasks
 from edgefl.core.update_checks import check_run, read_header
 from edgefl.core.validation import NOT_AN_ANSWER, UpdateRejected
 from edgefl.head import Weights
+from edgefl.transport.messages import UpdateHeader
 
 __all__ = ["AsyncRoundEngine", "Buffer", "BufferedUpdate"]
 
@@ -166,7 +167,8 @@ class AsyncRoundEngine(RoundEngine):
         for update in stored:
             trained = int(update.metrics.get("trained_round", number))
             task_round = self.tasks.get(trained)
-            delta = decode_stored(number, update)
+            task = task_round.selected.get(update.device_id, "") if task_round else ""
+            delta = decode_stored(number, update, self.heads.get(task))
             if task_round is None or delta is None:
                 if task_round is None:
                     log.error("round %d: stored update of %s answers round %d, not known",
@@ -213,13 +215,13 @@ class AsyncRoundEngine(RoundEngine):
         return Verdict(REJECTED, self.buffer.number, device, code, reason, size=size,
                        sha256=sha256)  # fmt: skip
 
-    def staleness_of(self, number: int, claimed_version: int) -> int:
+    def staleness_of(self, number: int, claimed_version: int | None) -> int:
         """Return how many head versions were made after round `number`'s task.
 
         Args:
             number: the round the update answers.
-            claimed_version: the head version its header names, used only to say how old an
-                update answering a forgotten round is.
+            claimed_version: the head version its header names (a compact frame names none),
+                used only to say how old an update answering a forgotten round is.
 
         Raises:
             UpdateRejected: "round-unknown" (no such task yet) or "stale" (beyond the bound,
@@ -230,6 +232,9 @@ class AsyncRoundEngine(RoundEngine):
         bound = self.asynchronous.max_staleness
         round_ = self.tasks.get(number)
         trained = round_.head_version if round_ is not None else claimed_version
+        if trained is None:  # forgotten, so beyond the bound
+            raise UpdateRejected("stale", f"update trained on round {number}'s head is more "
+                                 f"than {bound} versions old")  # fmt: skip
         staleness = self.head_version - trained
         if round_ is None or staleness > bound:
             raise UpdateRejected(
@@ -242,7 +247,8 @@ class AsyncRoundEngine(RoundEngine):
     def _admit(self, number: int, device: str, payload: bytes, digest: str) -> Verdict:
         header = read_header(device, number, payload, self._allow)
         check_run(header, self.run_id)
-        staleness = self.staleness_of(number, header.head_version)
+        claimed = header.head_version if isinstance(header, UpdateHeader) else None
+        staleness = self.staleness_of(number, claimed)
         round_ = self.tasks[number]
         if device not in round_.selected:
             raise UpdateRejected("not-selected", f"{device} was not selected for round {number}")

@@ -21,7 +21,8 @@ Layouts (why they differ: safetensors' JSON header is ~100 bytes per tensor, whi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,13 +153,57 @@ def encode_delta(
         else {key: np.asarray(value, dtype=np.float32) for key, value in delta.items()}
     )
     header = {"codec": codec, "shapes": _shapes_json(values), **extra}
-
     if codec == "float32":
+        # One tensor per key: any safetensors reader reads a float32 update as it is.
         arrays = {key: np.ascontiguousarray(value) for key, value in values.items()}
-        sent: Weights = values
-    elif codec == "int8":
+        sent = values
+    else:
+        blob, sent = _encode_lossy(values, codec, topk_fraction)
+        arrays = {"d": np.frombuffer(blob, dtype=np.uint8)}
+    if feedback is not None:
+        feedback.update(values, sent)
+    return bytes(save_safetensors_bytes(arrays, metadata=header))
+
+
+def encode_payload(
+    delta: Mapping[str, np.ndarray],
+    codec: str,
+    *,
+    feedback: ErrorFeedback | None = None,
+    topk_fraction: float = 0.01,
+) -> bytes:
+    """Return a codec's payload alone, the tensors in `delta`'s order (the compact frame's body).
+
+    float32 is every tensor's values (little-endian float32, row-major) one after another; int8
+    and topk are the bytes of their array "d" (module docstring). Arguments as `encode_delta`.
+
+    Raises:
+        ValueError: unknown codec, topk_fraction out of range.
+    """
+    if codec not in CODEC_NAMES:
+        raise ValueError(f"unknown codec {codec!r}; choose one of: {', '.join(CODEC_NAMES)}")
+    if not 0.0 < topk_fraction <= 1.0:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    values = (
+        feedback.corrected(delta)
+        if feedback is not None
+        else {key: np.asarray(value, dtype=np.float32) for key, value in delta.items()}
+    )
+    if codec == "float32":
+        parts = [value.astype(_LE_F32, copy=False).ravel() for value in values.values()]
+        blob, sent = np.concatenate([*parts, np.zeros(0, _LE_F32)]).tobytes(), values
+    else:
+        blob, sent = _encode_lossy(values, codec, topk_fraction)
+    if feedback is not None:
+        feedback.update(values, sent)
+    return blob
+
+
+def _encode_lossy(values: Weights, codec: str, topk_fraction: float) -> tuple[bytes, Weights]:
+    """Return the int8 or topk payload of `values` and what a receiver decodes from it."""
+    sent: Weights = {}
+    if codec == "int8":
         scales, parts = [], []
-        sent = {}
         for key, value in values.items():
             q, scale = _quantize_int8(value)
             scales.append(scale)
@@ -168,32 +213,26 @@ def encode_delta(
             np.array(scales, dtype=_LE_F32).tobytes()
             + np.concatenate([*parts, np.zeros(0, np.int8)]).tobytes()
         )
-        arrays = {"d": np.frombuffer(blob, dtype=np.uint8)}
-    else:
-        indices, kept = [], []
-        sent = {}
-        offset = 0
-        for key, value in values.items():
-            flat = value.ravel()
-            chosen = _topk_indices(flat, topk_fraction) if flat.size else np.zeros(0, np.int64)
-            half = np.clip(flat[chosen], -_FLOAT16_MAX, _FLOAT16_MAX).astype(_LE_F16)
-            dense = np.zeros(flat.size, np.float32)
-            dense[chosen] = half.astype(np.float32)
-            sent[key] = dense.reshape(value.shape)
-            indices.append(chosen + offset)
-            kept.append(half)
-            offset += flat.size
-        if offset > np.iinfo(np.int32).max:
-            raise ValueError("delta is too large for int32 top-k indices")
-        blob = (
-            np.concatenate([*indices, np.zeros(0, np.int64)]).astype(_LE_I32).tobytes()
-            + np.concatenate([*kept, np.zeros(0, _LE_F16)]).tobytes()
-        )
-        arrays = {"d": np.frombuffer(blob, dtype=np.uint8)}
-
-    if feedback is not None:
-        feedback.update(values, sent)
-    return bytes(save_safetensors_bytes(arrays, metadata=header))
+        return blob, sent
+    indices, kept = [], []
+    offset = 0
+    for key, value in values.items():
+        flat = value.ravel()
+        chosen = _topk_indices(flat, topk_fraction) if flat.size else np.zeros(0, np.int64)
+        half = np.clip(flat[chosen], -_FLOAT16_MAX, _FLOAT16_MAX).astype(_LE_F16)
+        dense = np.zeros(flat.size, np.float32)
+        dense[chosen] = half.astype(np.float32)
+        sent[key] = dense.reshape(value.shape)
+        indices.append(chosen + offset)
+        kept.append(half)
+        offset += flat.size
+    if offset > np.iinfo(np.int32).max:
+        raise ValueError("delta is too large for int32 top-k indices")
+    blob = (
+        np.concatenate([*indices, np.zeros(0, np.int64)]).astype(_LE_I32).tobytes()
+        + np.concatenate([*kept, np.zeros(0, _LE_F16)]).tobytes()
+    )
+    return blob, sent
 
 
 def _shape_pairs(raw: Any) -> list[tuple[Any, Any]]:
@@ -285,7 +324,6 @@ def _decode(data: bytes) -> tuple[Weights, dict[str, str]]:
     if codec not in CODEC_NAMES:
         raise MessageError(f"update has unknown codec {codec!r} (known: {', '.join(CODEC_NAMES)})")
     shapes = _parse_shapes(metadata.get("shapes"))
-    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes.values()]
 
     if codec == "float32":
         if set(arrays) != set(shapes):
@@ -306,35 +344,76 @@ def _decode(data: bytes) -> tuple[Weights, dict[str, str]]:
     blob = arrays.get("d")
     if set(arrays) != {"d"} or blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
         raise MessageError(f"{codec} update must hold exactly one uint8 array 'd'")
-    payload = blob.tobytes()
+    return _decode_payload(codec, blob.tobytes(), list(shapes.items())), metadata
+
+
+def decode_payload(
+    codec: str, payload: bytes | memoryview, shapes: Sequence[tuple[str, tuple[int, ...]]]
+) -> Weights:
+    """Decode a codec's payload alone (`encode_payload`) into tensors of the given shapes.
+
+    Args:
+        codec: one of `CODEC_NAMES`.
+        payload: the payload bytes.
+        shapes: (name, shape) of each tensor, in the payload's order; the receiver's own (the
+            head it sent), so their sizes are trusted.
+
+    Raises:
+        MessageError: unknown codec, or the payload does not fit the shapes. Nothing else.
+    """
+    if codec not in CODEC_NAMES:
+        raise MessageError(f"update has unknown codec {codec!r} (known: {', '.join(CODEC_NAMES)})")
+    try:
+        return _decode_payload(codec, payload, shapes)
+    except MessageError:
+        raise
+    except Exception as exc:  # hostile bytes must never surface as anything but MessageError
+        raise MessageError(f"update cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _decode_payload(
+    codec: str, payload: bytes | memoryview, shapes: Sequence[tuple[str, tuple[int, ...]]]
+) -> Weights:
+    sizes = [math.prod(shape) for _, shape in shapes]
+    total = sum(sizes)
+    delta: Weights = {}
+    if codec == "float32":
+        if len(payload) != 4 * total:
+            raise MessageError(f"float32 update holds {len(payload)} bytes, its shapes need "
+                               f"{4 * total}")  # fmt: skip
+        flat = np.frombuffer(payload, dtype=_LE_F32).astype(np.float32)
+        start = 0
+        for (key, shape), size in zip(shapes, sizes, strict=True):
+            delta[key] = flat[start : start + size].reshape(shape)
+            start += size
+        return delta
     if codec == "int8":
-        expected = 4 * len(shapes) + sum(sizes)
+        expected = 4 * len(shapes) + total
         if len(payload) != expected:
             raise MessageError(
                 f"int8 update holds {len(payload)} bytes, its shapes need {expected}"
             )
         scales = np.frombuffer(payload, dtype=_LE_F32, count=len(shapes))
         q = np.frombuffer(payload, dtype=np.int8, offset=4 * len(shapes))
-        delta, start = {}, 0
-        for (key, shape), size, scale in zip(shapes.items(), sizes, scales, strict=True):
+        start = 0
+        for (key, shape), size, scale in zip(shapes, sizes, scales, strict=True):
             delta[key] = (q[start : start + size].astype(np.float32) * scale).reshape(shape)
             start += size
-        return delta, metadata
+        return delta
 
     if len(payload) % 6:
         raise MessageError(f"topk update holds {len(payload)} bytes, not a multiple of 6")
     count = len(payload) // 6
     indices = np.frombuffer(payload, dtype=_LE_I32, count=count).astype(np.int64)
     values = np.frombuffer(payload, dtype=_LE_F16, offset=4 * count).astype(np.float32)
-    total = sum(sizes)
     if count and (indices[0] < 0 or indices[-1] >= total or np.any(np.diff(indices) <= 0)):
         raise MessageError(
             f"topk update indices must be strictly increasing and within [0, {total})"
         )
     flat = np.zeros(total, np.float32)
     flat[indices] = values
-    delta, start = {}, 0
-    for (key, shape), size in zip(shapes.items(), sizes, strict=True):
+    start = 0
+    for (key, shape), size in zip(shapes, sizes, strict=True):
         delta[key] = flat[start : start + size].reshape(shape)
         start += size
-    return delta, metadata
+    return delta

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgefl.core.board_limits import BoardLimits, bound_training
-from edgefl.core.codecs import ErrorFeedback, encode_delta
+from edgefl.core.codecs import ErrorFeedback, encode_delta, encode_payload
 from edgefl.core.personal_head import judging_split, keeps_candidate
 from edgefl.core.privacy import add_gaussian_noise, clip_by_norm
 from edgefl.core.settings import (
@@ -36,6 +36,7 @@ from edgefl.transport.messages import (
     encode_update_error,
     update_metadata,
 )
+from edgefl.transport.update_frame import COMPACT_FRAME, encode_compact, fits_compact, task_ref
 
 # An error update's reason is one line for a log, not a traceback (docs/protocol.md).
 MAX_REASON_CHARS = 500
@@ -330,13 +331,11 @@ def _train(
         noise_multiplier=multiplier if clip is not None else 0.0,
     )
     codec = board.codec or settings.codec.codec
-    payload = encode_delta(
-        delta,
-        codec,
+    payload = encode_update(
+        header, delta, codec, task.update_frame,
         feedback=feedback if codec != "float32" else None,
         topk_fraction=settings.codec.topk_fraction,
-        metadata=update_metadata(header),
-    )
+    )  # fmt: skip
     outcome = RoundOutcome(task.round, "ok", "", metrics, len(payload), run_id=task.run_id)
     trained = None
     if board.personalize:
@@ -348,3 +347,32 @@ def _train(
                            data.labels[judge]):  # fmt: skip
             trained = result.weights
     return LocalRound(payload, outcome, trained=trained, limited=limited)
+
+
+def encode_update(
+    header: UpdateHeader,
+    delta: Mapping[str, np.ndarray],
+    codec: str,
+    update_frame: int = 0,
+    *,
+    feedback: ErrorFeedback | None = None,
+    topk_fraction: float = 0.01,
+) -> bytes:
+    """Return an "ok" update's bytes: the compact frame where the task reads it, else safetensors.
+
+    Args:
+        header: the update's header (what it answers, samples, metrics, privacy applied).
+        delta: the head's delta, by parameter name.
+        codec: one of `edgefl.core.codecs.CODEC_NAMES`.
+        update_frame: the task's `update_frame` (0: the aggregator reads safetensors only).
+        feedback, topk_fraction: as `edgefl.core.codecs.encode_delta`.
+    """
+    if update_frame < COMPACT_FRAME or not fits_compact(header.metrics):
+        return encode_delta(delta, codec, feedback=feedback, topk_fraction=topk_fraction,
+                            metadata=update_metadata(header))  # fmt: skip
+    ordered = {key: delta[key] for key in sorted(delta)}  # the frame's order: byte-wise names
+    payload = encode_payload(ordered, codec, feedback=feedback, topk_fraction=topk_fraction)
+    ref = task_ref(header.run_id, header.round, header.task, header.head_digest,
+                   header.head_version, header.bundle_digest)  # fmt: skip
+    return encode_compact(codec, ref, header.samples, payload, header.metrics, header.clip_norm,
+                          header.noise_multiplier)  # fmt: skip

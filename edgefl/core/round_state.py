@@ -16,6 +16,7 @@ import numpy as np
 from edgefl.core.settings import PrivacySettings
 from edgefl.head import Weights
 from edgefl.transport.messages import RoundTask
+from edgefl.transport.update_frame import COMPACT_FRAME
 
 # What `RoundEngine.receive` decided about an update.
 ACCEPTED = "accepted"
@@ -105,6 +106,7 @@ class OpenRound:
             run_id=self.run_id,
             head_digest=self.head_digest,
             bundle_digest=self.bundle_digest,
+            update_frame=COMPACT_FRAME,
         )
 
 

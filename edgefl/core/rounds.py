@@ -50,9 +50,11 @@ from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import Strategy
 from edgefl.core.task_aggregation import aggregate_tasks
 from edgefl.core.update_checks import (
+    AnyHeader,
     TaskIdentity,
     check_run,
     check_update,
+    decode_compact_body,
     read_header,
     refuse_error_update,
 )
@@ -60,7 +62,8 @@ from edgefl.core.validation import NOT_AN_ANSWER, UpdateRejected
 from edgefl.errors import MessageError
 from edgefl.head import Weights, head_digest
 from edgefl.transport import presence
-from edgefl.transport.messages import DeviceStatus, UpdateHeader
+from edgefl.transport.messages import DeviceStatus
+from edgefl.transport.update_frame import is_compact, read_compact
 
 __all__ = [
     "ACCEPTED", "DEVICE_METRICS", "LATE", "NO_ANSWER", "REJECTED", "REPEATED", "AcceptedUpdate",
@@ -277,7 +280,8 @@ class RoundEngine:
     ) -> None:
         """Put a reopened round's stored answers back (see `resume`)."""
         for update in stored:
-            delta = decode_stored(round_.number, update)
+            head = self.heads.get(round_.selected.get(update.device_id, ""))
+            delta = decode_stored(round_.number, update, head)
             if delta is None:
                 continue
             round_.accepted[update.device_id] = AcceptedUpdate(
@@ -384,19 +388,20 @@ class RoundEngine:
         )  # fmt: skip
 
     def _checked_delta(
-        self, header: UpdateHeader, round_: OpenRound, task: str, payload: bytes
+        self, header: AnyHeader, round_: OpenRound, task: str, payload: bytes
     ) -> Weights:
         """Return the validated delta of an update answering `round_`'s task (see
         `edgefl.core.update_checks`); an error update is refused with the device's code."""
         refuse_error_update(header)
         identity = TaskIdentity(
-            round_.bundle_digest, round_.head_digest, round_.head_version, round_.privacy
-        )
+            round_.bundle_digest, round_.head_digest, round_.head_version, round_.privacy,
+            self.run_id, round_.number,
+        )  # fmt: skip
         return check_update(
             header, task, identity, self.heads[task], self.acceptance.max_norm, payload
         )
 
-    def _identify(self, number: int, device: str, header: UpdateHeader) -> tuple[OpenRound, str]:
+    def _identify(self, number: int, device: str, header: AnyHeader) -> tuple[OpenRound, str]:
         """Return the open round an update answers and the device's task in it.
 
         The one place that matches an update to a round: by run ID first (a round number alone
@@ -470,9 +475,16 @@ class RoundEngine:
         return clipped, capped
 
 
-def decode_stored(number: int, update: StoredAnswer) -> Weights | None:
-    """Return a stored accepted update's delta; None (logged) when it cannot be decoded."""
+def decode_stored(number: int, update: StoredAnswer, head: Weights | None) -> Weights | None:
+    """Return a stored accepted update's delta; None (logged) when it cannot be decoded.
+
+    `head` is the device's task's head: a compact update's tensors are shaped as it is.
+    """
     try:
+        if is_compact(update.payload):
+            if head is None:
+                raise MessageError("no head for its task")
+            return decode_compact_body(read_compact(update.payload), head, update.payload)
         return decode_delta(update.payload)[0]
     except MessageError as exc:  # stored by this code, so only a corrupt file gets here
         log.error("round %d: stored update of %s unreadable: %s", number, update.device_id, exc)

@@ -12,12 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgefl.core.accounting import check_applied_privacy
-from edgefl.core.codecs import decode_delta
+from edgefl.core.codecs import decode_delta, decode_payload
 from edgefl.core.settings import PrivacySettings
 from edgefl.core.validation import UpdateRejected, validate_delta
 from edgefl.errors import MessageError
 from edgefl.head import Weights
 from edgefl.transport.messages import UpdateHeader, read_update_header
+from edgefl.transport.update_frame import CompactHeader, is_compact, read_compact, task_ref
+
+# An update's header in either form: the safetensors JSON one, or the compact frame's.
+AnyHeader = UpdateHeader | CompactHeader
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,23 @@ class TaskIdentity:
     head_digest: str
     head_version: int
     privacy: PrivacySettings
+    # The run and round: a compact update names its task by a reference over all of these.
+    run_id: str = ""
+    round: int = 0
+
+    def ref(self, task: str) -> bytes:
+        """Return the `task_ref` a compact update answering this task for `task` carries."""
+        return task_ref(self.run_id, self.round, task, self.head_digest, self.head_version,
+                        self.bundle_digest)  # fmt: skip
 
 
 def read_header(
     device: str, number: int, payload: bytes, allow: frozenset[str] | None
-) -> UpdateHeader:
+) -> AnyHeader:
     """Check the sender may send at all and that the header matches the topic; return it.
+
+    A compact frame names no device or round: it is its topic's, and `check_update` compares
+    its task reference with the round's.
 
     Args:
         device: the device its topic names.
@@ -47,6 +62,8 @@ def read_header(
     if allow is not None and device not in allow:
         raise UpdateRejected("unknown-device", f"device {device!r} is not in the fleet list")
     try:
+        if is_compact(payload):
+            return read_compact(payload)
         header = read_update_header(payload)
     except MessageError as exc:
         raise UpdateRejected("malformed", str(exc)) from None
@@ -61,24 +78,25 @@ def read_header(
     return header
 
 
-def check_run(header: UpdateHeader, run_id: str) -> None:
-    """Refuse an update of another aggregation run ("run-mismatch")."""
-    if header.run_id != run_id:
+def check_run(header: AnyHeader, run_id: str) -> None:
+    """Refuse an update of another aggregation run ("run-mismatch"; a compact update's run is
+    checked with its task reference)."""
+    if isinstance(header, UpdateHeader) and header.run_id != run_id:
         raise UpdateRejected(
             "run-mismatch", f"update for run {header.run_id or '(none)'}, not {run_id}"
         )
 
 
-def refuse_error_update(header: UpdateHeader) -> None:
+def refuse_error_update(header: AnyHeader) -> None:
     """Turn a device's error update into its rejection ("device:CODE")."""
-    if header.status == "error":
+    if isinstance(header, UpdateHeader) and header.status == "error":
         raise UpdateRejected(
             f"device:{header.error_code or 'error'}", header.reason or "device reported failure"
         )
 
 
 def check_update(
-    header: UpdateHeader,
+    header: AnyHeader,
     task: str,
     identity: TaskIdentity,
     head: Weights,
@@ -96,9 +114,12 @@ def check_update(
         payload: the update's bytes.
 
     Raises:
-        UpdateRejected: "bundle-mismatch", "task-mismatch", "head-mismatch", a privacy code,
-            "no-samples", "malformed" or a `validate_delta` code.
+        UpdateRejected: "bundle-mismatch", "task-mismatch", "head-mismatch" ("ref-mismatch" for
+            a compact update), a privacy code, "no-samples", "malformed" or a `validate_delta`
+            code.
     """
+    if isinstance(header, CompactHeader):
+        return _check_compact(header, task, identity, head, max_norm, payload)
     if header.bundle_digest != identity.bundle_digest:
         raise UpdateRejected(
             "bundle-mismatch",
@@ -123,3 +144,40 @@ def check_update(
         raise UpdateRejected("malformed", str(exc)) from None
     validate_delta(delta, head, max_norm)
     return delta
+
+
+def _check_compact(
+    header: CompactHeader,
+    task: str,
+    identity: TaskIdentity,
+    head: Weights,
+    max_norm: float | None,
+    payload: bytes,
+) -> Weights:
+    """`check_update` for a compact frame: its reference stands for the run, round, task, head
+    and bundle; its tensors are the head's, in byte-wise order of their names."""
+    if header.ref != identity.ref(task):
+        raise UpdateRejected(
+            "ref-mismatch",
+            f"update answers task {header.ref.hex()}, not round {identity.round}'s {task!r} "
+            f"({identity.ref(task).hex()}): another run, round, task, head or bundle",
+        )
+    check_applied_privacy(identity.privacy, header.clip_norm, header.noise_multiplier)
+    if header.samples < 1:
+        raise UpdateRejected("no-samples", "update reports no training samples")
+    try:
+        delta = decode_compact_body(header, head, payload)
+    except MessageError as exc:
+        raise UpdateRejected("malformed", str(exc)) from None
+    validate_delta(delta, head, max_norm)
+    return delta
+
+
+def decode_compact_body(header: CompactHeader, head: Weights, payload: bytes) -> Weights:
+    """Decode a compact update's tensors, shaped as `head`'s.
+
+    Raises:
+        MessageError: the payload does not fit the head.
+    """
+    shapes = [(key, tuple(head[key].shape)) for key in sorted(head)]
+    return decode_payload(header.codec, memoryview(payload)[header.body_offset :], shapes)

@@ -9,6 +9,12 @@ the device ID. A MAC'd update is
 
     magic "EFM1" (4 bytes) | HMAC-SHA256(key, "edgefl-mac-v1" NUL topic NUL payload) (32) | payload
 
+or, around a compact update frame (`edgefl.transport.update_frame`), whose whole point is to be
+small, the same HMAC cut to its first 16 bytes (HMAC-SHA256-128, as IPsec's RFC 4868 uses):
+
+    magic "EFM2" (4 bytes) | first 16 bytes of HMAC-SHA256(key, "edgefl-mac-v2" NUL topic NUL
+    payload) | payload
+
 Only the board and the aggregator hold the key, so only they can make or check such an update
 (others with the registry, `fleet` or `deploy`, never read updates). Like a seal, the MAC covers
 the topic, so an update replayed in another round fails. Pure: bytes and keys in, bytes out.
@@ -25,11 +31,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edgefl.transport.sealed import BAD_SIGNATURE, SealError
+from edgefl.transport.update_frame import is_compact
 
 MAC_MAGIC = b"EFM1"
 MAC_DOMAIN = b"edgefl-mac-v1\0"
 MAC_BYTES = 32
 MAC_PREFIX_BYTES = len(MAC_MAGIC) + MAC_BYTES  # 36
+SHORT_MAC_MAGIC = b"EFM2"
+SHORT_MAC_DOMAIN = b"edgefl-mac-v2\0"
+SHORT_MAC_BYTES = 16
+# magic -> (domain, tag bytes)
+_FORMS = {MAC_MAGIC: (MAC_DOMAIN, MAC_BYTES), SHORT_MAC_MAGIC: (SHORT_MAC_DOMAIN, SHORT_MAC_BYTES)}
 
 
 def exchange_key(key: Ed25519PrivateKey) -> X25519PrivateKey:
@@ -63,15 +75,18 @@ def shared_mac_key(own: X25519PrivateKey, peer_hex: str, device_id: str) -> byte
 
 
 def mac_seal(key: bytes, topic: str, payload: bytes) -> bytes:
-    """Return `payload` with its MAC for `topic` (an empty payload stays empty)."""
+    """Return `payload` with its MAC for `topic` (an empty payload stays empty): the 16-byte
+    form around a compact update frame, the 32-byte one around anything else."""
     if not payload:
         return payload
-    return MAC_MAGIC + _mac(key, topic, payload) + payload
+    magic = SHORT_MAC_MAGIC if is_compact(payload) else MAC_MAGIC
+    domain, size = _FORMS[magic]
+    return magic + _mac(key, domain, topic, payload)[:size] + payload
 
 
 def is_mac_sealed(data: bytes) -> bool:
-    """Whether `data` starts like a MAC'd update."""
-    return data[: len(MAC_MAGIC)] == MAC_MAGIC
+    """Whether `data` starts like a MAC'd update (either form)."""
+    return bytes(data[: len(MAC_MAGIC)]) in _FORMS
 
 
 def mac_open(key: bytes, topic: str, data: bytes) -> bytes:
@@ -80,10 +95,15 @@ def mac_open(key: bytes, topic: str, data: bytes) -> bytes:
     Raises:
         SealError: `bad-signature`, not MAC'd, truncated, or the MAC does not match.
     """
-    if not is_mac_sealed(data) or len(data) <= MAC_PREFIX_BYTES:
+    form = _FORMS.get(bytes(data[: len(MAC_MAGIC)]))
+    if form is None or len(data) <= len(MAC_MAGIC) + form[1]:
         raise SealError(BAD_SIGNATURE, "the update carries no MAC")
-    payload = data[MAC_PREFIX_BYTES:]
-    if not hmac.compare_digest(data[len(MAC_MAGIC) : MAC_PREFIX_BYTES], _mac(key, topic, payload)):
+    domain, size = form
+    start = len(MAC_MAGIC) + size
+    payload = data[start:]
+    if not hmac.compare_digest(
+        data[len(MAC_MAGIC) : start], _mac(key, domain, topic, payload)[:size]
+    ):
         raise SealError(
             BAD_SIGNATURE,
             f"the MAC does not match the update on {topic} (forged, altered, moved from another "
@@ -92,8 +112,8 @@ def mac_open(key: bytes, topic: str, data: bytes) -> bytes:
     return payload
 
 
-def _mac(key: bytes, topic: str, payload: bytes) -> bytes:
-    mac = hmac.new(key, MAC_DOMAIN, hashlib.sha256)
+def _mac(key: bytes, domain: bytes, topic: str, payload: bytes) -> bytes:
+    mac = hmac.new(key, domain, hashlib.sha256)
     mac.update(topic.encode("utf-8"))
     mac.update(b"\0")
     mac.update(payload)

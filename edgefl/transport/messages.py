@@ -276,6 +276,9 @@ class RoundTask:
     # The aggregator's X25519 public key (hex): boards that announced theirs MAC their updates
     # under the key the two agree (`edgefl.security.update_mac`); "": they seal them.
     mac_key: str = ""
+    # The newest update frame the aggregator reads besides safetensors (0: none; 1: the compact
+    # frame of `edgefl.transport.update_frame`). A board sends the newest both know.
+    update_frame: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:

@@ -40,7 +40,7 @@ from edgefl.bundle import (
     manifest_digest,
     write_bundle,
 )
-from edgefl.core.codecs import encode_delta
+from edgefl.core.codecs import encode_delta, encode_payload
 from edgefl.core.settings import CodecSettings, RoundSettings, TrainConfig
 from edgefl.delivery.release import Targets, build_release, open_release
 from edgefl.errors import MessageError, SignatureError
@@ -55,6 +55,7 @@ from edgefl.transport.messages import (
     encode_update_error,
     update_metadata,
 )
+from edgefl.transport.update_frame import COMPACT_FRAME, encode_compact, read_compact, task_ref
 
 HERE = Path(__file__).resolve().parent
 FLEET = "demo"
@@ -417,6 +418,7 @@ def round_task() -> RoundTask:
         run_id=RUN_ID,
         head_digest=head_digest(heads),
         bundle_digest=manifest_digest(tiny_manifest().to_json()),
+        update_frame=COMPACT_FRAME,
     )
 
 
@@ -658,6 +660,8 @@ def refusal(kind: str, data: bytes) -> str:
     try:
         if kind in readers:
             readers[kind](data)
+        elif kind == "compact-update":
+            read_compact(data)
         elif kind == "task":
             from edgefl.transport.messages import decode_round_task
 
@@ -863,12 +867,66 @@ def release_refusal(data: bytes) -> str:
     raise RuntimeError("a release vector meant to be refused was accepted")
 
 
+def compact_cases() -> dict[str, Case]:
+    """pi-01's answer to round 5 in the compact frame (int8 and float32), and one refused."""
+    task = round_task()
+    header = update_header()
+    delta = trained_delta()
+    ordered = dict(sorted(delta.items()))  # the frame's order: byte-wise names
+    preimage = "\0".join([task.run_id, str(task.round), "default", task.head_digest,
+                           str(task.head_version), task.bundle_digest])  # fmt: skip
+    ref = task_ref(task.run_id, task.round, "default", task.head_digest, task.head_version,
+                   task.bundle_digest)  # fmt: skip
+    cases: dict[str, Case] = {}
+    for codec in ("int8", "float32"):
+        payload = encode_payload(ordered, codec)
+        data = encode_compact(codec, ref, header.samples, payload, header.metrics,
+                              header.clip_norm, header.noise_multiplier)  # fmt: skip
+        decoded = (
+            ordered if codec == "float32"
+            else {key: reference_int8(value)[2] for key, value in ordered.items()}
+        )  # fmt: skip
+        cases[f"update-compact-{codec}"] = (
+            data,
+            {
+                "kind": "compact-update",
+                "description": f"{codec} in the compact frame: the same answer as update-{codec}'s"
+                " header, its task named by an 8-byte reference",
+                "topic": topics.round_update(FLEET, 5, DEVICE),
+                "canonical": True,
+                "answers": "task-round5",
+                "ref_preimage": "edgefl-task-ref-v1\\0" + preimage.replace("\0", "\\0"),
+                "ref": ref.hex(),
+                "codec": codec,
+                "samples": header.samples,
+                "metrics": header.metrics,
+                "clip_norm": header.clip_norm,
+                "noise_multiplier": header.noise_multiplier,
+                "header_bytes": len(data) - len(payload),
+                "shapes": [[key, list(value.shape)] for key, value in ordered.items()],
+                "delta": tensor_list(decoded),
+            },
+        )
+    reserved = bytearray(cases["update-compact-int8"][0])
+    reserved[4] |= 0x08
+    cases["refuse-update-compact-reserved"] = (
+        bytes(reserved),
+        {
+            "kind": "compact-update",
+            "description": "a compact frame with a reserved flag bit set (a newer frame)",
+            "topic": topics.round_update(FLEET, 5, DEVICE),
+            "refused": refusal("compact-update", bytes(reserved)),
+        },
+    )
+    return cases
+
+
 def all_cases() -> dict[str, Case]:
     """Return every case by name."""
     cases: dict[str, Case] = {}
     for group in (
         status_cases, result_cases, bundle_cases, task_cases, update_cases, key_cases,
-        release_cases, refused_cases, sealed_cases,
+        release_cases, refused_cases, sealed_cases, compact_cases,
     ):  # fmt: skip
         cases.update(group())
     return cases
