@@ -31,18 +31,27 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefl.bundle import Artifact, HeadSpec, InputSpec, Manifest, load_bundle, write_bundle
-from edgefl.core.codecs import ErrorFeedback, encode_delta
+from edgefl.core.codecs import ErrorFeedback, encode_delta, encode_payload
+from edgefl.core.local_round import encode_update
 from edgefl.core.settings import RoundPolicy
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
 from edgefl.security.device_registry import DeviceRegistry
 from edgefl.security.identity import AgentAuth, AggregatorAuth
+from edgefl.security.update_mac import mac_seal
 from edgefl.security.verifiers import STRICT, DeviceVerifier, TrustedSigners
 from edgefl.transport import topics
 from edgefl.transport.broker import free_port
 from edgefl.transport.client import Message, MqttClient
-from edgefl.transport.messages import DeviceStatus, UpdateHeader, decode_round_task, update_metadata
+from edgefl.transport.messages import (
+    DeviceStatus,
+    RoundTask,
+    UpdateHeader,
+    decode_round_task,
+    update_metadata,
+)
 from edgefl.transport.sealed import raw_public_key, strip_seal
+from edgefl.transport.update_frame import COMPACT_FRAME, encode_compact, task_ref
 
 # The tests' Mosquitto launcher: a broker for one run, not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -90,10 +99,11 @@ def bench_key(name: str) -> Ed25519PrivateKey:
 
 def device_fleet(
     url: str, devices: int, features: int, rounds: int, bundle_digest: str, ready: mp.Event,
-    sealed: bool = False,
+    sealed: bool = False, frame: str = "compact",
 ) -> None:  # fmt: skip
     """Child process: announce `devices` devices, answer each task with every device's update;
-    with `sealed`, each device seals its status and updates with its own key."""
+    with `sealed`, each device seals its status and updates with its own key. `frame`: the
+    update form, "compact" (what boards send a current aggregator) or "safetensors"."""
     ids = [f"dev-{i:04d}" for i in range(devices)]
     # As a board does: statuses sealed, updates MAC'd under the key agreed with the aggregator.
     insecure = TrustedSigners((), insecure=True)  # the synthetic boards read every task
@@ -112,7 +122,9 @@ def device_fleet(
         {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
         for _ in ids
     ]
-    # Updates are encoded before the round starts so the publisher is not what is measured.
+    # Updates are encoded before the round starts so the publisher is not what is measured;
+    # what depends on the task (its run and head) is filled in when it arrives.
+    bodies = [encode_payload(dict(sorted(delta.items())), "float32") for delta in deltas]
     payloads: dict[int, list[tuple[str, bytes]]] = {}
     for number in range(1, rounds + 1):
         payloads[number] = [
@@ -136,6 +148,15 @@ def device_fleet(
             )
             for device, delta in zip(ids, deltas, strict=True)
         ]
+
+    def answer(task: RoundTask, index: int, payload: bytes) -> bytes:
+        if frame == "compact":
+            ref = task_ref(task.run_id, task.round, "default", task.head_digest,
+                           task.head_version, bundle_digest)  # fmt: skip
+            return encode_compact("float32", ref, 10, bodies[index])
+        run, head = task.run_id.encode(), task.head_digest.encode()
+        return payload.replace(RUN_SLOT.encode(), run).replace(HEAD_SLOT.encode(), head)
+
     client = MqttClient(url, "bench-fleet")
     done = mp.Event()
 
@@ -143,9 +164,9 @@ def device_fleet(
         if not message.payload:
             return
         task, _ = decode_round_task(strip_seal(message.payload))
-        run, head = task.run_id.encode(), task.head_digest.encode()
-        for (topic, payload), device in zip(payloads.get(task.round, []), ids, strict=True):
-            payload = payload.replace(RUN_SLOT.encode(), run).replace(HEAD_SLOT.encode(), head)
+        answers = zip(payloads.get(task.round, []), ids, strict=True)
+        for index, ((topic, payload), device) in enumerate(answers):
+            payload = answer(task, index, payload)
             client.publish(topic, out(topic, device, payload, task.mac_key), qos=1)
         if task.round == rounds:
             done.set()
@@ -170,7 +191,7 @@ def device_fleet(
 
 def ingest(
     url: str, workdir: Path, devices: int, features: int, rounds: int, metrics: bool = False,
-    sealed: bool = False,
+    sealed: bool = False, frame: str = "compact",
 ) -> dict[str, float]:  # fmt: skip
     """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers.
 
@@ -186,7 +207,7 @@ def ingest(
     ready = mp.Event()
     digest = load_bundle(bundle).digest
     fleet = mp.Process(
-        target=device_fleet, args=(url, devices, features, rounds, digest, ready, sealed)
+        target=device_fleet, args=(url, devices, features, rounds, digest, ready, sealed, frame)
     )
     fleet.start()
     ready.wait(120)
@@ -331,26 +352,30 @@ def exporter_costs(devices: int, updates: int = 200_000, scrapes: int = 200) -> 
 
 
 def codec_sizes(features: int) -> list[dict[str, float | str]]:
-    """Bytes on the wire of one update (header included) for each codec."""
+    """Bytes on the wire of one update (header included) for each codec, in both frames, and
+    with the MAC a signed fleet adds (EFM2 around a compact frame, EFM1 around safetensors)."""
     rng = np.random.default_rng(0)
     delta = {
         "0.weight": (rng.standard_normal((10, features)) * 0.01).astype(np.float32),
         "0.bias": (rng.standard_normal(10) * 0.01).astype(np.float32),
     }
-    metadata = update_metadata(
-        UpdateHeader(12, "dev-0001", "default", 40, 11, metrics={"loss": 0.71234,
-                     "global_accuracy": 0.5, "personal_accuracy": 0.75, "train_seconds": 0.01},
-                     run_id=RUN_SLOT, head_digest=HEAD_SLOT, bundle_digest=HEAD_SLOT)
-    )  # fmt: skip
-    sizes = {}
-    for codec in ("float32", "int8", "topk"):
-        sizes[codec] = len(encode_delta(delta, codec, feedback=ErrorFeedback(), metadata=metadata))
-    raw = 4 * (10 * features + 10)
-    return [
-        {"head": f"{features}x10", "codec": c, "bytes": n, "ratio_to_float32": n / sizes["float32"],
-         "raw_tensor_bytes": raw}
-        for c, n in sizes.items()
-    ]  # fmt: skip
+    metrics = {"loss": 0.71234, "global_accuracy": 0.5, "personal_accuracy": 0.75,
+               "train_seconds": 0.01}  # fmt: skip
+    header = UpdateHeader(12, "dev-0001", "default", 40, 11, metrics=metrics, run_id=RUN_SLOT,
+                          head_digest=HEAD_SLOT, bundle_digest=HEAD_SLOT)  # fmt: skip
+    rows: list[dict[str, float | str]] = []
+    for frame, version in (("compact", COMPACT_FRAME), ("safetensors", 0)):
+        sizes = {codec: encode_update(header, delta, codec, version, feedback=ErrorFeedback())
+                 for codec in ("float32", "int8", "topk")}  # fmt: skip
+        macd = {codec: len(mac_seal(bytes(32), "t", data)) for codec, data in sizes.items()}
+        rows += [
+            {"head": f"{features}x10", "frame": frame, "codec": codec, "bytes": len(data),
+             "ratio_to_float32": len(data) / len(sizes["float32"]), "bytes_with_mac": macd[codec],
+             "ratio_with_mac": macd[codec] / macd["float32"],
+             "raw_tensor_bytes": 4 * (10 * features + 10)}
+            for codec, data in sizes.items()
+        ]  # fmt: skip
+    return rows
 
 
 def report_sealing(pairs: list[tuple[dict[str, float], ...]], devices: int) -> dict[str, object]:
@@ -382,6 +407,9 @@ def main() -> None:
                         help="Runs without and with the metrics exporter (0: none).")  # fmt: skip
     parser.add_argument("--seal-repeats", type=int, default=3,
                         help="Runs insecure and sealed, alternating (0: none).")  # fmt: skip
+    parser.add_argument("--frame-repeats", type=int, default=1,
+                        help="64x10 runs with compact and safetensors updates, alternating "
+                        "(0: none).")  # fmt: skip
     args = parser.parse_args()
     if shutil.which("mosquitto") is None:
         sys.exit("mosquitto is not installed (apt-get install mosquitto)")
@@ -407,6 +435,13 @@ def main() -> None:
             )
             for i in range(args.seal_repeats)
         ]
+        frame_pairs = [
+            tuple(
+                ingest(url, workdir / f"frame-{i}-{f}", args.devices, 64, args.rounds, frame=f)
+                for f in ("compact", "safetensors")
+            )
+            for i in range(args.frame_repeats)
+        ]
     finally:
         broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -419,12 +454,24 @@ def main() -> None:
         print(f"{row['head']:>8} {rate:>19.0f} {slowest:>8.0f}"
               f" {row['round_seconds_median']:>8.3f} {row['bytes_per_update']:>13.0f}"
               f" {row['aggregator_cpu_ms_per_update']:>18.3f}")  # fmt: skip
-    print("\nBytes per update (safetensors with header; int8 and top-k 1% with error feedback)")
-    print(f"{'head':>8} {'codec':>8} {'bytes':>8} {'x float32':>10}")
+    print("\nBytes per update, header included (int8 and top-k 1% with error feedback); with the "
+          "MAC of a signed fleet")  # fmt: skip
+    print(f"{'head':>8} {'frame':>12} {'codec':>8} {'bytes':>8} {'x float32':>10} "
+          f"{'with MAC':>9} {'x float32':>10}")  # fmt: skip
     for row in size_rows:
-        print(f"{row['head']:>8} {row['codec']:>8} {row['bytes']:>8} "
-              f"{row['ratio_to_float32']:>10.3f}")  # fmt: skip
+        print(f"{row['head']:>8} {row['frame']:>12} {row['codec']:>8} {row['bytes']:>8} "
+              f"{row['ratio_to_float32']:>10.3f} {row['bytes_with_mac']:>9} "
+              f"{row['ratio_with_mac']:>10.3f}")  # fmt: skip
     results: dict[str, object] = {"ingest": ingest_rows, "codecs": size_rows}
+    if frame_pairs:
+        results["frames"] = [{"compact": c, "safetensors": t} for c, t in frame_pairs]
+        print(f"\nCompact against safetensors updates, 64x10, {args.devices} devices "
+              f"({len(frame_pairs)} alternating runs)")  # fmt: skip
+        for compact, legacy in frame_pairs:
+            print(f"  compact {compact['updates_per_s_median']:.0f}/s "
+                  f"{compact['aggregator_cpu_ms_per_update']:.3f} ms/update; safetensors "
+                  f"{legacy['updates_per_s_median']:.0f}/s "
+                  f"{legacy['aggregator_cpu_ms_per_update']:.3f} ms/update")  # fmt: skip
     if pairs:
         without = [p[0]["aggregator_cpu_ms_per_update"] for p in pairs]
         with_ = [p[1]["aggregator_cpu_ms_per_update"] for p in pairs]
