@@ -66,6 +66,62 @@ def cap_samples(claimed: int, announced: int | None, maximum: int | None) -> int
     return max(1, weight)
 
 
+@dataclass(frozen=True)
+class BoundPlan:
+    """How one update is bounded, decided from its weight and norm alone (no delta needed).
+
+    Ingest workers (`edgefl.roles.ingest_worker`) hold the deltas and the coordinator only their
+    claims and norms: it plans from those, the workers apply the plan to what they hold.
+    """
+
+    samples: int  # the weight it counts with
+    clip_to: float | None = None  # the norm it is scaled down to (None: kept as it is)
+    clipped_norm: float | None = None  # the norm it had, when clipped
+    capped_samples: int | None = None  # the weight it claimed, when that was capped
+
+
+def plan_bounds(
+    claims: Mapping[str, tuple[int, float]],
+    announced: Mapping[str, int],
+    bound: InfluenceBound,
+) -> dict[str, BoundPlan]:
+    """Decide each update's weight and norm bound from (claimed samples, L2 norm) per device.
+
+    Args:
+        claims: device -> (claimed sample count, its delta's L2 norm), one round and task.
+        announced: device -> the sample count its status announced (missing: not announced).
+        bound: the caps.
+
+    Returns:
+        device -> its plan, in the order of `claims`.
+    """
+    weights = {
+        device: cap_samples(samples, announced.get(device), bound.max_samples)
+        for device, (samples, _) in claims.items()
+    }
+    norms = {device: norm for device, (_, norm) in claims.items()}
+    weight_cap = norm_cap = None
+    if bound.factor is not None and len(claims) >= MIN_UPDATES_FOR_MEDIAN:
+        weight_cap = bound.factor * float(np.median(list(weights.values())))
+        norm_cap = bound.factor * float(np.median(list(norms.values())))
+    plans: dict[str, BoundPlan] = {}
+    for device, (claimed, norm) in claims.items():
+        weight = weights[device]
+        if weight_cap is not None and weight > weight_cap:
+            weight = max(1, int(weight_cap))
+        clip = norm_cap if norm_cap and norm > norm_cap else None  # a zero median bounds nothing
+        plans[device] = BoundPlan(
+            weight, clip, norm if clip is not None else None,
+            claimed if weight != claimed else None,
+        )  # fmt: skip
+    return plans
+
+
+def apply_bound(delta: Weights, plan: BoundPlan) -> Weights:
+    """Return `delta` scaled down to its plan's norm bound (unchanged when it has none)."""
+    return delta if plan.clip_to is None else clip_by_norm(delta, plan.clip_to)
+
+
 def bound_updates(
     updates: Mapping[str, tuple[Weights, int]],
     announced: Mapping[str, int],
@@ -81,25 +137,11 @@ def bound_updates(
     Returns:
         device -> the bounded update, in the order of `updates`.
     """
-    weights = {
-        device: cap_samples(samples, announced.get(device), bound.max_samples)
-        for device, (_, samples) in updates.items()
-    }
-    norms = {device: global_norm(delta) for device, (delta, _) in updates.items()}
-    weight_cap = norm_cap = None
-    if bound.factor is not None and len(updates) >= MIN_UPDATES_FOR_MEDIAN:
-        weight_cap = bound.factor * float(np.median(list(weights.values())))
-        norm_cap = bound.factor * float(np.median(list(norms.values())))
+    claims = {device: (samples, global_norm(delta)) for device, (delta, samples) in updates.items()}
+    plans = plan_bounds(claims, announced, bound)
     result: dict[str, Bounded] = {}
-    for device, (delta, claimed) in updates.items():
-        weight = weights[device]
-        if weight_cap is not None and weight > weight_cap:
-            weight = max(1, int(weight_cap))
-        clipped_norm = None
-        if norm_cap and norms[device] > norm_cap:  # a zero median bounds nothing
-            clipped_norm = norms[device]
-            delta = clip_by_norm(delta, norm_cap)
-        result[device] = Bounded(
-            delta, weight, clipped_norm, claimed if weight != claimed else None
-        )
+    for device, (delta, _) in updates.items():
+        plan = plans[device]
+        bounded = apply_bound(delta, plan)
+        result[device] = Bounded(bounded, plan.samples, plan.clipped_norm, plan.capped_samples)
     return result

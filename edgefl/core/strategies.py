@@ -84,6 +84,11 @@ class Strategy(ABC):
     """The server side of one federation algorithm."""
 
     name: str = ""
+    # True when `aggregate` sees the deltas only through their sample-weighted mean (FedAvg,
+    # FedProx, FedAdam, FedYogi): ingest workers then send partial weighted sums, not deltas
+    # (`edgefl.core.partial_aggregate`). A subclass whose `aggregate` needs each delta (a median,
+    # a selection) must leave it False.
+    weighted_sum: bool = False
 
     def configure_round(
         self,
@@ -155,6 +160,7 @@ class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017): add the sample-weighted mean delta."""
 
     name = "fedavg"
+    weighted_sum = True
 
     def aggregate(
         self, global_weights: Mapping[str, np.ndarray], deltas: Sequence[tuple[Weights, int]]
@@ -205,6 +211,7 @@ class FedAdam(Strategy):
     """
 
     name = "fedadam"
+    weighted_sum = True
 
     def __init__(
         self, eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3

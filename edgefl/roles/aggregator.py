@@ -20,13 +20,20 @@ from dataclasses import asdict
 
 from edgefl.bundle import ModelBundle, load_bundle
 from edgefl.core.accounting import PrivacyBudgetSpent, PrivacyLedger, open_round_privacy
-from edgefl.core.rounds import ACCEPTED, REPEATED, ClosedRound, RoundEngine, Verdict
+from edgefl.core.rounds import (
+    ACCEPTED,
+    REPEATED,
+    ClosedRound,
+    OpenRound,
+    RoundEngine,
+    Verdict,
+)
 from edgefl.core.strategies import Strategy, build_strategies
 from edgefl.data import Dataset
 from edgefl.errors import FederationError, MessageError
 from edgefl.head import Weights
 from edgefl.roles.aggregator_config import AggregatorConfig
-from edgefl.roles.record import AggregatorRecord, FaultHook
+from edgefl.roles.record import AggregatorRecord, FaultHook, StoredUpdate
 from edgefl.roles.server_eval import ServerEvaluation
 from edgefl.roles.summary import (
     FederationSummary,
@@ -38,7 +45,8 @@ from edgefl.roles.summary import (
 from edgefl.roles.update_intake import UpdateIntake
 from edgefl.security.identity import AggregatorAuth
 from edgefl.transport import presence, topics
-from edgefl.transport.client import Message, MqttClient, NetworkLoop
+from edgefl.transport.client import Message, NetworkLoop
+from edgefl.transport.connect import open_client
 from edgefl.transport.messages import (
     DeviceStatus,
     RoundResult,
@@ -123,7 +131,7 @@ class Aggregator:
             lambda: self.engine, self._cond, self.auth,
             lambda: config.acceptance.max_update_bytes, self._record,
         )  # fmt: skip
-        self.client = MqttClient(
+        self.client = open_client(
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-aggregator",
             network=network,
@@ -216,7 +224,7 @@ class Aggregator:
             self.engine.run_id = self.run_id
         fleet = self.config.fleet
         self.client.subscribe(topics.all_statuses(fleet), self._on_status)
-        self.client.subscribe(topics.all_updates(fleet), self.intake.on_update)
+        self._subscribe_updates()
         self.client.subscribe(topics.all_tasks(fleet), self._on_retained)
         self.client.subscribe(topics.all_results(fleet), self._on_retained)
         self.client.on_connect(self._on_connect)
@@ -255,6 +263,23 @@ class Aggregator:
             stopped=self.stopped,
         )
 
+    # -- where ingest workers plug in (`edgefl.roles.coordinator`); alone, the aggregator
+    # takes every update itself --
+
+    def _subscribe_updates(self) -> None:
+        """Subscribe to what brings the verdicts on updates: here, the updates themselves."""
+        self.client.subscribe(topics.all_updates(self.config.fleet), self.intake.on_update)
+
+    def _stored_updates(self, number: int) -> list[StoredUpdate]:
+        """Return the accepted updates a resumed round restores from the record."""
+        return self.state.accepted_updates(number)
+
+    def _announce_round(self, open_round: OpenRound, task: bytes) -> None:
+        """Called with the round's task bytes (unsealed) before the task is published."""
+
+    def _gather_round(self, open_round: OpenRound) -> None:
+        """Called (without the lock) when the round is due, before it closes."""
+
     def _write_metrics(self) -> None:
         if self.config.out_dir is not None:
             write_metrics(self.config.out_dir, summaries_from_record(self.state))
@@ -277,7 +302,7 @@ class Aggregator:
                 self.client.publish(topic, self.auth.seal(topic, result.encode()), qos=1,
                                     retain=True)  # fmt: skip
             return None
-        stored = self.state.accepted_updates(record.round)
+        stored = self._stored_updates(record.round)
         with self._cond:
             open_round = self.engine.resume(
                 record.round, record.selected, record.head_version, record.config, stored,
@@ -336,7 +361,10 @@ class Aggregator:
         task.mac_key = self.auth.mac_public
         task_topic = topics.round_task(self.config.fleet, number)
         with self._cond:
-            payload = self.auth.seal(task_topic, encode_round_task(task, self.engine.task_heads()))
+            task_bytes = encode_round_task(task, self.engine.task_heads())
+        self._announce_round(open_round, task_bytes)
+        payload = self.auth.seal(task_topic, task_bytes)
+        with self._cond:
             self._task_payload = payload
         self.client.publish(task_topic, payload, qos=1, retain=True)
         log.info("round %d: %d devices selected of %d online, %d stale", number,
@@ -345,6 +373,8 @@ class Aggregator:
             while not self._stop.is_set() and not self.engine.due(time.time()):
                 self._cond.wait(min(open_round.deadline - time.time(), 0.25))
                 self.state.flush()
+        self._gather_round(open_round)
+        with self._cond:
             if resumed:
                 # Selected before the restart; right after connecting the statuses had not come.
                 self.engine.count_presence(time.time())

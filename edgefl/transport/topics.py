@@ -77,12 +77,20 @@ def all_updates(fleet: str) -> str:
     return f"{fleet_root(fleet)}/rounds/+/update/+"
 
 
+# The prefix of a shared subscription's filter: `$share/{group}/{filter}`.
+SHARED_PREFIX = "$share/"
+
+
 def matches(topic_filter: str, topic: str) -> bool:
     """Return whether `topic` matches the MQTT filter `topic_filter` (`+` one level, `#` rest).
 
     Follows MQTT 3.1.1 section 4.7: `#` also matches the parent level (`a/#` matches `a`), and
-    filters starting with a wildcard do not match topics starting with `$`.
+    filters starting with a wildcard do not match topics starting with `$`. A shared
+    subscription `$share/{group}/{filter}` (MQTT 5, and Mosquitto for 3.1.1 clients) matches what
+    its `{filter}` matches: the broker delivers each message to one member of the group.
     """
+    if topic_filter.startswith(SHARED_PREFIX):
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
     if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
         return False
     filter_levels = topic_filter.split("/")
