@@ -1,22 +1,30 @@
-"""FL-digits (DESIGN.md): edgefl's simulation against Flower's on the identical workload, and the
-1,000-device scale run.
+"""FL-digits (DESIGN.md): edgefl's simulation against Apple pfl's and Flower's on the identical
+workload, and the 1,000-device scale run.
 
-    python benchmarks/fl_digits.py                       # 100 devices x 10 rounds, + Flower
+    python benchmarks/fl_digits.py                       # 100 devices x 10 rounds, + pfl, Flower
     python benchmarks/fl_digits.py --flower-python /tmp/flwr-venv/bin/python
     python benchmarks/fl_digits.py --no-flower --no-scale --devices 10 --rounds 5
+    python benchmarks/fl_digits.py --brokers memory --no-flower --no-scale   # edgefl vs pfl only
+
+edgefl runs once per broker in `--brokers` (default: `memory`, the in-process transport, and
+`embedded`, the amqtt broker; or any mqtt:// URL), in that order, in this process.
 
 The workload: digits X/16; 30% pretraining, the rest 70/30 into the federated pool and the test
 set (stratified, random_state=0); the digits-mlp backbone pretrained by 60 full-batch Adam steps
 (seed 0), frozen; a fresh Linear(64, 10) head; Dirichlet(0.5) partition, seed 0; 1 epoch of SGD
-(lr 0.1, batch 16) per round; FedAvg weighted by samples; every device every round.
+(lr 0.1, batch 16) per round; FedAvg weighted by samples; every device every round. edgefl's
+aggregator bounds each update's influence by default; the benchmark turns that off
+(`--influence-factor 0`, its default) so that every framework runs the same plain FedAvg.
 
-Both frameworks get the same backbone weights, initial head, partition and minibatch order.
+Every framework gets the same backbone weights, initial head, partition and minibatch order.
 Wall time is from the start of the federated part (broker, devices and aggregator up) to the last
 round's result; for Flower, from its first central evaluation (server app and Ray backend up) to
 the last. Flower's whole `run_simulation` call is reported too (`total_s`), which is what
 DESIGN.md's 34.7 s measures. Flower runs in its own process, from any interpreter that has
-`flwr[simulation]` and torch (the `bench` extra). The scale run is `edgefl simulate` in its own
-process, so its peak RSS is its own. Results: benchmarks/out/fl_digits.json.
+`flwr[simulation]` and torch (the `bench` extra); pfl too (benchmarks/fl_digits_pfl.py), from
+this interpreter when it can import pfl (the `bench` extra) or `--pfl-python`. The scale run is
+`edgefl simulate` in its own process, so its peak RSS is its own. Results:
+benchmarks/out/fl_digits.json.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefl.core.settings import RoundPolicy, RoundSettings, TrainConfig
+from edgefl.core.settings import AcceptancePolicy, RoundPolicy, RoundSettings, TrainConfig
 from edgefl.simulation.plan import plan_fleet
 from edgefl.simulation.runner import SimulationConfig, run_simulation
 from edgefl.simulation.workload import fl_digits_bundle, load_federated_data
@@ -43,16 +51,18 @@ from edgefl.simulation.workload import fl_digits_bundle, load_federated_data
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 FLOWER_SCRIPT = HERE / "fl_digits_flower.py"
+PFL_SCRIPT = HERE / "fl_digits_pfl.py"
 FALLBACK_FLOWER_PYTHON = Path("/tmp/flwr-venv/bin/python")
 
 
-def find_flower_python(explicit: str | None) -> str | None:
-    """Return an interpreter that can import flwr: the given one, this one, or the fallback."""
-    candidates = [explicit] if explicit else [sys.executable, str(FALLBACK_FLOWER_PYTHON)]
+def find_python(explicit: str | None, module: str, fallback: Path | None = None) -> str | None:
+    """Return an interpreter that can import `module` and torch: the given one, this one, or
+    the fallback."""
+    candidates = [explicit] if explicit else [sys.executable, str(fallback or "")]
     for candidate in candidates:
         if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
             probe = subprocess.run(
-                [candidate, "-c", "import flwr, torch"], capture_output=True, check=False
+                [candidate, "-c", f"import {module}, torch"], capture_output=True, check=False
             )
             if probe.returncode == 0:
                 return candidate
@@ -82,21 +92,28 @@ def write_flower_workload(path: Path, devices: int, seed: int) -> None:
     )
 
 
-def run_edgefl(devices: int, rounds: int, seed: int, broker: str | None) -> dict[str, Any]:
-    """Run edgefl's simulation of the workload in this process."""
+def run_edgefl(
+    devices: int, rounds: int, seed: int, broker: str | None, influence_factor: float = 0.0
+) -> dict[str, Any]:
+    """Run edgefl's simulation of the workload in this process (`broker` None: embedded).
+
+    `influence_factor` 0 is the workload's plain FedAvg, as the peers run it; edgefl's default
+    (2: each update's weight and norm capped at twice the round's median) reaches 0.656.
+    """
     bundle = fl_digits_bundle()
     data = load_federated_data("digits")
     config = SimulationConfig(
         devices=devices, policy=RoundPolicy(rounds=rounds, deadline_s=10.0),
         settings=RoundSettings(train=TrainConfig(seed=seed)), partition="dirichlet:0.5", seed=seed,
         broker_url=broker, fleet="fl-digits",
+        acceptance=AcceptancePolicy(influence_factor=influence_factor),
     )  # fmt: skip
     started = time.perf_counter()
     metrics = run_simulation(config, bundle, data)
     total = time.perf_counter() - started
     return {
         "framework": "edgefl",
-        "broker": broker or "embedded (amqtt)",
+        "broker": broker or "embedded",
         "devices": devices,
         "rounds": rounds,
         "wall_s": metrics.summary["wall_s"],
@@ -108,19 +125,19 @@ def run_edgefl(devices: int, rounds: int, seed: int, broker: str | None) -> dict
     }
 
 
-def run_flower(python: str, devices: int, rounds: int, seed: int) -> dict[str, Any]:
-    """Run Flower's simulation of the workload in its own process."""
+def run_peer(script: Path, python: str, devices: int, rounds: int, seed: int) -> dict[str, Any]:
+    """Run a peer framework's simulation of the workload (its script) in its own process."""
     with tempfile.TemporaryDirectory() as scratch:
-        workload, result = Path(scratch) / "workload.npz", Path(scratch) / "flower.json"
+        workload, result = Path(scratch) / "workload.npz", Path(scratch) / "peer.json"
         write_flower_workload(workload, devices, seed)
         completed = subprocess.run(
-            [python, str(FLOWER_SCRIPT), str(workload), str(result), str(rounds)],
+            [python, str(script), str(workload), str(result), str(rounds)],
             capture_output=True, text=True, check=False,
             env={**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"},
         )  # fmt: skip
         if completed.returncode != 0 or not result.is_file():
             tail = (completed.stdout + completed.stderr)[-2000:]
-            raise RuntimeError(f"Flower run failed ({completed.returncode}):\n{tail}")
+            raise RuntimeError(f"{script.name} failed ({completed.returncode}):\n{tail}")
         return dict(json.loads(result.read_text()))
 
 
@@ -152,15 +169,25 @@ def run_scale(devices: int, rounds: int, oversample: int, out: Path) -> dict[str
     }
 
 
+def _broker_url(name: str) -> str | None:
+    """Map a `--brokers` entry to SimulationConfig.broker_url (None: the embedded broker)."""
+    return None if name == "embedded" else name
+
+
 def main() -> None:
     """Run the benchmark, print the table and write benchmarks/out/fl_digits.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--broker", default=None, help="mqtt:// URL; default: embedded broker")
+    parser.add_argument("--brokers", default="memory,embedded",
+                        help="comma-separated: memory, embedded or mqtt:// URLs")  # fmt: skip
+    parser.add_argument("--influence-factor", type=float, default=0.0,
+                        help="edgefl's influence bound; 0: plain FedAvg")  # fmt: skip
     parser.add_argument("--flower-python", default=None, help="interpreter with flwr[simulation]")
+    parser.add_argument("--pfl-python", default=None, help="interpreter with pfl and torch")
     parser.add_argument("--no-flower", action="store_true")
+    parser.add_argument("--no-pfl", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
     parser.add_argument("--scale-devices", type=int, default=1000)
     parser.add_argument("--scale-rounds", type=int, default=3)
@@ -170,31 +197,52 @@ def main() -> None:
 
     results: dict[str, Any] = {"workload": "FL-digits (DESIGN.md)", "cpus": os.cpu_count()}
     fl_digits_bundle()  # built outside every timing
-    edgefl = run_edgefl(args.devices, args.rounds, args.seed, args.broker)
-    results["edgefl"] = edgefl
-    rows = [("edgefl", edgefl)]
-    python = None if args.no_flower else find_flower_python(args.flower_python)
-    if python is not None:
-        flower = run_flower(python, args.devices, args.rounds, args.seed)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for broker in [b.strip() for b in args.brokers.split(",") if b.strip()]:
+        run = run_edgefl(
+            args.devices, args.rounds, args.seed, _broker_url(broker), args.influence_factor
+        )
+        results.setdefault("edgefl_runs", []).append(run)
+        rows.append((f"edgefl {broker if '://' not in broker else 'mqtt'}", run))
+    results["edgefl"] = rows[0][1] if rows else {}
+    peers: list[tuple[str, dict[str, Any]]] = []
+    pfl_python = None if args.no_pfl else find_python(args.pfl_python, "pfl")
+    if pfl_python is not None:
+        results["pfl"] = run_peer(PFL_SCRIPT, pfl_python, args.devices, args.rounds, args.seed)
+        peers.append(("pfl", results["pfl"]))
+    elif not args.no_pfl:
+        print("pfl not found: install the bench extra or pass --pfl-python; pfl skipped")
+    flower_python = (
+        None if args.no_flower else find_python(args.flower_python, "flwr", FALLBACK_FLOWER_PYTHON)
+    )
+    if flower_python is not None:
+        flower = run_peer(FLOWER_SCRIPT, flower_python, args.devices, args.rounds, args.seed)
         results["flower"] = flower
-        rows.append((flower["framework"], flower))
-        results["ratio_wall"] = edgefl["wall_s"] / flower["wall_s"]
-        results["ratio_total"] = edgefl["total_s"] / flower["total_s"]
-        results["accuracy_gap_points"] = 100 * (flower["accuracy"] - edgefl["accuracy"])
+        peers.append(("flower", flower))
     elif not args.no_flower:
         print("flwr not found: install the bench extra or pass --flower-python; Flower skipped")
 
     print(f"\nFL-digits, {args.devices} devices x {args.rounds} rounds, {os.cpu_count()} CPUs")
-    print(f"{'framework':<16}{'wall s':>9}{'total s':>9}{'accuracy':>10}")
-    for name, row in rows:
-        print(f"{name:<16}{row['wall_s']:>9.2f}{row['total_s']:>9.2f}{row['accuracy']:>10.3f}")
-    if "ratio_wall" in results:
-        print(
-            f"edgefl/Flower wall time {results['ratio_wall']:.3f}x (whole runs "
-            f"{results['ratio_total']:.3f}x); accuracy gap {results['accuracy_gap_points']:+.2f} "
-            "points (Flower minus edgefl)"
-        )
-    print(f"bytes per device per round: {edgefl['bytes_per_device_per_round']:,.0f}")
+    print(f"{'framework':<18}{'wall s':>9}{'total s':>9}{'accuracy':>10}")
+    for name, row in [*rows, *((row["framework"], row) for _, row in peers)]:
+        print(f"{name:<18}{row['wall_s']:>9.2f}{row['total_s']:>9.2f}{row['accuracy']:>10.3f}")
+    ratios: dict[str, dict[str, float]] = {}
+    for peer, peer_row in peers:
+        for name, row in rows:
+            ratio = {
+                "wall": row["wall_s"] / peer_row["wall_s"],
+                "total": row["total_s"] / peer_row["total_s"],
+                "accuracy_gap_points": 100 * (peer_row["accuracy"] - row["accuracy"]),
+            }
+            ratios[f"{name} / {peer}"] = ratio
+            print(
+                f"{name} / {peer}: wall time {ratio['wall']:.3f}x (whole runs "
+                f"{ratio['total']:.3f}x); accuracy gap {ratio['accuracy_gap_points']:+.2f} "
+                f"points ({peer} minus edgefl)"
+            )
+    results["ratios"] = ratios
+    if rows:
+        print(f"bytes per device per round: {rows[0][1]['bytes_per_device_per_round']:,.0f}")
 
     if not args.no_scale:
         with tempfile.TemporaryDirectory() as scratch:

@@ -55,7 +55,8 @@ def _quiet_simulation_logs() -> None:
 @click.option("--partition", default="dirichlet:0.5", show_default=True,
               help="iid, dirichlet:ALPHA or shards:K.")  # fmt: skip
 @click.option("--broker", "broker_url", default=None,
-              help="mqtt://HOST[:PORT] to use (default: start the embedded broker).")  # fmt: skip
+              help="mqtt://HOST[:PORT] to use, or 'memory' for an in-process broker (no "
+                   "sockets; the fastest); default: start the embedded MQTT broker.")  # fmt: skip
 @tls_options()
 @strategy_options
 @settings_options(RoundPolicy, defaults={"rounds": 5, "deadline_s": 10.0})
@@ -94,13 +95,17 @@ def simulate(**options: Any) -> None:
     from edgefl.simulation.plan import parse_churn, parse_partition
     from edgefl.simulation.runner import Simulation, SimulationConfig, save_results
     from edgefl.simulation.workload import fl_digits_bundle, load_federated_data, repeat_pool
+    from edgefl.transport.connect import is_memory_url
 
     # Every setting is checked before a bundle is built or a broker started: a refusal is a
     # usage error (exit 2); what fails later is the run's, and a bug keeps its traceback.
     strategy, strategy_params = resolve_strategy(options.pop("strategy"), options.pop("params"))
     tls = tls_settings(options)
-    if tls.given and options["broker_url"] is None:
+    in_process = is_memory_url(options["broker_url"] or "")
+    if tls.given and (options["broker_url"] is None or in_process):
         raise click.UsageError("--cafile, --cert and --key need --broker mqtts://...")
+    if in_process and options["with_dashboard"]:
+        raise click.UsageError("--dashboard needs a network broker, not --broker memory")
     seed: int = options["seed"]
     policy = build_settings(RoundPolicy, options)
     settings = RoundSettings(

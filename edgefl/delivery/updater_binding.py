@@ -18,7 +18,8 @@ from edgefl.delivery.store import BundleStore
 from edgefl.delivery.updater import Updater
 from edgefl.errors import DeliveryError
 from edgefl.transport import topics
-from edgefl.transport.client import Message, MessageHandler, MqttClient
+from edgefl.transport.client import Message, MessageHandler
+from edgefl.transport.connect import BrokerClient
 
 if TYPE_CHECKING:
     from edgefl.roles.agent import Agent
@@ -27,7 +28,7 @@ DEFAULT_MODELS_DIR = Path("~/.local/share/edgefl/models")
 
 
 def bind_updater(
-    client: MqttClient,
+    client: BrokerClient,
     store: BundleStore,
     fleet: str,
     device_id: str,

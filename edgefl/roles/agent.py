@@ -41,11 +41,11 @@ from edgefl.transport import topics
 from edgefl.transport.client import (
     Message,
     MessageHandler,
-    MqttClient,
     NetworkLoop,
     TimerHandle,
     Will,
 )
+from edgefl.transport.connect import open_client
 from edgefl.transport.messages import RoundTask, decode_round_task
 from edgefl.transport.sealed import SealError
 
@@ -117,7 +117,7 @@ class Agent:
         self._heartbeat: TimerHandle | None = None
         cache_dir = config.state_dir / "features" if config.state_dir else None
         self.features_cache = feature_cache or FeatureCache(cache_dir)
-        self.client = MqttClient(
+        self.client = open_client(
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-{config.device_id}",
             network=network,

@@ -15,29 +15,29 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from edgefl.bundle import ModelBundle
-from edgefl.core.accounting import check_budget_settings
 from edgefl.core.round_state import Verdict
-from edgefl.core.settings import AcceptancePolicy, AsyncPolicy, RoundPolicy, RoundSettings
-from edgefl.core.strategies import StrategySpec, strategy_label
+from edgefl.core.strategies import strategy_label
 from edgefl.errors import SimulationError
+from edgefl.head import Weights
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig, RoundSummary
 from edgefl.roles.async_aggregator import AsyncAggregator
 from edgefl.simulation.async_agent import AsyncSimulatedAgent
+from edgefl.simulation.config import SimulationConfig
 from edgefl.simulation.fleet_keys import SimulatedFleetKeys
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plan import FleetPlan, SimulatedDevice, plan_fleet
+from edgefl.simulation.run_broker import SimulationBroker
 from edgefl.simulation.simulated_agent import SimulatedAgent
 from edgefl.simulation.task_observer import TaskObserver
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
-from edgefl.transport.broker import EmbeddedBroker
 from edgefl.transport.client import NetworkLoop
 from edgefl.transport.tls import TlsSettings
 
@@ -45,81 +45,6 @@ log = logging.getLogger(__name__)
 
 StatusCallback = Callable[[str], None]
 RoundRecordCallback = Callable[[RoundRecord], None]
-
-
-@dataclass
-class SimulationConfig:
-    """How a simulation runs; the defaults are the FL-digits workload of DESIGN.md.
-
-    The federation's parts are the aggregator's own (`edgefl.core.settings`); the rest says what
-    the simulated fleet is like.
-
-    Attributes:
-        devices: how many simulated devices.
-        policy: how rounds run (rounds, fraction, deadline_s, quorum, ...); `min_devices` is
-            replaced by the number of devices online in round 1.
-        settings: what tasks ask of the devices: training (its seed seeds selection and the
-            devices' minibatch order), privacy, codec.
-        acceptance: what the aggregator accepts (norm bound, influence bounds, size); its
-            allow-list is replaced by the simulated devices.
-        strategy: a strategy name (edgefl.core.strategies), a `Strategy`, or a factory;
-            `strategy_params` its arguments (see `AggregatorConfig`).
-        partition: "iid", "dirichlet:ALPHA" or "shards:K" (see edgefl.simulation.plan).
-        speed_spread: slowest/fastest device ratio; 1 makes all devices equally fast.
-        speed_unit_s: what one unit of slowness costs: a device of speed s delays its update by
-            (s - 1) * speed_unit_s seconds.
-        dropout: probability that a selected device skips a round.
-        churn: join/leave schedule, e.g. "join:0.2@3,leave:0.1@5".
-        personalize: devices keep a personal head fine-tuned from the global one.
-        seed: seeds the partition and the heterogeneity (speeds, dropouts, churn).
-        fleet: the fleet name on the wire.
-        broker_url: use this broker; None starts the embedded one for the run.
-        preinstalled: devices start with the bundle installed; False starts them empty, to
-            receive it by a deploy (see `Simulation`'s `before_rounds`).
-        tls: the CA file and client certificate every client uses with an `mqtts://`
-            `broker_url` (one shared certificate: not for brokers with per-device ACLs).
-        insecure: nothing sealed or checked; by default every message is sealed with keys made
-            for the run and every device is enrolled (`edgefl.simulation.fleet_keys`).
-        asynchronous: sync rounds, or async (FedBuff) with its buffer and staleness; in async
-            mode a device is busy for its delay after each task and then takes the newest one
-            (`edgefl.simulation.async_agent`), and dropout skips a head version.
-    """
-
-    devices: int = 10
-    policy: RoundPolicy = field(default_factory=lambda: RoundPolicy(rounds=5, deadline_s=10.0))
-    settings: RoundSettings = field(default_factory=RoundSettings)
-    acceptance: AcceptancePolicy = field(default_factory=AcceptancePolicy)
-    strategy: StrategySpec = "fedavg"
-    strategy_params: dict[str, Any] = field(default_factory=dict)
-    partition: str = "dirichlet:0.5"
-    speed_spread: float = 1.0
-    speed_unit_s: float = 0.1
-    dropout: float = 0.0
-    churn: str = ""
-    personalize: bool = True
-    seed: int = 0
-    fleet: str = "sim"
-    broker_url: str | None = None
-    preinstalled: bool = True
-    tls: TlsSettings = field(default_factory=TlsSettings)
-    insecure: bool = False
-    asynchronous: AsyncPolicy = field(default_factory=AsyncPolicy)
-
-    def check(self) -> None:
-        """Raise SimulationError naming the first invalid setting."""
-        if self.devices < 1:
-            raise SimulationError("`devices` must be at least 1")
-        if self.policy.rounds < 1:
-            raise SimulationError("`rounds` must be at least 1")
-        if self.policy.deadline_s <= 0:
-            raise SimulationError("`deadline_s` must be positive")
-        if self.speed_unit_s < 0:
-            raise SimulationError("the speed unit must not be negative")
-        try:
-            self.asynchronous.check()
-            check_budget_settings(self.policy, self.settings.privacy)
-        except ValueError as exc:
-            raise SimulationError(str(exc)) from None
 
 
 class _DeviceBehaviour:
@@ -201,6 +126,7 @@ class Simulation:
         self._aggregator: Aggregator | None = None
         self._stopped = ""  # why the aggregator ended the run early (the privacy budget)
         self._observer: TaskObserver | None = None
+        self._tls = TlsSettings()
         self._started = 0.0
         self._round_started = 0.0
 
@@ -224,15 +150,10 @@ class Simulation:
         """
         config = self.config
         setup_started = time.perf_counter()
-        broker: EmbeddedBroker | None = None
-        tls = TlsSettings()
-        if config.broker_url is None:
-            self._say("starting the embedded broker")
-            broker = EmbeddedBroker(port=0)
-            broker.start()
-            url = broker.url
-        else:
-            url, tls = config.broker_url, config.tls
+        broker = SimulationBroker(config.broker_url, config.tls)
+        self._say(broker.describe())
+        url = broker.start()
+        tls = self._tls = broker.tls
         network = self._network = NetworkLoop(name="edgefl-simulation")
         network.start()
         try:
@@ -282,16 +203,19 @@ class Simulation:
             wall_s = self.records[-1].elapsed if self.records else 0.0
         finally:
             self._say("stopping devices")
-            self._teardown(clear_retained=config.broker_url is not None)
+            self._teardown(clear_retained=not broker.owned)
             network.stop()
-            if broker is not None:
-                broker.wait_idle()
-                broker.stop()
+            broker.stop()
         return SimulationMetrics(
             config=self._config_record(),
             rounds=self.records,
             summary=self._summary(wall_s, startup_s),
         )
+
+    @property
+    def heads(self) -> dict[str, Weights]:
+        """The aggregator's global heads: the final ones after run() (empty before it starts)."""
+        return dict(self._aggregator.heads) if self._aggregator is not None else {}
 
     def device_presence(self) -> dict[str, str]:
         """Return the aggregator's `device_presence()` (empty before it starts)."""
@@ -316,7 +240,7 @@ class Simulation:
                     connect_timeout_s=None,
                     # Heartbeats only refresh the status; in a short run they are noise.
                     heartbeat_s=300.0,
-                    tls=TlsSettings() if self.config.broker_url is None else self.config.tls,
+                    tls=self._tls,
                     auth=self.keys.agent(device.device_id),
                 ),
                 self.behaviours[index[device.device_id]],
@@ -351,7 +275,7 @@ class Simulation:
         if not joining and not leaving:
             return
         assert self._observer is not None
-        self._start_agents(self._observer.client.address.url, joining)
+        self._start_agents(self._observer.url, joining)
         self._stop_agents(leaving)
         expected = {d.device_id for d in self.plan.online_in(next_round)}
         deadline = time.monotonic() + 10.0

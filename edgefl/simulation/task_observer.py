@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 from edgefl.transport import topics
-from edgefl.transport.client import Message, MqttClient, NetworkLoop
+from edgefl.transport.client import Message, NetworkLoop
+from edgefl.transport.connect import open_client
 from edgefl.transport.tls import TlsSettings
 
 
@@ -16,7 +17,8 @@ class TaskObserver:
         self, broker_url: str, fleet: str, network: NetworkLoop, tls: TlsSettings | None = None
     ) -> None:
         self.sizes: dict[int, int] = {}
-        self.client = MqttClient(
+        self.url = broker_url
+        self.client = open_client(
             broker_url, client_id=f"edgefl-{fleet}-sim-observer", network=network, tls=tls
         )
         self.client.subscribe(topics.all_tasks(fleet), self._on_task)

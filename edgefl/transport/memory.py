@@ -1,0 +1,611 @@
+"""An in-process MQTT broker and client: `MqttClient`'s interface with no sockets and no packets.
+
+A simulation runs the real agents and aggregator over it (`memory://NAME` URLs, see
+`edgefl.transport.connect.open_client`). What a real broker does that the roles rely on is kept:
+topic filters with `+` and `#` (no wildcard match of `$` topics at the first level), retained
+messages (an empty retained payload clears), persistent sessions that queue QoS 1 messages while
+their client is away, the last will on an abrupt disconnect (`MemoryBroker.drop`), shared
+subscriptions (`$share/GROUP/filter`, round-robin among the group), and delivery to each client
+in publish order on its `NetworkLoop` thread, never on the publisher's stack (as paho calls
+handlers on its network thread). Payloads are passed by reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from edgefl.errors import BrokerUrlError, TransportError
+from edgefl.transport.client import (
+    DEFAULT_MAX_PAYLOAD,
+    ConnectHandler,
+    Message,
+    MessageHandler,
+    OversizeHandler,
+    Will,
+)
+from edgefl.transport.network_loop import NetworkLoop, TimerHandle
+from edgefl.transport.tls import TlsSettings
+from edgefl.transport.topic_tree import RetainedTree, SubscriptionTree, split_shared
+from edgefl.transport.topics import matches
+
+log = logging.getLogger(__name__)
+
+SCHEME = "memory://"
+
+_brokers: dict[str, MemoryBroker] = {}
+_brokers_lock = threading.Lock()
+
+
+def memory_broker_name(url: str) -> str | None:
+    """Return the broker name of a `memory://NAME` URL ("" for `memory://`), else None."""
+    text = url.strip()
+    if text == "memory":
+        return ""
+    if not text.startswith(SCHEME):
+        return None
+    return text[len(SCHEME) :].strip("/")
+
+
+def find_broker(name: str) -> MemoryBroker | None:
+    """Return the running in-process broker called `name`, or None."""
+    with _brokers_lock:
+        return _brokers.get(name)
+
+
+def check_filter(topic_filter: str) -> None:
+    """Raise ValueError for a filter a broker would refuse (`#` not last, a wildcard in a level)."""
+    _, plain = split_shared(topic_filter)
+    levels = plain.split("/")
+    for index, level in enumerate(levels):
+        if ("#" in level and (level != "#" or index != len(levels) - 1)) or (
+            "+" in level and level != "+"
+        ):
+            raise ValueError(f"invalid topic filter {topic_filter!r}")
+
+
+@dataclass(frozen=True)
+class MemoryAddress:
+    """Which in-process broker a client talks to."""
+
+    name: str
+
+    @property
+    def url(self) -> str:
+        """Return the broker's URL."""
+        return f"{SCHEME}{self.name}"
+
+
+class MemoryPublishHandle:
+    """The result of a publish to the in-process broker: acknowledged once the broker routed it."""
+
+    __slots__ = ("_published",)
+
+    def __init__(self, published: bool = False) -> None:
+        self._published = published
+
+    @property
+    def published(self) -> bool:
+        """Whether the broker took the message (at once while connected; else after reconnect)."""
+        return self._published
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """Wait until published; returns False on timeout (a publish queued while offline)."""
+        deadline = time.monotonic() + timeout
+        while not self._published:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+
+class _Session:
+    """What the broker keeps for a client ID: its subscriptions and, when persistent, a queue."""
+
+    __slots__ = ("client", "client_id", "filters", "persistent", "queued", "will")
+
+    def __init__(self, client_id: str, persistent: bool) -> None:
+        self.client_id = client_id
+        self.persistent = persistent
+        self.filters: dict[str, int] = {}
+        self.client: MemoryClient | None = None
+        self.will: Will | None = None
+        self.queued: deque[Message] = deque()
+
+
+class MemoryBroker:
+    """An MQTT broker inside this process, found by clients through `memory://NAME`."""
+
+    def __init__(self, name: str = "", *, max_queued_messages: int = 100_000) -> None:
+        """Configure the broker; clients find it once start() registered it.
+
+        Args:
+            name: the name in `memory://NAME`; "" picks a unique one.
+            max_queued_messages: per offline persistent session; newer messages are dropped
+                beyond it (as Mosquitto's `max_queued_messages`).
+        """
+        self.name = name or f"broker-{uuid.uuid4().hex[:12]}"
+        self.max_queued_messages = max_queued_messages
+        self._lock = threading.RLock()
+        self._sessions: dict[str, _Session] = {}
+        self._subscriptions: SubscriptionTree[_Session] = SubscriptionTree()
+        # Shared subscriptions: the tree finds the (group, filter) pairs a topic matches; each
+        # pair's members take turns.
+        self._shared: SubscriptionTree[tuple[str, str]] = SubscriptionTree()
+        self._groups: dict[tuple[str, str], dict[_Session, int]] = {}
+        self._turns: dict[tuple[str, str], itertools.count[int]] = {}
+        self._retained: RetainedTree[Message] = RetainedTree()
+        self._held: dict[str, float] = {}  # client ID -> until when it may not reconnect
+        self._running = False
+
+    @property
+    def url(self) -> str:
+        """Return the URL clients connect to."""
+        return f"{SCHEME}{self.name}"
+
+    @property
+    def connection_count(self) -> int:
+        """How many clients are connected now."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.client is not None)
+
+    @property
+    def retained_count(self) -> int:
+        """How many topics hold a retained message."""
+        with self._lock:
+            return len(self._retained)
+
+    def start(self) -> None:
+        """Register the broker under its name, so clients of `memory://NAME` find it.
+
+        Raises:
+            TransportError: another running broker in this process has the name.
+        """
+        with _brokers_lock:
+            if _brokers.get(self.name) not in (None, self):
+                raise TransportError(f"an in-process broker named {self.name!r} is running")
+            _brokers[self.name] = self
+        with self._lock:
+            self._running = True
+
+    def stop(self) -> None:
+        """Unregister and drop every client (they keep retrying, as after a broker crash).
+
+        Retained messages and sessions are forgotten, as by a broker without persistence.
+        """
+        with _brokers_lock:
+            if _brokers.get(self.name) is self:
+                del _brokers[self.name]
+        with self._lock:
+            self._running = False
+            clients = [s.client for s in self._sessions.values() if s.client is not None]
+            self._sessions.clear()
+            self._subscriptions = SubscriptionTree()
+            self._shared = SubscriptionTree()
+            self._groups.clear()
+            self._retained = RetainedTree()
+        for client in clients:
+            client._lose_connection(self)
+
+    def __enter__(self) -> MemoryBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def drop(self, client_id: str, hold_s: float | None = 0.0) -> bool:
+        """Cut a client off abruptly, as a dead network would: its last will is published, its
+        persistent session queues QoS 1 messages, and the client reconnects with its backoff.
+
+        Args:
+            client_id: the client.
+            hold_s: refuse its reconnects for this long; None until `readmit(client_id)`.
+
+        Returns:
+            Whether the client was connected.
+        """
+        with self._lock:
+            self._held[client_id] = time.monotonic() + hold_s if hold_s is not None else 1e308
+            session = self._sessions.get(client_id)
+            client = session.client if session is not None else None
+        if client is None:
+            return False
+        self._detach(client, abrupt=True)
+        client._lose_connection(self)
+        return True
+
+    def readmit(self, client_id: str) -> None:
+        """Let a client held off by `drop(..., hold_s=None)` connect again."""
+        with self._lock:
+            self._held.pop(client_id, None)
+
+    # -- called by MemoryClient --
+
+    def _attach(self, client: MemoryClient) -> bool:
+        """Connect `client`; returns session_present. Raises ConnectionRefusedError."""
+        taken_over: MemoryClient | None = None
+        with self._lock:
+            if not self._running:
+                raise ConnectionRefusedError(f"the in-process broker {self.name!r} stopped")
+            if self._held.get(client.client_id, 0.0) > time.monotonic():
+                raise ConnectionRefusedError("connection refused (simulated outage)")
+            session = self._sessions.get(client.client_id)
+            present = session is not None and session.persistent and client.persistent
+            if session is not None and session.client is not None:
+                taken_over = session.client  # the same client ID connected twice: MQTT's takeover
+            if session is None or not present:
+                if session is not None:
+                    self._forget(session)
+                session = _Session(client.client_id, client.persistent)
+                self._sessions[client.client_id] = session
+            session.client, session.will = client, client.will
+            queued, session.queued = session.queued, deque()
+            for message in queued:
+                client._enqueue(message)
+        if taken_over is not None and taken_over is not client:
+            # On the loop thread: the caller holds its own client's lock, and two clients' locks
+            # must never be taken nested.
+            old = taken_over
+            old.network.call_soon(lambda: old._lose_connection(self))
+        return present
+
+    def _detach(self, client: MemoryClient, abrupt: bool) -> None:
+        with self._lock:
+            session = self._sessions.get(client.client_id)
+            if session is None or session.client is not client:
+                return
+            session.client = None
+            will = session.will if abrupt else None
+            if not session.persistent:
+                self._forget(session)
+            if will is not None:
+                self._route(will.topic, will.payload, will.qos, will.retain)
+
+    def _forget(self, session: _Session) -> None:
+        for topic_filter in list(session.filters):
+            self._remove_filter(session, topic_filter)
+        if self._sessions.get(session.client_id) is session:
+            del self._sessions[session.client_id]
+
+    def _subscribe(self, client: MemoryClient, topic_filter: str, qos: int) -> None:
+        with self._lock:
+            session = self._sessions.get(client.client_id)
+            if session is None or session.client is not client:
+                return
+            session.filters[topic_filter] = qos
+            group, plain = split_shared(topic_filter)
+            if group is not None:
+                self._groups.setdefault((group, plain), {})[session] = qos
+                self._turns.setdefault((group, plain), itertools.count())
+                self._shared.add(plain, (group, plain), 2)
+                return  # a shared subscription gets no retained messages (MQTT 5, 4.8.2)
+            self._subscriptions.add(plain, session, qos)
+            for retained in self._retained.matching(plain):
+                given = min(qos, retained.qos)
+                client._enqueue(Message(retained.topic, retained.payload, given, True))
+
+    def _unsubscribe(self, client: MemoryClient, topic_filter: str) -> None:
+        with self._lock:
+            session = self._sessions.get(client.client_id)
+            if session is not None and session.client is client:
+                self._remove_filter(session, topic_filter)
+
+    def _remove_filter(self, session: _Session, topic_filter: str) -> None:
+        if session.filters.pop(topic_filter, None) is None:
+            return
+        group, plain = split_shared(topic_filter)
+        if group is None:
+            self._subscriptions.remove(plain, session)
+            return
+        members = self._groups.get((group, plain), {})
+        members.pop(session, None)
+        if not members:
+            self._groups.pop((group, plain), None)
+            self._turns.pop((group, plain), None)
+            self._shared.remove(plain, (group, plain))
+
+    def _publish(
+        self, client: MemoryClient, topic: str, payload: bytes, qos: int, retain: bool
+    ) -> bool:
+        """Route a message from a connected client; False when it is not connected."""
+        with self._lock:
+            session = self._sessions.get(client.client_id)
+            if session is None or session.client is not client:
+                return False
+            self._route(topic, payload, qos, retain)
+            return True
+
+    def _route(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if retain:
+            self._retained.set(topic, Message(topic, payload, qos, True) if payload else None)
+        # Messages are immutable: one object per QoS serves every receiver.
+        by_qos = {q: Message(topic, payload, q, False) for q in range(qos + 1)}
+        for session, wanted in self._subscriptions.match(topic).items():
+            self._deliver(session, by_qos[min(qos, wanted)])
+        if self._groups:
+            for key in self._shared.match(topic):
+                members = list(self._groups[key].items())
+                turn = next(self._turns[key])
+                # The next connected member takes it; with none connected, the next member's
+                # persistent session queues it.
+                ranked = members[turn % len(members) :] + members[: turn % len(members)]
+                live = [m for m in ranked if m[0].client is not None] or ranked
+                session, wanted = live[0]
+                self._deliver(session, by_qos[min(qos, wanted)])
+
+    def _deliver(self, session: _Session, message: Message) -> None:
+        if session.client is not None:
+            session.client._enqueue(message)
+        elif session.persistent and message.qos > 0:
+            if len(session.queued) < self.max_queued_messages:
+                session.queued.append(message)
+            else:
+                log.warning("%s: queue full, dropped a message on %s", session.client_id,
+                            message.topic)  # fmt: skip
+
+
+_Outgoing = tuple[str, bytes, int, bool, MemoryPublishHandle]
+
+
+class MemoryClient:
+    """A client of an in-process broker with `MqttClient`'s interface and behaviour.
+
+    Handlers run on the NetworkLoop thread in the order the broker routed the messages; they
+    must not block for long and must never wait on a publish handle, as with `MqttClient`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        network: NetworkLoop | None = None,
+        will: Will | None = None,
+        persistent_session: bool = False,
+        keepalive: int = 30,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+        on_oversized: OversizeHandler | None = None,
+        tls: TlsSettings | None = None,
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        """Configure the client; nothing connects until connect() (arguments as `MqttClient`;
+        `keepalive` is accepted and unused: nothing in-process needs pings).
+
+        Raises:
+            BrokerUrlError: the URL is not `memory://NAME`, or TLS files are given.
+        """
+        name = memory_broker_name(url)
+        if not name:
+            raise BrokerUrlError(f"broker URL {url!r} must be memory://NAME")
+        if tls is not None and tls.given:
+            raise BrokerUrlError("an in-process broker (memory://) takes no TLS files")
+        del keepalive
+        self.address = MemoryAddress(name)
+        self.client_id = client_id
+        self.network = network or NetworkLoop(name=f"edgefl-memory-{client_id}")
+        self._own_network = network is None
+        self.will = will
+        self.persistent = persistent_session
+        self.max_payload_bytes = max_payload_bytes
+        self.on_oversized = on_oversized
+        self._backoff_min, self._backoff_max = backoff_min_s, backoff_max_s
+        self._backoff = backoff_min_s
+        self._handlers: list[tuple[str, str, int, MessageHandler]] = []
+        self._connect_hooks: list[ConnectHandler] = []
+        self._connected = threading.Event()
+        self._lock = threading.RLock()  # connection state, handlers and the outbox
+        self._broker: MemoryBroker | None = None
+        self._outbox: deque[_Outgoing] = deque()  # QoS >= 1 publishes made while offline
+        self._inbox: deque[Message] = deque()
+        self._inbox_lock = threading.Lock()
+        self._drain_pending = False
+        self._started = False
+        self._closing = False
+        self._ever_connected = False
+        self._refused = threading.Event()
+        self._last_error = ""
+        self._reconnect_timer: TimerHandle | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker accepted the connection and it is up."""
+        return self._connected.is_set()
+
+    def on_connect(self, hook: ConnectHandler) -> None:
+        """Call `hook(session_present)` on the loop thread after every (re)connect."""
+        self._connect_hooks.append(hook)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Deliver messages matching `topic_filter` to `handler` (on the loop thread); renewed
+        after every reconnect. Retained messages it matches are delivered (again) at once.
+
+        Raises:
+            ValueError: the filter is invalid.
+        """
+        check_filter(topic_filter)
+        _, plain = split_shared(topic_filter)
+        with self._lock:
+            self._handlers.append((topic_filter, plain, qos, handler))
+            if self._broker is not None:
+                self._broker._subscribe(self, topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop delivering `topic_filter` (every handler registered for it); thread-safe."""
+        with self._lock:
+            self._handlers = [h for h in self._handlers if h[0] != topic_filter]
+            if self._broker is not None:
+                self._broker._unsubscribe(self, topic_filter)
+
+    def connect(self, timeout: float | None = 10.0) -> None:
+        """Start connecting (retrying with backoff) and wait for the broker to accept.
+
+        Args:
+            timeout: seconds to wait for the first connection; None returns at once.
+
+        Raises:
+            TransportError: not connected within `timeout`, or no broker of that name runs in
+                this process.
+        """
+        if self._started:
+            raise TransportError(f"client {self.client_id} is already connected or connecting")
+        self._started, self._closing = True, False
+        self.network.start()
+        self.network.call_soon(self._attempt)
+        if timeout is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.01):
+            if self._refused.is_set() or time.monotonic() >= deadline:
+                break
+        if not self._connected.is_set():
+            error = self._last_error
+            self.close()
+            raise TransportError(
+                f"cannot connect to the broker at {self.address.url}"
+                + (f": {error}" if error else "")
+            )
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected; returns False on timeout."""
+        return self._connected.wait(timeout)
+
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
+    ) -> MemoryPublishHandle:
+        """Hand a message to the broker; returns a handle to wait on. Thread-safe.
+
+        While disconnected, QoS >= 1 messages stay queued and go out after the reconnect.
+
+        Raises:
+            ValueError: the topic is empty or holds a wildcard (paho refuses these too).
+        """
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"cannot publish to {topic!r}")
+        data = payload.encode() if isinstance(payload, str) else payload
+        handle = MemoryPublishHandle()
+        with self._lock:
+            broker = self._broker
+            if broker is not None and broker._publish(self, topic, data, qos, retain):
+                handle._published = True
+            elif qos > 0:
+                self._outbox.append((topic, data, qos, retain, handle))
+        return handle
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no last will) and stop retrying; safe to call twice."""
+        del timeout  # nothing is in flight: a connected client's publishes are already routed
+        if not self._started:
+            return
+        self._closing, self._started = True, False
+        with self._lock:
+            broker, self._broker = self._broker, None
+            self._connected.clear()
+            timer, self._reconnect_timer = self._reconnect_timer, None
+        if timer is not None:
+            timer.cancel()
+        if broker is not None:
+            broker._detach(self, abrupt=False)
+        if self._own_network:
+            self.network.stop()
+
+    # -- the broker's side --
+
+    def _enqueue(self, message: Message) -> None:
+        """Queue a message for the loop thread (called by the broker on any thread)."""
+        with self._inbox_lock:
+            self._inbox.append(message)
+            if self._drain_pending:
+                return
+            self._drain_pending = True
+        self.network.call_soon(self._drain)
+
+    def _lose_connection(self, broker: MemoryBroker) -> None:
+        """The broker cut this client off (drop, takeover, stop): reconnect with backoff."""
+        with self._lock:
+            if self._broker is not broker:
+                return
+            self._broker = None
+            self._connected.clear()
+        if not self._closing:
+            self._last_error = "connection lost"
+            log.info("%s: connection lost; reconnecting", self.client_id)
+            self.network.call_soon(self._schedule_reconnect)
+
+    # -- loop thread --
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, deque()
+            self._drain_pending = False
+        if self._closing:
+            return
+        for message in batch:
+            self._dispatch(message)
+
+    def _dispatch(self, message: Message) -> None:
+        if len(message.payload) > self.max_payload_bytes:
+            log.warning("%s: dropped %d-byte message on %s (limit %d)", self.client_id,
+                        len(message.payload), message.topic, self.max_payload_bytes)  # fmt: skip
+            if self.on_oversized is not None:
+                self.on_oversized(message.topic, len(message.payload))
+            return
+        for _, plain, _, handler in list(self._handlers):
+            if matches(plain, message.topic):
+                try:
+                    handler(message)
+                except Exception:
+                    log.exception("%s: handler for %s failed", self.client_id, message.topic)
+
+    def _attempt(self) -> None:
+        self._reconnect_timer = None
+        if self._closing:
+            return
+        broker = find_broker(self.address.name)
+        try:
+            if broker is None:
+                raise ConnectionRefusedError(
+                    f"no in-process broker named {self.address.name!r} runs in this process"
+                )
+            with self._lock:
+                present = broker._attach(self)
+                self._broker = broker
+                filters: dict[str, int] = {}
+                for topic_filter, _, qos, _ in self._handlers:
+                    filters[topic_filter] = max(qos, filters.get(topic_filter, 0))
+                for topic_filter, qos in filters.items():
+                    broker._subscribe(self, topic_filter, qos)
+                self._connected.set()
+                outbox, self._outbox = self._outbox, deque()
+        except ConnectionRefusedError as exc:
+            self._last_error = str(exc)
+            if broker is None and not self._ever_connected:
+                self._refused.set()  # no broker will appear under this name: fail at once
+            self._schedule_reconnect()
+            return
+        self._ever_connected = True
+        self._backoff = self._backoff_min
+        for topic, data, qos, retain, handle in outbox:
+            if broker._publish(self, topic, data, qos, retain):
+                handle._published = True
+            else:
+                self._outbox.append((topic, data, qos, retain, handle))
+        for hook in list(self._connect_hooks):
+            try:
+                hook(present)
+            except Exception:
+                log.exception("%s: connect hook failed", self.client_id)
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing or self._reconnect_timer is not None or self.connected:
+            return
+        delay = self._backoff * (0.5 + random.random())
+        self._backoff = min(self._backoff * 2, self._backoff_max)
+        self._reconnect_timer = self.network.call_later(delay, self._attempt)
