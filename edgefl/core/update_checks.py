@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from edgefl.core.accounting import check_applied_privacy
 from edgefl.core.codecs import decode_delta, decode_payload
 from edgefl.core.settings import PrivacySettings
-from edgefl.core.validation import UpdateRejected, validate_delta
+from edgefl.core.validation import UpdateRejected, validate_delta, validate_values
 from edgefl.errors import MessageError
 from edgefl.head import Weights
 from edgefl.transport.messages import UpdateHeader, read_update_header
@@ -169,7 +169,7 @@ def _check_compact(
         delta = decode_compact_body(header, head, payload)
     except MessageError as exc:
         raise UpdateRejected("malformed", str(exc)) from None
-    validate_delta(delta, head, max_norm)
+    validate_values(delta, max_norm)  # keys, dtype and shapes are the head's by construction
     return delta
 
 

@@ -69,6 +69,19 @@ def validate_delta(
             raise UpdateRejected(
                 "shape", f"{key} has shape {list(value.shape)}, expected {list(expected)}"
             )
+    validate_values(delta, max_norm)
+
+
+def validate_values(delta: Mapping[str, np.ndarray], max_norm: float | None = None) -> None:
+    """The checks of `validate_delta` on the values alone: finite, and the norm bound.
+
+    For a delta whose keys, dtype and shapes are right by construction (a compact update is
+    decoded into the head's own shapes, as float32).
+
+    Raises:
+        UpdateRejected: "non-finite" or "norm".
+    """
+    for key, value in delta.items():
         if not np.isfinite(value).all():
             bad = int((~np.isfinite(value)).sum())
             raise UpdateRejected("non-finite", f"{key} holds {bad} NaN or Inf values")

@@ -85,14 +85,16 @@ def test_a_64x10_update_meets_the_wire_targets_with_and_without_its_mac() -> Non
     assert not is_compact(legacy) and len(legacy) > 1.9 * sizes["int8"]
 
 
-def test_fields_survive_the_round_trip_and_metrics_keep_seven_digits() -> None:
+def test_fields_survive_the_round_trip_with_metrics_as_float32() -> None:
     ref = task_ref(RUN, 3, "default", HEAD_DIGEST, 2, BUNDLE)
     data = encode_compact("topk", ref, 420, b"\x01" * 12, METRICS, clip_norm=0.5,
                           noise_multiplier=1.25)  # fmt: skip
     read = read_compact(data)
     assert (read.codec, read.ref, read.samples, read.clip_norm, read.noise_multiplier) == (
         "topk", ref, 420, 0.5, 1.25)  # fmt: skip
-    assert read.metrics == METRICS and data[read.body_offset :] == b"\x01" * 12
+    assert read.metrics == {name: float(np.float32(value)) for name, value in METRICS.items()}
+    assert read.metrics["loss"] == pytest.approx(0.71234, rel=1e-7)
+    assert data[read.body_offset :] == b"\x01" * 12
     assert task_ref(RUN, 3, "default", HEAD_DIGEST, 2, BUNDLE) == ref
     assert task_ref(RUN, 4, "default", HEAD_DIGEST, 2, BUNDLE) != ref
 
