@@ -184,3 +184,33 @@ def test_close_right_after_publishing_loses_nothing(mosquitto: RunningBroker) ->
         for i in range(200):
             reader.publish(f"edgefl-test/close/{i}", b"", qos=1, retain=True)
         reader.close()
+
+
+def test_a_burst_of_messages_across_read_buffers_arrives_whole_and_in_order(
+    mosquitto: RunningBroker,
+) -> None:
+    # Reads are buffered 64 KiB at a time: packets that straddle a buffer's end, payloads larger
+    # than a buffer, and thousands of tiny packets read in one recv() must all come out whole.
+    sizes = [1, 3000, 70_000, 5, 200_000, 64 * 1024 - 7] + [17] * 3000 + [2654] * 500
+    payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    received: list[bytes] = []
+    done = threading.Event()
+
+    def on_message(message: Message) -> None:
+        received.append(message.payload)
+        if len(received) == len(payloads):
+            done.set()
+
+    reader = MqttClient(mosquitto.url, "burst-reader")
+    reader.subscribe("burst/#", on_message)
+    reader.connect()
+    writer = MqttClient(mosquitto.url, "burst-writer")
+    writer.connect()
+    try:
+        for i, payload in enumerate(payloads):
+            writer.publish(f"burst/{i}", payload, qos=1)
+        assert done.wait(30), f"{len(received)} of {len(payloads)} arrived"
+        assert received == payloads
+    finally:
+        writer.close()
+        reader.close()

@@ -1,10 +1,9 @@
 """A small typed MQTT client over paho, driven by a `NetworkLoop` (in `network_loop`).
 
-paho is imported here and nowhere else. Callers see `Message` objects and plain callables; they
-never see a paho callback. The client hands its socket to the loop and answers the loop's
-readable, writable and housekeeping calls with paho's external-loop hooks (`loop_read`,
-`loop_write`, `loop_misc`). Handlers run on the loop thread, so they must not block for long and
-must never wait on a publish handle.
+paho is imported here and in `buffered_paho` and nowhere else. Callers see `Message` objects
+and plain callables, never a paho callback. The client hands its socket to the loop and answers
+its readable, writable and housekeeping calls with paho's external-loop hooks. Handlers run on
+the loop thread: they must not block for long, nor wait on a publish handle.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefl.errors import TransportError
 from edgefl.transport.broker import BrokerAddress, parse_broker_url
+from edgefl.transport.buffered_paho import MAX_PACKETS_PER_WAKE, BufferedPaho, tls_pending
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
 from edgefl.transport.tls import (
     TlsSettings,
@@ -81,11 +81,9 @@ class PublishHandle:
             return bool(getattr(self._info, "_published", False))
 
     def wait(self, timeout: float = 10.0) -> bool:
-        """Wait until published; returns False on timeout. Never call on the loop thread.
-
-        A message published while disconnected stays queued (QoS >= 1) and is sent after the
-        reconnect, so waiting across a broker restart works.
-        """
+        """Wait until published (False on timeout); never on the loop thread. A message published
+        while disconnected stays queued (QoS >= 1) and goes after the reconnect, so this waits
+        across a broker restart."""
         deadline = time.monotonic() + timeout
         while not self.published:
             if time.monotonic() >= deadline:
@@ -168,7 +166,7 @@ class MqttClient:
         self._reading = False
         self._write_registered = False
 
-        self._paho = paho.Client(
+        self._paho = BufferedPaho(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=not persistent_session,
@@ -403,16 +401,21 @@ class MqttClient:
             self._write_now()
 
     def _on_readable(self) -> None:
-        # paho reads one packet per call; draining a few per wake-up saves select() calls when
-        # a thousand updates arrive at once.
+        # One packet per call: go on while read (or TLS-decrypted) bytes wait unsignalled.
         self._reading = True
+        more = False
         try:
-            for _ in range(16):
+            for _ in range(MAX_PACKETS_PER_WAKE):
                 if self._sock is None:
                     break
                 self._paho.loop_read()
+                more = self._paho.buffered or tls_pending(self._sock)
+                if not more:
+                    break
         finally:
             self._reading = False
+        if more and self._sock is not None:
+            self.network.call_soon(self._on_readable)
         if self._sock is not None and self._paho.want_write():
             self._write_now()
         if self._sock is None and not self._closing:
