@@ -13,7 +13,7 @@ from edgefl.cli.auth import devices
 from edgefl.cli.compress import compress, recipes
 from edgefl.cli.dashboard import dashboard
 from edgefl.cli.delivery import deploy, flash, fleet, keys
-from edgefl.cli.federation import agent, aggregate, broker
+from edgefl.cli.federation import agent, aggregate, aggregate_worker, broker
 from edgefl.cli.security import broker_config, certs
 from edgefl.cli.simulation import demo, simulate
 from edgefl.cli.tune import tune
@@ -25,8 +25,9 @@ def main() -> None:
     """edgefl: compress a PyTorch model, ship it to boards over MQTT, federate what they learn."""
 
 
-for _command in (compress, recipes, broker, agent, aggregate, keys, deploy, fleet, flash, simulate,
-                 demo, certs, broker_config, dashboard, devices, tune):  # fmt: skip
+for _command in (compress, recipes, broker, agent, aggregate, aggregate_worker, keys, deploy,
+                 fleet, flash, simulate, demo, certs, broker_config, dashboard, devices,
+                 tune):  # fmt: skip
     main.add_command(_command)
 
 __all__ = ["main"]

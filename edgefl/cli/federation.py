@@ -26,6 +26,7 @@ from edgefl.cli.options import (
     tls_settings,
 )
 from edgefl.cli.shell import setup_logging, stop_on_sigterm, user_errors
+from edgefl.cli.workers import aggregate_worker, take_worker_options, worker_options
 from edgefl.core.board_limits import BoardLimits
 from edgefl.core.codecs import CODEC_NAMES
 from edgefl.core.settings import (
@@ -38,6 +39,8 @@ from edgefl.core.settings import (
     TrainConfig,
 )
 from edgefl.core.strategies import strategy_label
+
+__all__ = ["agent", "aggregate", "aggregate_worker", "broker"]
 
 
 @click.command()
@@ -170,6 +173,7 @@ def agent(**options: Any) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Metrics and final heads.")
 @click.option("--log-level", default="warning", show_default=True)
 @click.option("--metrics-port", help="Serve Prometheus /metrics on PORT (127.0.0.1) or HOST:PORT.")
+@worker_options
 @aggregator_auth_options
 @tls_options()
 @user_errors
@@ -191,6 +195,7 @@ def aggregate(**options: Any) -> None:
     )
     acceptance = build_settings(AcceptancePolicy, options)
     asynchronous = build_settings(AsyncPolicy, options)
+    scale_out = take_worker_options(options, asynchronous.is_async)
     out_dir: Path | None = options["out_dir"]
     state_path = options["state_path"] or (out_dir / "state.sqlite" if out_dir else None)
     auth = aggregator_auth(options, state_path)
@@ -228,6 +233,11 @@ def aggregate(**options: Any) -> None:
 
     metrics = start_metrics(options["metrics_port"], config.fleet)
     make: Callable[..., Aggregator] = Aggregator
+    if scale_out.expected:
+        from edgefl.roles.coordinator import Coordinator
+
+        make = partial(Coordinator, workers=scale_out.expected,
+                       collect_timeout_s=scale_out.collect_timeout_s)  # fmt: skip
     if asynchronous.is_async:
         from edgefl.roles.async_aggregator import AsyncAggregator
 
@@ -244,9 +254,12 @@ def aggregate(**options: Any) -> None:
     if asynchronous.is_async:
         label += (f", async: a head version every {asynchronous.buffer} updates, staleness "
                   f"<= {asynchronous.max_staleness} weighted {asynchronous.staleness}")  # fmt: skip
+    if scale_out.expected:
+        label += f", {scale_out.expected} ingest workers ({scale_out.local} here)"
     console.print(f"aggregating fleet {config.fleet} at {config.broker_url}: "
                   f"{policy.rounds} rounds of {label}")  # fmt: skip
-    summary = server.run()
+    with scale_out.start_local(config.broker_url, config.fleet, server.stop):
+        summary = server.run()
     final = f"accuracy {summary.accuracy:.4f}, " if summary.accuracy is not None else ""
     console.print(
         f"done: {len(summary.rounds)} rounds, head v{summary.head_version}, {final}"

@@ -23,6 +23,7 @@ import base64
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,7 @@ class Coordinator(Aggregator):
         self._collect_id = ""
         self._resumed: set[tuple[str, str]] = set()  # (device, sha256) already recorded
         self.lost: list[str] = []  # devices whose update a worker lost, in the last round
+        self.refused: Counter[str] = Counter()  # worker messages refused, by code
 
     # The engine attribute is typed by the base class; this narrows it for the methods here.
     engine: PartialRoundEngine
@@ -100,14 +102,18 @@ class Coordinator(Aggregator):
         return []
 
     def _announce_round(self, open_round: OpenRound, task: bytes) -> None:
-        self._wait_for(lambda: len(self._online()) >= self.expected_workers,
-                       self.config.policy.wait_devices_s)  # fmt: skip
-        if len(self._online()) < self.expected_workers:
+        # The first round waits for every expected worker; later ones go on with those left
+        # (a dead worker lost its share; the round must not wait for it), at least one.
+        needed = 1 if self.summaries else self.expected_workers
+        wait_s = self.config.policy.wait_devices_s
+        if not self._wait_for(lambda: len(self._online()) >= needed, wait_s):
             raise FederationError(
-                f"only {len(self._online())} of {self.expected_workers} ingest workers are "
-                f"online after {self.config.policy.wait_devices_s:g} s (fleet "
-                f"{self.config.fleet!r})"
+                f"only {len(self._online())} of {needed} ingest workers are online after "
+                f"{wait_s:g} s (fleet {self.config.fleet!r})"
             )
+        if len(self._online()) < self.expected_workers:
+            log.warning("round %d: %d of %d ingest workers online", open_round.number,
+                        len(self._online()), self.expected_workers)  # fmt: skip
         identity = (self.run_id, open_round.number, open_round.head_digest)
         with self._cond:
             announced = ingest.IngestRound(
@@ -237,6 +243,7 @@ class Coordinator(Aggregator):
             elif kind == "partial":
                 self._on_partial(worker, *ingest.decode_partial(payload))
         except SealError as exc:
+            self.refused[exc.code] += 1
             log.warning("refused %s: %s: %s", message.topic, exc.code, exc.reason)
         except MessageError as exc:
             log.warning("ignoring bad message on %s: %s", message.topic, exc)

@@ -117,8 +117,8 @@ class IngestWorker:
         )  # fmt: skip
         self.client.subscribe(ingest.ingest_round(fleet), self._on_round)
         self.client.subscribe(ingest.ingest_collect(fleet), self._on_collect)
+        self._ready = threading.Event()  # set once updates reach it: only then it says online
         self.client.on_connect(lambda _present: self._publish_status())
-        self._updates_subscribed = False
 
     # -- life --
 
@@ -130,11 +130,16 @@ class IngestWorker:
                 a message through a `$share/...` subscription (amqtt, `edgefl broker`, has none).
         """
         self.client.connect(timeout=timeout)
+        self.client.subscribe(ingest.shared_updates(self.config.fleet), self.intake.on_update)
         try:
+            # Its SUBSCRIBE follows the updates' on the same connection, so once the probe came
+            # back the broker has both: updates reach this worker from now on.
             self._probe_shared(min(timeout, PROBE_TIMEOUT_S))
         except TransportError:
             self.client.close()
             raise
+        self._ready.set()
+        self._publish_status()  # online, and holding the retained round if one came
 
     def _probe_shared(self, timeout: float) -> None:
         """Send a message to itself through a shared subscription; wait until it arrives."""
@@ -189,6 +194,8 @@ class IngestWorker:
         return self.auth.seal(self._status_topic, status.encode())
 
     def _publish_status(self) -> None:
+        if not self._ready.is_set():
+            return
         with self._lock:
             payload = self._status("online")
         self.client.publish(self._status_topic, payload, qos=1, retain=True)
@@ -240,10 +247,6 @@ class IngestWorker:
                     return
                 self.engine, self.identity = engine, identity
                 self.client.max_payload_bytes = announced.max_update_bytes
-        if not self._updates_subscribed:
-            # Only once it holds a round: an update before that could not be judged.
-            self._updates_subscribed = True
-            self.client.subscribe(ingest.shared_updates(self.config.fleet), self.intake.on_update)
         self._flush()
         self._publish_status()  # the acknowledgement the coordinator waits for
         log.info("%s holds round %d", self.config.worker_id, task.round)
