@@ -126,6 +126,7 @@ class RoundEngine:
         self.statuses: dict[str, DeviceStatus] = {}
         self._seen: dict[str, float] = {}  # device -> Unix time its status counts from
         self._joined: dict[str, float] = {}  # eligible device -> when it was heard coming online
+        self._last_joined = -math.inf  # max(self._joined.values()), kept as they change
         self.round: OpenRound | None = None
 
     # -- presence --
@@ -144,9 +145,10 @@ class RoundEngine:
         # it keeps the newest, so a re-sent status is no older than what was heard live.
         self._seen[device] = max(seen, self._seen.get(device, 0.0))
         if status.state == "online" and self._eligible(status):
-            self._joined.setdefault(device, seen if now is None else now)
-        else:
-            self._joined.pop(device, None)
+            joined = self._joined.setdefault(device, seen if now is None else now)
+            self._last_joined = max(self._last_joined, joined)
+        elif self._joined.pop(device, -math.inf) >= self._last_joined:
+            self._last_joined = max(self._joined.values(), default=-math.inf)
 
     def _eligible(self, status: DeviceStatus) -> bool:
         return (
@@ -183,14 +185,17 @@ class RoundEngine:
 
     def ready(self, now: float) -> bool:
         """Whether `policy.min_devices` eligible devices are online, so a round can start."""
+        # Asked after every status while a fleet comes up: while fewer have come online than
+        # needed, the answer needs no pass over every device (10,000 statuses made that 10^8).
+        if len(self._joined) < self.policy.min_devices:
+            return False
         return len(self.online_devices(now)) >= self.policy.min_devices
 
     def settled(self, now: float) -> bool:
         """Whether the online set has settled: no eligible device came online in the last
         `policy.settle_s` seconds (statuses arrive on connect, so a fleet shows up in a burst).
         """
-        last = max(self._joined.values(), default=-math.inf)
-        return now - last >= self.policy.settle_s
+        return now - self._last_joined >= self.policy.settle_s
 
     # -- opening --
 

@@ -550,3 +550,17 @@ def test_a_device_without_samples_is_online_but_never_selected_until_it_has_some
     rounds.close_round()
     rounds.observe_status(status("fresh", samples=3), NOW + 1)
     assert sorted(rounds.open_round(2, NOW + 1).selected) == ["a", "fresh"]
+
+
+def test_readiness_and_settling_follow_devices_joining_and_leaving() -> None:
+    rounds = engine(devices=(), policy=RoundPolicy(min_devices=2, settle_s=5.0), open_round=False)
+    assert not rounds.ready(NOW)
+    rounds.observe_status(status("a"), NOW, NOW)
+    assert not rounds.ready(NOW)  # one of two
+    rounds.observe_status(status("b"), NOW, NOW + 3)
+    assert rounds.ready(NOW + 3) and not rounds.settled(NOW + 7)  # b joined at +3
+    assert rounds.settled(NOW + 8)
+    # b leaves: the last join still standing is a's, so the set settled long ago.
+    rounds.observe_status(DeviceStatus("b", "offline", model_version=1, bundle_digest=BUNDLE),
+                          NOW + 4, NOW + 4)  # fmt: skip
+    assert not rounds.ready(NOW + 4) and rounds.settled(NOW + 5)
