@@ -14,7 +14,8 @@ set (stratified, random_state=0); the digits-mlp backbone pretrained by 60 full-
 (seed 0), frozen; a fresh Linear(64, 10) head; Dirichlet(0.5) partition, seed 0; 1 epoch of SGD
 (lr 0.1, batch 16) per round; FedAvg weighted by samples; every device every round. edgefl's
 aggregator bounds each update's influence by default; the benchmark turns that off
-(`--influence-factor 0`, its default) so that every framework runs the same plain FedAvg.
+(`--influence-factor 0`, its default) so that every framework runs the same plain FedAvg, and
+edgefl's devices keep no personal head (`--personalize` turns that on), as the workload says.
 
 Every framework gets the same backbone weights, initial head, partition and minibatch order.
 Wall time is from the start of the federated part (broker, devices and aggregator up) to the last
@@ -93,12 +94,19 @@ def write_flower_workload(path: Path, devices: int, seed: int) -> None:
 
 
 def run_edgefl(
-    devices: int, rounds: int, seed: int, broker: str | None, influence_factor: float = 0.0
+    devices: int,
+    rounds: int,
+    seed: int,
+    broker: str | None,
+    influence_factor: float = 0.0,
+    personalize: bool = False,
 ) -> dict[str, Any]:
     """Run edgefl's simulation of the workload in this process (`broker` None: embedded).
 
     `influence_factor` 0 is the workload's plain FedAvg, as the peers run it; edgefl's default
     (2: each update's weight and norm capped at twice the round's median) reaches 0.656.
+    `personalize` False: the workload keeps no personal heads (edgefl's simulation does by
+    default, at about 15% more device time).
     """
     bundle = fl_digits_bundle()
     data = load_federated_data("digits")
@@ -106,7 +114,7 @@ def run_edgefl(
         devices=devices, policy=RoundPolicy(rounds=rounds, deadline_s=10.0),
         settings=RoundSettings(train=TrainConfig(seed=seed)), partition="dirichlet:0.5", seed=seed,
         broker_url=broker, fleet="fl-digits",
-        acceptance=AcceptancePolicy(influence_factor=influence_factor),
+        acceptance=AcceptancePolicy(influence_factor=influence_factor), personalize=personalize,
     )  # fmt: skip
     started = time.perf_counter()
     metrics = run_simulation(config, bundle, data)
@@ -184,6 +192,8 @@ def main() -> None:
                         help="comma-separated: memory, embedded or mqtt:// URLs")  # fmt: skip
     parser.add_argument("--influence-factor", type=float, default=0.0,
                         help="edgefl's influence bound; 0: plain FedAvg")  # fmt: skip
+    parser.add_argument("--personalize", action="store_true",
+                        help="devices also keep personal heads (not in the workload)")  # fmt: skip
     parser.add_argument("--flower-python", default=None, help="interpreter with flwr[simulation]")
     parser.add_argument("--pfl-python", default=None, help="interpreter with pfl and torch")
     parser.add_argument("--no-flower", action="store_true")
@@ -200,8 +210,9 @@ def main() -> None:
     rows: list[tuple[str, dict[str, Any]]] = []
     for broker in [b.strip() for b in args.brokers.split(",") if b.strip()]:
         run = run_edgefl(
-            args.devices, args.rounds, args.seed, _broker_url(broker), args.influence_factor
-        )
+            args.devices, args.rounds, args.seed, _broker_url(broker), args.influence_factor,
+            args.personalize,
+        )  # fmt: skip
         results.setdefault("edgefl_runs", []).append(run)
         rows.append((f"edgefl {broker if '://' not in broker else 'mqtt'}", run))
     results["edgefl"] = rows[0][1] if rows else {}

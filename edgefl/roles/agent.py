@@ -38,13 +38,7 @@ from edgefl.roles.round_results import ResultWatch
 from edgefl.roles.training_pool import run_in_pool
 from edgefl.security.identity import AgentAuth
 from edgefl.transport import topics
-from edgefl.transport.client import (
-    Message,
-    MessageHandler,
-    NetworkLoop,
-    TimerHandle,
-    Will,
-)
+from edgefl.transport.client import Message, MessageHandler, NetworkLoop, TimerHandle, Will
 from edgefl.transport.connect import open_client
 from edgefl.transport.messages import RoundTask, decode_round_task
 from edgefl.transport.sealed import SealError
@@ -384,12 +378,16 @@ class Agent:
         if not message.payload:
             return  # a cleared retained task: the round closed
         try:
-            task, heads = decode_round_task(self.auth.open(message.topic, message.payload))
+            task, heads = self.open_task(message)
         except (MessageError, SealError) as exc:
             log.warning("%s: ignoring bad task on %s: %s", self.device_id, message.topic, exc)
             return
         if self.config.device_id in task.selected:
             self.handle_task(task, heads)
+
+    def open_task(self, message: Message) -> tuple[RoundTask, dict[str, Weights]]:
+        """Verify and decode a task (SealError, MessageError); simulated boards share the work."""
+        return decode_round_task(self.auth.open(message.topic, message.payload))
 
     def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
         """Answer a task this device was selected for: `answer` it, then `publish_update`.

@@ -8,7 +8,8 @@ from edgefl.data import Dataset
 from edgefl.head import Weights
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.features import FeatureCache
-from edgefl.transport.client import NetworkLoop
+from edgefl.simulation.shared_tasks import SHARED_TASKS
+from edgefl.transport.client import Message, NetworkLoop
 from edgefl.transport.messages import RoundTask
 
 # Round number -> None (skip the round: a dropout) or seconds to delay the update (a slow board).
@@ -32,6 +33,11 @@ class SimulatedAgent(Agent):
         # The simulation's aggregator reports every answer itself; a thousand agents each
         # subscribing to every round's result would only add broker traffic.
         self.reads_results = False
+
+    def open_task(self, message: Message) -> tuple[RoundTask, dict[str, Weights]]:
+        """Verify and decode a task once for every simulated board of the process that trusts
+        the same keys (`edgefl.simulation.shared_tasks`), not once per board."""
+        return SHARED_TASKS.open(self, message)
 
     def handle_task(self, task: RoundTask, heads: dict[str, Weights]) -> None:
         """Skip the round, or answer it and publish the update when trained or after the delay."""
