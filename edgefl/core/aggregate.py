@@ -82,7 +82,8 @@ def aggregate_weighted(updates: Sequence[Update]) -> Weights:
         # copy of all of them (50 MB for a 1280x10 head) for the same sum.
         total_key = np.zeros(np.shape(first[key]), dtype=np.float64)
         for (weights, _), weight in zip(updates, share, strict=True):
-            total_key += weight * np.asarray(weights[key], dtype=np.float64)
+            # A float64 scalar times a float32 array is computed in float64: one temporary.
+            total_key += np.asarray(weights[key]) * weight
         mean[key] = _cast_like(total_key, np.asarray(first[key]))
     return mean
 
