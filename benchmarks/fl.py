@@ -5,7 +5,11 @@
 (decode, shapes, dtype, finite, round/device checks, SQLite record) and closes the round as soon
 as all arrived. Ingest rate = updates / (task published -> round closed).
 
-    .venv/bin/python benchmarks/fl.py [--devices 1000] [--rounds 3]
+    .venv/bin/python benchmarks/fl.py [--devices 1000] [--rounds 3] [--workers 2]
+
+With `--workers N`, 64x10 rounds also run through a coordinator and 1..N `edgefl
+aggregate-worker` processes (`aggregate --workers`), alternating, `--worker-repeats` times; the
+aggregator's CPU is then the coordinator's plus its workers'.
 
 Prints a table and writes benchmarks/out/fl.json.
 """
@@ -16,6 +20,8 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +42,7 @@ from edgefl.core.local_round import encode_update
 from edgefl.core.settings import RoundPolicy
 from edgefl.head import init_head
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.roles.coordinator import Coordinator
 from edgefl.roles.summary import RoundSummary
 from edgefl.security.device_registry import DeviceRegistry
 from edgefl.security.identity import AgentAuth, AggregatorAuth
@@ -192,9 +199,12 @@ def device_fleet(
 
 def ingest(
     url: str, workdir: Path, devices: int, features: int, rounds: int, metrics: bool = False,
-    sealed: bool = False, frame: str = "compact",
+    sealed: bool = False, frame: str = "compact", workers: int = 0,
 ) -> dict[str, float]:  # fmt: skip
     """Run `rounds` rounds with `devices` synthetic devices; returns ingest numbers.
+
+    With `workers`, that many `edgefl aggregate-worker` processes take the updates and this
+    process coordinates (`edgefl aggregate --workers`); their CPU counts as the aggregator's.
 
     With `sealed`, every device is enrolled and seals its messages, and the aggregator checks
     every seal (strict enrollment) and seals its tasks and results, as a secure fleet runs.
@@ -241,18 +251,24 @@ def ingest(
     # CPU at each round's close: rounds 2.. are the steady state, without the start-up (1,000
     # statuses, the bundle) or the shutdown that the whole run's CPU shares out.
     closes: list[float] = []
+    worker_closes: list[float] = []
+    processes: list[subprocess.Popen[bytes]] = []
 
     def on_round(summary: RoundSummary) -> None:
         closes.append(time.process_time())
+        worker_closes.append(sum(process_cpu(p.pid) for p in processes))
         if exporter is not None:
             exporter.on_round(summary)
 
-    server = Aggregator(
-        config, on_verdict=exporter.on_verdict if exporter else None, on_round=on_round
-    )
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    processes += start_workers(url, workers)
+    server = (Coordinator(config, workers=workers, on_round=on_round) if workers else
+              Aggregator(config, on_verdict=exporter.on_verdict if exporter else None,
+                         on_round=on_round))  # fmt: skip
     if exporter is not None:
         exporter.watch_presence(server.device_presence)
     summary = server.run()
+    worker_cpu = stop_workers(processes, children)
     if exporter is not None and scraper is not None:
         done.set()
         scraper.join()
@@ -261,7 +277,7 @@ def ingest(
             process.terminate()
             process.wait(10)
     cpu = time.process_time() - cpu
-    fleet.join(60)
+    fleet.join(60)  # after the workers' CPU was read: it counts reaped children only
     rates = [r.accepted / r.seconds for r in summary.rounds]
     assert all(r.accepted == devices for r in summary.rounds), [r.accepted for r in summary.rounds]
     return {
@@ -271,13 +287,47 @@ def ingest(
         "updates_per_s_median": statistics.median(rates),
         "updates_per_s_min": min(rates),
         "round_seconds_median": statistics.median(r.seconds for r in summary.rounds),
-        "aggregator_cpu_ms_per_update": 1000 * cpu / (devices * rounds),
+        "aggregator_cpu_ms_per_update": 1000 * (cpu + worker_cpu) / (devices * rounds),
+        "workers": workers,
+        "coordinator_cpu_ms_per_update": 1000 * cpu / (devices * rounds),
+        "workers_cpu_ms_per_update": 1000 * worker_cpu / (devices * rounds),
+        "steady_workers_cpu_ms_per_update": (
+            1000 * (worker_closes[-1] - worker_closes[0]) / (devices * (rounds - 1))
+            if rounds > 1
+            else None
+        ),
         "steady_cpu_ms_per_update": (
             1000 * (closes[-1] - closes[0]) / (devices * (rounds - 1)) if rounds > 1 else None
         ),
         "bytes_per_update": summary.rounds[0].metrics["bytes_per_update"],
         "metrics_scrapes": scrapes[0],
     }
+
+
+def start_workers(url: str, count: int) -> list[subprocess.Popen[bytes]]:
+    """Start `count` `edgefl aggregate-worker` processes (insecure, as the fleet here)."""
+    command = [sys.executable, "-c", "from edgefl.cli import main; main()", "aggregate-worker",
+               "--broker", url, "--fleet", FLEET, "--insecure"]  # fmt: skip
+    return [
+        subprocess.Popen([*command, "--worker-id", f"bench-{i}"], stderr=subprocess.DEVNULL)
+        for i in range(count)
+    ]
+
+
+def process_cpu(pid: int) -> float:
+    """Return the CPU seconds (user + system) a running process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_workers(processes: list[subprocess.Popen[bytes]], before: resource.struct_rusage) -> float:
+    """Stop the workers; return the CPU seconds they used (children reaped since `before`)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(30)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def fleet_auth(devices: int) -> AggregatorAuth:
@@ -409,6 +459,33 @@ def report_sealing(pairs: list[tuple[dict[str, float], ...]], devices: int) -> d
             "overhead_pct_of_medians": overhead, **costs}  # fmt: skip
 
 
+def report_workers(
+    single: dict[str, float], rows: list[dict[str, float]], devices: int
+) -> dict[str, object]:
+    """Print the scale-out table (one process, then each worker count) and return it."""
+    print(f"\nScale-out, 64x10, {devices} devices: one process, then a coordinator and N "
+          "ingest worker processes (aggregate --workers N)")  # fmt: skip
+    print(f"{'workers':>8} {'updates/s (median)':>19} {'x 1 worker':>11} {'agg CPU ms/update':>18}"
+          f" {'coordinator':>12} {'workers':>8} {'rounds 2+: agg CPU ms/update':>29}")  # fmt: skip
+    ones = [r["updates_per_s_median"] for r in rows if r["workers"] == 1]
+    base = statistics.median(ones) if ones else float("nan")
+    print(f"{'(none)':>8} {single['updates_per_s_median']:>19.0f} {'':>11}"
+          f" {single['aggregator_cpu_ms_per_update']:>18.3f} {'':>12} {'':>8}"
+          f" {single['steady_cpu_ms_per_update'] or 0:>29.3f}")  # fmt: skip
+    for row in rows:
+        steady = (row["steady_cpu_ms_per_update"] or 0) + (
+            row["steady_workers_cpu_ms_per_update"] or 0
+        )
+        row["steady_aggregator_cpu_ms_per_update"] = steady
+        print(f"{row['workers']:>8} {row['updates_per_s_median']:>19.0f}"
+              f" {row['updates_per_s_median'] / base:>11.2f}"
+              f" {row['aggregator_cpu_ms_per_update']:>18.3f}"
+              f" {row['coordinator_cpu_ms_per_update']:>12.3f}"
+              f" {row['workers_cpu_ms_per_update']:>8.3f}"
+              f" {steady:>29.3f}")  # fmt: skip
+    return {"single_process": single, "runs": rows}
+
+
 def main() -> None:
     """Run the benchmark and write benchmarks/out/fl.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -418,6 +495,11 @@ def main() -> None:
                         help="Runs without and with the metrics exporter (0: none).")  # fmt: skip
     parser.add_argument("--seal-repeats", type=int, default=3,
                         help="Runs insecure and sealed, alternating (0: none).")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Also run 64x10 with a coordinator and 1..N ingest worker "
+                        "processes (0: none).")  # fmt: skip
+    parser.add_argument("--worker-repeats", type=int, default=1,
+                        help="Alternating runs of each worker count.")  # fmt: skip
     parser.add_argument("--frame-repeats", type=int, default=1,
                         help="64x10 runs with compact and safetensors updates, alternating "
                         "(0: none).")  # fmt: skip
@@ -445,6 +527,11 @@ def main() -> None:
                 for s in (False, True)
             )
             for i in range(args.seal_repeats)
+        ]
+        worker_rows = [
+            ingest(url, workdir / f"workers-{i}-{n}", args.devices, 64, args.rounds, workers=n)
+            for i in range(args.worker_repeats if args.workers else 0)
+            for n in range(1, args.workers + 1)
         ]
         frame_pairs = [
             tuple(
@@ -475,6 +562,8 @@ def main() -> None:
               f"{row['ratio_to_float32']:>10.3f} {row['bytes_with_mac']:>9} "
               f"{row['ratio_with_mac']:>10.3f}")  # fmt: skip
     results: dict[str, object] = {"ingest": ingest_rows, "codecs": size_rows}
+    if worker_rows:
+        results["workers"] = report_workers(ingest_rows[0], worker_rows, args.devices)
     if frame_pairs:
         results["frames"] = [{"compact": c, "safetensors": t} for c, t in frame_pairs]
         print(f"\nCompact against safetensors updates, 64x10, {args.devices} devices "

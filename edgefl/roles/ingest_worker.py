@@ -350,7 +350,11 @@ class IngestWorker:
             header.devices = sorted(accepted)
             header.sha256 = [accepted[d].sha256 for d in header.devices]
             return header, tensors
-        wanted = request.take.get(self.config.worker_id, {})
+        try:
+            wanted = request.take_of(self.config.worker_id)
+        except MessageError as exc:
+            log.warning("ignoring what collect %s asks: %s", request.collect_id, exc)
+            wanted = {}
         header.missing = sorted(d for d in wanted if d not in accepted)
         header.devices = sorted(d for d in wanted if d in accepted)
         if request.gather:
@@ -361,8 +365,8 @@ class IngestWorker:
         assert round_ is not None or not header.devices
         by_task: dict[str, list[tuple[dict[str, np.ndarray], BoundPlan]]] = {}
         for device in header.devices:
-            weight, clip_to = wanted[device][0], wanted[device][1]
-            plan = BoundPlan(int(weight or 0), clip_to)
+            weight, clip_to = wanted[device]
+            plan = BoundPlan(weight, clip_to)
             task = round_.selected[device] if round_ is not None else ""
             by_task.setdefault(task, []).append((accepted[device].delta, plan))
         for task, updates in by_task.items():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,9 @@ class _Json:
 
     def encode(self) -> bytes:
         """Return the message as compact UTF-8 JSON."""
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()  # type: ignore[call-overload]
+        # Fields taken as they are, not through `asdict`, which deep-copies every note of a batch.
+        message = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> typing.Self:
@@ -156,9 +158,32 @@ class Collect(_Json):
     head_digest: str
     collect_id: str  # names this request; replies echo it
     phase: str  # "close" | "fold"
-    take: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    # worker -> device -> [weight, norm bound or null]; checked by `take_of`, not on decoding
+    # (a fold names every accepted update of the round: thousands of values).
+    take: dict[str, Any] = field(default_factory=dict)
     gather: bool = False  # fold: send the deltas (robust strategies), not weighted sums
     schema_version: int = INGEST_SCHEMA_VERSION
+
+    def take_of(self, worker: str) -> dict[str, tuple[int, float | None]]:
+        """Return what `worker` is asked to fold: device -> (weight, norm bound or None).
+
+        Raises:
+            MessageError: an entry that is not [weight >= 0, number or null].
+        """
+        wanted = self.take.get(worker, {})
+        if not isinstance(wanted, dict):
+            raise MessageError(f"collect take for {worker} is not an object")
+        plans: dict[str, tuple[int, float | None]] = {}
+        for device, entry in wanted.items():
+            ok = isinstance(entry, list) and len(entry) == 2 and _number(entry[0])
+            if not ok or entry[0] < 0 or not (entry[1] is None or _number(entry[1])):
+                raise MessageError(f"collect take for {device} is not [weight, bound or null]")
+            plans[device] = (int(entry[0]), None if entry[1] is None else float(entry[1]))
+        return plans
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # One verdict as a worker notes it: the fields of `edgefl.core.round_state.Verdict` the record
@@ -177,7 +202,7 @@ class VerdictNotes(_Json):
 
     worker: str
     run_id: str
-    notes: list[list[Any]]
+    notes: list[Any]  # checked by `rows`
     session: str = ""  # the worker process (a restart starts a new one)
     seq: int = 0  # 1, 2, ... per session: the close reply says up to which batch it covers
     schema_version: int = INGEST_SCHEMA_VERSION
@@ -185,18 +210,17 @@ class VerdictNotes(_Json):
     def rows(self) -> list[dict[str, Any]]:
         """Return the notes as checked dicts (MessageError: a note of the wrong shape)."""
         rows = []
+        names = [name for name, _ in NOTE_FIELDS]
+        kinds = [kind for _, kind in NOTE_FIELDS]
         for index, note in enumerate(self.notes):
-            if len(note) != len(NOTE_FIELDS):
-                raise MessageError(f"note {index} has {len(note)} fields")
-            row: dict[str, Any] = {}
-            for (name, kind), value in zip(NOTE_FIELDS, note, strict=True):
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-                if kind is float and ok:
-                    value = float(value)
-                elif kind is float or not isinstance(value, kind) or isinstance(value, bool):
+            if type(note) is not list or len(note) != len(NOTE_FIELDS):
+                raise MessageError(f"note {index} is not a list of {len(NOTE_FIELDS)} fields")
+            # Exact types (`type(v) is int` refuses a bool) and a float field may be an int:
+            # a coordinator reads thousands of notes a second.
+            for name, kind, value in zip(names, kinds, note, strict=True):
+                if type(value) is not kind and not (kind is float and type(value) is int):
                     raise MessageError(f"note {index}: {name} has the wrong type")
-                row[name] = value
-            rows.append(row)
+            rows.append(dict(zip(names, note, strict=True)))
         return rows
 
 
