@@ -57,6 +57,11 @@ def _quiet_simulation_logs() -> None:
 @click.option("--broker", "broker_url", default=None,
               help="mqtt://HOST[:PORT] to use, or 'memory' for an in-process broker (no "
                    "sockets; the fastest); default: start the embedded MQTT broker.")  # fmt: skip
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run slice I of N of the fleet's devices (same options in every shard, one "
+                   "shared --broker); shard 1 also runs the aggregator.")  # fmt: skip
+@click.option("--fleet", default="sim", show_default=True,
+              help="The fleet name on the wire (shards of one run share it).")  # fmt: skip
 @tls_options()
 @strategy_options
 @settings_options(RoundPolicy, defaults={"rounds": 5, "deadline_s": 10.0})
@@ -94,6 +99,7 @@ def simulate(**options: Any) -> None:
     from edgefl.simulation.display import LiveProgress, round_table, summary_line
     from edgefl.simulation.plan import parse_churn, parse_partition
     from edgefl.simulation.runner import Simulation, SimulationConfig, save_results
+    from edgefl.simulation.shard import ShardSpec
     from edgefl.simulation.workload import fl_digits_bundle, load_federated_data, repeat_pool
     from edgefl.transport.connect import is_memory_url
 
@@ -123,6 +129,8 @@ def simulate(**options: Any) -> None:
         policy=policy, settings=settings, strategy=strategy, strategy_params=strategy_params,
         acceptance=build_settings(AcceptancePolicy, options), tls=tls,
         insecure=options["insecure"], asynchronous=build_settings(AsyncPolicy, options),
+        fleet=options["fleet"],
+        shard=ShardSpec.parse(options["shard"]) if options["shard"] else None,
     )  # fmt: skip
     check_settings(config, [f.name for f in fields(SimulationConfig)])
     parse_partition(partition)

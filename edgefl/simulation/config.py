@@ -9,6 +9,8 @@ from edgefl.core.accounting import check_budget_settings
 from edgefl.core.settings import AcceptancePolicy, AsyncPolicy, RoundPolicy, RoundSettings
 from edgefl.core.strategies import StrategySpec
 from edgefl.errors import SimulationError
+from edgefl.simulation.shard import ShardSpec
+from edgefl.transport.memory import memory_broker_name
 from edgefl.transport.tls import TlsSettings
 
 
@@ -48,6 +50,9 @@ class SimulationConfig:
         asynchronous: sync rounds, or async (FedBuff) with its buffer and staleness; in async
             mode a device is busy for its delay after each task and then takes the newest one
             (`edgefl.simulation.async_agent`), and dropout skips a head version.
+        shard: run only this slice of the fleet (`edgefl.simulation.shard`): shard 1 of N also
+            runs the aggregator; every shard needs the same plan and a broker they share, and
+            keys are derived from the seed and fleet so that the shards trust each other.
     """
 
     devices: int = 10
@@ -69,6 +74,7 @@ class SimulationConfig:
     tls: TlsSettings = field(default_factory=TlsSettings)
     insecure: bool = False
     asynchronous: AsyncPolicy = field(default_factory=AsyncPolicy)
+    shard: ShardSpec | None = None
 
     def check(self) -> None:
         """Raise SimulationError naming the first invalid setting."""
@@ -80,8 +86,19 @@ class SimulationConfig:
             raise SimulationError("`deadline_s` must be positive")
         if self.speed_unit_s < 0:
             raise SimulationError("the speed unit must not be negative")
+        if self.shard is not None:
+            self._check_shard()
         try:
             self.asynchronous.check()
             check_budget_settings(self.policy, self.settings.privacy)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
+
+    def _check_shard(self) -> None:
+        name = memory_broker_name(self.broker_url) if self.broker_url else None
+        if self.broker_url is None or name == "":
+            raise SimulationError("--shard needs --broker: the broker every shard shares")
+        if self.churn:
+            raise SimulationError("--shard runs no churn: a shard cannot start another's devices")
+        if self.asynchronous.is_async:
+            raise SimulationError("--shard runs synchronous rounds only")

@@ -34,11 +34,13 @@ from edgefl.simulation.fleet_keys import SimulatedFleetKeys
 from edgefl.simulation.metrics import RoundRecord, SimulationMetrics, write_metrics
 from edgefl.simulation.plan import FleetPlan, SimulatedDevice, plan_fleet
 from edgefl.simulation.run_broker import SimulationBroker
+from edgefl.simulation.shard import SHARD_WAIT_S, RunFollower
 from edgefl.simulation.simulated_agent import SimulatedAgent
 from edgefl.simulation.task_observer import TaskObserver
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.client import NetworkLoop
+from edgefl.transport.messages import RoundResult
 from edgefl.transport.tls import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -120,12 +122,20 @@ class Simulation:
             for i, device in enumerate(self.plan.devices)
         ]
         self.records: list[RoundRecord] = []
-        self.keys = SimulatedFleetKeys(config.insecure)
+        shard = config.shard
+        # Shards derive the same keys from what they share, so they trust one another.
+        phrase = f"{config.fleet}:{config.seed}" if shard is not None else None
+        self.keys = SimulatedFleetKeys(config.insecure, derive_from=phrase)
+        # The devices this process runs: its shard's slice, or the whole fleet.
+        self.own = {
+            d.device_id for d in (shard.take(self.plan.devices) if shard else self.plan.devices)
+        }
         self.agents: dict[str, Agent] = {}
         self._network: NetworkLoop | None = None
         self._aggregator: Aggregator | None = None
         self._stopped = ""  # why the aggregator ended the run early (the privacy budget)
         self._observer: TaskObserver | None = None
+        self._follower: RunFollower | None = None
         self._tls = TlsSettings()
         self._started = 0.0
         self._round_started = 0.0
@@ -157,11 +167,27 @@ class Simulation:
         network = self._network = NetworkLoop(name="edgefl-simulation")
         network.start()
         try:
-            self._observer = TaskObserver(url, config.fleet, network, tls)
+            name = f"observer-{config.shard.index}" if config.shard else "observer"
+            self._observer = TaskObserver(url, config.fleet, network, tls, name)
             self._observer.client.connect(timeout=30.0)
-            first = self.plan.online_in(1)
-            self._say(f"starting {len(first)} of {len(self.plan.devices)} devices on {url}")
+            fleet_first = self.plan.online_in(1)
+            first = [d for d in fleet_first if d.device_id in self.own]
+            shard = f" (shard {config.shard})" if config.shard else ""
+            self._say(f"starting {len(first)} of {len(self.plan.devices)} devices on {url}{shard}")
+            if config.shard is not None and not config.shard.runs_aggregator:
+                follower = self._follower = RunFollower(
+                    url, config.fleet, network, self.keys.trusted, config.policy.rounds,
+                    self._on_result, tls, name=f"shard-{config.shard.index}",
+                )  # fmt: skip
+                follower.start()
+                self._start_agents(url, first)
+                startup_s = time.perf_counter() - setup_started
+                self._say(f"devices up in {startup_s:.1f} s; shard 1 runs the aggregator")
+                self._started = self._round_started = time.perf_counter()
+                follower.wait(idle_s=SHARD_WAIT_S + config.policy.deadline_s)
+                return self._metrics(startup_s)
             self._start_agents(url, first)
+            self.keys.enroll(d.device_id for d in self.plan.devices if d.device_id not in self.own)
             if self.before_rounds is not None:
                 self.before_rounds(url)
             aggregator = (
@@ -178,8 +204,8 @@ class Simulation:
                     # has nothing left to settle.
                     policy=replace(
                         config.policy,
-                        min_devices=max(1, len(first)),
-                        wait_devices_s=60.0,
+                        min_devices=max(1, len(fleet_first)),
+                        wait_devices_s=SHARD_WAIT_S if config.shard else 60.0,
                         settle_s=0.0,
                     ),
                     settings=config.settings,
@@ -200,12 +226,17 @@ class Simulation:
             self._say(f"devices up in {startup_s:.1f} s; running {config.policy.rounds} rounds")
             self._started = self._round_started = time.perf_counter()
             self._stopped = self._aggregator.run().stopped
-            wall_s = self.records[-1].elapsed if self.records else 0.0
+            return self._metrics(startup_s)
         finally:
             self._say("stopping devices")
+            if self._follower is not None:
+                self._follower.close()
             self._teardown(clear_retained=not broker.owned)
             network.stop()
             broker.stop()
+
+    def _metrics(self, startup_s: float) -> SimulationMetrics:
+        wall_s = self.records[-1].elapsed if self.records else 0.0
         return SimulationMetrics(
             config=self._config_record(),
             rounds=self.records,
@@ -269,7 +300,8 @@ class Simulation:
         Waits (up to 10 s) until the aggregator sees the change, so the next round's selection
         is the one the schedule says.
         """
-        assert self._aggregator is not None
+        if self._aggregator is None:
+            return  # a shard without the aggregator: sharded runs have no churn
         joining = [d for d in self.plan.devices if d.joins_at == next_round]
         leaving = [d for d in self.plan.devices if d.leaves_at == next_round]
         if not joining and not leaving:
@@ -302,6 +334,7 @@ class Simulation:
                         topics.device_status(self.config.fleet, d.device_id), b"", 1, retain=True
                     )
                     for d in self.plan.devices
+                    if d.device_id in self.own
                 ]
                 if handles:
                     handles[-1].wait(10.0)
@@ -309,7 +342,28 @@ class Simulation:
 
     # -- rounds --
 
-    def _on_round(self, summary: RoundSummary) -> None:
+    def _on_result(self, result: RoundResult) -> None:
+        """A shard without the aggregator: record the round from its result (network thread)."""
+        summary = RoundSummary(
+            round=result.round, status=result.status, head_version=result.head_version,
+            selected=result.selected, accepted=result.accepted, rejected=result.rejected,
+            late=result.late, seconds=0.0, metrics=result.metrics, online=result.online,
+        )  # fmt: skip
+        # On the network thread, which delivers the observer's tasks too: never wait for one.
+        self._on_round(summary, task_wait_s=0.0)
+
+    def _dropped(self, number: int) -> int:
+        if self.config.shard is None:
+            return sum(1 for b in self.behaviours if number in b.dropped)
+        # The other shards' devices drop out too: the plan says which, the same in every shard.
+        online = {d.device_id for d in self.plan.online_in(number)}
+        return sum(
+            1
+            for b in self.behaviours
+            if b.device.device_id in online and b.device.drops(number, b.seed, b.index)
+        )
+
+    def _on_round(self, summary: RoundSummary, task_wait_s: float | None = None) -> None:
         """Turn the aggregator's round summary into a record; apply churn for the next round."""
         if self.on_summary is not None:
             self.on_summary(summary)
@@ -317,13 +371,15 @@ class Simulation:
         number = summary.round
         metrics = summary.metrics
         wait_s = 0.0 if self.config.asynchronous.is_async else 2.0
+        if task_wait_s is not None:
+            wait_s = task_wait_s
         task_bytes = self._observer.task_size(number, wait_s) if self._observer else 0
         record = RoundRecord(
             round=number,
             online=len(self.plan.online_in(number)),
             selected=summary.selected,
             reported=summary.accepted,
-            dropped=sum(1 for b in self.behaviours if number in b.dropped),
+            dropped=self._dropped(number),
             accuracy=float(metrics.get("accuracy", float("nan"))),
             personal_accuracy=float(metrics.get("device_personal_accuracy", float("nan"))),
             device_accuracy=float(metrics.get("device_global_accuracy", float("nan"))),

@@ -14,12 +14,19 @@ class TaskObserver:
     """Counts the bytes of each round's task as devices receive it (one subscriber's view)."""
 
     def __init__(
-        self, broker_url: str, fleet: str, network: NetworkLoop, tls: TlsSettings | None = None
+        self,
+        broker_url: str,
+        fleet: str,
+        network: NetworkLoop,
+        tls: TlsSettings | None = None,
+        name: str = "observer",
     ) -> None:
+        """Subscribe (connect `client` to start); `name` keeps the client IDs of several
+        processes on one fleet apart (the shards of a simulation)."""
         self.sizes: dict[int, int] = {}
         self.url = broker_url
         self.client = open_client(
-            broker_url, client_id=f"edgefl-{fleet}-sim-observer", network=network, tls=tls
+            broker_url, client_id=f"edgefl-{fleet}-sim-{name}", network=network, tls=tls
         )
         self.client.subscribe(topics.all_tasks(fleet), self._on_task)
 
