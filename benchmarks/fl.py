@@ -260,6 +260,7 @@ def ingest(
         if exporter is not None:
             exporter.on_round(summary)
 
+    load = os.getloadavg()[0]  # what else ran: on 2 cores it moves updates/s by 2x
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     processes += start_workers(url, workers)
     server = (Coordinator(config, workers=workers, on_round=on_round) if workers else
@@ -289,6 +290,7 @@ def ingest(
         "round_seconds_median": statistics.median(r.seconds for r in summary.rounds),
         "aggregator_cpu_ms_per_update": 1000 * (cpu + worker_cpu) / (devices * rounds),
         "workers": workers,
+        "load_1min_before": load,
         "coordinator_cpu_ms_per_update": 1000 * cpu / (devices * rounds),
         "workers_cpu_ms_per_update": 1000 * worker_cpu / (devices * rounds),
         "steady_workers_cpu_ms_per_update": (
@@ -483,7 +485,23 @@ def report_workers(
               f" {row['coordinator_cpu_ms_per_update']:>12.3f}"
               f" {row['workers_cpu_ms_per_update']:>8.3f}"
               f" {steady:>29.3f}")  # fmt: skip
-    return {"single_process": single, "runs": rows}
+    medians: dict[int, dict[str, float]] = {}
+    for count in sorted({int(r["workers"]) for r in rows}):
+        mine = [r for r in rows if r["workers"] == count]
+        medians[count] = {
+            "updates_per_s": statistics.median(r["updates_per_s_median"] for r in mine),
+            "steady_cpu_ms_per_update": statistics.median(
+                r["steady_aggregator_cpu_ms_per_update"] for r in mine
+            ),
+        }
+    print("  medians: " + "; ".join(
+        f"{n} worker{'s' if n > 1 else ''} {m['updates_per_s']:.0f}/s "
+        f"({m['updates_per_s'] / medians[1]['updates_per_s']:.2f}x), "
+        f"{m['steady_cpu_ms_per_update']:.3f} ms/update in rounds 2+"
+        for n, m in medians.items()
+    ) + f"; {os.cpu_count()} cores, 1-min load before each run "
+        + " ".join(f"{r['load_1min_before']:.1f}" for r in rows))  # fmt: skip
+    return {"single_process": single, "runs": rows, "medians": medians}
 
 
 def main() -> None:
@@ -500,6 +518,8 @@ def main() -> None:
                         "processes (0: none).")  # fmt: skip
     parser.add_argument("--worker-repeats", type=int, default=1,
                         help="Alternating runs of each worker count.")  # fmt: skip
+    parser.add_argument("--broker-nodelay", action="store_true",
+                        help="Mosquitto with set_tcp_nodelay true.")  # fmt: skip
     parser.add_argument("--frame-repeats", type=int, default=1,
                         help="64x10 runs with compact and safetensors updates, alternating "
                         "(0: none).")  # fmt: skip
@@ -508,6 +528,16 @@ def main() -> None:
         sys.exit("mosquitto is not installed (apt-get install mosquitto)")
     workdir = Path(tempfile.mkdtemp(prefix="edgefl-bench-"))
     broker = LocalMosquitto(workdir, max_queued_messages=1_000_000)
+    if args.broker_nodelay:
+        # The same broker with Nagle's algorithm off on its sockets: a worker's reply otherwise
+        # waits for the peer's delayed ACK (~40 ms a hop), a fixed cost per round of workers.
+        broker.port = free_port()
+        broker.config_file = workdir / "mosquitto-nodelay.conf"
+        broker.config_file.write_text(
+            f"listener {broker.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"max_packet_size {64 * 1024 * 1024}\nmax_queued_messages 1000000\n"
+            "max_inflight_messages 0\nset_tcp_nodelay true\n"
+        )
     broker.start()
     url = broker.url
     try:

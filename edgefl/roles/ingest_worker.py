@@ -271,8 +271,8 @@ class IngestWorker:
     def _replay(self) -> None:
         """Note again every accepted update held (a coordinator restarted mid-round)."""
         round_ = self.engine.round if self.engine is not None else None
-        if round_ is None:
-            return
+        if round_ is None or round_.closed:
+            return  # after a close the coordinator has them (or counted them lost)
         for device, update in round_.accepted.items():
             verdict = Verdict(ACCEPTED, round_.number, device, task=round_.selected[device],
                               samples=update.samples, sha256=update.sha256, size=update.size,
