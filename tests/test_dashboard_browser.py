@@ -15,15 +15,18 @@ from typing import Any
 import pytest
 from bundles import make_test_bundle
 from conftest import RunningBroker, wait_for
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefl.core.settings import PrivacySettings, RoundPolicy, RoundSettings
 from edgefl.dashboard.service import Dashboard, DashboardSettings
 from edgefl.delivery.release import DeployReport
+from edgefl.security.device_registry import DeviceRegistry
 from edgefl.simulation.runner import Simulation, SimulationConfig
 from edgefl.simulation.workload import load_federated_data
 from edgefl.transport import topics
 from edgefl.transport.client import MqttClient
 from edgefl.transport.messages import DeviceStatus
+from edgefl.transport.sealed import raw_public_key, seal
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
 TOKEN = "s3cret-token"
@@ -188,6 +191,9 @@ def test_a_thousand_devices_scroll_and_filter(
         browser.get(dashboard.url)
         assert _text(browser, "footer").startswith(f"{devices} of {devices} devices shown")
         assert _text(browser, "count-online") == str(devices)
+        # No state file: the page says plainly that what it shows could be forged.
+        assert _text(browser, "seals").startswith("seals NOT checked: anyone on the broker")
+        assert not browser.find_element("id", "refused-section").is_displayed()
         # Deploys in progress first, with their progress; then the boards that are done.
         assert _rows(browser, "deploys") == [
             "dev-0001 v4 downloading 512 B / 2.0 kB", "dev-0002 v4 installed",
@@ -210,4 +216,43 @@ def test_a_thousand_devices_scroll_and_filter(
         for report in reports:
             publisher.publish(topics.deploy_report(fleet, report.device_id), b"", retain=True)
         publisher.publish(topics.device_status(fleet, ids[-1]), b"", retain=True).wait(10.0)
+        publisher.close()
+
+
+def test_the_page_shows_the_forgeries_it_refused(
+    mosquitto: RunningBroker, browser: Any, tmp_path: Path
+) -> None:
+    fleet = "browser-sealed"
+    state = tmp_path / "state.sqlite"
+    board, rogue = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    registry = DeviceRegistry(state)
+    registry.enroll("pi-1", raw_public_key(board))
+    registry.close()
+    dashboard = Dashboard(DashboardSettings(mosquitto.url, fleet, state_path=state, port=0))
+    dashboard.start()
+    publisher = MqttClient(mosquitto.url, "browser-sealed-publisher")
+    publisher.connect()
+    topic = topics.device_status(fleet, "pi-1")
+    try:
+        genuine = DeviceStatus("pi-1", "online", profile="jetson").encode()
+        assert publisher.publish(topic, seal(board, topic, genuine)).wait(10.0)
+        browser.get(dashboard.url)
+        assert wait_for(lambda: len(_rows(browser, "devices")) == 1, 10.0)
+        for _ in range(3):
+            forged = DeviceStatus("pi-1", "offline", profile="evil").encode()
+            assert publisher.publish(topic, seal(rogue, topic, forged)).wait(10.0)
+        assert wait_for(lambda: "3 messages refused" in _text(browser, "seals"), 10.0), _text(
+            browser, "seals"
+        )
+        assert _text(browser, "seals").startswith("seals checked: a status or deploy report is")
+        (line,) = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#refused li')).map(l => l.innerText);"
+        )
+        assert line.startswith("3 forged messages refused in pi-1's name: bad-signature: signed")
+        (row,) = _rows(browser, "devices")
+        assert row.startswith("pi-1 3 refused online jetson"), row
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "dashboard-refused.png"))
+    finally:
+        dashboard.stop()
         publisher.close()

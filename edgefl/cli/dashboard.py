@@ -14,15 +14,19 @@ from edgefl.cli.options import tls_options, tls_settings
 from edgefl.cli.shell import setup_logging, stop_on_sigterm, user_errors
 
 if TYPE_CHECKING:
-    from edgefl.dashboard.service import Dashboard
+    from edgefl.dashboard.service import Dashboard, DashboardSettings
     from edgefl.roles.metrics_exporter import AggregatorMetrics
 
 
 @click.command()
 @click.option("--broker", "broker_url", required=True, help="mqtt://HOST[:PORT] or mqtts://...")
 @click.option("--fleet", required=True, help="Fleet name.")
-@click.option("--state", "state_path", type=click.Path(path_type=Path),
-              help="The aggregator's SQLite record, opened read-only.")  # fmt: skip
+@click.option("--state", "state_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="The aggregator's SQLite record, opened read-only: its rounds, and the "
+                   "device keys every status and deploy report is checked against.")  # fmt: skip
+@click.option("--insecure", is_flag=True,
+              help="Check no seal, even with --state (a fleet running --insecure; every start "
+                   "says so).")  # fmt: skip
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve on; any but loopback needs --token.")  # fmt: skip
 @click.option("--port", default=8050, show_default=True, type=int)
@@ -33,20 +37,25 @@ if TYPE_CHECKING:
 @tls_options()
 @user_errors
 def dashboard(**options: Any) -> None:
-    """Serve a live, read-only web page of a fleet: devices, rounds, deploys, privacy spent."""
+    """Serve a live, read-only web page of a fleet: devices, rounds, deploys, privacy spent.
+
+    With --state, a device's status or deploy report is shown only when sealed by the key the
+    device is enrolled (or pinned) with there; refused ones are counted per device on the page.
+    """
     from edgefl.dashboard.service import Dashboard, DashboardSettings
     from edgefl.errors import EdgeflError
 
     settings = DashboardSettings(
         broker_url=options["broker_url"], fleet=options["fleet"],
         state_path=options["state_path"], host=options["host"], port=options["port"],
-        token=options["token"], tls=tls_settings(options),
+        token=options["token"], tls=tls_settings(options), insecure=options["insecure"],
     )  # fmt: skip
     try:
         page = Dashboard(settings)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(options["log_level"])
+    say_what_is_checked(settings)
     try:
         url = page.start()
     except OSError as exc:
@@ -59,6 +68,22 @@ def dashboard(**options: Any) -> None:
         click.echo("stopped", err=True)
     finally:
         page.stop()
+
+
+def say_what_is_checked(settings: DashboardSettings) -> None:
+    """Warn at start when the devices' seals go unchecked, as every `--insecure` start does,
+    and when the state file holding their keys is not there (yet)."""
+    forgeable = "so anyone on the broker can forge the statuses and deploy reports it shows"
+    if settings.insecure:
+        click.echo(f"WARNING: the dashboard runs --insecure: it checks no seal, {forgeable}",
+                   err=True)  # fmt: skip
+    elif settings.state_path is None:
+        click.echo(f"WARNING: no --state: the dashboard checks no seal, {forgeable}; give the "
+                   "aggregator's state file to check them against its device keys",
+                   err=True)  # fmt: skip
+    elif not settings.state_path.exists():
+        click.echo(f"{settings.state_path} does not exist yet: every board's message is refused "
+                   "until the aggregator creates it with the device keys", err=True)  # fmt: skip
 
 
 def dashboard_options(command: Any) -> Any:
@@ -86,7 +111,10 @@ def start_local_dashboard(
         url = page.start()
     except OSError as exc:
         raise EdgeflError(f"{exc}; choose another with --dashboard-port") from None
-    (say or (lambda line: click.echo(line, err=True)))(f"dashboard: {url}")
+    # The simulation's device keys live in its own memory, out of the page's reach.
+    (say or (lambda line: click.echo(line, err=True)))(
+        f"dashboard: {url} (seals not checked: the simulation keeps its device keys in memory)"
+    )
     return page
 
 

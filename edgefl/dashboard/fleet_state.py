@@ -1,20 +1,40 @@
 """What the dashboard knows of a fleet from its MQTT messages, folded in one message at a time.
 
-Pure: messages arrive as (topic, payload, retained, received_at) and nothing here reads a clock,
-a socket or a file, so tests feed it literal messages. Payloads are decoded with the protocol's
-own decoders; a sealed payload (`edgefl.transport.sealed`) is displayed without its seal being
-checked: the dashboard acts on nothing it shows (`edgefl fleet --state` checks every seal).
+Messages arrive as (topic, payload, retained, received_at) and nothing here reads a clock or a
+socket, so tests feed it literal messages. Payloads are decoded with the protocol's own decoders.
+A device's status and deploy report are shown only once its seal verifies against the key the
+device is enrolled or pinned with (`DeviceVerifier`, as `edgefl fleet --state` checks them; the
+verifier reads the registry); refused ones are counted per device. Without a verifier (or an
+insecure one) the seal is only stripped. Tasks and results are shown with their seal stripped:
+the boards check those, and the dashboard acts on nothing it shows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgefl.delivery.release import DeployReport
 from edgefl.errors import EdgeflError
+from edgefl.security.verifiers import INSECURE, DeviceVerifier
 from edgefl.transport import presence, topics
 from edgefl.transport.messages import DeviceStatus, RoundResult, decode_round_task
-from edgefl.transport.sealed import strip_seal
+from edgefl.transport.sealed import BAD_SIGNATURE, SealError, is_sealed, strip_seal
+
+# Refusals are kept by device for this many devices; beyond, only the totals grow (a stranger
+# inventing device IDs must not grow the dashboard without bound).
+MAX_REFUSED_DEVICES = 1000
+UNSIGNED_HINT = "if the fleet runs --insecure, watch it with `edgefl dashboard --insecure`"
+_NOT_CHECKED = DeviceVerifier(None, INSECURE)  # strips a seal, checks nothing
+
+
+@dataclass(frozen=True)
+class RefusedMessages:
+    """The messages refused in one device's name: how many, how many of those were forged (sealed,
+    but not by the device's key, or altered), and why the last one was refused."""
+
+    count: int = 0
+    forged: int = 0
+    reason: str = ""  # e.g. "bad-signature: signed with key ..., but device pi-1 is enrolled ..."
 
 
 @dataclass
@@ -43,14 +63,24 @@ class FleetState:
     round_seconds: dict[int, float] = field(default_factory=dict)  # task seen -> result seen
     ignored: int = 0  # messages that did not decode (shown, so a broken sender is noticed)
     version: int = 0
+    # Whose seals statuses and deploy reports must carry (None: nothing is checked).
+    devices: DeviceVerifier | None = None
+    refused: dict[str, RefusedMessages] = field(default_factory=dict)
+    refused_total: int = 0
+    refused_unsigned: int = 0  # of them, messages without any seal (an --insecure fleet?)
+
+    @property
+    def checks_seals(self) -> bool:
+        """Whether statuses and deploy reports are shown only once their seal verifies."""
+        return self.devices is not None and not self.devices.insecure
 
     def copy(self) -> FleetState:
         """Return a copy whose collections later messages do not change (the messages inside are
         replaced, never mutated, so they are shared)."""
-        return FleetState(
-            self.fleet, dict(self.statuses), dict(self.seen), dict(self.reports),
-            dict(self.results), dict(self.tasks), dict(self.task_bytes),
-            dict(self.round_seconds), self.ignored, self.version,
+        return replace(
+            self, statuses=dict(self.statuses), seen=dict(self.seen), reports=dict(self.reports),
+            results=dict(self.results), tasks=dict(self.tasks), task_bytes=dict(self.task_bytes),
+            round_seconds=dict(self.round_seconds), refused=dict(self.refused),
         )  # fmt: skip
 
     def observe(self, topic: str, payload: bytes, retained: bool, received_at: float) -> bool:
@@ -62,25 +92,22 @@ class FleetState:
             retained: whether the broker delivered it as retained (on subscribe).
             received_at: the reader's Unix time when it arrived.
         """
-        levels = topic.split("/")
-        # Deploy reports (devices/{id}/deploy) are delivery's topics, outside `topics.parse`.
-        report = len(levels) == 6 and levels[3] == "devices" and levels[5] == "deploy"
         parsed = topics.parse(topic)
-        fleet = levels[2] if report else parsed.fleet if parsed is not None else None
-        if fleet != self.fleet:
+        if parsed is None or parsed.fleet != self.fleet:
             return False
         changed = False
         try:
-            if report:
-                changed = self._report(levels[4], payload)
-            elif parsed is None:
-                return False
+            if parsed.kind == "deploy_report" and parsed.device_id is not None:
+                changed = self._report(topic, parsed.device_id, payload)
             elif parsed.kind == "status" and parsed.device_id is not None:
-                changed = self._status(parsed.device_id, payload, retained, received_at)
+                changed = self._status(topic, parsed.device_id, payload, retained, received_at)
             elif parsed.kind == "result" and parsed.round_number is not None:
                 changed = self._result(parsed.round_number, payload, received_at)
             elif parsed.kind == "task" and parsed.round_number is not None:
                 changed = self._task(parsed.round_number, payload, retained, received_at)
+        except SealError as exc:
+            self._refuse(parsed.device_id or "", payload, exc)
+            changed = True
         except EdgeflError:
             self.ignored += 1
             changed = True
@@ -88,12 +115,33 @@ class FleetState:
             self.version += 1
         return changed
 
-    def _status(self, device: str, payload: bytes, retained: bool, now: float) -> bool:
-        if not payload:
+    def _open(self, topic: str, device: str, payload: bytes) -> bytes:
+        """Return a device's payload once its seal verifies (only stripped when not checking).
+
+        Raises:
+            SealError: the verifier refused it.
+        """
+        devices = self.devices or _NOT_CHECKED
+        return devices.open(topic, device, payload)
+
+    def _refuse(self, device: str, payload: bytes, error: SealError) -> None:
+        unsigned = not is_sealed(payload)
+        reason = f"{error} ({UNSIGNED_HINT})" if unsigned else str(error)
+        self.refused_total += 1
+        self.refused_unsigned += unsigned
+        before = self.refused.get(device)
+        if before is None and len(self.refused) >= MAX_REFUSED_DEVICES:
+            return
+        before = before or RefusedMessages()
+        forged = error.code == BAD_SIGNATURE and not unsigned
+        self.refused[device] = RefusedMessages(before.count + 1, before.forged + forged, reason)
+
+    def _status(self, topic: str, device: str, payload: bytes, retained: bool, now: float) -> bool:
+        if not payload:  # a retained status cleared (never sealed): the device left
             gone = self.statuses.pop(device, None) is not None
             self.seen.pop(device, None)
             return gone
-        status = DeviceStatus.decode(strip_seal(payload))
+        status = DeviceStatus.decode(self._open(topic, device, payload))
         if status.device_id != device:
             raise EdgeflError(f"status on {device}'s topic claims device {status.device_id!r}")
         self.statuses[device] = status
@@ -124,10 +172,10 @@ class FleetState:
         self.task_bytes[number] = len(payload)
         return True
 
-    def _report(self, device: str, payload: bytes) -> bool:
+    def _report(self, topic: str, device: str, payload: bytes) -> bool:
         if not payload:
             return self.reports.pop(device, None) is not None
-        report = DeployReport.from_bytes(strip_seal(payload))
+        report = DeployReport.from_bytes(self._open(topic, device, payload))
         if report.device_id != device:
             raise EdgeflError(f"deploy report on {device}'s topic claims {report.device_id!r}")
         self.reports[device] = report

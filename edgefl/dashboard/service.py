@@ -8,6 +8,8 @@ from pathlib import Path
 from edgefl.dashboard.record_reader import RecordPoller
 from edgefl.dashboard.server import DashboardServer, ViewSource, build_app, check_bind
 from edgefl.dashboard.watcher import FleetWatcher
+from edgefl.security.device_registry import DeviceRegistry
+from edgefl.security.verifiers import INSECURE, STRICT, DeviceVerifier
 from edgefl.transport.tls import TlsSettings
 
 DEFAULT_PORT = 8050
@@ -22,10 +24,13 @@ class DashboardSettings:
         fleet: the fleet's name.
         state_path: the aggregator's SQLite record, read-only (None: rounds come from the
             retained round results alone, without the durations and late rejections it holds).
+            Its device keys are what statuses and deploy reports are checked against: only
+            those sealed by the key their device is enrolled or pinned with are shown.
         host: the address to bind; anything but loopback needs `token`.
         port: the port (0: any free one).
         token: required on every request when given.
         tls: the CA file and client certificate for `mqtts://`.
+        insecure: check no seal even with `state_path` (a fleet running `--insecure`).
     """
 
     broker_url: str
@@ -35,6 +40,22 @@ class DashboardSettings:
     port: int = DEFAULT_PORT
     token: str | None = None
     tls: TlsSettings | None = None
+    insecure: bool = False
+
+    @property
+    def checks_seals(self) -> bool:
+        """Whether statuses and deploy reports are checked (a state file, and not insecure)."""
+        return self.state_path is not None and not self.insecure
+
+    def device_verifier(self) -> DeviceVerifier | None:
+        """The verifier of the devices' seals, on the state file's keys opened read-only
+        (strict: the dashboard never pins a key); an insecure one with `insecure`, None without
+        a state file: nothing is checked then."""
+        if self.insecure:
+            return DeviceVerifier(None, INSECURE)
+        if self.state_path is None:
+            return None
+        return DeviceVerifier(DeviceRegistry(self.state_path, read_only=True), STRICT)
 
 
 class Dashboard:
@@ -49,7 +70,9 @@ class Dashboard:
         """
         check_bind(settings.host, settings.token)
         self.settings = settings
-        self.watcher = FleetWatcher(settings.broker_url, settings.fleet, settings.tls)
+        self.watcher = FleetWatcher(
+            settings.broker_url, settings.fleet, settings.tls, devices=settings.device_verifier()
+        )
         record = RecordPoller(settings.state_path) if settings.state_path is not None else None
         self.source = ViewSource(self.watcher, record)
         self.server = DashboardServer(

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from edgefl.dashboard.fleet_state import FleetState
+from edgefl.dashboard.fleet_state import UNSIGNED_HINT, FleetState
 from edgefl.delivery.fleet_view import fleet_view, privacy_line, running_text
 from edgefl.delivery.release import TERMINAL_STATES
 from edgefl.roles.summary import RoundSummary
@@ -35,8 +35,10 @@ def device_rows(state: FleetState, now: float) -> list[dict[str, Any]]:
         for device, answer in state.results[number].answers.items():
             answered[device] = (number, answer)
     rows = []
+    devices = state.devices if state.checks_seals else None
     for row in fleet_view(state.statuses, state.reports, state.seen, now):
         last_round, last_answer = answered.get(row.device_id, (0, ""))
+        refused = state.refused.get(row.device_id)
         rows.append(
             {
                 "id": row.device_id,
@@ -54,9 +56,66 @@ def device_rows(state: FleetState, now: float) -> list[dict[str, Any]]:
                 "last_answer": last_answer if last_round >= row.last_round else "",
                 "last_seen": state.seen.get(row.device_id, row.last_seen) or None,
                 "deploy": row.last_deploy,
+                # How its key is known (enrolled, pinned, revoked, unknown); "" unchecked.
+                "key": devices.state(row.device_id) if devices is not None else "",
+                "refused": refused.count if refused is not None else 0,
             }
         )
     return rows
+
+
+def refused_rows(state: FleetState) -> list[dict[str, Any]]:
+    """Return, per device, the messages refused in its name (most first): how many, how many
+    forged, the last reason and the sentence the page shows, e.g. "3 forged messages refused in
+    pi-1's name: bad-signature: signed with key ..., but device pi-1 is enrolled with key ..."."""
+    rows = []
+    for device, refused in sorted(state.refused.items(), key=lambda i: (-i[1].count, i[0])):
+        kind = "forged message" if refused.forged == refused.count else "message"
+        rows.append(
+            {
+                "device": device,
+                "count": refused.count,
+                "forged": refused.forged,
+                "reason": refused.reason,
+                "line": f"{_messages(refused.count, kind)} refused in {device}'s name: "
+                f"{refused.reason}",
+            }
+        )
+    return rows
+
+
+def _messages(count: int, kind: str = "message") -> str:
+    return f"{count} {kind}" + ("" if count == 1 else "s")
+
+
+def seals_view(state: FleetState, record: str | None) -> dict[str, Any]:
+    """Return whether the devices' seals are checked, the messages refused, and the sentence
+    the page shows about it (plainly so when nothing is checked)."""
+    if state.checks_seals:
+        line = (
+            "seals checked: a status or deploy report is shown only when sealed by the key its "
+            f"device is enrolled or pinned with in {record}; {_messages(state.refused_total)} "
+            "refused"
+        )
+        if state.refused_unsigned:
+            line += f" ({state.refused_unsigned} not signed at all: {UNSIGNED_HINT})"
+    elif state.devices is not None:  # --insecure
+        line = (
+            "seals NOT checked (--insecure): anyone on the broker can publish a status or deploy "
+            "report in a board's name, and it shows here"
+        )
+    else:
+        line = (
+            "seals NOT checked: anyone on the broker can publish a status or deploy report in a "
+            "board's name, and it shows here; `edgefl dashboard --state FILE` (the aggregator's "
+            "state) checks them against the enrolled keys"
+        )
+    return {
+        "checked": state.checks_seals,
+        "line": line,
+        "refused": state.refused_total,
+        "unsigned": state.refused_unsigned,
+    }
 
 
 def round_rows(state: FleetState, summaries: Sequence[RoundSummary]) -> list[dict[str, Any]]:
@@ -199,4 +258,6 @@ def build_view(
         "rejected_by_code": dict(sorted(rejected.items())),
         "deploys": deploy_rows(state),
         "privacy": privacy_view(state, rounds),
+        "seals": seals_view(state, record),
+        "refused": refused_rows(state),
     }

@@ -51,12 +51,25 @@ class DeviceKey:
 class DeviceRegistry:
     """Device keys in a SQLite file (or in memory); thread-safe."""
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
-        """Open (and create) the table in `path`; `":memory:"` keeps it in memory."""
+    def __init__(self, path: str | Path = ":memory:", read_only: bool = False) -> None:
+        """Open (and create) the table in `path`; `":memory:"` keeps it in memory.
+
+        Args:
+            path: the SQLite file (the aggregator's state).
+            read_only: only read, through a `?mode=ro` URI, so SQLite itself refuses every write
+                (a dashboard beside a running aggregator): nothing is created, and enroll, pin and
+                revoke raise `sqlite3.OperationalError`. A file or table that does not exist
+                (yet: the aggregator creates them) reads as an empty registry, and is looked for
+                again at the next read.
+        """
         self.path = str(path)
+        self.read_only = read_only
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if read_only:
+            return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         self._db = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=10.0
         )
@@ -66,7 +79,41 @@ class DeviceRegistry:
     def close(self) -> None:
         """Close the database."""
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _connection(self) -> sqlite3.Connection | None:
+        """The open database; None while a read-only registry's file or table is missing.
+        Called with the lock held."""
+        if self._db is not None:
+            return self._db
+        if not self.read_only:
+            raise sqlite3.ProgrammingError("the device registry is closed")
+        resolved = Path(self.path).resolve()
+        if not resolved.is_file():
+            return None
+        db = sqlite3.connect(f"{resolved.as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                             isolation_level=None, timeout=10.0)  # fmt: skip
+        table = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'device_keys'"
+        if db.execute(table).fetchone() is None:
+            db.close()
+            return None
+        self._db = db
+        return db
+
+    def _select(self, sql: str, args: tuple[str, ...] = ()) -> list[DeviceKey]:
+        with self._lock:
+            db = self._connection()
+            rows = [] if db is None else db.execute(sql, args).fetchall()
+        return [DeviceKey(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> int:
+        """Run one write; return the rows it changed. Called with the lock held."""
+        db = self._connection()
+        if db is None:  # read-only, before the aggregator made the table
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return db.execute(sql, args).rowcount
 
     def enroll(self, device_id: str, public_key: bytes) -> DeviceKey:
         """Enroll (or re-enroll, replacing a pin or a revocation) a device's key."""
@@ -76,11 +123,11 @@ class DeviceRegistry:
         """Pin a device's first key (trust on first use); False if the device is already known."""
         _check_key(public_key)
         with self._lock:
-            cursor = self._db.execute(
+            added = self._write(
                 "INSERT OR IGNORE INTO device_keys VALUES (?, ?, ?, ?)",
                 (device_id, public_key, PINNED, time.time()),
             )
-            return cursor.rowcount == 1
+        return added == 1
 
     def revoke(self, device_id: str) -> DeviceKey:
         """Revoke a device: its messages are refused from the next check on.
@@ -89,11 +136,11 @@ class DeviceRegistry:
             KeyError: the device is not in the registry.
         """
         with self._lock:
-            cursor = self._db.execute(
+            changed = self._write(
                 "UPDATE device_keys SET state = ?, since = ? WHERE device_id = ?",
                 (REVOKED, time.time(), device_id),
             )
-            if cursor.rowcount == 0:
+            if changed == 0:
                 raise KeyError(device_id)
         found = self.get(device_id)
         assert found is not None
@@ -101,26 +148,23 @@ class DeviceRegistry:
 
     def get(self, device_id: str) -> DeviceKey | None:
         """Return what is known of one device (None: unknown)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT device_id, public_key, state, since FROM device_keys WHERE device_id = ?",
-                (device_id,),
-            ).fetchone()
-        return None if row is None else DeviceKey(row[0], bytes(row[1]), row[2], row[3])
+        found = self._select(
+            "SELECT device_id, public_key, state, since FROM device_keys WHERE device_id = ?",
+            (device_id,),
+        )
+        return found[0] if found else None
 
     def all(self) -> list[DeviceKey]:
         """Return every device in the registry, by ID."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT device_id, public_key, state, since FROM device_keys ORDER BY device_id"
-            ).fetchall()
-        return [DeviceKey(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+        return self._select(
+            "SELECT device_id, public_key, state, since FROM device_keys ORDER BY device_id"
+        )
 
     def _put(self, device_id: str, public_key: bytes, state: str) -> DeviceKey:
         _check_key(public_key)
         entry = DeviceKey(device_id, bytes(public_key), state, time.time())
         with self._lock:
-            self._db.execute(
+            self._write(
                 "INSERT OR REPLACE INTO device_keys VALUES (?, ?, ?, ?)",
                 (entry.device_id, entry.public_key, entry.state, entry.since),
             )

@@ -149,9 +149,21 @@
   var ROW_PX = 24, MARGIN_ROWS = 20;
   var deviceRows = [];
 
+  // Whether statuses and deploy reports are checked, and what was refused in whose name.
+  function renderSeals(v) {
+    var seals = v.seals, box = $("seals"), refused = v.refused;
+    box.textContent = seals.line;
+    box.className = "notice " + (!seals.checked ? "warn" : seals.refused ? "bad" : "ok");
+    $("refused-section").hidden = !refused.length;
+    $("refused").innerHTML = refused.map(function (r) {
+      return '<li data-device="' + esc(r.device) + '">' + esc(r.line) + "</li>";
+    }).join("");
+  }
+
   function deviceRow(d) {
     var bundle = d.model_version ? "v" + d.model_version + " <code>" + esc(d.bundle_digest.slice(0, 12) || "-") + "</code>" : "–";
-    return '<tr data-device="' + esc(d.id) + '"><td>' + esc(d.id) + "</td><td>" + badge(d.state) + "</td><td>" +
+    var refused = d.refused ? ' <span class="bad">' + d.refused + " refused</span>" : "";
+    return '<tr data-device="' + esc(d.id) + '"><td>' + esc(d.id) + refused + "</td><td>" + badge(d.state) + "</td><td>" +
       esc(d.profile || "–") + "</td><td>" + bundle + "</td><td>" + esc(d.running) + '</td><td class="num">' + d.samples +
       '</td><td class="num">' + (d.last_round || "–") +
       (d.last_answer && d.last_answer !== "accepted" ? ' <span class="bad">' + esc(d.last_answer) + "</span>" : "") + "</td><td>" + ago(d.last_seen) + "</td><td>" + esc(d.deploy || "–") + "</td></tr>";
@@ -186,6 +198,7 @@
     if (v.schema !== 1) { $("link").textContent = "this page is older than its server: reload"; return; }
     skew = v.now - Date.now() / 1000;
     renderCards(v);
+    renderSeals(v);
     renderAccuracy(v.rounds.filter(function (r) { return r.status !== "running"; }));
     renderParticipants(v.rounds);
     renderRounds(v.rounds);
