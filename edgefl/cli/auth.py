@@ -147,7 +147,8 @@ def device_verifier(options: dict[str, Any], role: str) -> Any:
         )
     if not Path(state_path).exists():
         raise click.UsageError(f"state file {state_path} does not exist")
-    return DeviceVerifier(DeviceRegistry(state_path), STRICT)
+    # Read-only: `fleet` and `deploy` run beside the aggregator that owns the file.
+    return DeviceVerifier(DeviceRegistry(state_path, read_only=True), STRICT)
 
 
 @click.group()
