@@ -81,7 +81,8 @@ class Coordinator(Aggregator):
         )
         self.workers: dict[str, ingest.WorkerStatus] = {}
         self._seqs: dict[tuple[str, str], int] = {}  # (worker, session) -> last batch taken
-        self._replies: dict[str, tuple[ingest.PartialHeader, dict[str, Any]]] = {}
+        # worker -> part -> the reply's part, for the pending collect request
+        self._replies: dict[str, dict[int, tuple[ingest.PartialHeader, dict[str, Any]]]] = {}
         self._collect_id = ""
         self._resumed: set[tuple[str, str]] = set()  # (device, sha256) already recorded
         self.lost: list[str] = []  # devices whose update a worker lost, in the last round
@@ -191,13 +192,19 @@ class Coordinator(Aggregator):
 
         def answered() -> bool:
             online = set(self._online())
-            return all(w in self._replies and self._caught_up(self._replies[w][0])
-                       for w in asked if w in online)  # fmt: skip
+            return all(self._complete(w) for w in asked if w in online)
 
         self._wait_for(answered, self.collect_timeout_s)
         with self._cond:
             self._collect_id = ""
-            return {w: r for w, r in self._replies.items() if self._caught_up(r[0])}
+            return {w: ingest.merge_parts([parts[i] for i in sorted(parts)])
+                    for w, parts in self._replies.items() if self._complete(w)}  # fmt: skip
+
+    def _complete(self, worker: str) -> bool:
+        """Whether every part of `worker`'s reply came, after the notes it sent before it."""
+        parts = self._replies.get(worker, {})
+        first = next(iter(parts.values()), None)
+        return first is not None and len(parts) == first[0].parts and self._caught_up(first[0])
 
     def _caught_up(self, header: ingest.PartialHeader) -> bool:
         """Whether every notes batch the worker sent before this reply was taken."""
@@ -292,7 +299,11 @@ class Coordinator(Aggregator):
             ):
                 log.warning("ignoring worker %s's reply naming another round", worker)
                 return
-            self._replies[worker] = (header, tensors)
+            if not 0 <= header.part < header.parts:
+                log.warning("ignoring worker %s's reply part %d of %d", worker, header.part,
+                            header.parts)  # fmt: skip
+                return
+            self._replies.setdefault(worker, {})[header.part] = (header, tensors)
             self._cond.notify_all()
 
 

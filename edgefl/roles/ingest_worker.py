@@ -331,8 +331,8 @@ class IngestWorker:
         with self._lock:
             header, tensors = self._reply(request)
         topic = ingest.worker_topic(self.config.fleet, self.config.worker_id, "partial")
-        self.client.publish(topic, self.auth.seal(topic, ingest.encode_partial(header, tensors)),
-                            qos=1)  # fmt: skip
+        for part in ingest.split_partial(header, tensors):
+            self.client.publish(topic, self.auth.seal(topic, ingest.encode_partial(*part)), qos=1)
 
     def _holds(self, request: ingest.Collect) -> bool:
         return self.identity == (request.run_id, request.round, request.head_digest)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,9 @@ from edgefl.transport.messages import from_fields, read_safetensors_metadata
 # The ingest messages' own schema version; a reader refuses a newer one.
 INGEST_SCHEMA_VERSION = 1
 PARTIAL_METADATA_KEY = "edgefl-ingest"
+# Tensor bytes per message of a gathering reply: far below the 16 MiB an aggregator's client
+# takes by default and the packet limits brokers are usually given.
+PART_BYTES = 4 * 1024 * 1024
 
 
 def ingest_round(fleet: str) -> str:
@@ -245,6 +248,8 @@ class PartialHeader:
     weights: dict[str, float] = field(default_factory=dict)
     session: str = ""
     notes_seq: int = 0  # the last notes batch sent before this reply
+    part: int = 0  # a gathering reply too large for one message comes in `parts` parts
+    parts: int = 1
     schema_version: int = INGEST_SCHEMA_VERSION
 
 
@@ -288,3 +293,59 @@ def gathered_deltas(header: PartialHeader, tensors: dict[str, np.ndarray]) -> di
         if kind == "delta" and index.isdigit() and int(index) < len(header.devices):
             deltas.setdefault(header.devices[int(index)], {})[parameter] = values
     return deltas
+
+
+def split_partial(
+    header: PartialHeader, tensors: dict[str, np.ndarray], max_bytes: int = PART_BYTES
+) -> list[tuple[PartialHeader, dict[str, np.ndarray]]]:
+    """Split a gathering reply into parts of about `max_bytes` of tensors each (a device's
+    delta is never split); any other reply, or a small one, is one part."""
+    by_index: dict[int, dict[str, np.ndarray]] = {}
+    for name, values in tensors.items():
+        kind, _, rest = name.partition("/")
+        index, _, parameter = rest.partition("/")
+        if kind != "delta" or not index.isdigit():
+            return [(header, tensors)]
+        by_index.setdefault(int(index), {})[parameter] = values
+    groups: list[list[int]] = [[]]
+    size = 0
+    for position in range(len(header.devices)):
+        nbytes = sum(v.nbytes for v in by_index.get(position, {}).values())
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(position)
+        size += nbytes
+    if len(groups) == 1:
+        return [(header, tensors)]
+    parts = []
+    for number, group in enumerate(groups):
+        part_header = replace(
+            header, devices=[header.devices[old] for old in group], part=number, parts=len(groups),
+            missing=header.missing if number == 0 else [],
+        )  # fmt: skip
+        part_tensors = {
+            f"delta/{new}/{parameter}": values
+            for new, old in enumerate(group)
+            for parameter, values in by_index.get(old, {}).items()
+        }
+        parts.append((part_header, part_tensors))
+    return parts
+
+
+def merge_parts(
+    parts: list[tuple[PartialHeader, dict[str, np.ndarray]]],
+) -> tuple[PartialHeader, dict[str, np.ndarray]]:
+    """Join the parts of one reply, in part order, into the reply `split_partial` split."""
+    if len(parts) == 1:
+        return parts[0]
+    devices: list[str] = []
+    tensors: dict[str, np.ndarray] = {}
+    for header, part in parts:
+        for name, values in part.items():
+            kind, _, rest = name.partition("/")
+            index, _, parameter = rest.partition("/")
+            if kind == "delta" and index.isdigit():
+                tensors[f"delta/{len(devices) + int(index)}/{parameter}"] = values
+        devices += header.devices
+    return replace(parts[0][0], devices=devices, part=0, parts=1), tensors
