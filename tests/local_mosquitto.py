@@ -94,6 +94,7 @@ class LocalMosquitto:
             f"max_packet_size {self.max_packet_size}\n"
             f"max_queued_messages {self.max_queued_messages}\n"
             "max_inflight_messages 0\n"
+            "set_tcp_nodelay true\n"
         )
         return config
 

@@ -8,14 +8,14 @@ the loop thread: they must not block for long, nor wait on a publish handle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -24,6 +24,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefl.errors import TransportError
 from edgefl.transport.broker import BrokerAddress, parse_broker_url
 from edgefl.transport.buffered_paho import MAX_PACKETS_PER_WAKE, BufferedPaho, tls_pending
+from edgefl.transport.client_types import (
+    ConnectHandler,
+    Message,
+    MessageHandler,
+    OversizeHandler,
+    PublishHandle,
+    Will,
+)
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
 from edgefl.transport.tls import (
     TlsSettings,
@@ -37,59 +45,6 @@ from edgefl.transport.topics import matches
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Message:
-    """A message received on a subscribed topic."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-
-@dataclass(frozen=True)
-class Will:
-    """The last will: what the broker publishes for a client that vanishes without DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-MessageHandler = Callable[[Message], None]
-OversizeHandler = Callable[[str, int], None]
-ConnectHandler = Callable[[bool], None]
-
-
-class PublishHandle:
-    """The result of a publish; wait() blocks until the broker acknowledged it (QoS 1)."""
-
-    def __init__(self, info: paho.MQTTMessageInfo) -> None:
-        self._info = info
-
-    @property
-    def published(self) -> bool:
-        """Whether the message left (QoS 0) or was acknowledged by the broker (QoS 1/2)."""
-        try:
-            return bool(self._info.is_published())
-        except (RuntimeError, ValueError):
-            # paho raises when the publish call found no connection, yet keeps a QoS >= 1
-            # message queued and marks it published once the broker acknowledges it later.
-            return bool(getattr(self._info, "_published", False))
-
-    def wait(self, timeout: float = 10.0) -> bool:
-        """Wait until published (False on timeout); never on the loop thread. A message published
-        while disconnected stays queued (QoS >= 1) and goes after the reconnect, so this waits
-        across a broker restart."""
-        deadline = time.monotonic() + timeout
-        while not self.published:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
 
 
 class MqttClient:
@@ -370,6 +325,10 @@ class MqttClient:
         self._reconnect_timer = self.network.call_later(delay, self._attempt)
 
     def _handle_socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        # Without TCP_NODELAY, a reply written just after a PUBACK waits for the peer's delayed
+        # ACK (40 ms on Linux): 85 ms per coordinator-worker exchange, 2.4x fewer updates/s.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._write_registered = False
         self.network._register(sock, self)
