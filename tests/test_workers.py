@@ -30,6 +30,7 @@ from edgefl.roles.aggregator import Aggregator, AggregatorConfig, FederationSumm
 from edgefl.roles.coordinator import Coordinator
 from edgefl.roles.ingest_worker import IngestWorker, IngestWorkerConfig
 from edgefl.roles.record import AggregatorRecord
+from edgefl.roles.summary import summaries_from_record
 from edgefl.transport import ingest, topics
 from edgefl.transport.broker import EmbeddedBroker
 from edgefl.transport.client import Message, MqttClient
@@ -166,7 +167,7 @@ def _silent_device(fleet: SignedFleet, bundle: ModelBundle, name: str, url: str)
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_round_loses_only_its_share(
+def test_a_worker_killed_mid_round_loses_only_its_share_and_may_restart(
     mosquitto: RunningBroker, tmp_path: Path
 ) -> None:
     bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
@@ -193,6 +194,17 @@ def test_a_worker_killed_mid_round_loses_only_its_share(
             assert wait_for(lambda: bool(w0_holds()), 60), "w0 never held an update"
             held = w0_holds()
             workers["w0"].kill()  # kill -9, mid-round: the round is open until its deadline
+            workers["w0"].wait(10)
+
+            def w0_state() -> str:
+                status = coordinator.workers.get("w0")
+                return status.state if status is not None else ""
+
+            assert wait_for(lambda: w0_state() == "offline", 20), "w0's will never came"
+            # Restarted under the same ID while round 1 is still open: it starts from the
+            # retained round with nothing held, and must not bring the lost share back.
+            workers["w0 again"] = subprocess.Popen([*command, "--worker-id", "w0"])
+            assert wait_for(lambda: w0_state() == "online", 60), "w0 did not come back"
             runner.join(120)
     finally:
         silent.close()
@@ -206,13 +218,16 @@ def test_a_worker_killed_mid_round_loses_only_its_share(
     record = AggregatorRecord(fleet.state)
     try:
         answers = [r.result["answers"] for r in record.rounds()]
+        summaries = summaries_from_record(record)
     finally:
         record.close()
     assert all(answers[0][device] == "worker-lost" for device in held)
+    assert summaries[0].rejected["worker-lost"] == first.rejected["worker-lost"]  # metrics files
     assert sum(a == "accepted" for a in answers[0].values()) == first.accepted
-    # The next round runs on the worker left, and every board that answers is counted.
+    # The next round runs on w1 and the restarted w0; every board that answers is counted.
     assert (second.status, second.accepted) == ("closed", 4)
     assert answers[1] == {**dict.fromkeys(NAMES, "accepted"), "pi-9": "no-answer"}
+    assert set(coordinator.engine.holders()) == {"w0", "w1"}  # round 2: the restarted w0 too
     assert outcome[0].head_version == 2
 
 

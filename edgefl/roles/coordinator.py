@@ -28,8 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefl.core.partial_aggregate import PartialSum
-from edgefl.core.partial_rounds import PartialRoundEngine
-from edgefl.core.round_state import OpenRound
+from edgefl.core.partial_rounds import WORKER_LOST, PartialRoundEngine
+from edgefl.core.round_state import REJECTED, OpenRound
 from edgefl.errors import FederationError, MessageError
 from edgefl.roles.aggregator import Aggregator
 from edgefl.roles.record import StoredUpdate
@@ -173,6 +173,10 @@ class Coordinator(Aggregator):
         if lost:
             log.warning("round %d: %d accepted updates lost with their ingest worker: %s",
                         open_round.number, len(lost), ", ".join(lost))  # fmt: skip
+        for device in lost:
+            # Beside its "accepted" row: the record's counts (metrics files) show the loss too.
+            reason = open_round.reasons.get(device, "")
+            self.state.record_update(open_round.number, device, "", REJECTED, WORKER_LOST, reason)
 
     # -- talking to workers --
 
