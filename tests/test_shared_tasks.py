@@ -11,7 +11,7 @@ from edgefl.core.settings import RoundPolicy
 from edgefl.head import Weights
 from edgefl.roles.agent import Agent
 from edgefl.simulation.runner import Simulation, SimulationConfig
-from edgefl.simulation.shared_tasks import SharedTasks
+from edgefl.simulation.shared_tasks import Roster, SharedTasks
 from edgefl.simulation.workload import load_federated_data
 from edgefl.transport import topics
 from edgefl.transport.client import Message
@@ -63,3 +63,10 @@ def test_boards_share_one_opened_task_and_count_refusals_each(tmp_path: Path) ->
         assert sum(agent.auth.refused.values()) == 1
     assert memo.open(agents[0], genuine)[0].round == 1
     assert memo.open(agents[1], genuine)[1] is memo.open(agents[2], genuine)[1]
+
+
+def test_a_roster_is_the_selected_list_with_set_membership() -> None:
+    roster = Roster([f"d{i}" for i in range(10_000)])
+    assert "d9999" in roster and "d10000" not in roster and 5 not in roster
+    assert isinstance(roster, list) and roster[3] == "d3" and len(roster) == 10_000
+    assert roster == [f"d{i}" for i in range(10_000)]

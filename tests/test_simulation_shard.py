@@ -1,8 +1,10 @@
-"""`edgefl simulate --shard I/N`: slices of one simulated fleet in several processes, one broker."""
+"""`edgefl simulate --shard I/N`: slices of one simulated fleet in several processes, one broker;
+and what a large fleet needs of the process (open files)."""
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,39 @@ def test_two_shard_processes_run_one_fleet_as_one_process_does(
     for name in ("s1", "s2"):
         assert [r["reported"] for r in runs[name]] == [6, 6, 6]
         assert [r["accuracy"] for r in runs[name]] == [r["accuracy"] for r in runs["whole"]]
+
+
+_MAKE_ROOM = """
+import resource, sys
+from edgefl.errors import SimulationError
+from edgefl.simulation.run_broker import SimulationBroker
+from edgefl.transport.tls import TlsSettings
+soft, hard = (int(v) for v in sys.argv[1:3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+try:
+    SimulationBroker(sys.argv[3], TlsSettings()).make_room(int(sys.argv[4]))
+except SimulationError as exc:
+    print("refused:", exc)
+print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize(
+    ("broker", "clients", "hard", "says"),
+    [
+        ("mqtt://h", 1000, 4096, "soft 1256"),  # raised for 1,000 sockets and spare files
+        ("mqtt://h", 10_000, 4096, "refused: 10000 MQTT connections need 10256 open files"),
+        ("memory", 10_000, 4096, "soft 512"),  # in-process: no sockets, nothing to raise
+    ],
+)
+def test_a_simulation_raises_its_open_file_limit_or_says_why_it_cannot(
+    broker: str, clients: int, hard: int, says: str
+) -> None:
+    _, current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if current_hard != resource.RLIM_INFINITY and current_hard < hard:
+        pytest.skip(f"the hard open-file limit here is {current_hard}")
+    result = subprocess.run(
+        [sys.executable, "-c", _MAKE_ROOM, "512", str(hard), broker, str(clients)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert says in result.stdout, result.stdout + result.stderr

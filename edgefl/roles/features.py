@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -109,14 +110,27 @@ def _forget_dead_runners() -> None:
 RUNTIME_FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "tflite": "tflite", "litert": "tflite"}
 
 
+# Probing for a runtime searches sys.path (a few ms); every status carries the answer, and a
+# simulation's 10,000 boards announce within seconds: one probe serves them for a while, and a
+# runtime installed meanwhile shows in the statuses after at most this long.
+_RUNTIMES_TTL_S = 30.0
+_runtimes_seen: tuple[float, list[str]] | None = None
+
+
 def installed_runtimes() -> list[str]:
     """Return the backbone runtimes this Python can load (empty without edgefl.runtime's deps)."""
+    global _runtimes_seen
+    seen = _runtimes_seen
+    if seen is not None and time.monotonic() - seen[0] < _RUNTIMES_TTL_S:
+        return list(seen[1])
     try:
         from edgefl.runtime import available_runtimes
 
-        return list(available_runtimes())
+        found = list(available_runtimes())
     except ImportError:
-        return []
+        found = []
+    _runtimes_seen = (time.monotonic(), found)
+    return list(found)
 
 
 def backbone_preferences(

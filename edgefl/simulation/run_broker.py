@@ -7,9 +7,15 @@ broker of that name when one runs, else starts it; any `mqtt://`/`mqtts://` URL 
 
 from __future__ import annotations
 
+import resource
+
+from edgefl.errors import SimulationError
 from edgefl.transport.broker import EmbeddedBroker
 from edgefl.transport.memory import MemoryBroker, find_broker, memory_broker_name
 from edgefl.transport.tls import TlsSettings
+
+# Files the process holds besides the connections: the bundle, the record, libraries, pipes.
+_SPARE_FILES = 256
 
 
 class SimulationBroker:
@@ -67,6 +73,26 @@ class SimulationBroker:
         else:
             self.url, self.tls = self.requested, self._given_tls
         return self.url
+
+    def make_room(self, clients: int) -> None:
+        """Raise this process's open-file limit to what `clients` network connections need
+        (each is a socket; an embedded broker holds the other end too). In-process: nothing.
+
+        Raises:
+            SimulationError: the hard limit is lower: shard the fleet (`--shard`) or raise it.
+        """
+        if self.in_process:
+            return
+        sockets = clients * (2 if self.requested is None else 1)
+        needed = sockets + _SPARE_FILES
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                raise SimulationError(
+                    f"{clients} MQTT connections need {needed} open files; the hard limit is "
+                    f"{hard}: run --shard I/N processes, --broker memory, or raise ulimit -n"
+                )
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
     def stop(self) -> None:
         """Stop what start() started (after every client closed); safe to call twice."""

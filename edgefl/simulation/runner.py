@@ -40,6 +40,7 @@ from edgefl.simulation.task_observer import TaskObserver
 from edgefl.simulation.workload import FederatedData
 from edgefl.transport import topics
 from edgefl.transport.client import NetworkLoop
+from edgefl.transport.connect import is_memory_url
 from edgefl.transport.messages import RoundResult
 from edgefl.transport.tls import TlsSettings
 
@@ -162,6 +163,8 @@ class Simulation:
         setup_started = time.perf_counter()
         broker = SimulationBroker(config.broker_url, config.tls)
         self._say(broker.describe())
+        # Every device, the aggregator, the task observer and a shard's follower connect.
+        broker.make_room(len(self.own) + 3)
         url = broker.start()
         tls = self._tls = broker.tls
         network = self._network = NetworkLoop(name="edgefl-simulation")
@@ -266,7 +269,7 @@ class Simulation:
                     broker_url=url,
                     fleet=self.config.fleet,
                     device_id=device.device_id,
-                    bundle_dir=self.bundle.path if self.config.preinstalled else None,
+                    bundle_dir=None,  # installed below: one bundle object for every device
                     personalize=self.config.personalize,
                     connect_timeout_s=None,
                     # Heartbeats only refresh the status; in a short run they are noise.
@@ -278,6 +281,10 @@ class Simulation:
                 dataset=self.data.pool.subset(device.indices),
                 network=self._network,
             )
+            if self.config.preinstalled:
+                # Loaded once for the fleet, not once per device (it reads and parses the
+                # manifest): the agents share the object and never change it.
+                agent.install_bundle(self.bundle)
             if self.prepare_agent is not None:
                 self.prepare_agent(agent)
             agent.start()
@@ -321,9 +328,12 @@ class Simulation:
         self.agents.clear()
         # Agent.stop() waits for its "offline" status to be acknowledged before disconnecting
         # (amqtt leaves a connection open when a client disconnects with a QoS 1 publish in
-        # flight); stopping from a few threads overlaps those round trips.
+        # flight); stopping from a few threads overlaps those round trips. In-process there are
+        # none: the threads would only contend for the executor's queue.
+        in_process = self._observer is not None and is_memory_url(self._observer.url)
         with ThreadPoolExecutor(max_workers=16, thread_name_prefix="edgefl-sim-stop") as pool:
-            for agent, error in zip(agents, pool.map(_stop_agent, agents), strict=True):
+            errors = map(_stop_agent, agents) if in_process else pool.map(_stop_agent, agents)
+            for agent, error in zip(agents, errors, strict=True):
                 if error is not None:
                     log.warning("stopping %s: %s", agent.device_id, error)
         observer = self._observer
