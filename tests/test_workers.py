@@ -306,3 +306,55 @@ def test_workers_with_async_mode_is_a_usage_error(tmp_path: Path) -> None:
     ])  # fmt: skip
     assert result.exit_code == 2
     assert "--mode async runs in one process" in result.output
+
+
+@pytest.mark.slow
+def test_a_coordinator_killed_mid_round_resumes_with_what_the_workers_hold(
+    mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
+    name = "resumed"
+    fleet = signed_fleet(mosquitto.url, name, bundle.path, tmp_path / "resumed.sqlite", NAMES)
+    key = _key_file(fleet.key, tmp_path / "signing.key")
+    silent = _silent_device(fleet, bundle, name, mosquitto.url)
+    command = [EDGEFL, "aggregate-worker", "--broker", mosquitto.url, "--fleet", name,
+               "--signing-key", str(key)]  # fmt: skip
+    workers = [subprocess.Popen([*command, "--worker-id", w]) for w in ("w0", "w1")]
+    coordinate = [
+        EDGEFL, "aggregate", "--broker", mosquitto.url, "--fleet", name, "--bundle",
+        str(bundle.path), "--rounds", "1", "--min-devices", "5", "--deadline", "10",
+        "--quorum", "0.2", "--state", str(fleet.state), "--signing-key", str(key),
+        "--remote-workers", "2",
+    ]  # fmt: skip
+
+    def accepted() -> int:
+        record = AggregatorRecord(fleet.state)
+        try:
+            return record.update_counts(1).get("accepted", 0)
+        finally:
+            record.close()
+
+    try:
+        with _agents(fleet):
+            first = subprocess.Popen(coordinate, stdout=subprocess.DEVNULL)
+            assert wait_for(lambda: accepted() == len(NAMES), 90), "the boards never answered"
+            first.kill()  # kill -9 with round 1 open (pi-9 keeps it open to its deadline)
+            first.wait(10)
+            again = subprocess.run(coordinate, capture_output=True, text=True, timeout=120)
+    finally:
+        silent.close()
+        for process in workers:
+            process.kill()
+            process.wait(10)
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = AggregatorRecord(fleet.state)
+    try:
+        (round_,) = record.rounds()
+        counts = record.update_counts(1)
+    finally:
+        record.close()
+    # The deltas were on the workers, which sent their notes again for the re-announced round:
+    # every answer counts, once.
+    assert round_.status == "closed" and round_.result["accepted"] == len(NAMES)
+    assert round_.result["answers"] == {**dict.fromkeys(NAMES, "accepted"), "pi-9": "no-answer"}
+    assert counts.get("accepted") == len(NAMES)

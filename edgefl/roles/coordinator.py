@@ -280,7 +280,8 @@ class Coordinator(Aggregator):
                     continue
                 verdict = self.engine.note(worker, row, sealed)
                 if verdict is not None:
-                    self._record(verdict)
+                    # Recorded without its bytes (they stay on the worker): an empty payload.
+                    self._record(verdict, b"")
                     if verdict.complete:
                         self._cond.notify_all()
             key = (worker, batch.session)
