@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from edgefl.core.settings import PrivacySettings, RoundPolicy, RoundSettings, Tr
 from edgefl.head import Weights, head_digest
 from edgefl.roles.agent import Agent, AgentConfig
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
-from edgefl.transport import topics
+from edgefl.transport import presence, topics
 from edgefl.transport.client import Message, MqttClient
 from edgefl.transport.messages import (
     DeviceStatus,
@@ -557,4 +558,32 @@ def test_a_fresh_board_comes_online_with_no_data_and_trains_once_photos_appear(
     finally:
         fresh.stop()
         seasoned.stop()
+        watcher.close()
+
+
+def test_the_will_names_its_connection_so_a_late_one_is_told_apart(
+    mosquitto: RunningBroker, bundle: ModelBundle
+) -> None:
+    devices, _ = digits_devices(4)
+    agent = Agent(AgentConfig(mosquitto.url, FLEET, "pi-will", bundle_dir=bundle.path), devices[0])
+    statuses: list[DeviceStatus] = []
+    watcher = MqttClient(mosquitto.url, "will-watcher")
+    watcher.subscribe(
+        topics.device_status(FLEET, "pi-will"),
+        lambda m: statuses.append(DeviceStatus.decode(m.payload)) if m.payload else None,
+    )
+    watcher.connect()
+    agent.start()
+    try:
+        assert wait_for(lambda: bool(statuses) and statuses[-1].state == "online")
+        first = statuses[-1].connected_at
+        assert first > 0
+        agent.client._sock.shutdown(socket.SHUT_RDWR)  # the network drops: the broker's will
+        assert wait_for(lambda: [s.state for s in statuses[-2:]] == ["offline", "online"])
+        will, back = statuses[-2:]
+        assert will.connected_at == first < back.connected_at
+        # Delivered late, after the board came back, the old will changes nothing.
+        assert not presence.supersedes(will, back) and presence.supersedes(back, will)
+    finally:
+        agent.stop()
         watcher.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ import pytest
 from conftest import RunningBroker, free_port, wait_for
 
 from edgefl.errors import TransportError
-from edgefl.transport.client import Message, MqttClient
+from edgefl.transport.client import Message, MqttClient, Will
 from edgefl.transport.network_loop import NetworkLoop
 
 
@@ -214,3 +215,31 @@ def test_a_burst_of_messages_across_read_buffers_arrives_whole_and_in_order(
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_will_made_per_connection_is_made_anew_before_each_attempt(
+    mosquitto: RunningBroker,
+) -> None:
+    # A board's will names the connection it belongs to (`DeviceStatus.connected_at`), so the
+    # client asks for it again before every connection attempt.
+    made: list[bytes] = []
+
+    def will() -> Will:
+        made.append(f"will of connection {len(made) + 1}".encode())
+        return Will("wills/board", made[-1], qos=1, retain=False)
+
+    wills: list[bytes] = []
+    watcher = MqttClient(mosquitto.url, "will-watcher")
+    watcher.subscribe("wills/#", lambda message: wills.append(message.payload))
+    watcher.connect()
+    board = MqttClient(mosquitto.url, "will-board", will=will, backoff_min_s=0.05)
+    board.connect()
+    try:
+        for connection in (1, 2):
+            assert wait_for(lambda n=connection: board.connected and len(made) == n)
+            board._sock.shutdown(socket.SHUT_RDWR)  # the network drops: no DISCONNECT sent
+            assert wait_for(lambda n=connection: len(wills) == n, timeout=10)
+        assert wills == [b"will of connection 1", b"will of connection 2"]
+    finally:
+        board.close()
+        watcher.close()

@@ -140,6 +140,9 @@ class RoundEngine:
             now: when the aggregator heard it (default `seen`): settling is measured by it.
         """
         device = status.device_id
+        if not presence.supersedes(status, self.statuses.get(device)):
+            log.info("%s: ignored a late last will of an earlier connection", device)
+            return
         self.statuses[device] = status
         # The broker re-sends retained statuses after a reconnect, dated by the device's clock;
         # it keeps the newest, so a re-sent status is no older than what was heard live.

@@ -144,6 +144,8 @@ class FleetState:
         status = DeviceStatus.decode(self._open(topic, device, payload))
         if status.device_id != device:
             raise EdgeflError(f"status on {device}'s topic claims device {status.device_id!r}")
+        if not presence.supersedes(status, self.statuses.get(device)):
+            return False  # a late will of an earlier connection
         self.statuses[device] = status
         self.seen[device] = presence.seen_at(status, now, retained)
         return True

@@ -192,6 +192,8 @@ class StatusCollector:
         if status is None or status.device_id != device:
             return
         with self.lock:
+            if not presence.supersedes(status, self.statuses.get(status.device_id)):
+                return  # a late will of an earlier connection
             self.statuses[status.device_id] = status
             self.seen[status.device_id] = presence.seen_at(status, time.time(), message.retain)
             self.last_message[0] = time.monotonic()

@@ -109,13 +109,15 @@ class Agent:
         self._train_lock = threading.RLock()  # one round trains at a time on a board
         self._stopped = threading.Event()
         self._heartbeat: TimerHandle | None = None
+        self._connected_at = 0.0  # when the current connection was opened (`_will`)
+        self._status_topic = topics.device_status(config.fleet, config.device_id)
         cache_dir = config.state_dir / "features" if config.state_dir else None
         self.features_cache = feature_cache or FeatureCache(cache_dir)
         self.client = open_client(
             config.broker_url,
             client_id=f"edgefl-{config.fleet}-{config.device_id}",
             network=network,
-            will=Will(self._status_topic, self._status_bytes("offline"), qos=1, retain=True),
+            will=self._will,
             persistent_session=True,
             max_payload_bytes=AGENT_MAX_PAYLOAD,
             tls=config.tls,
@@ -151,10 +153,8 @@ class Agent:
         return 0 if self.source is None else len(self.source)
 
     def add_handler(self, topic_filter: str, handler: MessageHandler) -> None:
-        """Also deliver messages matching `topic_filter` to `handler` (on the network thread).
-
-        The delivery role registers its deploy and chunk handlers here.
-        """
+        """Also deliver messages matching `topic_filter` to `handler` (on the network thread):
+        the delivery role registers its deploy and chunk handlers here."""
         self.client.subscribe(topic_filter, handler)
 
     def start(self) -> None:
@@ -188,9 +188,8 @@ class Agent:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         if self.client.connected:
-            handle = self.client.publish(
-                self._status_topic, self._status_bytes("offline"), qos=1, retain=True
-            )
+            offline = self._status_bytes("offline")
+            handle = self.client.publish(self._status_topic, offline, qos=1, retain=True)
             if not self.client.network.in_loop_thread():
                 handle.wait(timeout)
         self.client.close(timeout)
@@ -344,17 +343,19 @@ class Agent:
 
     # -- status --
 
-    @property
-    def _status_topic(self) -> str:
-        return topics.device_status(self.config.fleet, self.config.device_id)
-
     def _status_bytes(self, state: str) -> bytes:
         status = board_status(
             self.config, state, self.samples, self.model_version,
             max((o.round for o in self.outcomes), default=0),
             self.bundle.digest if self.bundle is not None else "", self._backbone.running,
+            self._connected_at,
         )  # fmt: skip
         return self.auth.seal(self._status_topic, status.encode())
+
+    def _will(self) -> Will:
+        """The last will of the connection about to be opened, stamped with its start."""
+        self._connected_at = time.time()
+        return Will(self._status_topic, self._status_bytes("offline"), qos=1, retain=True)
 
     def _announce(self) -> None:
         if not self._stopped.is_set():

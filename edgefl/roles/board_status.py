@@ -37,6 +37,7 @@ def board_status(
     last_round: int,
     bundle_digest: str,
     running: RunningBackbone | None,
+    connected_at: float = 0.0,
 ) -> DeviceStatus:
     """Build the status an agent publishes.
 
@@ -49,6 +50,7 @@ def board_status(
         last_round: the last round it answered (0 for none).
         bundle_digest: the installed bundle's digest ("" for none).
         running: the backbone it runs, None before one is loaded.
+        connected_at: when the connection it goes out on was opened (its last will's too).
 
     Returns:
         The status, stamped with the current time.
@@ -72,4 +74,5 @@ def board_status(
         runtime=running.runtime if running else "",
         provider=running.provider if running else "",
         mac_key=config.auth.mac_public if config.auth is not None else "",
+        connected_at=connected_at,
     )

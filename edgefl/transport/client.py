@@ -31,6 +31,7 @@ from edgefl.transport.client_types import (
     OversizeHandler,
     PublishHandle,
     Will,
+    WillSource,
 )
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
 from edgefl.transport.tls import (
@@ -61,7 +62,7 @@ class MqttClient:
         client_id: str,
         *,
         network: NetworkLoop | None = None,
-        will: Will | None = None,
+        will: WillSource | None = None,
         persistent_session: bool = False,
         keepalive: int = 30,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
@@ -76,7 +77,7 @@ class MqttClient:
             url: `mqtt://[user:pass@]host[:port]` or `mqtts://...` (TLS, see `tls`).
             client_id: the MQTT client ID; must be stable for a persistent session.
             network: the loop to run on; None creates a private one.
-            will: the last will, set before connecting.
+            will: the last will, or a function that makes it before each connection attempt.
             persistent_session: connect with clean session off (MQTT 3.1.1).
             keepalive: seconds between pings.
             max_payload_bytes: larger messages are dropped on receive and reported to
@@ -140,7 +141,8 @@ class MqttClient:
             )
             self._track_tls_sockets()
         self._paho.on_log = self._handle_log
-        if will is not None:
+        self._will = will
+        if isinstance(will, Will):
             self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
         self._paho.on_connect = self._handle_connect
         self._paho.on_disconnect = self._handle_disconnect
@@ -282,6 +284,9 @@ class MqttClient:
         if self._closing:
             return
         self.network._add_client(self)
+        if self._will is not None and not isinstance(self._will, Will):
+            will = self._will()
+            self._paho.will_set(will.topic, will.payload, will.qos, will.retain)
         try:
             self._paho.reconnect()
         except ssl.SSLError as exc:

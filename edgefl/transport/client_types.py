@@ -31,6 +31,9 @@ class Will:
     retain: bool = True
 
 
+# A last will, or what makes it anew before each connection attempt (a board's will names the
+# connection it belongs to, `DeviceStatus.connected_at`).
+WillSource = Will | Callable[[], Will]
 MessageHandler = Callable[[Message], None]
 OversizeHandler = Callable[[str, int], None]
 ConnectHandler = Callable[[bool], None]

@@ -14,6 +14,7 @@ from edgefl.transport.client import (
     MqttClient,
     OversizeHandler,
     Will,
+    WillSource,
 )
 from edgefl.transport.memory import MemoryClient, memory_broker_name
 from edgefl.transport.network_loop import NetworkLoop
@@ -99,7 +100,7 @@ def open_client(
     client_id: str,
     *,
     network: NetworkLoop | None = None,
-    will: Will | None = None,
+    will: WillSource | None = None,
     persistent_session: bool = False,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
     on_oversized: OversizeHandler | None = None,
@@ -111,11 +112,14 @@ def open_client(
         TransportError: the URL is invalid or TLS files do not fit it (a BrokerUrlError).
     """
     kind: type[MqttClient] | type[MemoryClient] = MemoryClient if is_memory_url(url) else MqttClient
+    if kind is MemoryClient and will is not None and not isinstance(will, Will):
+        # In process nothing delivers a will late, so the one made now serves every connection.
+        will = will()
     return kind(
         url,
         client_id,
         network=network,
-        will=will,
+        will=will,  # type: ignore[arg-type]
         persistent_session=persistent_session,
         max_payload_bytes=max_payload_bytes,
         on_oversized=on_oversized,

@@ -207,6 +207,11 @@ class DeviceStatus(_JsonMessage):
     # The board's X25519 public key (hex) for the key it shares with the aggregator to MAC its
     # updates (`edgefl.security.update_mac`); "" when it seals nothing.
     mac_key: str = ""
+    # When the board opened the connection this status went out on (Unix time, its clock); its
+    # last will carries its own connection's. A will delivered late, after the board came back
+    # on a newer connection (a bridge or a restarted broker re-sends it), is then told apart
+    # (`edgefl.transport.presence.supersedes`). 0: not given (a board older than this field).
+    connected_at: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
     def check(self) -> None:

@@ -61,6 +61,19 @@ def stale_after(status: DeviceStatus, override_s: float | None = None) -> float 
     return None
 
 
+def supersedes(status: DeviceStatus, held: DeviceStatus | None) -> bool:
+    """Whether a status received replaces the one held for its device.
+
+    Every status does, but a last will ("offline") of an earlier connection than the one the
+    held status went out on: a will a bridge or a restarted broker delivers after the board
+    has reconnected says nothing about the board now. Statuses without `connected_at` (0,
+    older boards) always replace.
+    """
+    return not (
+        held is not None and status.state == OFFLINE and 0 < status.connected_at < held.connected_at
+    )
+
+
 def presence(
     status: DeviceStatus, last_seen: float, now: float, override_s: float | None = None
 ) -> str:

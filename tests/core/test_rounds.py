@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -564,3 +565,18 @@ def test_readiness_and_settling_follow_devices_joining_and_leaving() -> None:
     rounds.observe_status(DeviceStatus("b", "offline", model_version=1, bundle_digest=BUNDLE),
                           NOW + 4, NOW + 4)  # fmt: skip
     assert not rounds.ready(NOW + 4) and rounds.settled(NOW + 5)
+
+
+def test_a_late_will_of_an_earlier_connection_does_not_take_a_board_offline() -> None:
+    rounds = engine(devices=(), open_round=False)
+    rounds.observe_status(status("a", connected_at=200.0), NOW, NOW)  # reconnected at 200
+    will = DeviceStatus("a", "offline", model_version=1, bundle_digest=BUNDLE)
+    # The will of the connection opened at 100, re-sent by a bridge after the reconnect.
+    rounds.observe_status(dataclasses.replace(will, connected_at=100.0), NOW + 1, NOW + 1)
+    assert rounds.device_presence(NOW + 1) == {"a": "online"}
+    # The current connection's will, and a will from a board that does not say, do count.
+    rounds.observe_status(dataclasses.replace(will, connected_at=200.0), NOW + 2, NOW + 2)
+    assert rounds.device_presence(NOW + 2) == {"a": "offline"}
+    rounds.observe_status(status("a", connected_at=300.0), NOW + 3, NOW + 3)
+    rounds.observe_status(will, NOW + 4, NOW + 4)
+    assert rounds.device_presence(NOW + 4) == {"a": "offline"}

@@ -213,6 +213,7 @@ def status_cases() -> dict[str, Case]:
         artifact="backbone-int8.onnx",
         runtime="onnxruntime",
         provider="CPUExecutionProvider",
+        connected_at=TIME - 3600.0,  # the connection it went out on opened an hour before
     )
     minimal = {"schema_version": 2, "device_id": "jetson-02", "state": "offline"}
     v1 = {
