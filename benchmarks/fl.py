@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -33,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
@@ -262,7 +264,14 @@ def ingest(
 
     load = os.getloadavg()[0]  # what else ran: on 2 cores it moves updates/s by 2x
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    processes += start_workers(url, workers)
+    key = None
+    if workers and sealed:
+        key = workdir / "aggregator.key"
+        key.write_bytes(bench_key("aggregator").private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ))  # fmt: skip
+    processes += start_workers(url, workers, key)
     server = (Coordinator(config, workers=workers, on_round=on_round) if workers else
               Aggregator(config, on_verdict=exporter.on_verdict if exporter else None,
                          on_round=on_round))  # fmt: skip
@@ -306,10 +315,12 @@ def ingest(
     }
 
 
-def start_workers(url: str, count: int) -> list[subprocess.Popen[bytes]]:
-    """Start `count` `edgefl aggregate-worker` processes (insecure, as the fleet here)."""
+def start_workers(url: str, count: int, key: Path | None) -> list[subprocess.Popen[bytes]]:
+    """Start `count` `edgefl aggregate-worker` processes, with the aggregator's key file (a
+    sealed fleet) or insecure."""
     command = [sys.executable, "-c", "from edgefl.cli import main; main()", "aggregate-worker",
-               "--broker", url, "--fleet", FLEET, "--insecure"]  # fmt: skip
+               "--broker", url, "--fleet", FLEET,
+               *(["--signing-key", str(key)] if key else ["--insecure"])]  # fmt: skip
     return [
         subprocess.Popen([*command, "--worker-id", f"bench-{i}"], stderr=subprocess.DEVNULL)
         for i in range(count)
@@ -462,11 +473,11 @@ def report_sealing(pairs: list[tuple[dict[str, float], ...]], devices: int) -> d
 
 
 def report_workers(
-    single: dict[str, float], rows: list[dict[str, float]], devices: int
+    single: dict[str, float], rows: list[dict[str, float]], devices: int, sealed: bool
 ) -> dict[str, object]:
     """Print the scale-out table (one process, then each worker count) and return it."""
-    print(f"\nScale-out, 64x10, {devices} devices: one process, then a coordinator and N "
-          "ingest worker processes (aggregate --workers N)")  # fmt: skip
+    print(f"\nScale-out, 64x10, {devices} devices{', sealed' if sealed else ''}: one process, "
+          "then a coordinator and N ingest worker processes (aggregate --workers N)")  # fmt: skip
     print(f"{'workers':>8} {'updates/s (median)':>19} {'x 1 worker':>11} {'agg CPU ms/update':>18}"
           f" {'coordinator':>12} {'workers':>8} {'rounds 2+: agg CPU ms/update':>29}")  # fmt: skip
     ones = [r["updates_per_s_median"] for r in rows if r["workers"] == 1]
@@ -501,7 +512,7 @@ def report_workers(
         for n, m in medians.items()
     ) + f"; {os.cpu_count()} cores, 1-min load before each run "
         + " ".join(f"{r['load_1min_before']:.1f}" for r in rows))  # fmt: skip
-    return {"single_process": single, "runs": rows, "medians": medians}
+    return {"single_process": single, "runs": rows, "medians": medians, "sealed": sealed}
 
 
 def main() -> None:
@@ -518,6 +529,8 @@ def main() -> None:
                         "processes (0: none).")  # fmt: skip
     parser.add_argument("--worker-repeats", type=int, default=1,
                         help="Alternating runs of each worker count.")  # fmt: skip
+    parser.add_argument("--workers-sealed", action="store_true",
+                        help="Run the --workers rows and their baseline sealed.")  # fmt: skip
     parser.add_argument("--broker-nodelay", action="store_true",
                         help="Mosquitto with set_tcp_nodelay true.")  # fmt: skip
     parser.add_argument("--frame-repeats", type=int, default=1,
@@ -558,11 +571,17 @@ def main() -> None:
             )
             for i in range(args.seal_repeats)
         ]
-        worker_rows = [
-            ingest(url, workdir / f"workers-{i}-{n}", args.devices, 64, args.rounds, workers=n)
-            for i in range(args.worker_repeats if args.workers else 0)
-            for n in range(1, args.workers + 1)
-        ]
+        sealed = args.workers_sealed
+        worker_base = (
+            ingest(url, workdir / "workers-0", args.devices, 64, args.rounds, sealed=True)
+            if sealed and args.workers else ingest_rows[0]
+        )  # fmt: skip
+        repeats = args.worker_repeats if args.workers else 0
+        worker_rows = []
+        for i, n in itertools.product(range(repeats), range(1, args.workers + 1)):
+            folder = workdir / f"workers-{i}-{n}"
+            row = ingest(url, folder, args.devices, 64, args.rounds, workers=n, sealed=sealed)
+            worker_rows.append(row)
         frame_pairs = [
             tuple(
                 ingest(url, workdir / f"frame-{i}-{f}", args.devices, 64, args.rounds, frame=f)
@@ -593,7 +612,7 @@ def main() -> None:
               f"{row['ratio_with_mac']:>10.3f}")  # fmt: skip
     results: dict[str, object] = {"ingest": ingest_rows, "codecs": size_rows}
     if worker_rows:
-        results["workers"] = report_workers(ingest_rows[0], worker_rows, args.devices)
+        results["workers"] = report_workers(worker_base, worker_rows, args.devices, sealed)
     if frame_pairs:
         results["frames"] = [{"compact": c, "safetensors": t} for c, t in frame_pairs]
         print(f"\nCompact against safetensors updates, 64x10, {args.devices} devices "
