@@ -358,3 +358,12 @@ def test_a_coordinator_killed_mid_round_resumes_with_what_the_workers_hold(
     assert round_.status == "closed" and round_.result["accepted"] == len(NAMES)
     assert round_.result["answers"] == {**dict.fromkeys(NAMES, "accepted"), "pi-9": "no-answer"}
     assert counts.get("accepted") == len(NAMES)
+
+
+def test_aggregate_worker_names_what_is_missing(tmp_path: Path) -> None:
+    base = ["aggregate-worker", "--broker", "mqtt://127.0.0.1:1", "--fleet", "lab"]
+    missing = CliRunner().invoke(main, [*base, "--worker-id", "w0", "--signing-key",
+                                        str(tmp_path / "none.key")])  # fmt: skip
+    assert missing.exit_code == 2 and "no signing key at" in missing.output
+    bad = CliRunner().invoke(main, [*base, "--worker-id", "a/b", "--insecure"])
+    assert bad.exit_code == 2 and "worker 'a/b' must be 1-128 characters" in bad.output
