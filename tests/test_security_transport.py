@@ -28,6 +28,8 @@ from edgefl.delivery.release import DeployReport
 from edgefl.delivery.updater_binding import attach_to_agent
 from edgefl.errors import InputError, TransportError
 from edgefl.roles.aggregator import Aggregator, AggregatorConfig
+from edgefl.roles.coordinator import Coordinator
+from edgefl.roles.ingest_worker import IngestWorker, IngestWorkerConfig
 from edgefl.security import broker_config, certs
 from edgefl.security.device_registry import DeviceRegistry
 from edgefl.security.verifiers import STRICT, DeviceVerifier
@@ -302,6 +304,35 @@ def test_a_signed_federation_and_deploy_over_mtls_and_acls_refuse_a_rogue_board(
     }
     assert release.refused == {} and view["pi-2"].last_deploy == "v2 installed"
     assert all(view[d].key == "enrolled" and not view[d].refused for d in ("pi-1", "pi-2"))
+
+
+def test_ingest_workers_run_behind_the_generated_acl_with_the_aggregators_certificate(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    """`aggregate --workers`: the coordinator and a worker, both holding the aggregator's
+    certificate, talk on the fleet's ingest/ topics, which the generated ACL grants it."""
+    bundle = make_test_bundle(tmp_path / "bundle", feature_size=16)
+    names = ("pi-1", "pi-2")
+    fleet = signed_fleet(secure.url, FLEET, bundle.path, tmp_path / "state.sqlite", names,
+                         tls={name: secure.tls(name) for name in names})  # fmt: skip
+    worker = IngestWorker(IngestWorkerConfig(secure.url, FLEET, "w0", fleet.key,
+                                             tls=secure.tls("aggregator")))  # fmt: skip
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    for agent in fleet.agents:
+        agent.start()
+    try:
+        coordinator = Coordinator(AggregatorConfig(
+            secure.url, FLEET, bundle.path, RoundPolicy(rounds=2, min_devices=2, deadline_s=30),
+            tls=secure.tls("aggregator"), state_path=fleet.state, auth=fleet.aggregator_auth(),
+        ), workers=1)  # fmt: skip
+        summary = coordinator.run()
+    finally:
+        for agent in fleet.agents:
+            agent.stop()
+        worker.stop()
+        thread.join(20)
+    assert [(r.status, r.accepted) for r in summary.rounds] == [("closed", 2), ("closed", 2)]
 
 
 # -- the embedded broker: a password file, TLS --

@@ -106,6 +106,8 @@ def acl_text(
             f"topic readwrite {root}/rounds/+/result",
             f"topic read {root}/rounds/+/update/+",
             f"topic read {root}/devices/+/status",
+            # Ingest workers (`aggregate --workers`) run with an aggregator's certificate.
+            f"topic readwrite {root}/ingest/#",
         ]
     for name in operators:
         lines += [
