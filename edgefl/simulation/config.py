@@ -40,7 +40,9 @@ class SimulationConfig:
         personalize: devices keep a personal head fine-tuned from the global one.
         seed: seeds the partition and the heterogeneity (speeds, dropouts, churn).
         fleet: the fleet name on the wire.
-        broker_url: use this broker; None starts the embedded one for the run.
+        broker_url: use this broker; None starts the embedded one for the run, "memory" a fresh
+            in-process one, "memory://NAME" the in-process one of that name (started if none
+            runs; see `edgefl.simulation.run_broker`).
         preinstalled: devices start with the bundle installed; False starts them empty, to
             receive it by a deploy (see `Simulation`'s `before_rounds`).
         tls: the CA file and client certificate every client uses with an `mqtts://`

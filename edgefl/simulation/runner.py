@@ -1,10 +1,12 @@
 """Run a simulated fleet: a broker, N real agents and the real aggregator, in one process.
 
 Nothing here re-implements federation. Every device is an `edgefl.roles.agent.Agent` with its own
-MQTT connection, and the rounds are run by `edgefl.roles.aggregator.Aggregator`; what makes a
-thousand of them fit in one process is the transport's `NetworkLoop` (one thread drives every
-socket) and the process-wide backbone session. The simulation only adds what real boards would
-bring: their share of the data, speed differences, dropouts, and devices joining and leaving.
+client (MQTT, or the in-process broker of `edgefl.transport.memory`), and the rounds are run by
+`edgefl.roles.aggregator.Aggregator`; what makes thousands of them fit in one process is the
+transport's `NetworkLoop` (one thread drives every client), the process-wide backbone session
+and one opened copy of each task (`edgefl.simulation.shared_tasks`). The simulation only adds
+what real boards would bring: their share of the data, speed differences, dropouts, and devices
+joining and leaving. A fleet too large for one process runs as shards (`edgefl.simulation.shard`).
 """
 
 from __future__ import annotations
@@ -148,6 +150,8 @@ class Simulation:
 
     def run(self) -> SimulationMetrics:
         """Start the broker (unless one is given), the agents and the aggregator; run the rounds.
+
+        A shard other than 1 starts no aggregator: it follows the run of shard 1's to its end.
 
         Returns:
             The metrics: one record per round, and a summary with the wall time of the federated
