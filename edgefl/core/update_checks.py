@@ -122,7 +122,28 @@ def check_update(
             code.
     """
     if isinstance(header, CompactHeader):
-        return _check_compact(header, task, identity, head, max_norm, payload)
+        _check_reference(header, task, identity)
+    else:
+        _check_echoes(header, task, identity)
+    check_applied_privacy(identity.privacy, header.clip_norm, header.noise_multiplier)
+    if header.samples < 1:
+        raise UpdateRejected("no-samples", "update reports no training samples")
+    try:
+        if isinstance(header, CompactHeader):
+            delta = decode_compact_body(header, head, payload)
+        else:
+            delta = decode_delta(payload)[0]
+    except MessageError as exc:
+        raise UpdateRejected("malformed", str(exc)) from None
+    if isinstance(header, CompactHeader):
+        validate_values(delta, max_norm)  # keys, dtype and shapes are the head's by construction
+    else:
+        validate_delta(delta, head, max_norm)
+    return delta
+
+
+def _check_echoes(header: UpdateHeader, task: str, identity: TaskIdentity) -> None:
+    """A safetensors update echoes the task's bundle, head and its own task by name."""
     if header.bundle_digest != identity.bundle_digest:
         raise UpdateRejected(
             "bundle-mismatch",
@@ -138,42 +159,16 @@ def check_update(
             f"({header.head_digest[:12] or 'no digest'}), round sends v{identity.head_version} "
             f"({identity.head_digest[:12]})",
         )
-    check_applied_privacy(identity.privacy, header.clip_norm, header.noise_multiplier)
-    if header.samples < 1:
-        raise UpdateRejected("no-samples", "update reports no training samples")
-    try:
-        delta, _ = decode_delta(payload)
-    except MessageError as exc:
-        raise UpdateRejected("malformed", str(exc)) from None
-    validate_delta(delta, head, max_norm)
-    return delta
 
 
-def _check_compact(
-    header: CompactHeader,
-    task: str,
-    identity: TaskIdentity,
-    head: Weights,
-    max_norm: float | None,
-    payload: bytes,
-) -> Weights:
-    """`check_update` for a compact frame: its reference stands for the run, round, task, head
-    and bundle; its tensors are the head's, in byte-wise order of their names."""
+def _check_reference(header: CompactHeader, task: str, identity: TaskIdentity) -> None:
+    """A compact update's reference stands for the run, round, task, head and bundle."""
     if header.ref != identity.ref(task):
         raise UpdateRejected(
             "ref-mismatch",
             f"update answers task {header.ref.hex()}, not round {identity.round}'s {task!r} "
             f"({identity.ref(task).hex()}): another run, round, task, head or bundle",
         )
-    check_applied_privacy(identity.privacy, header.clip_norm, header.noise_multiplier)
-    if header.samples < 1:
-        raise UpdateRejected("no-samples", "update reports no training samples")
-    try:
-        delta = decode_compact_body(header, head, payload)
-    except MessageError as exc:
-        raise UpdateRejected("malformed", str(exc)) from None
-    validate_values(delta, max_norm)  # keys, dtype and shapes are the head's by construction
-    return delta
 
 
 def decode_compact_body(header: CompactHeader, head: Weights, payload: bytes) -> Weights:
