@@ -442,3 +442,26 @@ def test_edgefl_simulate_refuses_tls_files_and_the_dashboard_in_memory(
     ]:
         result = CliRunner().invoke(main, [*base, *extra])
         assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_a_will_function_makes_the_will_anew_for_each_connection(
+    broker: MemoryBroker, network: NetworkLoop
+) -> None:
+    made: list[int] = []
+
+    def will() -> Will:
+        made.append(len(made) + 1)
+        return Will("devices/pi-1/status", f"offline since connection {made[-1]}".encode())
+
+    statuses = Inbox()
+    watcher = _client(broker, network, "watcher")
+    watcher.subscribe("devices/+/status", statuses)
+    watcher.connect()
+    board = _client(broker, network, "pi-1", will=will)
+    board.connect()
+    broker.drop("pi-1", hold_s=0.0)
+    assert wait_for(lambda: board.connected, 5.0)  # reconnected by itself, with a new will
+    broker.drop("pi-1", hold_s=None)
+    _sentinel(watcher, statuses, "w")
+    wills = [m.payload for m in statuses.messages if m.topic == "devices/pi-1/status"]
+    assert wills == [b"offline since connection 1", b"offline since connection 2"]

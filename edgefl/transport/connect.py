@@ -13,7 +13,6 @@ from edgefl.transport.client import (
     MessageHandler,
     MqttClient,
     OversizeHandler,
-    Will,
     WillSource,
 )
 from edgefl.transport.memory import MemoryClient, memory_broker_name
@@ -112,14 +111,11 @@ def open_client(
         TransportError: the URL is invalid or TLS files do not fit it (a BrokerUrlError).
     """
     kind: type[MqttClient] | type[MemoryClient] = MemoryClient if is_memory_url(url) else MqttClient
-    if kind is MemoryClient and will is not None and not isinstance(will, Will):
-        # In process nothing delivers a will late, so the one made now serves every connection.
-        will = will()
     return kind(
         url,
         client_id,
         network=network,
-        will=will,  # type: ignore[arg-type]
+        will=will,
         persistent_session=persistent_session,
         max_payload_bytes=max_payload_bytes,
         on_oversized=on_oversized,

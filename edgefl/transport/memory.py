@@ -28,6 +28,7 @@ from edgefl.transport.client import (
     MessageHandler,
     OversizeHandler,
     Will,
+    WillSource,
 )
 from edgefl.transport.memory_broker import SCHEME, MemoryBroker, check_filter, find_broker
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
@@ -99,7 +100,7 @@ class MemoryClient:
         client_id: str,
         *,
         network: NetworkLoop | None = None,
-        will: Will | None = None,
+        will: WillSource | None = None,
         persistent_session: bool = False,
         keepalive: int = 30,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
@@ -124,7 +125,9 @@ class MemoryClient:
         self.client_id = client_id
         self.network = network or NetworkLoop(name=f"edgefl-memory-{client_id}")
         self._own_network = network is None
-        self.will = will
+        # A function makes the will anew before each connection attempt, as for MqttClient.
+        self._will_source = will
+        self.will: Will | None = will if isinstance(will, Will) else None
         self.persistent = persistent_session
         self.max_payload_bytes = max_payload_bytes
         self.on_oversized = on_oversized
@@ -306,6 +309,8 @@ class MemoryClient:
                 raise ConnectionRefusedError(
                     f"no in-process broker named {self.address.name!r} runs in this process"
                 )
+            if self._will_source is not None and not isinstance(self._will_source, Will):
+                self.will = self._will_source()
             with self._lock:
                 present = broker._attach(self)
                 self._broker = broker
