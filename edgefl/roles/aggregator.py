@@ -369,10 +369,13 @@ class Aggregator:
         self.client.publish(task_topic, payload, qos=1, retain=True)
         log.info("round %d: %d devices selected of %d online, %d stale", number,
                  len(open_round.selected), open_round.online, len(open_round.stale))  # fmt: skip
-        with self._cond:
-            while not self._stop.is_set() and not self.engine.due(time.time()):
+        while True:
+            with self._cond:
+                if self._stop.is_set() or self.engine.due(time.time()):
+                    break
                 self._cond.wait(min(open_round.deadline - time.time(), 0.25))
-                self.state.flush()
+            # Outside the engine's lock: updates go on being judged while SQLite writes.
+            self.state.flush()
         self._gather_round(open_round)
         with self._cond:
             if resumed:
