@@ -532,8 +532,6 @@ def main() -> None:
                         help="Alternating runs of each worker count.")  # fmt: skip
     parser.add_argument("--workers-sealed", action="store_true",
                         help="Run the --workers rows and their baseline sealed.")  # fmt: skip
-    parser.add_argument("--broker-nodelay", action="store_true",
-                        help="Mosquitto with set_tcp_nodelay true.")  # fmt: skip
     parser.add_argument("--frame-repeats", type=int, default=1,
                         help="64x10 runs with compact and safetensors updates, alternating "
                         "(0: none).")  # fmt: skip
@@ -542,16 +540,6 @@ def main() -> None:
         sys.exit("mosquitto is not installed (apt-get install mosquitto)")
     workdir = Path(tempfile.mkdtemp(prefix="edgefl-bench-"))
     broker = LocalMosquitto(workdir, max_queued_messages=1_000_000)
-    if args.broker_nodelay:
-        # The same broker with Nagle's algorithm off on its sockets: a worker's reply otherwise
-        # waits for the peer's delayed ACK (~40 ms a hop), a fixed cost per round of workers.
-        broker.port = free_port()
-        broker.config_file = workdir / "mosquitto-nodelay.conf"
-        broker.config_file.write_text(
-            f"listener {broker.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"max_packet_size {64 * 1024 * 1024}\nmax_queued_messages 1000000\n"
-            "max_inflight_messages 0\nset_tcp_nodelay true\n"
-        )
     broker.start()
     url = broker.url
     try:
