@@ -32,6 +32,7 @@ from edgefl.transport.client_types import (
     PublishHandle,
     Will,
     WillSource,
+    wait_first_connection,
 )
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
 from edgefl.transport.tls import (
@@ -207,19 +208,9 @@ class MqttClient:
         self._paho.connect_async(self.address.host, self.address.port, self._keepalive)
         self.network.start()
         self.network.call_soon(self._attempt)
-        if timeout is None:
-            return
-        deadline = time.monotonic() + timeout
-        while not self._connected.wait(0.02):
-            if self._refused.is_set() or time.monotonic() >= deadline:
-                break
-        if not self._connected.is_set():
-            error = self._last_error
-            self.close()
-            raise TransportError(
-                f"cannot connect to the broker at {self.address.url}"
-                + (f": {error}" if error else "")
-            )
+        if timeout is not None:
+            wait_first_connection(self.address.url, timeout, self._connected, self._refused,
+                                  lambda: self._last_error, self.close)  # fmt: skip
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until connected; returns False on timeout."""

@@ -1,11 +1,15 @@
-"""What a client's callers see: a received message, the last will, handlers, a publish handle."""
+"""What a client's callers see: a received message, the last will, handlers, a publish handle;
+and the wait for a first connection that both clients (`MqttClient`, `MemoryClient`) share."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from edgefl.errors import TransportError
 
 if TYPE_CHECKING:  # paho is imported by the client, which makes the handles
     import paho.mqtt.client as paho
@@ -65,3 +69,36 @@ class PublishHandle:
                 return False
             time.sleep(0.005)
         return True
+
+
+def wait_first_connection(
+    url: str,
+    timeout: float,
+    connected: threading.Event,
+    refused: threading.Event,
+    last_error: Callable[[], str],
+    close: Callable[[], None],
+) -> None:
+    """Wait until `connected` is set; at the timeout or a refusal, `close()` and raise.
+
+    Args:
+        url: the broker's URL, for the message.
+        timeout: seconds to wait.
+        connected: set when the broker accepted the connection.
+        refused: set when retrying cannot help (a refused login, a failed TLS handshake).
+        last_error: what went wrong last ("" for nothing known).
+        close: stops the attempts.
+
+    Raises:
+        TransportError: not connected within `timeout`, or refused.
+    """
+    deadline = time.monotonic() + timeout
+    while not connected.wait(0.01):
+        if refused.is_set() or time.monotonic() >= deadline:
+            break
+    if not connected.is_set():
+        error = last_error()
+        close()
+        raise TransportError(
+            f"cannot connect to the broker at {url}" + (f": {error}" if error else "")
+        )

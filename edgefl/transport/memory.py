@@ -30,6 +30,7 @@ from edgefl.transport.client import (
     Will,
     WillSource,
 )
+from edgefl.transport.client_types import wait_first_connection
 from edgefl.transport.memory_broker import SCHEME, MemoryBroker, check_filter, find_broker
 from edgefl.transport.network_loop import NetworkLoop, TimerHandle
 from edgefl.transport.tls import TlsSettings
@@ -194,19 +195,9 @@ class MemoryClient:
         self._started, self._closing = True, False
         self.network.start()
         self.network.call_soon(self._attempt)
-        if timeout is None:
-            return
-        deadline = time.monotonic() + timeout
-        while not self._connected.wait(0.01):
-            if self._refused.is_set() or time.monotonic() >= deadline:
-                break
-        if not self._connected.is_set():
-            error = self._last_error
-            self.close()
-            raise TransportError(
-                f"cannot connect to the broker at {self.address.url}"
-                + (f": {error}" if error else "")
-            )
+        if timeout is not None:
+            wait_first_connection(self.address.url, timeout, self._connected, self._refused,
+                                  lambda: self._last_error, self.close)  # fmt: skip
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until connected; returns False on timeout."""
